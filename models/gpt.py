@@ -1,0 +1,214 @@
+"""The n00bGPT model: one readable GPT family (GPT-2 blocks or Llama-style blocks).
+
+Construction only creates modules (so it works under ``torch.device("meta")``);
+``init_weights(seed)`` fills them, one parameter at a time from one seeded
+generator in ``named_parameters()`` order. Because the values depend only on the
+seed, the order and the *global* shapes, a sharded (FSDP) or wrapped
+(checkpoint, compile) copy of the model gets exactly the weights a plain copy
+gets -- which is what lets every strategy start from the same point.
+
+Shapes: B batch, T sequence, d = n_embd, H heads, hd = d/H, V = padded vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import GPTConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.arch == "llama":
+        return RMSNorm(cfg.n_embd, cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.use_bias)
+
+
+def rope_tables(cfg: GPTConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (block_size, hd/2), for half-split rotary embeddings."""
+    half = cfg.head_dim // 2
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(half, device=device, dtype=torch.float32) / half))
+    angles = torch.outer(torch.arange(cfg.block_size, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, hd) queries or keys by position; tables are cut to T and cast to x's dtype."""
+    T = x.shape[-2]
+    cos, sin = cos[:T].to(x.dtype), sin[:T].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.use_bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.use_bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, d)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, H, T, hd)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, d)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    """GELU MLP for gpt2; SwiGLU (silu(gate) * up, then down) for llama."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.swiglu = cfg.arch == "llama"
+        h = cfg.hidden_dim
+        self.fc = nn.Linear(cfg.n_embd, h, bias=cfg.use_bias)
+        self.gate = nn.Linear(cfg.n_embd, h, bias=cfg.use_bias) if self.swiglu else None
+        self.proj = nn.Linear(h, cfg.n_embd, bias=cfg.use_bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            h = F.silu(self.gate(x)) * self.fc(x)  # (B, T, h)
+        else:
+            h = F.gelu(self.fc(x), approximate="tanh")  # (B, T, h)
+        return self.dropout(self.proj(h))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope)
+        return x + self.mlp(self.norm2(x))
+
+
+# Parameters whose names end like this are residual projections: GPT-2 scales their
+# init std by 1/sqrt(2 * n_layer) so the residual stream's variance does not grow with depth.
+_RESIDUAL_SUFFIXES = ("attn.proj.weight", "mlp.proj.weight")
+
+
+class GPT(nn.Module):
+    """The family's model. ``blocks`` is the ModuleList strategies iterate over.
+
+    ``forward(idx)`` returns logits (B, T, V); ``forward(idx, targets)`` returns the
+    mean next-token cross-entropy (fp32 scalar).
+    """
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        V, d = cfg.padded_vocab_size, cfg.n_embd
+        self.tok_emb = nn.Embedding(V, d)
+        self.pos_emb = nn.Embedding(cfg.block_size, d) if cfg.arch == "gpt2" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        # Tied: the head *is* tok_emb.weight (used through F.linear), so there is no
+        # second module holding the shared tensor for wrappers or sharding to untie.
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(d, V, bias=False)
+        if cfg.arch == "llama":
+            cos, sin = rope_tables(cfg)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Deterministic GPT-2 init: N(0, 0.02) weights, residual projections N(0, 0.02/sqrt(2L)),
+        zero biases, unit norm weights. Each full-shape tensor is drawn on the parameter's device
+        from one generator seeded with ``seed``; a DTensor (FSDP) keeps only its local shard, so
+        only one parameter is ever materialised whole."""
+        device = self.tok_emb.weight.device
+        if device.type == "meta":
+            raise RuntimeError("init_weights: materialise the model first (model.to_empty(device=...))")
+        gen = torch.Generator(device=device).manual_seed(seed)
+        std_resid = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        for name, p in self.named_parameters():
+            full = torch.empty(p.shape, dtype=p.dtype, device=device)
+            if name.endswith("bias"):
+                full.zero_()
+            elif p.ndim == 1:  # LayerNorm / RMSNorm scale
+                full.fill_(1.0)
+            else:
+                std = std_resid if name.endswith(_RESIDUAL_SUFFIXES) else 0.02
+                full.normal_(0.0, std, generator=gen)
+            _copy_full_into(p, full)
+        if self.cfg.arch == "llama":
+            cos, sin = rope_tables(self.cfg, device=device)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        B, T = idx.shape
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds the model's context block_size={self.cfg.block_size}")
+        x = self.tok_emb(idx)  # (B, T, d)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(T, device=idx.device))
+        else:
+            rope = (self.rope_cos, self.rope_sin)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope)
+        x = self.norm_f(x)
+        logits = F.linear(x, self.head_weight)  # (B, T, V)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def _copy_full_into(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full-shape tensor into ``p``, keeping only the local shard when ``p`` is a DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(p, DTensor):
+        # src_data_rank=None: every rank holds the same full tensor, so slice locally, no comms.
+        local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+        p.to_local().copy_(local)
+    else:
+        p.copy_(full)
+
+
+def build_model(cfg: GPTConfig, device: str | torch.device = "meta") -> GPT:
+    """Build the module tree on ``device`` (``meta`` by default: no memory is allocated)."""
+    with torch.device(device):
+        return GPT(cfg)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of distinct parameters (tied tensors counted once), global shapes under FSDP."""
+    return sum(p.numel() for p in model.parameters())
