@@ -1,0 +1,72 @@
+"""Strategies: plain functions over a model, applied by ``apply_strategies`` in one fixed order.
+
+Order (torchtitan's, and why):
+
+1. **activation checkpointing** wraps blocks first, so that compile sees (and can optimise
+   around) the checkpoint boundary and FSDP shards the wrapped block as one unit;
+2. **compile** next, per block (or whole model), before any data-parallel wrapper, so the
+   compiled region contains model code only, never FSDP/DDP hooks;
+3. **FSDP** shards the still-meta model (no rank ever holds a full copy), then the shards are
+   materialised and initialised; or **DDP**, which needs materialised weights (it broadcasts
+   rank 0's at construction), so the model is materialised and initialised just before it;
+4. **mixed precision** is not a wrapper: FSDP takes a MixedPrecisionPolicy in step 3, otherwise
+   the training step enters ``get_autocast`` (and a GradScaler for fp16).
+
+Every step is deterministic and keeps no module-level state, so applying the same strategy in
+a fresh process twice gives the same model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from strategies.ac import apply_ac
+from strategies.amp import get_autocast, get_grad_scaler, get_mp_policy
+from strategies.compile import apply_compile
+from strategies.config import StrategyConfig, StrategyError
+from strategies.ddp import apply_ddp
+from strategies.fsdp import apply_fsdp
+
+__all__ = [
+    "StrategyConfig", "StrategyError", "apply_strategies", "apply_ac", "apply_compile", "apply_ddp", "apply_fsdp",
+    "get_autocast", "get_grad_scaler", "get_mp_policy", "maybe_no_sync", "unwrap",
+]
+
+
+def _materialise(model: nn.Module, device: torch.device, seed: int) -> None:
+    model.to_empty(device=device)
+    unwrap(model).init_weights(seed)
+
+
+def apply_strategies(model: nn.Module, cfg: StrategyConfig, device: torch.device, seed: int) -> nn.Module:
+    """Turn a meta-device model into the trained module: AC -> compile -> FSDP/DDP, materialised and
+    initialised from ``seed``. Returns the module to call and to give to the optimizer."""
+    if cfg.ac != "none":
+        apply_ac(model, cfg.ac, cfg.ac_every)
+    if cfg.compile:
+        apply_compile(model, cfg.compile_mode)
+    if cfg.dp == "fsdp":
+        apply_fsdp(model, device.type, cfg.reshard_after_forward, cfg.amp)
+        _materialise(model, device, seed)
+        return model
+    _materialise(model, device, seed)
+    if cfg.dp == "ddp":
+        return apply_ddp(model, device)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (FSDP2, AC and in-place compile keep the model object itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def maybe_no_sync(model: nn.Module, cfg: StrategyConfig, is_last_micro_step: bool):
+    """Skip gradient communication on all but the last gradient-accumulation micro-step."""
+    if cfg.dp == "ddp" and not is_last_micro_step:
+        return model.no_sync()
+    if cfg.dp == "fsdp":
+        model.set_requires_gradient_sync(is_last_micro_step)
+    return contextlib.nullcontext()

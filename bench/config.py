@@ -1,0 +1,121 @@
+"""The run configuration: one typed dataclass per Hydra group, validated in ``__post_init__``.
+
+Hydra composes ``bench/conf/config.yaml`` (training settings), a ``model`` (the presets of
+models/config.py, registered here) and a ``strategy`` (bench/conf/strategy/*.yaml); ``to_run_config``
+turns the result into these dataclasses so every check runs before anything starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from models.config import PRESETS, GPTConfig
+from strategies.config import StrategyConfig
+
+
+class ConfigError(ValueError):
+    """A setting that can never work; reported before training, exit code 2, no row written."""
+
+
+@dataclass
+class RunConfig:
+    """Everything one benchmark run needs. Fields are the CLI overrides (``steps=50``)."""
+
+    model: GPTConfig = MISSING
+    """Model preset (``model=mini``) with any field overridable (``model.n_layer=4``)."""
+    strategy: StrategyConfig = MISSING
+    """Strategy preset (``strategy=fsdp``) with any field overridable (``strategy.ac=full``)."""
+    steps: int = 20
+    """Timed steps (after warm-up)."""
+    warmup: int = 5
+    """Untimed steps first (allocator, compile, cuDNN/cuBLAS autotuning, gloo connections)."""
+    micro_batch: int = 4
+    """Sequences per micro-batch per data-parallel rank."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step per rank (ignored when global_batch > 0)."""
+    global_batch: int = 0
+    """If > 0: sequences per optimizer step over all ranks; grad_accum = global_batch / (micro_batch * dp)."""
+    seq_len: int = 0
+    """Tokens per sequence; 0 = the model's context length (block_size)."""
+    seed: int = 0
+    """Seeds weights (models/gpt.py init_weights) and data (bench/data.py)."""
+    data: str = "synthetic"
+    """'synthetic' (random tokens) or a path to a local text file/folder (byte-level tokens)."""
+    results_dir: str = "results"
+    """Folder for runs.jsonl (one row per run) and steps/<run_id>.jsonl (per-step log)."""
+    device: str = "auto"
+    """'auto' (cuda if available, else cpu), 'cuda' or 'cpu'."""
+    backend: str = "auto"
+    """torch.distributed backend: 'auto' (nccl on cuda, gloo on cpu), 'nccl' or 'gloo'."""
+    lr: float = 3e-4
+    """AdamW learning rate (constant; betas (0.9, 0.95), weight decay 0.1)."""
+    log_every: int = 10
+    """Progress line (and NaN check, one small all-reduce) every N steps; 0 = only at the end."""
+    timeout_s: int = 600
+    """Collective timeout: a hung collective fails the run after this many seconds."""
+    tag: str = ""
+    """Free text stored in the row (e.g. a sweep or experiment name)."""
+    debug_delay_s: float = 0.0
+    """DEBUG (regression-gate tests): sleep this long inside every timed step."""
+    debug_fail_step: int = -1
+    """DEBUG (failure tests): raise an error at this step (-1 = never)."""
+    debug_fail_rank: int = -1
+    """DEBUG: which rank fails at debug_fail_step (-1 = all)."""
+    debug_nan_step: int = -1
+    """DEBUG: make the loss NaN from this step on (-1 = never)."""
+
+    def __post_init__(self) -> None:
+        def bad(name, why):
+            return ConfigError(f"{name}={getattr(self, name)!r} is invalid: {why}")
+
+        for name in ("steps", "micro_batch", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be >= 1")
+        for name in ("warmup", "global_batch", "seq_len", "log_every"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be >= 0")
+        if self.seq_len > self.model.block_size:
+            raise bad("seq_len", f"longer than model {self.model.name!r}'s context block_size={self.model.block_size}")
+        if self.seq_len == 0:
+            self.seq_len = self.model.block_size
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise bad("device", "valid values: auto, cpu, cuda")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise bad("backend", "valid values: auto, nccl, gloo")
+
+    def resolve_grad_accum(self, dp_size: int) -> int:
+        """grad_accum from global_batch when given; checks the arithmetic, naming all three numbers."""
+        if self.global_batch == 0:
+            return self.grad_accum
+        per_step = self.micro_batch * dp_size
+        if self.global_batch % per_step:
+            raise ConfigError(f"global_batch={self.global_batch} is not divisible by micro_batch={self.micro_batch}"
+                              f" x data-parallel size={dp_size} (= {per_step} sequences per micro-step)")
+        return self.global_batch // per_step
+
+
+def register_configs() -> None:
+    """Register the schema and the model presets with Hydra's ConfigStore."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_run", node=RunConfig)
+    for name, cfg in PRESETS.items():
+        cs.store(group="model", name=name, node=cfg)
+    cs.store(group="strategy", name="base_strategy", node=StrategyConfig)
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Hydra's DictConfig -> RunConfig (runs every ``__post_init__``); ValueErrors become ConfigError."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as exc:  # StrategyError, model ValueError, OmegaConf validation errors
+        cause = exc
+        while cause.__cause__ is not None and isinstance(cause.__cause__, ValueError):
+            cause = cause.__cause__
+        raise ConfigError(str(cause).split("\n    full_key")[0]) from exc
+
+

@@ -1,0 +1,58 @@
+"""Provenance recorded with every row: code version, library versions, hardware."""
+
+from __future__ import annotations
+
+import platform
+import socket
+import subprocess
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def git_sha() -> str | None:
+    """HEAD's SHA, suffixed '-dirty' when tracked files differ; None outside a git checkout."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not sha:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    """Columns describing where the run happened."""
+    cuda = device.type == "cuda"
+    nccl = None
+    if cuda:
+        try:
+            nccl = ".".join(map(str, torch.cuda.nccl.version()))
+        except Exception:
+            nccl = None
+    return {
+        "git_sha": git_sha(),
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda if cuda else None,
+        "nccl_version": nccl,
+        "python_version": platform.python_version(),
+        "hostname": socket.gethostname(),
+        "device_name": torch.cuda.get_device_name(device) if cuda else cpu_model(),
+        "device_count": torch.cuda.device_count() if cuda else 1,
+        "cpu_threads": torch.get_num_threads(),
+    }

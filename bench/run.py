@@ -1,0 +1,144 @@
+"""Run one benchmark and append its row to ``<results_dir>/runs.jsonl``.
+
+    torchrun --standalone --nproc_per_node=2 bench/run.py strategy=fsdp            # 2 CPU/GPU ranks
+    torchrun --nproc_per_node=8 bench/run.py strategy=fsdp_bf16_compile model=gpt2-medium
+    python bench/run.py model=tiny steps=10                                         # one process
+    python bench/run.py --help                                                      # groups and options
+
+Exit codes: 0 ok; 1 the run failed (error, oom, nan: a row with that status is written);
+2 invalid configuration (nothing is run, no row is written).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import traceback
+import uuid
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python bench/run.py` from a clone without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hydra  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from bench.config import ConfigError, RunConfig, register_configs, to_run_config  # noqa: E402
+from bench.dist import DistInfo, broadcast_object, init_distributed  # noqa: E402
+from bench.env import environment  # noqa: E402
+from bench.results import append_row, claim_run, write_steps  # noqa: E402
+from bench.train import TrainOutcome, plan_batch, train  # noqa: E402
+
+register_configs()
+
+METRIC_COLUMNS = [
+    "tokens_per_sec", "tokens_per_sec_per_device", "step_time_median_s", "step_time_p10_s", "step_time_p90_s",
+    "mfu", "hfu", "peak_flops", "peak_flops_source", "peak_mem_bytes", "peak_reserved_bytes", "loss",
+]
+
+
+def say(info: DistInfo | None, msg: str) -> None:
+    if info is None or info.is_main:
+        print(f"[n00bGPT] {msg}", flush=True)
+
+
+def build_row(cfg: RunConfig, raw: DictConfig, info: DistInfo, run_id: str, status: str, error: str | None,
+              outcome: TrainOutcome | None, preset: str | None) -> dict:
+    """One result row: identity, setup, metrics (None when the run failed before measuring), provenance."""
+    try:
+        batch = plan_batch(cfg, info)
+    except ConfigError:
+        batch = {"grad_accum": cfg.grad_accum, "global_batch_tokens": None, "dp_size": None}
+    row = {
+        "run_id": run_id,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": cfg.model.name,
+        "arch": cfg.model.arch,
+        "strategy": cfg.strategy.canonical_name,
+        "strategy_preset": preset,
+        "world_size": info.world_size,
+        "nnodes": info.nnodes,
+        "dp_size": batch["dp_size"],
+        "device": info.device.type,
+        "dtype": cfg.strategy.compute_dtype_name(info.device.type),
+        "seq_len": cfg.seq_len,
+        "micro_batch": cfg.micro_batch,
+        "grad_accum": batch["grad_accum"],
+        "global_batch_tokens": batch["global_batch_tokens"],
+        "steps": cfg.steps,
+        "warmup": cfg.warmup,
+        "data": cfg.data,
+        "seed": cfg.seed,
+        "tag": cfg.tag,
+        **{c: None for c in METRIC_COLUMNS},
+        "status": status,
+        "error": error,
+    }
+    if outcome is not None:
+        row.update(outcome.metrics)
+    row.update(environment(info.device))
+    row["config"] = OmegaConf.to_container(raw, resolve=True)
+    return row
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="config")
+def main(raw: DictConfig) -> None:
+    try:
+        cfg = to_run_config(raw)
+        info = init_distributed(cfg.device, cfg.backend, cfg.timeout_s)
+    except ConfigError as exc:
+        print(f"[n00bGPT] error: invalid configuration: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    preset = HydraConfig.get().runtime.choices.get("strategy")
+    run_id = broadcast_object(
+        f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}" if info.is_main else None, info)
+    say(info, f"run {run_id}: model={cfg.model.name} strategy={cfg.strategy.canonical_name} "
+              f"world_size={info.world_size} device={info.device.type} steps={cfg.steps}+{cfg.warmup} warm-up")
+
+    outcome, error = None, None
+    try:
+        outcome = train(cfg, info, progress=lambda m: say(info, m))
+        status = outcome.status
+        if status == "nan":
+            error = "non-finite loss: " + ", ".join(f"{v}" for v in outcome.losses[-3:])
+    except ConfigError as exc:
+        print(f"[n00bGPT] error: invalid configuration: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except torch.OutOfMemoryError as exc:
+        status, error = "oom", f"rank {info.rank}: {exc}".strip()[:2000]
+    except Exception as exc:  # any rank's crash still leaves a row
+        status = "error"
+        error = f"rank {info.rank}: {type(exc).__name__}: {exc}"[:2000]
+        traceback.print_exc()
+
+    row = build_row(cfg, raw, info, run_id, status, error, outcome, preset)
+    collective = status in ("ok", "nan")  # decided together on every rank: rank 0 writes
+    if (collective and info.is_main) or (not collective and claim_run(cfg.results_dir, run_id)):
+        path = append_row(cfg.results_dir, row)
+        if outcome is not None:
+            step_log = [{"step": i, "phase": "warmup" if i < cfg.warmup else "timed", "loss": loss,
+                         "step_time_s": (outcome.step_times_s[i - cfg.warmup]
+                                         if cfg.warmup <= i < cfg.warmup + len(outcome.step_times_s) else None)}
+                        for i, loss in enumerate(outcome.losses)]
+            write_steps(cfg.results_dir, run_id, step_log)
+        if status == "ok":
+            m = outcome.metrics
+            mfu = f"{m['mfu']:.1%}" if m.get("mfu") is not None else "n/a"
+            say(None, f"done: {m['tokens_per_sec']:,.0f} tok/s ({m['tokens_per_sec_per_device']:,.0f}/device), "
+                      f"step {m['step_time_median_s'] * 1e3:.1f} ms median, MFU {mfu} ({m['peak_flops_source']}), "
+                      f"peak mem {m['peak_mem_bytes'] / 2**30:.2f} GiB, loss {m['loss']:.4f} -> {path}")
+        else:
+            say(None, f"FAILED ({status}): {error} -> row in {path}")
+    if collective and dist.is_initialized():
+        dist.destroy_process_group()
+    if status != "ok":
+        sys.stdout.flush()
+        os._exit(1)  # skip interpreter teardown: other ranks may be stuck in a collective
+
+
+if __name__ == "__main__":
+    main()

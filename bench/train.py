@@ -1,0 +1,162 @@
+"""The timed training loop: build on meta -> strategies -> materialise/init -> optimizer -> steps.
+
+``train`` runs on every rank and returns the same combined metrics on every rank. Inside the
+timed window the only host syncs are the ones the measurement needs: none per step on CUDA
+(events are read after the loop) and one small all-reduce of the recent losses every
+``log_every`` steps (progress + NaN check), which falls *between* timed steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from bench import memory, metrics
+from bench.config import ConfigError, RunConfig
+from bench.data import build_data
+from bench.dist import DistInfo, broadcast_object, gather_objects
+from bench.nvml import NvmlSampler, combine_nvml
+from bench.peak_flops import get_peak_flops
+from models import build_model, count_params, recompute_flops_per_token, train_flops_per_token
+from strategies import apply_strategies, get_autocast, get_grad_scaler, maybe_no_sync
+from strategies.config import StrategyError
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by ``debug_fail_step`` to test the failure path."""
+
+
+@dataclass
+class TrainOutcome:
+    status: str  # 'ok' or 'nan'
+    metrics: dict
+    losses: list[float] = field(default_factory=list)  # global mean loss per step (warm-up included)
+    step_times_s: list[float] = field(default_factory=list)  # combined timed step times
+
+
+def plan_batch(cfg: RunConfig, info: DistInfo) -> dict:
+    """Batch arithmetic, once: dp size, grad_accum, global batch in sequences and tokens."""
+    dp = info.world_size if cfg.strategy.dp != "none" else 1
+    ga = cfg.resolve_grad_accum(dp)
+    seqs = cfg.micro_batch * ga * dp
+    return {"dp_size": dp, "grad_accum": ga, "global_batch_seqs": seqs, "global_batch_tokens": seqs * cfg.seq_len}
+
+
+def _mean_over_ranks(values: list[torch.Tensor], dp_size: int) -> list[float]:
+    stacked = torch.stack(values)
+    if dist.is_initialized() and dp_size > 1:
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+        stacked = stacked / dist.get_world_size()
+    return stacked.cpu().tolist()
+
+
+def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None = None) -> TrainOutcome:
+    s, device = cfg.strategy, info.device
+    try:
+        s.validate_for(device.type, info.world_size)
+    except StrategyError as exc:
+        raise ConfigError(str(exc)) from exc
+    batch = plan_batch(cfg, info)
+    dp, ga = batch["dp_size"], batch["grad_accum"]
+    dtype_name = s.compute_dtype_name(device.type)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = s.tf32
+        torch.backends.cudnn.allow_tf32 = s.tf32
+
+    # Peak FLOP/s first, on rank 0 alone (a probe must not compete with training), then shared.
+    peak, peak_source = broadcast_object(get_peak_flops(device, dtype_name) if info.is_main else None, info)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, "meta")
+    n_params = count_params(model)
+    model = apply_strategies(model, s, device, cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+    scaler = get_grad_scaler(s.amp, device.type)
+    data = build_data(cfg.data, cfg.model.vocab_size, cfg.micro_batch, cfg.seq_len, cfg.seed, device, dp * ga)
+    dp_rank = info.rank if dp > 1 else 0
+    sampler = NvmlSampler(device.index if device.type == "cuda" else None)
+    timer = metrics.StepTimer(device)
+
+    total = cfg.warmup + cfg.steps
+    step_losses: list[torch.Tensor] = []
+    losses: list[float] = []
+    status = "ok"
+    wall_mark, steps_mark = time.perf_counter(), 0
+    for step in range(total):
+        if step == cfg.warmup:
+            memory.reset_peak(device)
+            sampler.start()
+        timer.start()
+        step_loss = torch.zeros((), device=device)
+        for micro in range(ga):
+            x, y = data.batch(step, dp_rank * ga + micro)
+            with maybe_no_sync(model, s, micro == ga - 1):
+                with get_autocast(s.amp, s.dp, device.type):
+                    loss = model(x, y)
+                if 0 <= cfg.debug_nan_step <= step:
+                    loss = loss * float("nan")
+                scaled = loss / ga
+                (scaler.scale(scaled) if scaler else scaled).backward()
+            step_loss += loss.detach() / ga
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cfg.debug_delay_s and step >= cfg.warmup:
+            time.sleep(cfg.debug_delay_s)  # DEBUG only: an injected, deliberate slowdown
+        timer.stop()
+        step_losses.append(step_loss)
+        if cfg.debug_fail_step == step and cfg.debug_fail_rank in (-1, info.rank):
+            raise InjectedFailure(f"injected failure at step {step} on rank {info.rank} (debug_fail_step)")
+        if (cfg.log_every and (step + 1) % cfg.log_every == 0) or step == total - 1:
+            new = _mean_over_ranks(step_losses[len(losses):], dp)
+            losses.extend(new)
+            if not all(math.isfinite(v) for v in new):
+                status = "nan"
+                break
+            if progress:
+                now = time.perf_counter()
+                per_step = (now - wall_mark) / (step + 1 - steps_mark)
+                tps = batch["global_batch_tokens"] / per_step
+                phase = " (warm-up)" if step < cfg.warmup else ""
+                progress(f"step {step + 1}/{total}{phase} | loss {new[-1]:.4f} | {tps:,.0f} tok/s | "
+                         f"ETA {per_step * (total - step - 1):.0f}s")
+                wall_mark, steps_mark = now, step + 1
+
+    nvml_stats = sampler.stop()
+    durations = timer.durations_s()
+    mine = {"times": durations[cfg.warmup:], "first": durations[0] if durations else None,
+            "peak": memory.read_peak(device), "nvml": nvml_stats}
+    ranks = gather_objects(mine, info)
+    times = metrics.combine_step_times([r["times"] for r in ranks]) if mine["times"] else []
+    out = {
+        "params": n_params,
+        "flops_per_token": train_flops_per_token(cfg.model, cfg.seq_len),
+        "recompute_flops_per_token": recompute_flops_per_token(cfg.model, cfg.seq_len, s.ac, s.ac_every),
+        "peak_flops": peak,
+        "peak_flops_source": peak_source,
+        "dtype": dtype_name,
+        "first_step_time_s": max(r["first"] for r in ranks) if mine["first"] is not None else None,
+        "peak_mem_bytes": max(r["peak"]["peak_mem_bytes"] or 0 for r in ranks),
+        "peak_reserved_bytes": (max(r["peak"]["peak_reserved_bytes"] for r in ranks)
+                                if ranks[0]["peak"]["peak_reserved_bytes"] is not None else None),
+        "peak_mem_bytes_per_rank": [r["peak"]["peak_mem_bytes"] for r in ranks],
+        "timed_steps": len(times),
+        **batch,
+    }
+    if times:
+        out.update(metrics.step_time_stats(times))
+        out.update(metrics.throughput(times, batch["global_batch_tokens"], info.world_size))
+        out["mfu"] = metrics.flops_utilisation(out["flops_per_token"], out["tokens_per_sec_per_device"], peak)
+        out["hfu"] = metrics.flops_utilisation(out["flops_per_token"] + out["recompute_flops_per_token"],
+                                               out["tokens_per_sec_per_device"], peak)
+        out.update(combine_nvml([r["nvml"] for r in ranks], len(times) * batch["global_batch_tokens"]))
+    out["loss"] = losses[-1] if losses else None
+    return TrainOutcome(status=status, metrics=out, losses=losses, step_times_s=times)

@@ -1,0 +1,39 @@
+"""FSDP2: ``fully_shard`` each transformer block, then the root (embeddings, final norm, head).
+
+Parameters become DTensors sharded on dim 0 across the data-parallel ranks; each block is
+all-gathered just before its forward/backward and its gradients reduce-scattered after.
+``reshard_after_forward=False`` keeps blocks unsharded between forward and backward
+(ZeRO-2-like: one all-gather per step instead of two, more memory).
+
+Gloo note: gloo has no ReduceOp.AVG, and FSDP2 on gloo used to silently *sum* gradients
+(pytorch/pytorch#162338). We force SUM reductions and let FSDP divide by the data-parallel
+size itself, which is correct on every backend; tests/test_parity.py guards it.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from strategies.amp import get_mp_policy
+
+
+def apply_fsdp(model: nn.Module, device_type: str, reshard_after_forward: bool = True, amp: str = "fp32") -> nn.Module:
+    """Shard ``model`` in place (blocks first, then root) over all ranks; works on meta-device models."""
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    mp = get_mp_policy(amp)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    if dist.get_backend() == "gloo":
+        _use_sum_then_divide(model)
+    return model
+
+
+def _use_sum_then_divide(model: nn.Module) -> None:
+    """Make every FSDP module reduce with SUM and divide by world size afterwards (see module docstring)."""
+    for module in model.modules():
+        if hasattr(module, "set_force_sum_reduction_for_comms"):
+            module.set_force_sum_reduction_for_comms(True)
