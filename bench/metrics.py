@@ -93,7 +93,8 @@ def step_time_stats(step_times_s: list[float]) -> dict:
     }
 
 
-def flops_utilisation(flops_per_token: float, tokens_per_sec_per_device: float, peak_flops: float | None) -> float | None:
+def flops_utilisation(flops_per_token: float, tokens_per_sec_per_device: float,
+                      peak_flops: float | None) -> float | None:
     """Achieved FLOP/s per device / peak FLOP/s per device (fraction), or None without a peak."""
     if not peak_flops:
         return None

@@ -112,7 +112,8 @@ def combine_nvml(per_rank: list[dict], tokens: int) -> dict:
     def vals(k):
         return [r[k] for r in per_rank if r.get(k) is not None]
 
-    util, power, energy, mem = vals("gpu_util_pct"), vals("gpu_power_w"), vals("gpu_energy_j"), vals("gpu_mem_used_bytes")
+    util, power = vals("gpu_util_pct"), vals("gpu_power_w")
+    energy, mem = vals("gpu_energy_j"), vals("gpu_mem_used_bytes")
     total_energy = sum(energy) if energy else None
     return {
         "gpu_util_pct": sum(util) / len(util) if util else None,
