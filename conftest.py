@@ -1,1 +1,63 @@
-"""Shared pytest fixtures; the repo root is on sys.path so `bench`, `models`, ... import."""
+"""Shared test helpers: real multi-process gloo runs on CPU.
+
+``run_ranks(fn, world_size, tmp_path, *args)`` spawns ``world_size`` processes, each with a
+gloo process group over a FileStore in ``tmp_path``, calls ``fn(rank, world_size, *args)``
+and returns every rank's return value (pickled through ``tmp_path``). A rank's exception
+fails the test with that rank's traceback; the process group is always destroyed.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _worker(rank: int, world_size: int, tmp: str, fn, args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    out = Path(tmp) / f"rank{rank}.pkl"
+    store = dist.FileStore(str(Path(tmp) / "store"), world_size)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+    try:
+        result = ("ok", fn(rank, world_size, *args))
+    except BaseException:
+        result = ("error", traceback.format_exc())
+    finally:
+        dist.destroy_process_group()
+    out.write_bytes(pickle.dumps(result))
+
+
+def run_ranks(fn, world_size: int, tmp_path: Path, *args) -> list:
+    tmp = Path(tmp_path) / f"ranks-{os.getpid()}-{len(list(Path(tmp_path).iterdir()))}"
+    tmp.mkdir()
+    mp.start_processes(_worker, args=(world_size, str(tmp), fn, args), nprocs=world_size, join=True,
+                       start_method="spawn")
+    results = []
+    for rank in range(world_size):
+        status, value = pickle.loads((tmp / f"rank{rank}.pkl").read_bytes())
+        if status != "ok":
+            pytest.fail(f"rank {rank} failed:\n{value}")
+        results.append(value)
+    return results
+
+
+@pytest.fixture
+def ranks(tmp_path):
+    """``ranks(fn, *args, world_size=2)`` -> list of per-rank results."""
+    def go(fn, *args, world_size: int = 2):
+        return run_ranks(fn, world_size, tmp_path, *args)
+    return go

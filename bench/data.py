@@ -4,8 +4,9 @@ Global micro-batch index ``m = dp_rank * grad_accum + micro_step``: every data-p
 reads its own shard of the global batch, and a single process with ``grad_accum * dp`` micro
 steps reads exactly the same global batch -- which is what makes strategies comparable.
 
-- ``synthetic``: uniform random tokens drawn on the device from a generator seeded by
-  (seed, step, m): no host-to-device copy, no hidden sync.
+- ``synthetic``: uniform random tokens drawn on the device, each sequence from a generator
+  seeded by (seed, step, global sequence id = m * micro_batch + row): no host-to-device copy,
+  no hidden sync, and the same global batch however it is split into micro-batches.
 - a path to a text file or folder: bytes are tokens (byte-level tokenizer, ids 0..255); the
   whole corpus is put on the device once and windows of seq_len+1 are gathered there, in a
   seeded shuffled order.
@@ -21,7 +22,7 @@ _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 
 
 def batch_seed(seed: int, step: int, index: int) -> int:
-    """A 63-bit seed unique to (seed, step, micro-batch index)."""
+    """A 63-bit seed unique to (seed, step, sequence index)."""
     return (seed * _MIX[0] + (step + 1) * _MIX[1] + (index + 1) * _MIX[2]) % (2**63 - 1)
 
 
@@ -33,8 +34,12 @@ class SyntheticData:
 
     def batch(self, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-token targets, each (B, T) int64 on the device."""
-        gen = torch.Generator(device=self.device).manual_seed(batch_seed(self.seed, step, index))
-        seq = torch.randint(0, self.vocab_size, (self.B, self.T + 1), generator=gen, device=self.device)
+        gen = torch.Generator(device=self.device)
+        rows = []
+        for b in range(self.B):
+            gen.manual_seed(batch_seed(self.seed, step, index * self.B + b))
+            rows.append(torch.randint(0, self.vocab_size, (self.T + 1,), generator=gen, device=self.device))
+        seq = torch.stack(rows)  # (B, T+1)
         return seq[:, :-1], seq[:, 1:]
 
 

@@ -5,9 +5,11 @@ all-gathered just before its forward/backward and its gradients reduce-scattered
 ``reshard_after_forward=False`` keeps blocks unsharded between forward and backward
 (ZeRO-2-like: one all-gather per step instead of two, more memory).
 
-Gloo note: gloo has no ReduceOp.AVG, and FSDP2 on gloo used to silently *sum* gradients
-(pytorch/pytorch#162338). We force SUM reductions and let FSDP divide by the data-parallel
-size itself, which is correct on every backend; tests/test_parity.py guards it.
+Gloo note: gloo has no ReduceOp.AVG, and FSDP2 on gloo silently *summed* gradients in some
+releases (pytorch/pytorch#162338). On gloo we force SUM reductions and let FSDP divide by the
+data-parallel size itself (the fix that issue's PR takes), where the API exists. On torch 2.13
+both paths give the averaged gradient; tests/test_parity.py compares FSDP with single-process
+training and fails if either ever sums.
 """
 
 from __future__ import annotations
