@@ -1,0 +1,203 @@
+"""Metric definitions against independent sources: numpy percentiles, allocator/RSS facts, NVML fakes,
+the datasheet table, and a CUDA-event timer driven by a fake clock."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from bench import memory, metrics, nvml, peak_flops
+
+
+def test_percentile_matches_numpy():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 50):
+        xs = rng.random(n).tolist()
+        for q in (10, 50, 90):
+            assert metrics.percentile(xs, q) == pytest.approx(np.percentile(xs, q))
+
+
+def test_step_times_combine_by_max_and_throughput_by_elapsed_time():
+    per_rank = [[0.10, 0.30, 0.20], [0.20, 0.10, 0.25]]
+    times = metrics.combine_step_times(per_rank)
+    assert times == [0.20, 0.30, 0.25]
+    tp = metrics.throughput(times, global_batch_tokens=1000, world_size=2)
+    assert tp["tokens_per_sec"] == pytest.approx(3000 / 0.75)
+    assert tp["tokens_per_sec_per_device"] == pytest.approx(1500 / 0.75)
+    st = metrics.step_time_stats(times)
+    assert st["step_time_median_s"] == 0.25 and st["step_time_mean_s"] == pytest.approx(0.25)
+
+
+def test_flops_utilisation():
+    assert metrics.flops_utilisation(6e9, 1e4, 1e14) == pytest.approx(0.6)
+    assert metrics.flops_utilisation(6e9, 1e4, None) is None
+
+
+def test_cpu_timer_measures_wall_time():
+    timer = metrics.StepTimer(torch.device("cpu"))
+    import time
+
+    for d in (0.02, 0.04):
+        timer.start()
+        time.sleep(d)
+        timer.stop()
+    got = timer.durations_s()
+    assert got[0] == pytest.approx(0.02, abs=0.015) and got[1] == pytest.approx(0.04, abs=0.015)
+
+
+def test_cuda_timer_reads_events_once_at_the_end(monkeypatch):
+    """The CUDA path records events per step and synchronises once, in durations_s()."""
+    clock = {"t": 0.0, "syncs": 0}
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.t = None
+
+        def record(self):
+            self.t = clock["t"]
+
+        def elapsed_time(self, end):
+            assert clock["syncs"] == 1, "events read before the single synchronize"
+            return (end.t - self.t) * 1e3  # ms, like CUDA
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: clock.__setitem__("syncs", clock["syncs"] + 1))
+    timer = metrics.StepTimer(torch.device("cuda", 0))
+    for d in (0.5, 0.25):
+        timer.start()
+        clock["t"] += d
+        timer.stop()
+    assert clock["syncs"] == 0
+    assert timer.durations_s() == pytest.approx([0.5, 0.25])
+
+
+def test_cpu_peak_memory_sees_a_large_allocation_and_resets():
+    dev = torch.device("cpu")
+    memory.reset_peak(dev)
+    base = memory.read_peak(dev)["peak_mem_bytes"]
+    x = torch.ones(64 * 2**20 // 4 * 4)  # 256 MiB, touched
+    assert memory.read_peak(dev)["peak_mem_bytes"] - base >= 250 * 2**20
+    del x
+    memory.reset_peak(dev)  # VmHWM back to the current RSS
+    assert memory.read_peak(dev)["peak_mem_bytes"] < base + 100 * 2**20
+    assert memory.read_peak(dev)["peak_reserved_bytes"] is None
+
+
+def test_cuda_peak_memory_reads_the_allocator(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 123)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda d: 456)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: calls.append(d))
+    dev = torch.device("cuda", 0)
+    memory.reset_peak(dev)
+    assert calls == [dev]
+    assert memory.read_peak(dev) == {"peak_mem_bytes": 123, "peak_reserved_bytes": 456}
+
+
+@pytest.mark.parametrize(
+    "name,dtype,expected,label",
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.4e12, "H100 SXM5"),
+        ("NVIDIA H100 PCIe", "bf16", 756e12, "H100 PCIe"),
+        ("NVIDIA H100 NVL", "bf16", 835.5e12, "H100 NVL"),
+        ("NVIDIA H100 80GB HBM3", "tf32", 494.7e12, "H100 SXM5"),
+        ("NVIDIA H200", "bf16", 989.4e12, "H200 SXM"),
+        ("NVIDIA A100-SXM4-80GB", "bf16", 312e12, "A100"),
+        ("NVIDIA A10G", "bf16", 70e12, "A10G"),
+        ("NVIDIA A10", "fp32", 31.2e12, "A10"),
+        ("NVIDIA L4", "bf16", 121e12, "L4"),
+        ("NVIDIA L40S", "bf16", 362.05e12, "L40S"),
+    ],
+)
+def test_peak_table_tells_gpus_apart(name, dtype, expected, label):
+    peak, source = peak_flops.lookup_gpu_peak(name, dtype)
+    assert peak == pytest.approx(expected)
+    assert source.startswith(f"table:{label} {dtype}")
+
+
+def test_unknown_gpu_is_probed_not_guessed(monkeypatch, tmp_path):
+    assert peak_flops.lookup_gpu_peak("NVIDIA RTX 9090 Ti", "bf16") is None
+    assert peak_flops.lookup_gpu_peak("Tesla V100-SXM2-16GB", "bf16") is None  # no bf16 on V100
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA RTX 9090 Ti")
+    monkeypatch.setattr(peak_flops, "_probe_key", lambda d, t: "fake-gpu")
+    monkeypatch.setenv("N00BGPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(peak_flops, "probe_peak_flops", lambda d, t: 42e12)
+    assert peak_flops.get_peak_flops(torch.device("cuda", 0), "bf16") == (42e12, "probe:measured matmul bf16")
+
+
+def test_cpu_probe_is_measured_then_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("N00BGPT_CACHE_DIR", str(tmp_path))
+    peak, source = peak_flops.get_peak_flops(torch.device("cpu"), "fp32")
+    assert source == "probe:measured matmul fp32"
+    # Independent check: a timed matmul cannot beat the probe's best by much.
+    a = torch.randn(512, 512)
+    import time
+
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a @ a
+    achieved = 20 * 2 * 512**3 / (time.perf_counter() - t0)
+    assert 0.2 * peak < achieved < 1.5 * peak
+    again, source2 = peak_flops.get_peak_flops(torch.device("cpu"), "fp32")
+    assert again == peak and source2.startswith("probe:cached")
+
+
+class FakeNvml(types.SimpleNamespace):
+    """pynvml's API surface as bench/nvml.py uses it; energy counter in mJ."""
+
+    def __init__(self, energy=True):
+        super().__init__()
+        self.energy_mj = 1_000_000
+        self.has_energy = energy
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return f"gpu{i}"
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        return types.SimpleNamespace(gpu=80)
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        return 300_000  # mW
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return types.SimpleNamespace(used=5 * 2**30)
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h):
+        if not self.has_energy:
+            raise RuntimeError("not supported")
+        self.energy_mj += 30_000  # +30 J per read
+        return self.energy_mj
+
+
+@pytest.mark.parametrize("energy_counter", [True, False])
+def test_nvml_sampler_with_fake_driver(monkeypatch, energy_counter):
+    fake = FakeNvml(energy_counter)
+    monkeypatch.setattr(nvml, "_load_pynvml", lambda: fake)
+    sampler = nvml.NvmlSampler(0, interval_s=0.01)
+    sampler.start()
+    import time
+
+    time.sleep(0.1)
+    stats = sampler.stop()
+    assert stats["gpu_util_pct"] == 80 and stats["gpu_power_w"] == 300 and stats["gpu_mem_used_bytes"] == 5 * 2**30
+    span = sampler.samples[-1][0] - sampler.samples[0][0]
+    expected = 30.0 if energy_counter else 300 * span  # counter difference, or integrated power
+    assert stats["gpu_energy_j"] == pytest.approx(expected, rel=1e-6)
+    combined = nvml.combine_nvml([stats, stats], tokens=1000)
+    assert combined["gpu_energy_j"] == pytest.approx(2 * expected)
+    assert combined["energy_per_token_j"] == pytest.approx(2 * expected / 1000)
+
+
+def test_nvml_absent_on_cpu_is_not_an_error():
+    sampler = nvml.NvmlSampler(None)
+    sampler.start()
+    assert not sampler.available
+    assert all(v is None for v in sampler.stop().values())
+    assert nvml.combine_nvml([sampler.stop()], tokens=10)["energy_per_token_j"] is None

@@ -1,0 +1,95 @@
+"""Result tables: atomic appends under concurrency, one claim per run, and clear load errors."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+
+import pandas as pd
+import pytest
+
+from bench.results import REQUIRED_COLUMNS, append_row, claim_run, write_steps
+from reports import ResultsError, load, load_steps
+
+
+def make_row(i: int, **kw) -> dict:
+    row = {c: None for c in REQUIRED_COLUMNS}
+    row.update(run_id=f"r{i}", model="tiny", strategy="single", status="ok", tokens_per_sec=float(i),
+               config={"nested": {"i": i}, "blob": "x" * 5000}, **kw)
+    return row
+
+
+def _writer(path, start, n):
+    for i in range(start, start + n):
+        append_row(path, make_row(i))
+
+
+def test_concurrent_appends_never_interleave(tmp_path):
+    procs = [mp.get_context("fork").Process(target=_writer, args=(tmp_path, k * 100, 60)) for k in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    df = load(tmp_path)
+    assert len(df) == 240 and sorted(df.run_id) == sorted(f"r{k * 100 + i}" for k in range(4) for i in range(60))
+    assert all(len(c["blob"]) == 5000 for c in df.config)
+    assert pd.read_json(tmp_path / "runs.jsonl", lines=True).shape[0] == 240  # pandas reads it directly
+
+
+def test_nan_and_inf_become_null(tmp_path):
+    append_row(tmp_path, make_row(1, loss=float("nan"), mfu=float("inf")))
+    line = (tmp_path / "runs.jsonl").read_text()
+    assert "NaN" not in line and json.loads(line)["loss"] is None
+
+
+def test_row_without_required_columns_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="tokens_per_sec"):
+        append_row(tmp_path, {"run_id": "x"})
+    assert not (tmp_path / "runs.jsonl").exists()
+
+
+def test_one_claim_per_run(tmp_path):
+    assert claim_run(tmp_path, "abc") is True
+    assert claim_run(tmp_path, "abc") is False
+    assert claim_run(tmp_path, "def") is True
+
+
+def test_steps_log_round_trip(tmp_path):
+    write_steps(tmp_path, "r1", [{"step": 0, "loss": 1.5, "step_time_s": None}, {"step": 1, "loss": 1.2,
+                                                                                "step_time_s": 0.1}])
+    df = load_steps(tmp_path, "r1")
+    assert list(df.loss) == [1.5, 1.2]
+    with pytest.raises(ResultsError, match="no per-step log"):
+        load_steps(tmp_path, "nope")
+
+
+def test_load_errors_name_the_file_and_problem(tmp_path):
+    with pytest.raises(ResultsError, match="no such file"):
+        load(tmp_path / "missing.jsonl")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ResultsError, match="holds no result tables"):
+        load(empty)
+    append_row(tmp_path, make_row(1))
+    good = (tmp_path / "runs.jsonl").read_text()
+    trunc = tmp_path / "trunc.jsonl"
+    trunc.write_text(good + good[: len(good) // 2])
+    with pytest.raises(ResultsError, match=r"trunc.jsonl:2: malformed JSON \(truncated"):
+        load(trunc)
+    nocol = tmp_path / "nocol.jsonl"
+    nocol.write_text(json.dumps({"run_id": "x", "model": "tiny"}) + "\n")
+    with pytest.raises(ResultsError, match=r"nocol.jsonl: missing required columns \['timestamp'"):
+        load(nocol)
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n")
+    with pytest.raises(ResultsError, match="blank.jsonl: no result rows"):
+        load(blank)
+
+
+def test_load_accepts_files_folders_and_globs(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    append_row(a, make_row(1))
+    append_row(b, make_row(2))
+    assert len(load([a, b])) == 2
+    assert len(load(str(tmp_path / "*"))) == 2
+    assert set(load(a / "runs.jsonl").source_file) == {str(a / "runs.jsonl")}

@@ -1,0 +1,120 @@
+"""End to end through the real entry point: torchrun with 2 CPU processes, rows checked against
+numbers recomputed independently from the per-step log and the model's FLOP accounting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.results import REQUIRED_COLUMNS
+from models import get_config, recompute_flops_per_token, train_flops_per_token
+from reports import load, load_steps
+from tests.helpers import run_cli
+
+FAST = ["model=tiny", "steps=4", "warmup=1", "micro_batch=2", "seq_len=32", "log_every=2"]
+
+
+def only_row(results_dir):
+    df = load(results_dir)
+    assert len(df) == 1, df
+    return df.iloc[0]
+
+
+@pytest.mark.parametrize(
+    "strategy,extra,expect",
+    [
+        ("fsdp", [], "fsdp"),
+        ("ddp", ["strategy.ac=op"], "ddp+ac(op)"),
+        ("fsdp_noreshard", ["strategy.ac=selective", "strategy.ac_every=3", "grad_accum=2"],
+         "fsdp(no-reshard)+ac(selective/3)"),
+    ],
+)
+def test_torchrun_two_ranks_writes_a_true_row(tmp_path, strategy, extra, expect):
+    res = run_cli([f"strategy={strategy}", *FAST, *extra, f"results_dir={tmp_path}"], nproc=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    row = only_row(tmp_path)
+    assert set(REQUIRED_COLUMNS) <= set(row.index)
+    assert row.status == "ok" and row.error is None
+    assert row.strategy == expect and row.world_size == 2 and row.nnodes == 1 and row.device == "cpu"
+    ga = 2 if "grad_accum=2" in extra else 1
+    assert row.grad_accum == ga and row.global_batch_tokens == 2 * ga * 2 * 32
+    # Throughput recomputed from the per-step log (max over ranks per step, written by rank 0).
+    steps = load_steps(tmp_path, row.run_id)
+    assert list(steps.phase) == ["warmup"] + ["timed"] * 4
+    timed = steps[steps.phase == "timed"].step_time_s
+    assert row.tokens_per_sec == pytest.approx(4 * row.global_batch_tokens / timed.sum(), rel=1e-9)
+    assert row.tokens_per_sec_per_device == pytest.approx(row.tokens_per_sec / 2, rel=1e-9)
+    assert row.step_time_median_s == pytest.approx(timed.median(), rel=1e-9)
+    assert row.step_time_p10_s <= row.step_time_median_s <= row.step_time_p90_s
+    # MFU from the model's FLOP accounting and the recorded peak.
+    cfg = get_config("tiny")
+    assert row.flops_per_token == train_flops_per_token(cfg, 32)
+    assert row.mfu == pytest.approx(row.flops_per_token * row.tokens_per_sec_per_device / row.peak_flops, rel=1e-9)
+    s = json.loads(json.dumps(row.config))["strategy"]
+    rc = recompute_flops_per_token(cfg, 32, s["ac"], s["ac_every"])
+    assert row.hfu == pytest.approx(row.mfu * (row.flops_per_token + rc) / row.flops_per_token, rel=1e-9)
+    assert (row.hfu > row.mfu) == (rc > 0)
+    assert row.peak_flops_source.startswith("probe:")
+    assert row.peak_mem_bytes > 50 * 2**20 and row.peak_reserved_bytes is None
+    assert row.loss == pytest.approx(steps.loss.iloc[-1])
+    assert row.config["model"]["name"] == "tiny" and row.torch_version
+    assert str(tmp_path / "runs.jsonl") in res.stdout  # the summary names the file
+    assert "step 2/5" in res.stdout  # progress line
+
+
+def test_single_process_compile_and_bf16(tmp_path):
+    """The CLI without torchrun; per-block compile; a CPU bf16 run warns but runs (tiny shapes only)."""
+    res = run_cli(["strategy=compile", "model=tiny", "model.n_layer=2", "steps=2", "warmup=1", "micro_batch=1",
+                   "seq_len=16", "strategy.amp=bf16", f"results_dir={tmp_path}"], timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    row = only_row(tmp_path)
+    assert row.strategy == "single+bf16+compile" and row["dtype"] == "bf16" and row.world_size == 1
+    assert row.first_step_time_s > row.step_time_median_s  # compile happens in the first step
+    assert "slower than fp32" in res.stderr
+
+
+def test_rank_failure_writes_one_error_row_and_exits_nonzero(tmp_path):
+    res = run_cli(["strategy=ddp", *FAST, "debug_fail_step=2", "debug_fail_rank=1", f"results_dir={tmp_path}"],
+                  nproc=2)
+    assert res.returncode != 0
+    row = only_row(tmp_path)  # exactly one row, readable
+    assert row.status == "error" and "rank 1" in row.error and "InjectedFailure" in row.error
+    assert row.tokens_per_sec is None or row.tokens_per_sec != row.tokens_per_sec  # None/NaN: nothing measured
+
+
+def test_nan_loss_stops_with_status_nan(tmp_path):
+    res = run_cli(["strategy=single", *FAST, "steps=20", "debug_nan_step=2", f"results_dir={tmp_path}"])
+    assert res.returncode == 1
+    row = only_row(tmp_path)
+    assert row.status == "nan" and "non-finite" in row.error
+    assert len(load_steps(tmp_path, row.run_id)) == 2 * 2  # stopped at the first check after step 2
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["strategy=nope"], "Available options"),
+        (["model=gpt5"], "gpt2-small"),
+        (["model=tiny", "seq_len=4096"], "seq_len=4096"),
+        (["micro_batch=0"], "micro_batch=0"),
+        (["strategy.dp=zero"], "valid values: none, ddp, fsdp"),
+        (["model=tiny", "strategy.amp=fp16"], "fp16 needs a CUDA device"),
+        (["model=tiny", "device=cuda"], "no CUDA device"),
+        (["model=tiny", "model.n_embd=130"], "n_embd=130"),
+        (["model=tiny", "global_batch=3"], "micro_batch=4"),
+        (["nosuchkey=1"], "nosuchkey"),
+        (["strategy=fsdp_compile", "strategy.compile_mode=model"], "compile_mode=block"),
+    ],
+)
+def test_bad_input_fails_clearly_without_a_row(tmp_path, args, message):
+    res = run_cli([*args, f"results_dir={tmp_path}"])
+    assert res.returncode != 0
+    assert message in res.stderr + res.stdout
+    assert not (tmp_path / "runs.jsonl").exists()
+
+
+def test_single_strategy_on_two_ranks_is_refused(tmp_path):
+    res = run_cli(["strategy=single", *FAST, f"results_dir={tmp_path}"], nproc=2)
+    assert res.returncode != 0 and "use strategy=ddp or strategy=fsdp" in res.stderr
+    assert not (tmp_path / "runs.jsonl").exists()
