@@ -58,6 +58,9 @@ class RunConfig:
     """Collective timeout: a hung collective fails the run after this many seconds."""
     tag: str = ""
     """Free text stored in the row (e.g. a sweep or experiment name)."""
+    profile_dir: str = ""
+    """If set: rank 0 records a torch.profiler trace of timed steps 2-4 into this folder (``<run_id>.json.gz``
+    and ``<run_id>.txt``, the top ops). Profiling slows those steps: don't compare a profiled row's speed."""
     debug_delay_s: float = 0.0
     """DEBUG (regression-gate tests): sleep this long inside every timed step."""
     debug_fail_step: int = -1

@@ -101,7 +101,7 @@ def main(raw: DictConfig) -> None:
 
     outcome, error = None, None
     try:
-        outcome = train(cfg, info, progress=lambda m: say(info, m))
+        outcome = train(cfg, info, progress=lambda m: say(info, m), run_id=run_id)
         status = outcome.status
         if status == "nan":
             error = "non-finite loss: " + ", ".join(f"{v}" for v in outcome.losses[-3:])

@@ -8,10 +8,14 @@ timed window the only host syncs are the ones the measurement needs: none per st
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -55,7 +59,47 @@ def _mean_over_ranks(values: list[torch.Tensor], dp_size: int) -> list[float]:
     return stacked.cpu().tolist()
 
 
-def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None = None) -> TrainOutcome:
+class _Profiler:
+    """torch.profiler over timed steps 2..4 of rank 0 (``profile_dir``); a no-op otherwise."""
+
+    def __init__(self, cfg: RunConfig, info: DistInfo, run_id: str):
+        self.prof = None
+        if not (cfg.profile_dir and info.is_main):
+            return
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        self.out = Path(cfg.profile_dir)
+        self.run_id = run_id
+        self.cuda = info.device.type == "cuda"
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        self.prof = profile(activities=acts, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+                            record_shapes=False, with_stack=False)
+
+    def start(self):
+        if self.prof:
+            self.prof.__enter__()
+
+    def step(self):
+        if self.prof:
+            self.prof.step()
+
+    def stop(self):
+        if not self.prof:
+            return
+        self.prof.__exit__(None, None, None)
+        self.out.mkdir(parents=True, exist_ok=True)
+        raw = self.out / f"{self.run_id}.json"
+        self.prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        raw.unlink()
+        key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+        with contextlib.suppress(Exception):
+            (self.out / f"{self.run_id}.txt").write_text(self.prof.key_averages().table(sort_by=key, row_limit=40))
+
+
+def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None = None,
+          run_id: str = "run") -> TrainOutcome:
     s, device = cfg.strategy, info.device
     try:
         s.validate_for(device.type, info.world_size)
@@ -65,7 +109,7 @@ def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None
     dp, ga = batch["dp_size"], batch["grad_accum"]
     dtype_name = s.compute_dtype_name(device.type)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = s.tf32
+        torch.set_float32_matmul_precision("high" if s.tf32 else "highest")  # high = TF32 matmuls
         torch.backends.cudnn.allow_tf32 = s.tf32
 
     # Peak FLOP/s first, on rank 0 alone (a probe must not compete with training), then shared.
@@ -81,6 +125,7 @@ def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None
     dp_rank = info.rank if dp > 1 else 0
     sampler = NvmlSampler(device.index if device.type == "cuda" else None)
     timer = metrics.StepTimer(device)
+    profiler = _Profiler(cfg, info, run_id)
 
     total = cfg.warmup + cfg.steps
     step_losses: list[torch.Tensor] = []
@@ -91,6 +136,7 @@ def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None
         if step == cfg.warmup:
             memory.reset_peak(device)
             sampler.start()
+            profiler.start()
         timer.start()
         step_loss = torch.zeros((), device=device)
         for micro in range(ga):
@@ -112,6 +158,8 @@ def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None
         if cfg.debug_delay_s and step >= cfg.warmup:
             time.sleep(cfg.debug_delay_s)  # DEBUG only: an injected, deliberate slowdown
         timer.stop()
+        if step >= cfg.warmup:
+            profiler.step()
         step_losses.append(step_loss)
         if cfg.debug_fail_step == step and cfg.debug_fail_rank in (-1, info.rank):
             raise InjectedFailure(f"injected failure at step {step} on rank {info.rank} (debug_fail_step)")
@@ -130,6 +178,7 @@ def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None
                          f"ETA {per_step * (total - step - 1):.0f}s")
                 wall_mark, steps_mark = now, step + 1
 
+    profiler.stop()
     nvml_stats = sampler.stop()
     durations = timer.durations_s()
     mine = {"times": durations[cfg.warmup:], "first": durations[0] if durations else None,

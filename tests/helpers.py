@@ -10,7 +10,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(args: list[str], nproc: int = 0, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], nproc: int = 0, timeout: int = 300,
+            env: dict | None = None) -> subprocess.CompletedProcess:
     """``python bench/run.py ARGS`` (nproc=0) or ``torchrun --standalone --nproc_per_node=N bench/run.py ARGS``."""
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

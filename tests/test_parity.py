@@ -79,8 +79,8 @@ def test_dp_strategies_match_single(ranks, reference, text_file):
 
 @pytest.mark.parametrize("strategy", [{"ac": "full"}, {"ac": "selective", "ac_every": 3}, {"ac": "op"}])
 def test_single_process_ac_matches_single(strategy, reference, text_file):
-    torch.testing.assert_close(torch.tensor(losses_of(run_cfg(strategy, 2, 2, data=text_file))), torch.tensor(reference),
-                               rtol=RTOL, atol=0)
+    got = losses_of(run_cfg(strategy, 2, 2, data=text_file))
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(reference), rtol=RTOL, atol=0)
 
 
 def test_llama_variant_ddp_matches_single(ranks):

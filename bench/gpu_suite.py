@@ -1,0 +1,128 @@
+"""The GPU validation suite: one declarative run matrix, one process (group) per entry.
+
+    bash bench/gpu_suite.sh OUT_DIR             # on a GPU machine (installs carried wheels if needed)
+    python bench/gpu_suite.py --out OUT_DIR     # the same, without the wheel step
+    python bench/gpu_suite.py --cpu --out DIR   # dry run on CPU: same matrix, model tiny, fp32-sized steps
+    python bench/gpu_suite.py --list            # print the commands only
+
+Each entry runs ``bench/run.py`` (under ``torchrun --standalone --nproc_per_node=1`` when the strategy
+is distributed), bounded by a per-entry timeout, so one failure never stops the suite; its row
+lands in ``OUT_DIR/results/`` either way. At the end: a markdown summary table, and one
+configuration's torch.profiler trace (``profile_dir``) in OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# gpt2 models pad the vocabulary to 50304 (a multiple of 64) as nanoGPT/llm.c do for speed.
+COMMON = ["seq_len=1024", "model.pad_vocab_to=64", "steps=20", "warmup=5", "log_every=10"]
+
+# (label, model, strategy preset, extra overrides, distributed?)
+MATRIX = [
+    ("small-bf16-compile", "gpt2-small", "bf16_compile", ["micro_batch=16"], False),
+    ("small-tf32", "gpt2-small", "single", ["micro_batch=16"], False),
+    ("small-bf16", "gpt2-small", "bf16", ["micro_batch=16"], False),
+    ("small-fsdp-bf16-compile", "gpt2-small", "fsdp_bf16_compile", ["micro_batch=16"], True),
+    ("small-ddp-bf16-compile", "gpt2-small", "ddp_bf16_compile", ["micro_batch=16"], True),
+    ("small-fsdp-ac-bf16", "gpt2-small", "fsdp_ac_bf16", ["micro_batch=16"], True),
+    ("small-bf16-compile-model", "gpt2-small", "bf16_compile", ["micro_batch=16", "strategy.compile_mode=model"],
+     False),
+    ("medium-fsdp-bf16-compile", "gpt2-medium", "fsdp_bf16_compile", ["micro_batch=8"], True),
+    ("large-fsdp-ac-bf16", "gpt2-large", "fsdp_ac_bf16", ["micro_batch=8"], True),
+]
+PROFILE = ("small-bf16-compile-profiled", "gpt2-small", "bf16_compile", ["micro_batch=16", "steps=6", "warmup=3"],
+           False)
+
+# CPU dry run: same entries, sized for a laptop core (fp32 stands in for bf16, which CPUs here lack).
+CPU_OVERRIDES = ["model=tiny", "model.n_layer=2", "seq_len=32", "micro_batch=1", "steps=2", "warmup=1",
+                 "strategy.amp=fp32", "device=cpu"]
+
+
+def command(entry, results: Path, cpu: bool, profile_dir: Path | None = None) -> list[str]:
+    label, model, strategy, extra, distributed = entry
+    args = [f"model={model}", f"strategy={strategy}", *COMMON, *extra, f"results_dir={results}",
+            f"tag=gpu_suite:{label}"]
+    if cpu:
+        args = [a for a in args if not a.startswith(("micro_batch=", "steps=", "warmup="))] + CPU_OVERRIDES
+    if profile_dir is not None:
+        args.append(f"profile_dir={profile_dir}")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if distributed \
+        else [sys.executable]
+    return [*launcher, str(ROOT / "bench" / "run.py"), *args]
+
+
+def summary_table(results: Path) -> str:
+    sys.path.insert(0, str(ROOT))
+    from reports import load
+
+    df = load(results)
+    lines = ["| device | model | strategy | entry | micro_batch | tokens/s | MFU | peak mem (GiB) | status |",
+             "|---|---|---|---|---:|---:|---:|---:|---|"]
+    for _, r in df.iterrows():
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] == r["mfu"] and r["mfu"] is not None else "-"
+        tps = f"{r['tokens_per_sec']:,.0f}" if r["tokens_per_sec"] == r["tokens_per_sec"] and r["tokens_per_sec"] \
+            else "-"
+        mem = f"{r['peak_mem_bytes'] / 2**30:.1f}" if r["peak_mem_bytes"] == r["peak_mem_bytes"] \
+            and r["peak_mem_bytes"] else "-"
+        entry = str(r["tag"]).removeprefix("gpu_suite:")
+        lines.append(f"| {r['device_name']} | {r['model']} | {r['strategy']} | {entry} | {r['micro_batch']} | "
+                     f"{tps} | {mfu} | {mem} | {r['status']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="gpu_suite_out", help="output folder (results/, summary.md, trace)")
+    ap.add_argument("--cpu", action="store_true", help="dry run on CPU with a tiny model")
+    ap.add_argument("--list", action="store_true", help="print the commands and exit")
+    ap.add_argument("--timeout", type=int, default=120, help="seconds per entry")
+    ap.add_argument("--budget", type=int, default=420, help="total seconds; later entries are skipped past it")
+    ap.add_argument("--only", default="", help="comma-separated labels to run (default: all)")
+    args = ap.parse_args(argv)
+    out = Path(args.out).resolve()
+    results = out / "results"
+    entries = [e for e in MATRIX if not args.only or e[0] in args.only.split(",")]
+    plan = [(e, command(e, results, args.cpu)) for e in entries]
+    if not args.only or PROFILE[0] in args.only.split(","):
+        # after the single-GPU strategies, before the larger models: the trace is a deliverable
+        plan.insert(min(6, len(plan)), (PROFILE, command(PROFILE, out / "profile", args.cpu, profile_dir=out)))
+    if args.list:
+        for _, cmd in plan:
+            print(shlex.join(cmd))
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    failures = 0
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for entry, cmd in plan:
+        left = args.budget - (time.perf_counter() - start)
+        if left < 30:
+            print(f"[suite] skip {entry[0]}: {left:.0f}s of the budget left", flush=True)
+            continue
+        print(f"[suite] {entry[0]}: {shlex.join(cmd)}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            rc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=min(args.timeout, left)).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        failures += rc != 0
+        print(f"[suite] {entry[0]}: rc={rc} in {time.perf_counter() - t0:.0f}s", flush=True)
+    if (results / "runs.jsonl").exists():
+        table = summary_table(results)
+        (out / "summary.md").write_text(table)
+        print(table)
+    print(f"[suite] done in {time.perf_counter() - start:.0f}s, {failures} failed", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
