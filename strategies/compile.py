@@ -6,14 +6,18 @@ and the model object stays the same for the strategies applied after it.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
 def apply_compile(model: nn.Module, mode: str = "block") -> nn.Module:
-    """Compile each block (``mode='block'``: repeated blocks share one compiled graph) or the whole model."""
+    """Compile each block (``mode='block'``: repeated blocks share one compiled graph) and the output
+    stage (``model.head_loss``: final norm, head, loss), or the whole model (``mode='model'``)."""
     if mode == "block":
         for block in model.blocks:
             block.compile()
+        if hasattr(model, "head_loss"):
+            model.head_loss = torch.compile(model.head_loss)  # instance attribute shadows the method
     elif mode == "model":
         model.compile()
     else:
