@@ -1,0 +1,104 @@
+"""Group result rows into comparable setups and summarise repeated runs.
+
+A **setup** is what must be equal for two strategies to be compared side by side:
+``SETUP_KEYS`` = model, device name, world size, sequence length, micro-batch, grad-accum.
+Rows from different setups are never averaged together.
+
+Per (setup, strategy), over the runs with status ``ok``:
+- every metric is the **median** over runs;
+- ``tokens_per_sec_lo`` / ``_hi``: with several runs, the min / max of the runs' tokens/s; with one
+  run, global_batch_tokens / step_time_p90_s and / step_time_p10_s (the step-to-step spread);
+- ``step_time_spread_pct`` = (p90 - p10) / median step time x 100, median over runs;
+- ``runs`` = ok runs / all runs. Failed runs are listed separately with their error.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+SETUP_KEYS = ["model", "device_name", "world_size", "seq_len", "micro_batch", "grad_accum"]
+GIB = 2**30
+
+# column -> (label, unit/format, which direction is better)
+COLUMNS = {
+    "tokens_per_sec": ("tokens/s", "{:,.0f}", "max"),
+    "tokens_per_sec_per_device": ("tokens/s/device", "{:,.0f}", "max"),
+    "mfu": ("MFU", "{:.1%}", "max"),
+    "hfu": ("HFU", "{:.1%}", "max"),
+    "peak_mem_gib": ("peak mem (GiB)", "{:.2f}", "min"),
+    "step_time_median_s": ("step (ms)", "ms", "min"),
+    "step_time_spread_pct": ("step spread p10-p90 (%)", "{:.1f}", "min"),
+    "loss": ("loss", "{:.4f}", None),
+}
+
+
+def _prepare(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.copy()
+    if "device_name" not in df.columns:
+        df["device_name"] = df["device"]
+    df["device_name"] = df["device_name"].fillna(df["device"])
+    for col in ("tokens_per_sec", "tokens_per_sec_per_device", "mfu", "hfu", "peak_mem_bytes", "loss",
+                "step_time_median_s", "step_time_p10_s", "step_time_p90_s", "global_batch_tokens"):
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    df["peak_mem_gib"] = df["peak_mem_bytes"] / GIB
+    df["step_time_spread_pct"] = (df["step_time_p90_s"] - df["step_time_p10_s"]) / df["step_time_median_s"] * 100
+    return df
+
+
+def setup_label(key: tuple) -> str:
+    model, device, ws, seq, mb, ga = key
+    return f"{model} on {ws}x {device}, seq {seq}, micro-batch {mb}, grad-accum {ga}"
+
+
+def summarise(df: pd.DataFrame) -> list[dict]:
+    """One entry per setup: ``{"key", "label", "table" (DataFrame indexed by strategy), "failed"}``."""
+    df = _prepare(df)
+    out = []
+    for key, group in df.groupby(SETUP_KEYS, sort=True, dropna=False):
+        rows = []
+        for strategy, runs in group.groupby("strategy", sort=False):
+            ok = runs[runs.status == "ok"]
+            rec = {"strategy": strategy, "runs": f"{len(ok)}/{len(runs)}", "n_ok": len(ok),
+                   "status": ",".join(sorted(set(runs.status)))}
+            for col in COLUMNS:
+                rec[col] = ok[col].median() if len(ok) else float("nan")
+            if len(ok) > 1:
+                rec["tokens_per_sec_lo"], rec["tokens_per_sec_hi"] = ok.tokens_per_sec.min(), ok.tokens_per_sec.max()
+            elif len(ok) == 1:  # one run: the step-to-step spread, p90 and p10 step times as throughput
+                r = ok.iloc[0]
+                lo = r.global_batch_tokens / r.step_time_p90_s if r.step_time_p90_s else r.tokens_per_sec
+                hi = r.global_batch_tokens / r.step_time_p10_s if r.step_time_p10_s else r.tokens_per_sec
+                rec["tokens_per_sec_lo"] = min(lo, r.tokens_per_sec)
+                rec["tokens_per_sec_hi"] = max(hi, r.tokens_per_sec)
+            else:
+                rec["tokens_per_sec_lo"] = rec["tokens_per_sec_hi"] = float("nan")
+            rec["run_ids"] = list(ok.run_id)
+            rec["source_files"] = list(ok.source_file) if "source_file" in ok else []
+            rows.append(rec)
+        table = pd.DataFrame(rows).set_index("strategy")
+        failed = group[group.status != "ok"][["strategy", "status", "error", "run_id"]].to_dict("records")
+        out.append({"key": key, "label": setup_label(key), "table": table, "failed": failed,
+                    "params": group["params"].dropna().iloc[0] if "params" in group and group["params"].notna().any()
+                    else None})
+    return out
+
+
+def best_strategies(table: pd.DataFrame) -> dict[str, str]:
+    """Column -> strategy holding the best value (max or min per COLUMNS), among runs that succeeded."""
+    best = {}
+    if len(table) < 2:  # nothing to compare against
+        return best
+    for col, (_, _, direction) in COLUMNS.items():
+        values = table[col].dropna()
+        if direction and len(values):
+            best[col] = values.idxmax() if direction == "max" else values.idxmin()
+    return best
+
+
+def format_value(col: str, value) -> str:
+    if value is None or value != value:
+        return "–"
+    fmt = COLUMNS[col][1]
+    if fmt == "ms":
+        return f"{value * 1e3:.1f}"
+    return fmt.format(value)

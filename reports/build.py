@@ -1,0 +1,197 @@
+"""Turn result rows into a report: figures, tables, ``index.html`` (self-contained), ``summary.md``.
+
+    python -m reports results/ --out report/          # see reports/__main__.py
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from reports import plots
+from reports.aggregate import COLUMNS, best_strategies, format_value, summarise
+from reports.load import ResultsError, load_steps
+
+
+@dataclass
+class Report:
+    figures: dict[str, Figure] = field(default_factory=dict)  # file stem -> figure
+    captions: dict[str, str] = field(default_factory=dict)
+    setups: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:80]
+
+
+def _steps_for(rec_row: pd.Series) -> pd.DataFrame | None:
+    """The per-step log of the first ok run behind an aggregated row (None if absent)."""
+    for run_id, src in zip(rec_row.run_ids, rec_row.source_files):
+        try:
+            return load_steps(Path(src).parent, run_id)
+        except ResultsError:
+            continue
+    return None
+
+
+def build(df: pd.DataFrame) -> Report:
+    """All figures and tables for the rows in ``df``."""
+    rep = Report(setups=summarise(df))
+    for setup in rep.setups:
+        table, label = setup["table"], setup["label"]
+        model, device, ws, seq, mb, ga = setup["key"]
+        stem = slug(f"{model}-{ws}x-{device}-s{seq}-mb{mb}-ga{ga}")
+        setup["stem"] = stem
+        ok = table[table.n_ok > 0]
+        if ok.empty:
+            rep.notes.append(f"{label}: no successful run, no plots")
+            continue
+        rep.figures[f"{stem}-throughput"] = plots.throughput_mfu(ok, label)
+        rep.captions[f"{stem}-throughput"] = f"Throughput and MFU per strategy — {label}"
+        rep.figures[f"{stem}-memory"] = plots.memory(ok, label)
+        rep.captions[f"{stem}-memory"] = f"Peak memory per strategy — {label}"
+        rep.figures[f"{stem}-tradeoff"] = plots.tradeoff(ok, label)
+        rep.captions[f"{stem}-tradeoff"] = f"Throughput vs memory — {label}"
+        steps = {name: _steps_for(r) for name, r in ok.iterrows()}
+        missing = [n for n, s in steps.items() if s is None]
+        if missing:
+            rep.notes.append(f"{label}: no per-step log for {', '.join(missing)}")
+        steps = {n: s for n, s in steps.items() if s is not None}
+        timed = {n: list(s[s.phase == "timed"].step_time_s.dropna()) for n, s in steps.items()}
+        timed = {n: t for n, t in timed.items() if t}
+        if timed:
+            rep.figures[f"{stem}-steptimes"] = plots.step_times(timed, label)
+            rep.captions[f"{stem}-steptimes"] = f"Step-time distribution — {label}"
+        if steps:
+            rep.figures[f"{stem}-loss"] = plots.loss_curves(steps, label)
+            rep.captions[f"{stem}-loss"] = f"Loss curves — {label}"
+    _scaling(rep)
+    return rep
+
+
+def _scaling(rep: Report) -> None:
+    rows = []
+    for s in rep.setups:
+        model, device, ws, seq, mb, ga = s["key"]
+        for strategy, r in s["table"][s["table"].n_ok > 0].iterrows():
+            rows.append({"model": model, "device_name": device, "world_size": ws, "seq_len": seq, "micro_batch": mb,
+                         "grad_accum": ga, "strategy": strategy, "tokens_per_sec": r.tokens_per_sec,
+                         "params": s["params"]})
+    pts = pd.DataFrame(rows)
+    if pts.empty:
+        return
+    for key, g in pts.groupby(["model", "device_name", "seq_len", "micro_batch", "grad_accum"]):
+        if g.world_size.nunique() > 1:
+            stem = slug(f"scaling-world-{key[0]}-{key[1]}-mb{key[3]}")
+            title = f"{key[0]} on {key[1]}, micro-batch {key[3]}: scaling with world size"
+            rep.figures[stem] = plots.scaling(g, "world_size", "world size (devices)", title, ideal=True)
+            rep.captions[stem] = title
+    for key, g in pts.dropna(subset=["params"]).groupby(["device_name", "world_size"]):
+        if g.model.nunique() > 1:
+            med = g.groupby(["model", "strategy"], as_index=False).agg(tokens_per_sec=("tokens_per_sec", "median"),
+                                                                      params=("params", "first"))
+            stem = slug(f"scaling-model-{key[0]}-{key[1]}")
+            title = f"{key[1]}x {key[0]}: scaling with model size (median over micro-batches)"
+            rep.figures[stem] = plots.scaling(med, "params", "parameters", title, ideal=False)
+            rep.captions[stem] = title
+
+
+def _table_rows(table: pd.DataFrame, best: dict) -> list[list[tuple[str, bool]]]:
+    rows = []
+    for name, r in table.iterrows():
+        cells = [(name, False), (r.runs, False)]
+        cells += [(format_value(c, r[c]), best.get(c) == name) for c in COLUMNS]
+        cells.append((r.status, False))
+        rows.append(cells)
+    return rows
+
+
+HEADER = ["strategy", "runs ok"] + [COLUMNS[c][0] for c in COLUMNS] + ["status"]
+
+
+def to_markdown(rep: Report, image_ext: str = "png") -> str:
+    out = ["# n00bGPT report", "", "Best value per column in **bold**. Medians over repeated runs; "
+           "definitions in bench/metrics.py and reports/aggregate.py.", ""]
+    for s in rep.setups:
+        out += [f"## {s['label']}", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+        for cells in _table_rows(s["table"], best_strategies(s["table"])):
+            out.append("| " + " | ".join(f"**{v}**" if b else str(v) for v, b in cells) + " |")
+        if s["failed"]:
+            out += ["", "Failed runs:", ""]
+            out += [f"- `{f['strategy']}` ({f['status']}, run {f['run_id']}): {f['error']}" for f in s["failed"]]
+        out.append("")
+        out += [f"![{rep.captions[k]}]({k}.{image_ext})" for k in rep.figures if k.startswith(s.get("stem", "\0"))]
+        out.append("")
+    scaling = [k for k in rep.figures if k.startswith("scaling-")]
+    if scaling:
+        out += ["## Scaling", ""] + [f"![{rep.captions[k]}]({k}.{image_ext})" for k in scaling] + [""]
+    if rep.notes:
+        out += ["## Notes", ""] + [f"- {n}" for n in rep.notes] + [""]
+    return "\n".join(out)
+
+
+def _png_b64(fig: Figure) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1300px}table{border-collapse:collapse;
+margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,
+th:first-child{text-align:left}td.best{font-weight:bold;background:#dff5df}td.better{color:#11772b;
+font-weight:bold}td.worse{color:#b3261e;font-weight:bold}img{max-width:100%;border:1px solid #eee}
+.failed{color:#b3261e}"""
+
+
+def to_html(rep: Report, title: str = "n00bGPT report") -> str:
+    esc = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{CSS}</style>"
+             f"</head><body><h1>{esc(title)}</h1><p>Best value per column highlighted. Medians over repeated runs."
+             "</p>"]
+    for s in rep.setups:
+        parts.append(f"<h2>{esc(s['label'])}</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in HEADER)
+                     + "</tr>")
+        for cells in _table_rows(s["table"], best_strategies(s["table"])):
+            parts.append("<tr>" + "".join(f"<td class='best'>{esc(str(v))}</td>" if b else f"<td>{esc(str(v))}</td>"
+                                          for v, b in cells) + "</tr>")
+        parts.append("</table>")
+        if s["failed"]:
+            parts.append("<p class='failed'>Failed runs:</p><ul class='failed'>" + "".join(
+                f"<li><code>{esc(f['strategy'])}</code> ({esc(str(f['status']))}, run {esc(str(f['run_id']))}): "
+                f"{esc(str(f['error']))}</li>" for f in s["failed"]) + "</ul>")
+        for k in [k for k in rep.figures if k.startswith(s.get("stem", "\0"))]:
+            parts.append(_figure_html(rep, k))
+    scaling = [k for k in rep.figures if k.startswith("scaling-")]
+    if scaling:
+        parts.append("<h2>Scaling</h2>" + "".join(_figure_html(rep, k) for k in scaling))
+    if rep.notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in rep.notes) + "</ul>")
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def _figure_html(rep: Report, key: str) -> str:
+    cap = html.escape(rep.captions[key])
+    return (f"<figure id='{key}'><img alt='{cap}' src='data:image/png;base64,{_png_b64(rep.figures[key])}'>"
+            f"<figcaption>{cap} (<a href='{key}.png'>PNG</a>, <a href='{key}.svg'>SVG</a>)</figcaption></figure>")
+
+
+def write(rep: Report, out_dir: str | Path, html_text: str | None = None, markdown: str | None = None) -> Path:
+    """Write every figure as PNG and SVG, then index.html and summary.md; returns the HTML path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stem, fig in rep.figures.items():
+        fig.savefig(out / f"{stem}.png", dpi=100)
+        fig.savefig(out / f"{stem}.svg")
+    (out / "summary.md").write_text(markdown if markdown is not None else to_markdown(rep))
+    index = out / "index.html"
+    index.write_text(html_text if html_text is not None else to_html(rep))
+    return index

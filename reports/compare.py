@@ -1,0 +1,86 @@
+"""Baseline vs candidate: the same setups and strategies side by side with % deltas.
+
+Rows are matched on SETUP_KEYS + strategy; each side is the median over its ok runs
+(reports/aggregate.py). ``delta_pct`` = (candidate - baseline) / baseline x 100; a delta is
+*better* or *worse* by the metric's direction (more tokens/s and MFU, less memory and step time).
+"""
+
+from __future__ import annotations
+
+import html
+
+import pandas as pd
+
+from reports import plots
+from reports.aggregate import COLUMNS, SETUP_KEYS, format_value, setup_label, summarise
+from reports.build import CSS, Report, to_markdown  # noqa: F401  (CSS shared)
+from reports.load import ResultsError
+
+METRICS = ["tokens_per_sec", "tokens_per_sec_per_device", "mfu", "peak_mem_gib", "step_time_median_s", "loss"]
+
+
+def _medians(df: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for s in summarise(df):
+        for strategy, r in s["table"].iterrows():
+            rows.append({"setup": setup_label(s["key"]), "strategy": strategy, "n_ok": r.n_ok, "status": r.status,
+                         **{m: r[m] for m in METRICS}})
+    return pd.DataFrame(rows)
+
+
+def compare(baseline: pd.DataFrame, candidate: pd.DataFrame) -> pd.DataFrame:
+    """One row per matched (setup, strategy): ``<metric>_baseline``, ``_candidate``, ``_delta_pct``, ``_verdict``."""
+    b, c = _medians(baseline), _medians(candidate)
+    merged = b.merge(c, on=["setup", "strategy"], suffixes=("_baseline", "_candidate"))
+    if merged.empty:
+        raise ResultsError("baseline and candidate share no setup (" + ", ".join(SETUP_KEYS) + ", strategy)")
+    for m in METRICS:
+        base, cand = merged[f"{m}_baseline"], merged[f"{m}_candidate"]
+        merged[f"{m}_delta_pct"] = (cand - base) / base * 100
+        direction = COLUMNS[m][2]
+        sign = 1 if direction == "max" else -1
+
+        def verdict(d, sign=sign, direction=direction):
+            if d != d or not direction:
+                return ""
+            return "better" if d * sign > 0 else ("worse" if d * sign < 0 else "same")
+
+        merged[f"{m}_verdict"] = merged[f"{m}_delta_pct"].map(verdict)
+    merged.index = merged.setup + " | " + merged.strategy
+    return merged
+
+
+def report(baseline: pd.DataFrame, candidate: pd.DataFrame) -> tuple[Report, str, str]:
+    """(figures, html, markdown) for a baseline/candidate comparison."""
+    cmp = compare(baseline, candidate)
+    rep = Report()
+    rep.figures["compare-tokens-per-sec"] = plots.comparison(cmp, "tokens_per_sec", "tokens/s (global)",
+                                                             "Throughput: baseline vs candidate")
+    rep.captions["compare-tokens-per-sec"] = "Throughput, baseline vs candidate (label: % delta)"
+    rep.figures["compare-peak-mem"] = plots.comparison(cmp, "peak_mem_gib", "peak memory per rank (GiB)",
+                                                       "Peak memory: baseline vs candidate")
+    rep.captions["compare-peak-mem"] = "Peak memory, baseline vs candidate (label: % delta)"
+    header = ["setup", "strategy"] + [f"{COLUMNS[m][0]} {k}" for m in METRICS for k in ("base", "cand", "Δ%")]
+    md = ["# n00bGPT: baseline vs candidate", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows_html = []
+    for _, r in cmp.iterrows():
+        cells_md, cells_html = [r.setup, r.strategy], [f"<td>{html.escape(r.setup)}</td>",
+                                                      f"<td>{html.escape(r.strategy)}</td>"]
+        for m in METRICS:
+            d, v = r[f"{m}_delta_pct"], r[f"{m}_verdict"]
+            dtxt = f"{d:+.1f}%" if d == d else "–"
+            cells_md += [format_value(m, r[f"{m}_baseline"]), format_value(m, r[f"{m}_candidate"]),
+                         f"{dtxt} {'▲' if v == 'better' else '▼' if v == 'worse' else ''}".strip()]
+            cells_html += [f"<td>{format_value(m, r[f'{m}_baseline'])}</td>",
+                           f"<td>{format_value(m, r[f'{m}_candidate'])}</td>", f"<td class='{v}'>{dtxt}</td>"]
+        md.append("| " + " | ".join(cells_md) + " |")
+        rows_html.append("<tr>" + "".join(cells_html) + "</tr>")
+    md += ["", "▲ better, ▼ worse (by each metric's direction).", ""]
+    md += [f"![{rep.captions[k]}]({k}.png)" for k in rep.figures]
+    from reports.build import _figure_html
+
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>baseline vs candidate</title><style>{CSS}"
+            "</style></head><body><h1>Baseline vs candidate</h1><p>Green: better, red: worse.</p><table><tr>"
+            + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" + "".join(rows_html) + "</table>"
+            + "".join(_figure_html(rep, k) for k in rep.figures) + "</body></html>")
+    return rep, page, "\n".join(md)

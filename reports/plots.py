@@ -1,0 +1,182 @@
+"""Matplotlib figures for the report. Each function returns a Figure (tests inspect it); none writes files.
+
+Strategies go on the y axis of horizontal bars, so 10+ long names never overlap; every axis says
+its unit; bars carry their value as a label.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure
+
+_MPL = tuple(int(x) for x in matplotlib.__version__.split(".")[:2])
+
+# Figures are built with the object API (no pyplot state): nothing is kept open between reports.
+
+
+def _wrap(title: str, width: int = 80) -> str:
+    return textwrap.fill(title, width)
+
+
+def _subplots(nrows=1, ncols=1, figsize=(8, 5), **kw):
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kw)
+
+
+def _height(n: int) -> float:
+    return max(2.8, 0.45 * n + 1.4)
+
+
+def throughput_mfu(table: pd.DataFrame, title: str) -> Figure:
+    """tokens/s (error bars: spread, see aggregate.py) and MFU per strategy, side by side."""
+    t = table.iloc[::-1]  # first strategy on top
+    names = list(t.index)
+    fig, (ax1, ax2) = _subplots(1, 2, figsize=(12, _height(len(t))), sharey=True)
+    tps = t.tokens_per_sec.fillna(0)
+    err = [(tps - t.tokens_per_sec_lo.fillna(tps)).clip(lower=0), (t.tokens_per_sec_hi.fillna(tps) - tps).clip(lower=0)]
+    bars = ax1.barh(names, tps, xerr=err, color="tab:blue", capsize=3)
+    ax1.bar_label(bars, labels=[f"{v:,.0f}" for v in tps], padding=4, fontsize=8)
+    ax1.set_xlabel("tokens/s (global), error bar = spread")
+    ax1.set_title("Throughput")
+    mfu = (t.mfu * 100).fillna(0)
+    bars = ax2.barh(names, mfu, color="tab:orange")
+    ax2.bar_label(bars, labels=[f"{v:.1f}%" if v else "n/a" for v in mfu], padding=4, fontsize=8)
+    ax2.set_xlabel("MFU (%)")
+    ax2.set_title("Model FLOPs utilisation")
+    for ax in (ax1, ax2):
+        ax.margins(x=0.25)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(_wrap(title, 120), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def memory(table: pd.DataFrame, title: str, predicted: pd.DataFrame | None = None) -> Figure:
+    """Measured peak memory per strategy (GiB); with ``predicted`` (columns = parts, GiB, indexed by
+    strategy) the predicted parts are stacked on a second bar beside each measured one."""
+    t = table.iloc[::-1]
+    names = list(t.index)
+    fig, ax = _subplots(figsize=(9, _height(len(t)) * (1.4 if predicted is not None else 1)))
+    if predicted is None:
+        bars = ax.barh(names, t.peak_mem_gib.fillna(0), color="tab:green", label="measured peak")
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in t.peak_mem_gib.fillna(0)], padding=4, fontsize=8)
+    else:
+        import numpy as np
+
+        y = np.arange(len(names))
+        bars = ax.barh(y + 0.2, t.peak_mem_gib.fillna(0), height=0.4, color="tab:green", label="measured peak")
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in t.peak_mem_gib.fillna(0)], padding=4, fontsize=8)
+        left = np.zeros(len(names))
+        pred = predicted.reindex(names).fillna(0)
+        for part in pred.columns:
+            ax.barh(y - 0.2, pred[part], height=0.4, left=left, label=f"predicted: {part}")
+            left += pred[part].to_numpy()
+        ax.set_yticks(y, names)
+    ax.set_xlabel("peak memory per rank (GiB)")
+    ax.set_title(_wrap(title), fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.margins(x=0.2)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def tradeoff(table: pd.DataFrame, title: str) -> Figure:
+    """One point per strategy: x = peak memory (GiB), y = tokens/s; up-and-left is better."""
+    fig, ax = _subplots(figsize=(8, 5.5))
+    t = table.dropna(subset=["peak_mem_gib", "tokens_per_sec"])
+    ax.scatter(t.peak_mem_gib, t.tokens_per_sec, s=40, color="tab:purple", zorder=3)
+    for i, (name, r) in enumerate(t.iterrows()):
+        ax.annotate(name, (r.peak_mem_gib, r.tokens_per_sec), textcoords="offset points",
+                    xytext=(6, 6 - 12 * (i % 2)), fontsize=8)
+    ax.set_xlabel("peak memory per rank (GiB)")
+    ax.set_ylabel("tokens/s (global)")
+    ax.set_title(_wrap(f"Throughput vs memory — {title}"), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.margins(0.2)
+    fig.tight_layout()
+    return fig
+
+
+def scaling(points: pd.DataFrame, x: str, xlabel: str, title: str, ideal: bool) -> Figure:
+    """tokens/s against ``x`` (world_size or params), one line per strategy; with ``ideal`` a dashed
+    linear-scaling line per strategy from its smallest x, and a second panel with scaling efficiency."""
+    ncols = 2 if ideal else 1
+    fig, axes = _subplots(1, ncols, figsize=(6 * ncols, 4.5), squeeze=False)
+    ax = axes[0][0]
+    for strategy, s in points.groupby("strategy"):
+        s = s.sort_values(x)
+        line, = ax.plot(s[x], s.tokens_per_sec, marker="o", label=strategy)
+        if ideal and len(s) > 1:
+            base = s.iloc[0]
+            ax.plot(s[x], base.tokens_per_sec * s[x] / base[x], ls="--", color=line.get_color(), alpha=0.5)
+            eff = s.tokens_per_sec / (base.tokens_per_sec * s[x] / base[x]) * 100
+            axes[0][1].plot(s[x], eff, marker="o", color=line.get_color(), label=strategy)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("tokens/s (global)")
+    ax.set_title(_wrap(title + (" (dashed: ideal linear)" if ideal else ""), 60), fontsize=10)
+    if x == "params":
+        ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if ideal:
+        axes[0][1].set_xlabel(xlabel)
+        axes[0][1].set_ylabel("scaling efficiency (% of ideal)")
+        axes[0][1].axhline(100, color="grey", lw=0.8)
+        axes[0][1].set_title("Scaling efficiency", fontsize=10)
+        axes[0][1].grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def step_times(per_strategy: dict[str, list[float]], title: str) -> Figure:
+    """Distribution of timed step times (ms) per strategy, as horizontal box plots."""
+    names = list(per_strategy)[::-1]
+    fig, ax = _subplots(figsize=(9, _height(len(names))))
+    data = [[t * 1e3 for t in per_strategy[n]] for n in names]
+    if _MPL >= (3, 10):
+        ax.boxplot(data, orientation="horizontal", tick_labels=names, whis=(0, 100))
+    else:  # older matplotlib spells it vert=False (and labels=)
+        ax.boxplot(data, vert=False, labels=names, whis=(0, 100))
+    ax.set_xlabel("step time (ms); box = quartiles, whiskers = min/max")
+    ax.set_title(_wrap(f"Step-time distribution — {title}"), fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def loss_curves(per_strategy: dict[str, pd.DataFrame], title: str) -> Figure:
+    """Training loss per step, one line per strategy on the same axes (parity is visible at a glance)."""
+    fig, ax = _subplots(figsize=(8, 5))
+    for name, steps in per_strategy.items():
+        ax.plot(steps.step, steps.loss, marker=".", label=name, alpha=0.8)
+    ax.set_xlabel("step (warm-up included)")
+    ax.set_ylabel("training loss")
+    ax.set_title(_wrap(f"Loss curves — {title}"), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def comparison(table: pd.DataFrame, metric: str, label: str, title: str) -> Figure:
+    """Baseline vs candidate bars per setup/strategy for ``metric`` (columns metric_baseline/_candidate)."""
+    t = table.iloc[::-1]
+    import numpy as np
+
+    y = np.arange(len(t))
+    fig, ax = _subplots(figsize=(10, _height(len(t))))
+    b = ax.barh(y + 0.2, t[f"{metric}_baseline"], height=0.4, label="baseline", color="tab:gray")
+    c = ax.barh(y - 0.2, t[f"{metric}_candidate"], height=0.4, label="candidate", color="tab:blue")
+    ax.bar_label(b, fmt="%.3g", fontsize=7, padding=3)
+    ax.bar_label(c, labels=[f"{d:+.1f}%" if d == d else "" for d in t[f"{metric}_delta_pct"]], fontsize=7, padding=3)
+    ax.set_yticks(y, list(t.index))
+    ax.set_xlabel(label)
+    ax.set_title(_wrap(title), fontsize=10)
+    ax.legend(fontsize=8)
+    ax.margins(x=0.25)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,198 @@
+"""Reports on synthetic and real result tables: numbers equal the data, figures hold the expected
+series and labels (inspected as objects), the HTML references every plot, bad input fails clearly."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+from bench.results import REQUIRED_COLUMNS, append_row, write_steps
+from reports import build, compare, load
+from reports.aggregate import summarise
+from tests.helpers import ROOT
+
+GIB = 2**30
+
+
+def row(run_id, strategy, ws, tps, mem_gib, mfu, status="ok", model="tiny", error=None, loss=2.0):
+    r = {c: None for c in REQUIRED_COLUMNS}
+    tps = tps or 1.0
+    r.update(run_id=run_id, model=model, strategy=strategy, world_size=ws, device="cpu", device_name="TestCPU",
+             seq_len=32, micro_batch=2, grad_accum=1, global_batch_tokens=64 * ws, steps=4, warmup=1,
+             tokens_per_sec=tps, tokens_per_sec_per_device=tps / ws, mfu=mfu, hfu=mfu,
+             peak_mem_bytes=int(mem_gib * GIB), loss=loss, status=status, error=error, params=1000,
+             step_time_median_s=64 * ws / tps, step_time_p10_s=0.9 * 64 * ws / tps, step_time_p90_s=1.2 * 64 * ws / tps)
+    if status != "ok":
+        for k in ("tokens_per_sec", "tokens_per_sec_per_device", "mfu", "hfu", "peak_mem_bytes", "loss"):
+            r[k] = None
+    return r
+
+
+@pytest.fixture
+def results(tmp_path):
+    """2 world sizes x 3 strategies x 2 repeats, plus one failed run; per-step logs for every ok run."""
+    d = tmp_path / "results"
+    base = {"ddp": 1000.0, "fsdp": 800.0, "fsdp+ac(full)": 600.0}
+    mem = {"ddp": 2.0, "fsdp": 1.5, "fsdp+ac(full)": 1.0}
+    for (s, ws, rep) in itertools.product(base, (1, 2), (0, 1)):
+        rid = f"{s}-{ws}-{rep}"
+        tps = base[s] * ws * (0.9 if ws == 2 else 1.0) * (1 + 0.02 * rep)
+        append_row(d, row(rid, s, ws, tps, mem[s] + 0.1 * rep, 0.1 * tps / 1000))
+        write_steps(d, rid, [{"step": i, "phase": "warmup" if i == 0 else "timed", "loss": 5.0 - i * 0.1,
+                              "step_time_s": None if i == 0 else 0.05 + 0.001 * i} for i in range(5)])
+    append_row(d, row("boom", "ddp", 2, 0, 0, 0, status="error", error="rank 1: RuntimeError: boom"))
+    return d
+
+
+def test_tables_hold_the_medians_of_the_data(results):
+    df = load(results)
+    setups = summarise(df)
+    assert [s["key"][2] for s in setups] == [1, 2]  # world sizes never mixed
+    for s in setups:
+        ws = s["key"][2]
+        raw = df[(df.world_size == ws) & (df.status == "ok")]
+        for strategy, r in s["table"].iterrows():
+            runs = raw[raw.strategy == strategy]
+            assert r.tokens_per_sec == pytest.approx(runs.tokens_per_sec.median())
+            assert r.peak_mem_gib == pytest.approx((runs.peak_mem_bytes / GIB).median())
+            assert r.tokens_per_sec_lo == pytest.approx(runs.tokens_per_sec.min())
+            assert r.tokens_per_sec_hi == pytest.approx(runs.tokens_per_sec.max())
+            assert sorted(r.run_ids) == sorted(runs.run_id)
+    failed = setups[1]["failed"]
+    assert failed == [{"strategy": "ddp", "status": "error", "error": "rank 1: RuntimeError: boom", "run_id": "boom"}]
+    assert setups[1]["table"].loc["ddp", "runs"] == "2/3"
+
+
+def test_figures_show_the_data(results):
+    rep = build.build(load(results))
+    setup = summarise(load(results))[0]
+    stem = "tiny-1x-testcpu-s32-mb2-ga1"
+    table = setup["table"]
+    ax_tps, ax_mfu = rep.figures[f"{stem}-throughput"].axes
+    widths = [p.get_width() for p in ax_tps.patches]
+    assert widths == pytest.approx(list(table.tokens_per_sec[::-1]))
+    assert [t.get_text() for t in ax_tps.get_yticklabels()] == list(table.index[::-1])
+    assert "tokens/s" in ax_tps.get_xlabel() and "MFU" in ax_mfu.get_xlabel()
+    assert [p.get_width() for p in ax_mfu.patches] == pytest.approx(list(table.mfu[::-1] * 100))
+    mem_ax = rep.figures[f"{stem}-memory"].axes[0]
+    assert [p.get_width() for p in mem_ax.patches] == pytest.approx(list(table.peak_mem_gib[::-1]))
+    assert "GiB" in mem_ax.get_xlabel()
+    tr_ax = rep.figures[f"{stem}-tradeoff"].axes[0]
+    pts = tr_ax.collections[0].get_offsets()
+    assert np.allclose(pts, table[["peak_mem_gib", "tokens_per_sec"]].to_numpy())
+    assert [t.get_text() for t in tr_ax.texts] == list(table.index)
+    loss_ax = rep.figures[f"{stem}-loss"].axes[0]
+    assert [ln.get_label() for ln in loss_ax.lines] == list(table.index)
+    assert list(loss_ax.lines[0].get_ydata()) == pytest.approx([5.0 - i * 0.1 for i in range(5)])
+    box_ax = rep.figures[f"{stem}-steptimes"].axes[0]
+    assert [t.get_text() for t in box_ax.get_yticklabels()] == list(table.index[::-1])
+    scaling = [k for k in rep.figures if k.startswith("scaling-world")]
+    assert len(scaling) == 1
+    sc_ax, eff_ax = rep.figures[scaling[0]].axes
+    solid = [ln for ln in sc_ax.lines if ln.get_linestyle() == "-"]
+    assert sorted(ln.get_label() for ln in solid) == sorted(table.index)
+    ddp = next(ln for ln in eff_ax.lines if ln.get_label() == "ddp")
+    assert list(ddp.get_ydata()) == pytest.approx([100.0, 90.0])  # 2 ranks at 0.9x ideal
+
+
+def test_many_strategies_do_not_overlap(tmp_path):
+    d = tmp_path / "r"
+    names = [f"fsdp+ac(selective/{k})+bf16+compile(model)" for k in range(12)]
+    for i, n in enumerate(names):
+        append_row(d, row(f"r{i}", n, 1, 100.0 + i, 1.0, 0.1))
+    rep = build.build(load(d))
+    fig = next(f for k, f in rep.figures.items() if k.endswith("-throughput"))
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in fig.axes[0].get_yticklabels()]
+    assert len(boxes) == 12
+    assert not any(a.overlaps(b) for a, b in itertools.combinations(boxes, 2))
+    assert all(b.x0 >= 0 for b in boxes)  # not cut off on the left
+
+
+def test_cli_writes_self_contained_html_png_svg_and_markdown(results, tmp_path):
+    out = tmp_path / "report"
+    res = subprocess.run([sys.executable, "-m", "reports", str(results), "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    page = (out / "index.html").read_text()
+    pngs = sorted(p.stem for p in out.glob("*.png"))
+    assert pngs and sorted(p.stem for p in out.glob("*.svg")) == pngs
+    for stem in pngs:
+        assert f"id='{stem}'" in page and f"href='{stem}.png'" in page
+    assert page.count("data:image/png;base64,") == len(pngs)
+    assert "rank 1: RuntimeError: boom" in page
+    md = (out / "summary.md").read_text()
+    assert "| ddp | 2/2 | **" in md  # ddp has the best tokens/s at world size 1 and is marked
+    assert all(f"({stem}.png)" in md for stem in pngs)
+
+
+def test_baseline_vs_candidate(results, tmp_path):
+    cand = tmp_path / "cand"
+    for r in load(results).to_dict("records"):
+        r = {k: v for k, v in r.items() if k != "source_file" and not (isinstance(v, float) and v != v)}
+        if r.get("status") == "ok" and r["strategy"] == "fsdp":
+            r["tokens_per_sec"] *= 0.9
+            r["peak_mem_bytes"] = int(r["peak_mem_bytes"] * 0.5)
+        append_row(cand, {c: r.get(c) for c in REQUIRED_COLUMNS} | r)
+    cmp = compare.compare(load(results), load(cand))
+    fsdp = cmp[cmp.strategy == "fsdp"].iloc[0]
+    assert fsdp.tokens_per_sec_delta_pct == pytest.approx(-10.0)
+    assert fsdp.tokens_per_sec_verdict == "worse" and fsdp.peak_mem_gib_verdict == "better"
+    assert cmp[cmp.strategy == "ddp"].iloc[0].tokens_per_sec_delta_pct == pytest.approx(0.0)
+    out = tmp_path / "cmpout"
+    res = subprocess.run([sys.executable, "-m", "reports", "--baseline", str(results), "--candidate", str(cand),
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    page = (out / "index.html").read_text()
+    assert "<td class='worse'>-10.0%</td>" in page and "<td class='better'>-50.0%</td>" in page
+    ax = [f for k, f in compare.report(load(results), load(cand))[0].figures.items() if "tokens" in k][0].axes[0]
+    assert [t.get_text() for t in ax.texts if t.get_text().startswith("-")].count("-10.0%") == 2
+
+
+def test_comparison_without_common_setups_is_an_error(results, tmp_path):
+    other = tmp_path / "other"
+    append_row(other, row("x", "ddp", 1, 10.0, 1.0, 0.1, model="mini"))
+    res = subprocess.run([sys.executable, "-m", "reports", "--baseline", str(results), "--candidate", str(other),
+                          "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and "share no setup" in res.stderr
+
+
+@pytest.mark.parametrize("problem", ["empty", "malformed", "missing-column"])
+def test_bad_input_is_a_clear_error(tmp_path, problem):
+    d = tmp_path / "bad"
+    d.mkdir()
+    if problem == "malformed":
+        (d / "runs.jsonl").write_text(json.dumps(row("a", "ddp", 1, 1.0, 1.0, 0.1)) + "\n{\"run_id\": \"b\", \"mo")
+        expect = "runs.jsonl:2: malformed JSON (truncated"
+    elif problem == "missing-column":
+        r = row("a", "ddp", 1, 1.0, 1.0, 0.1)
+        del r["peak_mem_bytes"]
+        (d / "runs.jsonl").write_text(json.dumps(r) + "\n")
+        expect = "missing required columns ['peak_mem_bytes']"
+    else:
+        expect = "holds no result tables"
+    res = subprocess.run([sys.executable, "-m", "reports", str(d), "--out", str(tmp_path / "o")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and expect in res.stderr and str(d) in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_real_gpu_results_report(tmp_path):
+    df = load(ROOT / "results" / "gpu")
+    rep = build.build(df)
+    covered = {rid for s in rep.setups for ids in s["table"].run_ids for rid in ids}
+    assert covered == set(df.run_id)  # every run appears
+    small = next(s for s in rep.setups if s["key"][0] == "gpt2-small" and s["key"][4] == 16)
+    assert small["table"].loc["single+bf16+compile(model)", "mfu"] == pytest.approx(
+        df[(df.strategy == "single+bf16+compile(model)") & (df.micro_batch == 16)].mfu.iloc[0])
+    assert any(k.startswith("scaling-model") for k in rep.figures)
+    assert isinstance(pd.DataFrame(), pd.DataFrame)
