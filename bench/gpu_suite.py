@@ -14,14 +14,16 @@ configuration's torch.profiler trace (``profile_dir``) in OUT_DIR.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import suite  # noqa: E402
+
+ROOT = suite.ROOT
 
 # gpt2 models pad the vocabulary to 50304 (a multiple of 64) as nanoGPT/llm.c do for speed.
 COMMON = ["seq_len=1024", "model.pad_vocab_to=64", "steps=20", "warmup=5", "log_every=10"]
@@ -51,15 +53,11 @@ CPU_OVERRIDES = ["model=tiny", "model.n_layer=2", "seq_len=32", "micro_batch=1",
 
 def command(entry, results: Path, cpu: bool, profile_dir: Path | None = None) -> list[str]:
     label, model, strategy, extra, distributed = entry
-    args = [f"model={model}", f"strategy={strategy}", *COMMON, *extra, f"results_dir={results}",
-            f"tag=gpu_suite:{label}"]
+    common = COMMON + list(extra)
     if cpu:
-        args = [a for a in args if not a.startswith(("micro_batch=", "steps=", "warmup="))] + CPU_OVERRIDES
-    if profile_dir is not None:
-        args.append(f"profile_dir={profile_dir}")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if distributed \
-        else [sys.executable]
-    return [*launcher, str(ROOT / "bench" / "run.py"), *args]
+        common = [a for a in common if not a.startswith(("micro_batch=", "steps=", "warmup="))] + CPU_OVERRIDES
+    more = [f"profile_dir={profile_dir}"] if profile_dir is not None else []
+    return suite.command((label, model, strategy, [], 1 if distributed else 0), results, common, "gpu_suite", more)
 
 
 def summary_table(results: Path) -> str:
@@ -102,27 +100,11 @@ def main(argv=None) -> int:
             print(shlex.join(cmd))
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    failures = 0
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for entry, cmd in plan:
-        left = args.budget - (time.perf_counter() - start)
-        if left < 30:
-            print(f"[suite] skip {entry[0]}: {left:.0f}s of the budget left", flush=True)
-            continue
-        print(f"[suite] {entry[0]}: {shlex.join(cmd)}", flush=True)
-        t0 = time.perf_counter()
-        try:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=min(args.timeout, left)).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-        failures += rc != 0
-        print(f"[suite] {entry[0]}: rc={rc} in {time.perf_counter() - t0:.0f}s", flush=True)
+    failures = suite.run_plan([(e[0], cmd) for e, cmd in plan], args.timeout, args.budget)
     if (results / "runs.jsonl").exists():
         table = summary_table(results)
         (out / "summary.md").write_text(table)
         print(table)
-    print(f"[suite] done in {time.perf_counter() - start:.0f}s, {failures} failed", flush=True)
     return 1 if failures else 0
 
 

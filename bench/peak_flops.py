@@ -10,7 +10,9 @@ no NVIDIA datasheet: the figures are those AWS quotes for G5 instances, marked a
 On a CPU or a GPU not in the table, ``probe_peak_flops`` times a square matmul in the run's
 dtype and takes the best of several repeats (the highest throughput this process can reach);
 the result is cached per machine/threads/dtype/torch version in ``$N00BGPT_CACHE_DIR`` (default
-``~/.cache/n00bgpt``). Never a silent fallback to another GPU's numbers.
+``~/.cache/n00bgpt``); ``N00BGPT_PEAK_CACHE=0`` probes in every run instead (the regression gate uses
+this so MFU is normalised by the machine's speed at that moment). Never a silent fallback to another
+GPU's numbers.
 """
 
 from __future__ import annotations
@@ -114,6 +116,8 @@ def get_peak_flops(device: torch.device, dtype: str, allow_probe: bool = True) -
             return hit
     if not allow_probe:
         return None, "none"
+    if os.environ.get("N00BGPT_PEAK_CACHE", "1") == "0":  # the CI gate: a peak measured in this very run
+        return probe_peak_flops(device, dtype), f"probe:measured matmul {dtype} (uncached)"
     key = _probe_key(device, dtype)
     path = _cache_path()
     try:

@@ -1,0 +1,116 @@
+"""The regression gate: exact verdicts on synthetic result sets, and a real injected regression
+through the CLI (a per-step delay) that fails while an unchanged rerun passes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from bench import regress
+from bench.results import REQUIRED_COLUMNS, append_row
+from tests.helpers import ROOT, run_cli
+
+
+def row(i, strategy="ddp", tps=1000.0, mfu=0.1, mem=10**9, loss=2.5, status="ok", host="h1", **kw):
+    r = {c: None for c in REQUIRED_COLUMNS}
+    r.update(run_id=f"r{i}", model="tiny", strategy=strategy, world_size=2, device="cpu", device_name="CPU",
+             dtype="fp32", seq_len=64, micro_batch=2, grad_accum=1, tokens_per_sec=tps, mfu=mfu, peak_mem_bytes=mem,
+             loss=loss, status=status, hostname=host, **kw)
+    return r
+
+
+def write(path, rows):
+    for r in rows:
+        append_row(path, r)
+    return path
+
+
+def verdicts(table):
+    return {(r.setup.split()[1], r.metric): r.verdict for r in table.itertuples()}
+
+
+def test_medians_and_thresholds(tmp_path):
+    th = regress.load_thresholds(None)
+    base = write(tmp_path / "b", [row(i, tps=t, mfu=t / 1e4) for i, t in enumerate([1000, 1010, 990])])
+    # one outlier run among three does not move the median
+    ok = write(tmp_path / "c", [row(10 + i, tps=t, mfu=t / 1e4) for i, t in enumerate([995, 1005, 500])])
+    v = verdicts(regress.gate(regress._load([base], "b"), regress._load([ok], "c"), th))
+    assert v[("ddp", "tokens_per_sec")] == "PASS" and v[("ddp", "mfu")] == "PASS"
+    slow = write(tmp_path / "s", [row(20 + i, tps=t, mfu=t / 1e4) for i, t in enumerate([880, 890, 870])])
+    table = regress.gate(regress._load([base], "b"), regress._load([slow], "s"), th)
+    v = verdicts(table)
+    assert v[("ddp", "tokens_per_sec")] == "FAIL" and v[("ddp", "mfu")] == "FAIL"
+    assert table[table.metric == "tokens_per_sec"].delta_pct.iloc[0] == pytest.approx(-12.0)
+
+
+def test_raw_throughput_is_only_compared_on_the_same_machine(tmp_path):
+    th = regress.load_thresholds(None)
+    base = write(tmp_path / "b", [row(0, tps=1000, mfu=0.1, host="h1")])
+    other = write(tmp_path / "c", [row(1, tps=500, mfu=0.1, host="h2")])
+    v = verdicts(regress.gate(regress._load([base], "b"), regress._load([other], "c"), th))
+    assert v[("ddp", "tokens_per_sec")] == "SKIP" and v[("ddp", "mfu")] == "PASS"
+
+
+def test_memory_loss_and_status(tmp_path):
+    th = regress.load_thresholds(None)
+    base = write(tmp_path / "b", [row(0), row(1, strategy="fsdp"), row(2, strategy="single")])
+    cand = write(tmp_path / "c", [row(3, mem=int(1.06e9)), row(4, strategy="fsdp", loss=2.5 * (1 + 2e-4)),
+                                  row(5, strategy="single", status="error")])
+    v = verdicts(regress.gate(regress._load([base], "b"), regress._load([cand], "c"), th))
+    assert v[("ddp", "peak_mem_bytes")] == "FAIL" and v[("ddp", "loss")] == "PASS"
+    assert v[("fsdp", "loss")] == "FAIL" and v[("fsdp", "peak_mem_bytes")] == "PASS"
+    assert v[("single", "status")] == "FAIL"
+
+
+def test_missing_setup_fails_and_nothing_in_common_is_unusable(tmp_path):
+    th = regress.load_thresholds(None)
+    base = write(tmp_path / "b", [row(0), row(1, strategy="fsdp")])
+    cand = write(tmp_path / "c", [row(2)])
+    v = verdicts(regress.gate(regress._load([base], "b"), regress._load([cand], "c"), th))
+    assert v[("fsdp", "status")] == "FAIL"
+    other = write(tmp_path / "o", [row(3, strategy="single")])
+    with pytest.raises(regress.GateInputError, match="no setup of the baseline"):
+        regress.gate(regress._load([base], "b"), regress._load([other], "o"), th)
+
+
+def test_cli_exit_codes(tmp_path):
+    base = write(tmp_path / "b", [row(0)])
+    slow = write(tmp_path / "s", [row(1, tps=500, mfu=0.05)])
+    cmd = [sys.executable, "-m", "bench.regress"]
+    same = subprocess.run([*cmd, "--baseline", str(base), "--candidate", str(base)], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert same.returncode == 0 and "all" in same.stdout and "verdict" in same.stdout
+    res = subprocess.run([*cmd, "--baseline", str(base), "--candidate", str(slow)], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert res.returncode == 1 and "FAIL" in res.stdout and "-50.00%" in res.stdout
+    missing = subprocess.run([*cmd, "--baseline", str(tmp_path / "nope"), "--candidate", str(base)], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "nope" in missing.stderr
+    bad = tmp_path / "t.yaml"
+    bad.write_text("mfu:\n  max_drop: 5\n")
+    res = subprocess.run([*cmd, "--baseline", str(base), "--candidate", str(base), "--thresholds", str(bad)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and "unknown keys ['max_drop']" in res.stderr
+
+
+def test_injected_slowdown_is_caught_and_unchanged_rerun_passes(tmp_path):
+    """Real runs: tiny single-process, 3 repeats per side; the candidate sleeps 50% of a step per step."""
+    args = ["model=tiny", "seq_len=64", "micro_batch=2", "steps=15", "warmup=3", "log_every=0", "device=cpu"]
+    env = {"N00BGPT_PEAK_CACHE": "0"}
+    for i in range(3):
+        for side, extra in (("base", []), ("same", []), ("slow", ["debug_delay_s=0.5"])):
+            if side == "slow":
+                import json
+
+                step = json.loads((tmp_path / "base" / "runs.jsonl").read_text().splitlines()[0])["step_time_median_s"]
+                extra = [f"debug_delay_s={0.5 * step:.5f}"]
+            res = run_cli([*args, *extra, f"results_dir={tmp_path / side}"], env=env)
+            assert res.returncode == 0, res.stderr[-2000:]
+    cmd = [sys.executable, "-m", "bench.regress", "--baseline", str(tmp_path / "base")]
+    same = subprocess.run([*cmd, "--candidate", str(tmp_path / "same")], cwd=ROOT, capture_output=True, text=True)
+    slow = subprocess.run([*cmd, "--candidate", str(tmp_path / "slow")], cwd=ROOT, capture_output=True, text=True)
+    assert slow.returncode == 1, slow.stdout
+    assert any("mfu" in ln and "FAIL" in ln for ln in slow.stdout.splitlines())
+    assert same.returncode == 0, same.stdout
