@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 NPROC ?= 2
 ARGS ?=
 
-.PHONY: setup bench test lint report clean
+.PHONY: setup bench test lint report gate clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,9 @@ lint: setup
 
 report: setup
 	$(PY) -m reports results --out reports_out
+
+gate: setup
+	$(PY) bench/ci_suite.py --out ci_out --gate
 
 clean:
 	rm -rf $(VENV) .pytest_cache reports_out

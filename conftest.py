@@ -39,6 +39,9 @@ def _worker(rank: int, world_size: int, tmp: str, fn, args) -> None:
     finally:
         dist.destroy_process_group()
     out.write_bytes(pickle.dumps(result))
+    # Skip interpreter teardown: gloo's worker threads can abort the process during finalization
+    # ("terminate called without an active exception"), after the result is already safe on disk.
+    os._exit(0)
 
 
 def run_ranks(fn, world_size: int, tmp_path: Path, *args) -> list:

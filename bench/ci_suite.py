@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gate", action="store_true", help=f"gate the results against {BASELINE}")
     ap.add_argument("--update-baseline", action="store_true", help=f"replace {BASELINE} with these results")
+    ap.add_argument("--thresholds", default=str(suite.ROOT / "bench" / "thresholds_ci.yaml"),
+                    help="thresholds for --gate (default bench/thresholds_ci.yaml)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--budget", type=int, default=900)
     ap.add_argument("--extra", nargs="*", default=[], help="overrides added to every entry (e.g. debug_delay_s=0.01)")
@@ -66,7 +68,8 @@ def main(argv=None) -> int:
         shutil.copytree(results, BASELINE, ignore=shutil.ignore_patterns(".claims"))
         print(f"ci_suite: baseline replaced: {BASELINE}")
     if args.gate:
-        return regress.main(["--baseline", str(BASELINE), "--candidate", str(results)])
+        return regress.main(["--baseline", str(BASELINE), "--candidate", str(results), "--thresholds",
+                             args.thresholds])
     return 1 if failed else 0
 
 

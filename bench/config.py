@@ -7,7 +7,7 @@ turns the result into these dataclasses so every check runs before anything star
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -61,6 +61,14 @@ class RunConfig:
     profile_dir: str = ""
     """If set: rank 0 records a torch.profiler trace of timed steps 2-4 into this folder (``<run_id>.json.gz``
     and ``<run_id>.txt``, the top ops). Profiling slows those steps: don't compare a profiled row's speed."""
+    measure_comm: bool = True
+    """After the timed window, run one extra step observing every collective (bench/comm.py) to record
+    comm_bytes_per_step (data-parallel runs only; never timed)."""
+    run_id: str = ""
+    """Row identifier; empty = generated (timestamp + random). Launchers (bench/sweep.py) set it to find the row."""
+    debug_hang_step: int = -1
+    """DEBUG (fault tests): at this step, rank ``debug_fail_rank`` sleeps forever, so the others hang in a
+    collective until ``timeout_s``."""
     debug_delay_s: float = 0.0
     """DEBUG (regression-gate tests): sleep this long inside every timed step."""
     debug_fail_step: int = -1
@@ -100,10 +108,46 @@ class RunConfig:
         return self.global_batch // per_step
 
 
+@dataclass
+class SweepSettings:
+    """How bench/sweep.py launches each job of a sweep (everything else is the RunConfig)."""
+
+    nproc_per_node: int = 2
+    """Processes per node for each job's torchrun; 0 = one plain `python bench/run.py` process.
+    (slurm with gpus_per_node > 0: one process per GPU.)"""
+    nnodes: int = 1
+    """Nodes per job (local launcher: must be 1; slurm: the job's --nodes)."""
+    launcher: str = "local"
+    """'local' (torchrun here, one job after another) or 'slurm' (an sbatch script per job)."""
+    timeout_s: int = 3600
+    """Local launcher: a job running longer is killed and recorded with status 'timeout'."""
+    gpus_per_node: int = 0
+    """slurm: --gpus-per-node (0 for CPU nodes)."""
+    partition: str = ""
+    """slurm: --partition."""
+    account: str = ""
+    """slurm: --account."""
+    time: str = "01:00:00"
+    """slurm: --time."""
+    submit: bool = False
+    """slurm: submit with sbatch; false = write the scripts only (a dry run)."""
+
+
+@dataclass
+class SweepConfig(RunConfig):
+    """A RunConfig plus how to launch it; bench/sweep.py's schema."""
+
+    sweep: SweepSettings = field(default_factory=SweepSettings)
+
+    def __post_init__(self) -> None:  # the jobs validate themselves (bench/run.py); a sweep only launches
+        pass
+
+
 def register_configs() -> None:
     """Register the schema and the model presets with Hydra's ConfigStore."""
     cs = ConfigStore.instance()
     cs.store(name="base_run", node=RunConfig)
+    cs.store(name="base_sweep", node=SweepConfig)
     for name, cfg in PRESETS.items():
         cs.store(group="model", name=name, node=cfg)
     cs.store(group="strategy", name="base_strategy", node=StrategyConfig)

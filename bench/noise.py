@@ -46,8 +46,8 @@ def groups(df: pd.DataFrame, size: int) -> list[pd.DataFrame]:
     return [df[(df.rank_in_entry >= g * size) & (df.rank_in_entry < (g + 1) * size)] for g in range(n)]
 
 
-def analyse(out: Path, size: int = 3) -> str:
-    thresholds = regress.load_thresholds(None)
+def analyse(out: Path, size: int = 3, thresholds_path: str | None = None) -> str:
+    thresholds = regress.load_thresholds(thresholds_path)
     same = load(out / "unchanged")
     slow = load(out / "slowed")
     lines = ["# Regression-gate noise on this machine", ""]
@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--out", default="noise_out")
-    ap.add_argument("--analyse-only", action="store_true")
+    ap.add_argument("--analyse-only", action="store_true", help="re-analyse the runs already in --out")
+    ap.add_argument("--thresholds", help="thresholds YAML to evaluate (default bench/thresholds.yaml)")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     if not args.analyse_only:
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
             run_round(out, delays)
             if r + 1 < args.rounds:
                 run_round(out, None)
-    text = analyse(out)
+    text = analyse(out, thresholds_path=args.thresholds)
     (out / "noise.md").write_text(text)
     print(text)
     return 0

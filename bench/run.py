@@ -5,7 +5,7 @@
     python bench/run.py model=tiny steps=10                                         # one process
     python bench/run.py --help                                                      # groups and options
 
-Exit codes: 0 ok; 1 the run failed (error, oom, nan: a row with that status is written);
+Exit codes: 0 ok; 1 the run failed (error, oom, nan, timeout: a row with that status is written);
 2 invalid configuration (nothing is run, no row is written).
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import sys
 import traceback
 import uuid
@@ -85,6 +86,19 @@ def build_row(cfg: RunConfig, raw: DictConfig, info: DistInfo, run_id: str, stat
     return row
 
 
+class Terminated(BaseException):
+    """SIGTERM received (torchrun stopping the survivors of a failed rank, or a scheduler)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated("terminated by SIGTERM (another rank failed, or the job was cancelled)")
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__}: {exc}".lower()
+    return "timed out" in text or "timeout" in text
+
+
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(raw: DictConfig) -> None:
     try:
@@ -94,8 +108,11 @@ def main(raw: DictConfig) -> None:
         print(f"[n00bGPT] error: invalid configuration: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
     preset = HydraConfig.get().runtime.choices.get("strategy")
-    run_id = broadcast_object(
+    run_id = cfg.run_id or broadcast_object(
         f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}" if info.is_main else None, info)
+    # torchrun answers a dead rank by SIGTERM-ing the others: turn that into an exception so a
+    # surviving rank still writes the run's (single, claimed) error row before it exits.
+    signal.signal(signal.SIGTERM, _raise_terminated)
     say(info, f"run {run_id}: model={cfg.model.name} strategy={cfg.strategy.canonical_name} "
               f"world_size={info.world_size} device={info.device.type} steps={cfg.steps}+{cfg.warmup} warm-up")
 
@@ -110,9 +127,9 @@ def main(raw: DictConfig) -> None:
         sys.exit(2)
     except torch.OutOfMemoryError as exc:
         status, error = "oom", f"rank {info.rank}: {exc}".strip()[:2000]
-    except Exception as exc:  # any rank's crash still leaves a row
-        status = "error"
+    except (Exception, Terminated) as exc:  # any rank's crash still leaves a row
         error = f"rank {info.rank}: {type(exc).__name__}: {exc}"[:2000]
+        status = "timeout" if _is_timeout(exc) else "error"
         traceback.print_exc()
 
     row = build_row(cfg, raw, info, run_id, status, error, outcome, preset)
@@ -135,9 +152,12 @@ def main(raw: DictConfig) -> None:
             say(None, f"FAILED ({status}): {error} -> row in {path}")
     if collective and dist.is_initialized():
         dist.destroy_process_group()
-    if status != "ok":
-        sys.stdout.flush()
-        os._exit(1)  # skip interpreter teardown: other ranks may be stuck in a collective
+    # Leave without interpreter teardown: after a failure other ranks may be stuck in a collective, and
+    # even after success gloo's worker threads can abort the process during finalization ("terminate
+    # called without an active exception"), which would turn a finished run into a failed exit code.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if status == "ok" else 1)
 
 
 if __name__ == "__main__":

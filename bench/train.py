@@ -21,7 +21,9 @@ import torch
 import torch.distributed as dist
 
 from bench import memory, metrics
+from bench.comm import CommCounter
 from bench.config import ConfigError, RunConfig
+from bench.costmodel import predict_comm, predict_memory
 from bench.data import build_data
 from bench.dist import DistInfo, broadcast_object, gather_objects
 from bench.nvml import NvmlSampler, combine_nvml
@@ -115,6 +117,12 @@ def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None
     # Peak FLOP/s first, on rank 0 alone (a probe must not compete with training), then shared.
     peak, peak_source = broadcast_object(get_peak_flops(device, dtype_name) if info.is_main else None, info)
 
+    # What the process holds before the model exists (CPU: interpreter + libraries; CUDA: ~0):
+    # the predicted peak is compared with peak_mem_bytes - mem_baseline_bytes.
+    mem_baseline = (torch.cuda.memory_allocated(device) if device.type == "cuda" else memory.current_rss_bytes())
+    pred_mem = predict_memory(cfg.model, s, info.world_size, cfg.micro_batch, cfg.seq_len)
+    pred_comm = predict_comm(cfg.model, s, dp, ga)
+
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, "meta")
     n_params = count_params(model)
@@ -131,17 +139,8 @@ def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None
     timer = metrics.StepTimer(device)
     profiler = _Profiler(cfg, info, run_id)
 
-    total = cfg.warmup + cfg.steps
-    step_losses: list[torch.Tensor] = []
-    losses: list[float] = []
-    status = "ok"
-    wall_mark, steps_mark = time.perf_counter(), 0
-    for step in range(total):
-        if step == cfg.warmup:
-            memory.reset_peak(device)
-            sampler.start()
-            profiler.start()
-        timer.start()
+    def run_step(step: int) -> torch.Tensor:
+        """One optimizer step over ``ga`` micro-batches; returns the step's mean loss (on the device)."""
         step_loss = torch.zeros((), device=device)
         for micro in range(ga):
             x, y = data.batch(step, dp_rank * ga + micro)
@@ -159,6 +158,20 @@ def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)
+        return step_loss
+
+    total = cfg.warmup + cfg.steps
+    step_losses: list[torch.Tensor] = []
+    losses: list[float] = []
+    status = "ok"
+    wall_mark, steps_mark = time.perf_counter(), 0
+    for step in range(total):
+        if step == cfg.warmup:
+            memory.reset_peak(device)
+            sampler.start()
+            profiler.start()
+        timer.start()
+        step_loss = run_step(step)
         if cfg.debug_delay_s and step >= cfg.warmup:
             time.sleep(cfg.debug_delay_s)  # DEBUG only: an injected, deliberate slowdown
         timer.stop()
@@ -167,6 +180,9 @@ def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None
         step_losses.append(step_loss)
         if cfg.debug_fail_step == step and cfg.debug_fail_rank in (-1, info.rank):
             raise InjectedFailure(f"injected failure at step {step} on rank {info.rank} (debug_fail_step)")
+        if cfg.debug_hang_step == step and cfg.debug_fail_rank in (-1, info.rank):
+            while True:  # DEBUG only: a rank that stops answering
+                time.sleep(1)
         if (cfg.log_every and (step + 1) % cfg.log_every == 0) or step == total - 1:
             new = _mean_over_ranks(step_losses[len(losses):], dp)
             losses.extend(new)
@@ -186,7 +202,12 @@ def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None
     nvml_stats = sampler.stop()
     durations = timer.durations_s()
     mine = {"times": durations[cfg.warmup:], "first": durations[0] if durations else None,
-            "peak": memory.read_peak(device), "nvml": nvml_stats}
+            "peak": memory.read_peak(device), "nvml": nvml_stats, "baseline": mem_baseline}
+    if status == "ok" and cfg.measure_comm and dp > 1:
+        counter = CommCounter()  # one extra, untimed step: a dispatch mode slows every op
+        with counter:
+            run_step(total)
+        mine["comm"] = counter.summary()
     ranks = gather_objects(mine, info)
     times = metrics.combine_step_times([r["times"] for r in ranks]) if mine["times"] else []
     out = {
@@ -212,4 +233,13 @@ def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None
                                                out["tokens_per_sec_per_device"], peak)
         out.update(combine_nvml([r["nvml"] for r in ranks], len(times) * batch["global_batch_tokens"]))
     out["loss"] = losses[-1] if losses else None
+    out["mem_baseline_bytes"] = max(r["baseline"] or 0 for r in ranks)
+    out["pred_peak_mem_bytes"] = pred_mem["total"]
+    out["pred_mem_breakdown"] = {k: v for k, v in pred_mem.items() if k != "total"}
+    out["pred_comm_bytes_per_step"] = pred_comm["total"]
+    out["pred_comm_breakdown"] = {k: v for k, v in pred_comm.items() if k != "total"}
+    comms = [r.get("comm") for r in ranks if r.get("comm")]
+    out["comm_bytes_per_step"] = max(c["total"] for c in comms) if comms else (0 if dp == 1 else None)
+    out["comm_breakdown"] = comms[0]["bytes"] if comms else {}
+    out["comm_calls_per_step"] = comms[0]["calls"] if comms else {}
     return TrainOutcome(status=status, metrics=out, losses=losses, step_times_s=times)

@@ -72,6 +72,7 @@ def summarise(df: pd.DataFrame) -> list[dict]:
                 rec["tokens_per_sec_hi"] = max(hi, r.tokens_per_sec)
             else:
                 rec["tokens_per_sec_lo"] = rec["tokens_per_sec_hi"] = float("nan")
+            rec["pred_parts_gib"] = _pred_parts(ok)
             rec["run_ids"] = list(ok.run_id)
             rec["source_files"] = list(ok.source_file) if "source_file" in ok else []
             rows.append(rec)
@@ -80,6 +81,20 @@ def summarise(df: pd.DataFrame) -> list[dict]:
         out.append({"key": key, "label": setup_label(key), "table": table, "failed": failed,
                     "params": group["params"].dropna().iloc[0] if "params" in group and group["params"].notna().any()
                     else None})
+    return out
+
+
+def _pred_parts(ok: pd.DataFrame) -> dict[str, float]:
+    """Median predicted memory parts (GiB) over runs, plus the measured process baseline (CPU: the
+    interpreter and libraries, which the prediction does not model), or {} for rows without them."""
+    if "pred_mem_breakdown" not in ok or not ok["pred_mem_breakdown"].map(lambda v: isinstance(v, dict)).any():
+        return {}
+    parts = pd.DataFrame([v for v in ok["pred_mem_breakdown"] if isinstance(v, dict)]).median() / GIB
+    out = {k: float(v) for k, v in parts.items() if v > 0}
+    if "mem_baseline_bytes" in ok and ok["mem_baseline_bytes"].notna().any():
+        base = float(pd.to_numeric(ok["mem_baseline_bytes"], errors="coerce").median()) / GIB
+        if base > 0:
+            out = {"process baseline": base, **out}
     return out
 
 

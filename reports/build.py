@@ -56,8 +56,11 @@ def build(df: pd.DataFrame) -> Report:
             continue
         rep.figures[f"{stem}-throughput"] = plots.throughput_mfu(ok, label)
         rep.captions[f"{stem}-throughput"] = f"Throughput and MFU per strategy — {label}"
-        rep.figures[f"{stem}-memory"] = plots.memory(ok, label)
-        rep.captions[f"{stem}-memory"] = f"Peak memory per strategy — {label}"
+        pred = pd.DataFrame({name: r.pred_parts_gib for name, r in ok.iterrows()}).T \
+            if any(r.pred_parts_gib for _, r in ok.iterrows()) else None
+        rep.figures[f"{stem}-memory"] = plots.memory(ok, label, predicted=pred)
+        beside = " beside the predicted parts (bench/costmodel.py)" if pred is not None else ""
+        rep.captions[f"{stem}-memory"] = f"Peak memory per strategy, measured{beside} — {label}"
         rep.figures[f"{stem}-tradeoff"] = plots.tradeoff(ok, label)
         rep.captions[f"{stem}-tradeoff"] = f"Throughput vs memory — {label}"
         steps = {name: _steps_for(r) for name, r in ok.iterrows()}

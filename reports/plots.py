@@ -59,7 +59,8 @@ def memory(table: pd.DataFrame, title: str, predicted: pd.DataFrame | None = Non
     strategy) the predicted parts are stacked on a second bar beside each measured one."""
     t = table.iloc[::-1]
     names = list(t.index)
-    fig, ax = _subplots(figsize=(9, _height(len(t)) * (1.4 if predicted is not None else 1)))
+    fig, ax = _subplots(figsize=(9 if predicted is None else 12, _height(len(t)) * (1.4 if predicted is not None
+                                                                                    else 1)))
     if predicted is None:
         bars = ax.barh(names, t.peak_mem_gib.fillna(0), color="tab:green", label="measured peak")
         ax.bar_label(bars, labels=[f"{v:.2f}" for v in t.peak_mem_gib.fillna(0)], padding=4, fontsize=8)
@@ -67,17 +68,24 @@ def memory(table: pd.DataFrame, title: str, predicted: pd.DataFrame | None = Non
         import numpy as np
 
         y = np.arange(len(names))
-        bars = ax.barh(y + 0.2, t.peak_mem_gib.fillna(0), height=0.4, color="tab:green", label="measured peak")
+        bars = ax.barh(y + 0.2, t.peak_mem_gib.fillna(0), height=0.4, color="0.3", label="measured peak")
         ax.bar_label(bars, labels=[f"{v:.2f}" for v in t.peak_mem_gib.fillna(0)], padding=4, fontsize=8)
         left = np.zeros(len(names))
         pred = predicted.reindex(names).fillna(0)
-        for part in pred.columns:
-            ax.barh(y - 0.2, pred[part], height=0.4, left=left, label=f"predicted: {part}")
+        colors = ["#c7c7c7", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
+                  "tab:pink", "tab:olive", "tab:cyan"]
+        for i, part in enumerate(pred.columns):
+            label = "measured: process before the model" if part == "process baseline" else f"predicted: {part}"
+            ax.barh(y - 0.2, pred[part], height=0.4, left=left, label=label, color=colors[i % len(colors)])
             left += pred[part].to_numpy()
+        ax.bar_label(ax.containers[-1], labels=[f"{v:.2f}" for v in left], padding=4, fontsize=8)
         ax.set_yticks(y, names)
     ax.set_xlabel("peak memory per rank (GiB)")
     ax.set_title(_wrap(title), fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    if predicted is None:
+        ax.legend(fontsize=8, loc="lower right")
+    else:  # many parts: legend beside the axes, never over the bars
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.margins(x=0.2)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()

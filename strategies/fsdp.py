@@ -28,7 +28,9 @@ def apply_fsdp(model: nn.Module, device_type: str, reshard_after_forward: bool =
     mp = get_mp_policy(amp)
     for block in model.blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    # The root (embeddings, final norm, head) stays unsharded from forward to backward: backward starts
+    # with the head, so resharding it would only buy a second all-gather of the largest matrix.
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
     if dist.get_backend() == "gloo":
         _use_sum_then_divide(model)
     return model

@@ -196,3 +196,23 @@ def test_real_gpu_results_report(tmp_path):
         df[(df.strategy == "single+bf16+compile(model)") & (df.micro_batch == 16)].mfu.iloc[0])
     assert any(k.startswith("scaling-model") for k in rep.figures)
     assert isinstance(pd.DataFrame(), pd.DataFrame)
+
+
+def test_memory_plot_stacks_predicted_parts_beside_measured(tmp_path):
+    d = tmp_path / "r"
+    parts = {"params": 1 * GIB, "optimizer": 2 * GIB, "activations": 3 * GIB}
+    for i, s in enumerate(["ddp", "fsdp"]):
+        r = row(f"m{i}", s, 1, 100.0, 7.5 + i, 0.1)
+        r.update(pred_mem_breakdown={k: v * (1 + i) for k, v in parts.items()}, mem_baseline_bytes=GIB // 2)
+        append_row(d, r)
+    rep = build.build(load(d))
+    ax = next(f for k, f in rep.figures.items() if k.endswith("-memory")).axes[0]
+    measured = [c for c in ax.containers if c.get_label() == "measured peak"][0]
+    assert [p.get_width() for p in measured] == pytest.approx([8.5, 7.5])  # y order: fsdp (bottom), ddp (top)
+    stacked = [c for c in ax.containers if c.get_label() != "measured peak"]
+    labels = [c.get_label() for c in stacked]
+    assert labels == ["measured: process before the model", "predicted: params", "predicted: optimizer",
+                      "predicted: activations"]
+    ends = [c.patches[-1].get_x() + c.patches[-1].get_width() for c in stacked]  # ddp row (bottom)
+    assert ends[-1] == pytest.approx(0.5 + 6.0)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["fsdp", "ddp"]

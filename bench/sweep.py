@@ -1,0 +1,160 @@
+"""Sweeps: a Hydra multirun in which every job is launched as its own torchrun process group.
+
+    python bench/sweep.py -m strategy=ddp,fsdp model=tiny,mini                 # 4 jobs, 2 processes each
+    python bench/sweep.py -m strategy=single,compile model=tiny sweep.nproc_per_node=0
+    python bench/sweep.py -m strategy=fsdp,fsdp_ac model=gpt2-large,gpt2-xl \\
+        sweep.launcher=slurm sweep.nnodes=4 sweep.gpus_per_node=8 sweep.partition=gpu sweep.submit=true
+
+Hydra expands the grid (its BasicLauncher runs jobs one after another in this process, which never
+touches torch.distributed itself: multirun is never nested inside torchrun). Each job runs
+``torchrun --nproc_per_node=N bench/run.py <the job's overrides> run_id=... tag=sweep:<id>``; a job
+that fails (crash, OOM, bad combination, timeout) never stops the sweep, and when bench/run.py could
+not write the job's row (invalid configuration, killed process) this wrapper writes it, with status
+``invalid``, ``error`` or ``timeout``. At the end: a summary table (also ``<sweep dir>/summary.md``);
+the rows are in ``results_dir`` for ``python -m reports``. With ``sweep.launcher=slurm`` each job
+becomes an sbatch script in the sweep folder (bench/slurm.py), submitted when ``sweep.submit=true``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.experimental.callback import Callback  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from bench.config import register_configs  # noqa: E402
+from bench.env import git_sha  # noqa: E402
+from bench.results import REQUIRED_COLUMNS, RUNS_FILE, append_row, claim_run  # noqa: E402
+from bench.slurm import SlurmJob, submit  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+register_configs()
+
+
+def sweep_id(sweep_dir: str) -> str:
+    """Stable for one sweep (one process), unique across sweeps started in the same second."""
+    return f"{Path(sweep_dir).name}-{os.getpid()}"
+
+
+def _results_dir(cfg: DictConfig) -> Path:
+    p = Path(cfg.results_dir)
+    return p if p.is_absolute() else ROOT / p
+
+
+def _row_exists(results_dir: Path, run_id: str) -> bool:
+    path = results_dir / RUNS_FILE
+    if not path.exists():
+        return False
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("run_id") == run_id:
+                return True
+        except json.JSONDecodeError:
+            continue
+    return False
+
+
+def _launch_local(cfg: DictConfig, run_args: list[str], run_id: str, tag: str) -> str:
+    s = cfg.sweep
+    if s.nnodes != 1:
+        return f"invalid: sweep.nnodes={s.nnodes} needs sweep.launcher=slurm (the local launcher runs one node)"
+    launcher = [sys.executable] if s.nproc_per_node == 0 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={s.nproc_per_node}"]
+    cmd = [*launcher, str(ROOT / "bench" / "run.py"), *run_args]
+    print(f"[sweep] {run_id}: {' '.join(run_args)}", flush=True)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=s.timeout_s)
+        rc = proc.returncode
+        marker = "error: invalid configuration:"  # bench/run.py's exit-2 message (torchrun reports exit 1)
+        invalid = rc == 2 or marker in proc.stderr
+        tail = proc.stderr[proc.stderr.index(marker):][:1500] if marker in proc.stderr else \
+            (proc.stderr or proc.stdout)[-1500:]
+        status = "ok" if rc == 0 else ("invalid" if invalid else "error")
+    except subprocess.TimeoutExpired as exc:
+        rc, status = "timeout", "timeout"
+        tail = f"killed after sweep.timeout_s={s.timeout_s}s; " + str(exc.stderr or "")[-1000:]
+    results = _results_dir(cfg)
+    if not _row_exists(results, run_id) and claim_run(results, run_id):
+        row = {c: None for c in REQUIRED_COLUMNS}
+        row.update(run_id=run_id, timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   model=cfg.model.get("name"), strategy=HydraConfig.get().runtime.choices.get("strategy"),
+                   world_size=max(1, s.nproc_per_node) * s.nnodes, nnodes=s.nnodes, status=status,
+                   error=f"launcher: exit {rc}: {tail.strip()}", tag=tag, hostname=socket.gethostname(),
+                   git_sha=git_sha(), config={"overrides": run_args})
+        append_row(results, row)
+    print(f"[sweep] {run_id}: exit {rc}", flush=True)
+    return status
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="sweep")
+def job(cfg: DictConfig) -> str:
+    """One sweep job. Never raises: a failure is a row, not the end of the sweep."""
+    hc = HydraConfig.get()
+    sid = sweep_id(hc.sweep.dir)
+    num = hc.job.num if hc.job.get("num") is not None else 0
+    run_id, tag = f"sweep-{sid}-{num}", f"sweep:{sid}"
+    overrides = [o for o in hc.overrides.task if not o.startswith(("sweep.", "run_id=", "tag=", "results_dir="))]
+    run_args = [*overrides, f"run_id={run_id}", f"tag={tag}", f"results_dir={_results_dir(cfg)}"]
+    try:
+        if cfg.sweep.launcher == "slurm":
+            s = cfg.sweep
+            sbatch = SlurmJob(run_args=run_args, nodes=s.nnodes, gpus_per_node=s.gpus_per_node,
+                              nproc_per_node=s.gpus_per_node or max(1, s.nproc_per_node), partition=s.partition,
+                              account=s.account, time=s.time, job_name=run_id, out_dir=str(Path(hc.sweep.dir)))
+            path = sbatch.write(Path(hc.sweep.dir) / f"{run_id}.sbatch")
+            print(f"[sweep] {run_id}: wrote {path}" + (f"; {submit(path)}" if s.submit else " (dry run)"), flush=True)
+            return "submitted" if s.submit else "written"
+        if cfg.sweep.launcher != "local":
+            return f"invalid: sweep.launcher={cfg.sweep.launcher!r}; valid: local, slurm"
+        return _launch_local(cfg, run_args, run_id, tag)
+    except Exception as exc:  # the sweep goes on
+        print(f"[sweep] {run_id}: launcher error: {exc}", flush=True)
+        return f"error: {exc}"
+
+
+class SweepSummary(Callback):
+    """At the end of a multirun: one line per job (from the result rows), printed and saved."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sid = sweep_id(config.hydra.sweep.dir)
+        results = _results_dir(config)
+        rows = []
+        path = results / RUNS_FILE
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if r.get("tag") == f"sweep:{sid}":
+                    rows.append(r)
+        rows.sort(key=lambda r: int(str(r["run_id"]).rsplit("-", 1)[-1]))
+        lines = ["| job | model | strategy | world | status | tokens/s | MFU | peak mem (GiB) | error |",
+                 "|---|---|---|---:|---|---:|---:|---:|---|"]
+        for r in rows:
+            tps = f"{r['tokens_per_sec']:,.0f}" if r.get("tokens_per_sec") else "-"
+            mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
+            mem = f"{r['peak_mem_bytes'] / 2**30:.2f}" if r.get("peak_mem_bytes") else "-"
+            err = (r.get("error") or "").splitlines()[-1][:80] if r.get("error") else ""
+            lines.append(f"| {r['run_id'].rsplit('-', 1)[-1]} | {r['model']} | {r['strategy']} | {r['world_size']} | "
+                         f"{r['status']} | {tps} | {mfu} | {mem} | {err} |")
+        text = "\n".join(lines) + f"\n\n{len(rows)} rows in {path} (tag sweep:{sid})\n"
+        if config.sweep.launcher == "local":
+            Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+            (Path(config.hydra.sweep.dir) / "summary.md").write_text(text)
+            print("\n[sweep] summary\n" + text, flush=True)
+
+
+if __name__ == "__main__":
+    job()
