@@ -7,8 +7,9 @@
 
 Each entry runs ``bench/run.py`` (under ``torchrun --standalone --nproc_per_node=1`` when the strategy
 is distributed), bounded by a per-entry timeout, so one failure never stops the suite; its row
-lands in ``OUT_DIR/results/`` either way. At the end: a markdown summary table, and one
-configuration's torch.profiler trace (``profile_dir``) in OUT_DIR.
+lands in ``OUT_DIR/results/`` either way. At the end: a markdown summary table, the report
+(``OUT_DIR/report/index.html``, python -m reports) and one configuration's torch.profiler trace
+(``profile_dir``) in OUT_DIR.
 """
 
 from __future__ import annotations
@@ -105,6 +106,10 @@ def main(argv=None) -> int:
         table = summary_table(results)
         (out / "summary.md").write_text(table)
         print(table)
+        from reports import build, load
+
+        index = build.write(build.build(load(results)), out / "report")
+        print(f"[suite] report: {index}")
     return 1 if failures else 0
 
 

@@ -160,5 +160,32 @@ def main(raw: DictConfig) -> None:
     os._exit(0 if status == "ok" else 1)
 
 
+def check_override_keys(argv: list[str]) -> str | None:
+    """An error message naming an unknown ``key=value`` override and the valid keys, or None.
+    (Hydra would also refuse it, but without saying what is valid.)"""
+    import dataclasses
+
+    from models.config import GPTConfig
+    from strategies.config import StrategyConfig
+
+    fields = {"": {f.name for f in dataclasses.fields(RunConfig)},
+              "model.": {f.name for f in dataclasses.fields(GPTConfig)},
+              "strategy.": {f.name for f in dataclasses.fields(StrategyConfig)}}
+    for arg in argv:
+        if arg.startswith(("-", "+", "~", "hydra.", "hydra/")) or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0]
+        prefix = next((p for p in ("model.", "strategy.") if key.startswith(p)), "")
+        name = key[len(prefix):]
+        if name not in fields[prefix]:
+            scope = f"{prefix[:-1]} " if prefix else "top-level "
+            return f"unknown key {key!r}; valid {scope}keys: {', '.join(sorted(fields[prefix]))}"
+    return None
+
+
 if __name__ == "__main__":
+    problem = check_override_keys(sys.argv[1:])
+    if problem:
+        print(f"[n00bGPT] error: invalid configuration: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -30,3 +30,5 @@ def test_cpu_dry_run_writes_rows_and_summary(tmp_path):
     assert set(df.status) == {"ok"} and set(df.model) == {"tiny"}
     summary = (tmp_path / "summary.md").read_text()
     assert "small-fsdp-ac-bf16" in summary and "fsdp+ac(full)" in summary
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "fsdp+ac(full)" in page and "data:image/png;base64," in page

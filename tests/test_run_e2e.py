@@ -103,7 +103,8 @@ def test_nan_loss_stops_with_status_nan(tmp_path):
         (["model=tiny", "device=cuda"], "no CUDA device"),
         (["model=tiny", "model.n_embd=130"], "n_embd=130"),
         (["model=tiny", "global_batch=3"], "micro_batch=4"),
-        (["nosuchkey=1"], "nosuchkey"),
+        (["nosuchkey=1"], "valid top-level keys: backend, data"),
+        (["strategy.acc=full"], "valid strategy keys: ac, ac_every, amp"),
         (["strategy=fsdp_compile", "strategy.compile_mode=model"], "compile_mode=block"),
     ],
 )
