@@ -145,9 +145,14 @@ def main(raw: DictConfig) -> None:
         if status == "ok":
             m = outcome.metrics
             mfu = f"{m['mfu']:.1%}" if m.get("mfu") is not None else "n/a"
+            comm = (f", comm {m['comm_bytes_per_step'] / 1e6:,.1f} MB/step (predicted "
+                    f"{m['pred_comm_bytes_per_step'] / 1e6:,.1f})" if m.get("comm_bytes_per_step") else "")
             say(None, f"done: {m['tokens_per_sec']:,.0f} tok/s ({m['tokens_per_sec_per_device']:,.0f}/device), "
-                      f"step {m['step_time_median_s'] * 1e3:.1f} ms median, MFU {mfu} ({m['peak_flops_source']}), "
-                      f"peak mem {m['peak_mem_bytes'] / 2**30:.2f} GiB, loss {m['loss']:.4f} -> {path}")
+                      f"step {m['step_time_median_s'] * 1e3:.1f} ms median, MFU {mfu} "
+                      f"({m['peak_flops_source'].split(' (')[0]}), peak mem {m['peak_mem_bytes'] / 2**30:.2f} GiB "
+                      f"(before the model {(m['mem_baseline_bytes'] or 0) / 2**30:.2f} + predicted "
+                      f"{m['pred_peak_mem_bytes'] / 2**30:.2f}){comm}, "
+                      f"loss {m['loss']:.4f} -> {path}")
         else:
             say(None, f"FAILED ({status}): {error} -> row in {path}")
     if collective and dist.is_initialized():
