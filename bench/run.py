@@ -94,6 +94,11 @@ def _raise_terminated(signum, frame):
     raise Terminated("terminated by SIGTERM (another rank failed, or the job was cancelled)")
 
 
+def _is_cpu_oom(exc: BaseException) -> bool:
+    """The CPU allocator's out-of-memory (a RuntimeError; CUDA raises torch.OutOfMemoryError)."""
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
 def _is_timeout(exc: BaseException) -> bool:
     text = f"{type(exc).__name__}: {exc}".lower()
     return "timed out" in text or "timeout" in text
@@ -129,7 +134,7 @@ def main(raw: DictConfig) -> None:
         status, error = "oom", f"rank {info.rank}: {exc}".strip()[:2000]
     except (Exception, Terminated) as exc:  # any rank's crash still leaves a row
         error = f"rank {info.rank}: {type(exc).__name__}: {exc}"[:2000]
-        status = "timeout" if _is_timeout(exc) else "error"
+        status = "timeout" if _is_timeout(exc) else ("oom" if _is_cpu_oom(exc) else "error")
         traceback.print_exc()
 
     row = build_row(cfg, raw, info, run_id, status, error, outcome, preset)

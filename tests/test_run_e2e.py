@@ -28,6 +28,7 @@ def only_row(results_dir):
         ("ddp", ["strategy.ac=op"], "ddp+ac(op)"),
         ("fsdp_noreshard", ["strategy.ac=selective", "strategy.ac_every=3", "grad_accum=2"],
          "fsdp(no-reshard)+ac(selective/3)"),
+        ("fsdp_ac", [], "fsdp+ac(full)"),
     ],
 )
 def test_torchrun_two_ranks_writes_a_true_row(tmp_path, strategy, extra, expect):
@@ -81,6 +82,16 @@ def test_rank_failure_writes_one_error_row_and_exits_nonzero(tmp_path):
     row = only_row(tmp_path)  # exactly one row, readable
     assert row.status == "error" and "rank 1" in row.error and "InjectedFailure" in row.error
     assert row.tokens_per_sec is None or row.tokens_per_sec != row.tokens_per_sec  # None/NaN: nothing measured
+
+
+@pytest.mark.skipif(open("/proc/sys/vm/overcommit_memory").read().strip() == "1",
+                    reason="with overcommit 'always' the kernel grants the allocation and the OOM killer would act")
+def test_out_of_memory_writes_an_oom_row(tmp_path):
+    """A model far larger than this machine's memory (a 512 GB embedding): the allocator refuses it."""
+    res = run_cli(["strategy=single", *FAST, "model.vocab_size=1000000000", f"results_dir={tmp_path}"])
+    assert res.returncode == 1
+    row = only_row(tmp_path)
+    assert row.status == "oom" and "allocate" in row.error
 
 
 def test_nan_loss_stops_with_status_nan(tmp_path):
