@@ -76,12 +76,12 @@ def plan(args: dict) -> list[dict]:
 
 def render(rows: list[dict], device_gib: float) -> str:
     parts = ["params", "grads", "optimizer", "autocast_weights", "fsdp_unsharded", "activations", "head"]
-    head = (f"{'strategy':<28}" + "".join(f"{p[:11]:>12}" for p in parts)
+    head = (f"{'strategy':<34}" + "".join(f"{p[:11]:>12}" for p in parts)
             + f"{'total GiB':>11}{'fits':>6}{'comm GB/step':>14}")
     lines = [head, "-" * len(head)]
     for r in rows:
         m = r["pred_mem_bytes"]
-        lines.append(f"{r['strategy']:<28}" + "".join(f"{m[p] / GIB:>12.2f}" for p in parts)
+        lines.append(f"{r['strategy']:<34}" + "".join(f"{m[p] / GIB:>12.2f}" for p in parts)
                      + f"{m['total'] / GIB:>11.2f}{'yes' if r['fits'] else 'NO':>6}"
                      + f"{r['pred_comm_bytes_per_step']['total'] / 1e9:>14.2f}")
     r0 = rows[0]
