@@ -118,3 +118,25 @@ def test_injected_slowdown_is_caught_and_unchanged_rerun_passes(tmp_path):
     assert slow.returncode == 1, slow.stdout
     assert any("mfu" in ln and "FAIL" in ln for ln in slow.stdout.splitlines())
     assert same.returncode == 0, same.stdout
+
+
+def test_noise_analysis_counts_false_alarms_and_detections(tmp_path):
+    """bench/noise.py's arithmetic on synthetic runs: steady unchanged runs never alarm, a 10% MFU drop
+    is detected against a 6% threshold, and a 3% drop is not."""
+    from bench import noise
+
+    def runs(folder, mfu_scale, n=6):
+        for i in range(n):
+            for tag, strategy in (("ci_suite:single", "single"), ("ci_suite:ddp", "ddp")):
+                r = row(f"{folder}{i}{strategy}", strategy=strategy, tps=1000.0 * mfu_scale, mfu=0.1 * mfu_scale)
+                r.update(tag=tag, timestamp=f"2026-01-01T00:00:{i:02d}")
+                append_row(tmp_path / folder, r)
+
+    runs("unchanged", 1.0)
+    runs("slowed", 0.9)
+    text = noise.analyse(tmp_path)
+    assert "False alarms (unchanged vs unchanged, whole gate): 0/2" in text
+    assert "Detection of a 10% slowdown (per entry, MFU or tokens/s check): 8/8 = 100%" in text
+    (tmp_path / "slowed" / "runs.jsonl").unlink()
+    runs("slowed", 0.97)
+    assert "0/8 = 0%" in noise.analyse(tmp_path)
