@@ -160,7 +160,7 @@ def test_predicted_peak_matches_cpu_runs(tmp_path, strategy, nproc):
     """mini on CPU: peak RSS minus the RSS before the model existed, against the prediction.
 
     glibc's malloc raises its mmap threshold after large frees and then keeps freed heap chunks,
-    which inflates the peak RSS by 8-27 % over live bytes (measured on this machine's kind); a fixed
+    which inflates the peak RSS by 3-16 % over live bytes (measured on this machine's kind); a fixed
     threshold (MALLOC_MMAP_THRESHOLD_) returns large buffers to the OS at once, so RSS tracks live
     bytes and the prediction holds within 10 %."""
     from tests.helpers import run_cli

@@ -45,7 +45,7 @@ def test_cpu_timer_measures_wall_time():
         time.sleep(d)
         timer.stop()
     got = timer.durations_s()
-    assert got[0] == pytest.approx(0.02, abs=0.015) and got[1] == pytest.approx(0.04, abs=0.015)
+    assert 0.02 <= got[0] < 0.1 and 0.04 <= got[1] < 0.12  # sleep never returns early; a busy machine adds
 
 
 def test_cuda_timer_reads_events_once_at_the_end(monkeypatch):
