@@ -37,6 +37,7 @@ MATRIX = [
     ("small-fsdp-bf16-compile", "gpt2-small", "fsdp_bf16_compile", ["micro_batch=16"], True),
     ("small-ddp-bf16-compile", "gpt2-small", "ddp_bf16_compile", ["micro_batch=16"], True),
     ("small-fsdp-ac-bf16", "gpt2-small", "fsdp_ac_bf16", ["micro_batch=16"], True),
+    ("small-fsdp-bf16", "gpt2-small", "fsdp_bf16", ["micro_batch=16"], True),  # the pair without AC
     ("small-bf16-compile-model", "gpt2-small", "bf16_compile", ["micro_batch=16", "strategy.compile_mode=model"],
      False),
     ("small-bf16-compile-model-mb32", "gpt2-small", "bf16_compile",
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu", action="store_true", help="dry run on CPU with a tiny model")
     ap.add_argument("--list", action="store_true", help="print the commands and exit")
     ap.add_argument("--timeout", type=int, default=120, help="seconds per entry")
-    ap.add_argument("--budget", type=int, default=400, help="total seconds; later entries are skipped past it")
+    ap.add_argument("--budget", type=int, default=450, help="total seconds; later entries are skipped past it")
     ap.add_argument("--only", default="", help="comma-separated labels to run (default: all)")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
