@@ -65,16 +65,14 @@ def command(entry, results: Path, cpu: bool, profile_dir: Path | None = None) ->
 def summary_table(results: Path) -> str:
     sys.path.insert(0, str(ROOT))
     from reports import load
+    from reports.aggregate import format_value
 
     df = load(results)
     lines = ["| device | model | strategy | entry | micro_batch | tokens/s | MFU | peak mem (GiB) | status |",
              "|---|---|---|---|---:|---:|---:|---:|---|"]
     for _, r in df.iterrows():
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] == r["mfu"] and r["mfu"] is not None else "-"
-        tps = f"{r['tokens_per_sec']:,.0f}" if r["tokens_per_sec"] == r["tokens_per_sec"] and r["tokens_per_sec"] \
-            else "-"
-        mem = f"{r['peak_mem_bytes'] / 2**30:.1f}" if r["peak_mem_bytes"] == r["peak_mem_bytes"] \
-            and r["peak_mem_bytes"] else "-"
+        mfu, tps = format_value("mfu", r["mfu"]), format_value("tokens_per_sec", r["tokens_per_sec"])
+        mem = format_value("peak_mem_gib", None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2**30)
         entry = str(r["tag"]).removeprefix("gpu_suite:")
         lines.append(f"| {r['device_name']} | {r['model']} | {r['strategy']} | {entry} | {r['micro_batch']} | "
                      f"{tps} | {mfu} | {mem} | {r['status']} |")

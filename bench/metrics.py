@@ -36,21 +36,19 @@ class StepTimer:
         self._starts: list = []
         self._ends: list = []
 
+    def _mark(self):
+        """A recorded CUDA event (read later) or the host clock."""
+        if not self.cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
     def start(self) -> None:
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self._starts.append(ev)
-        else:
-            self._starts.append(time.perf_counter())
+        self._starts.append(self._mark())
 
     def stop(self) -> None:
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self._ends.append(ev)
-        else:
-            self._ends.append(time.perf_counter())
+        self._ends.append(self._mark())
 
     def durations_s(self) -> list[float]:
         """Seconds per recorded step."""

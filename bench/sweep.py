@@ -37,6 +37,7 @@ from bench.config import register_configs  # noqa: E402
 from bench.env import git_sha  # noqa: E402
 from bench.results import REQUIRED_COLUMNS, RUNS_FILE, append_row, claim_run  # noqa: E402
 from bench.slurm import SlurmJob, submit  # noqa: E402
+from reports.aggregate import format_value  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
@@ -52,17 +53,20 @@ def _results_dir(cfg: DictConfig) -> Path:
     return p if p.is_absolute() else ROOT / p
 
 
-def _row_exists(results_dir: Path, run_id: str) -> bool:
+def _rows(results_dir: Path) -> list[dict]:
+    """The parseable rows of results_dir/runs.jsonl (a torn line never stops a sweep)."""
     path = results_dir / RUNS_FILE
-    if not path.exists():
-        return False
-    for line in path.read_text().splitlines():
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
         try:
-            if json.loads(line).get("run_id") == run_id:
-                return True
+            rows.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-    return False
+    return rows
+
+
+def _row_exists(results_dir: Path, run_id: str) -> bool:
+    return any(r.get("run_id") == run_id for r in _rows(results_dir))
 
 
 def _launch_local(cfg: DictConfig, run_args: list[str], run_id: str, tag: str) -> str:
@@ -129,23 +133,14 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sid = sweep_id(config.hydra.sweep.dir)
         results = _results_dir(config)
-        rows = []
         path = results / RUNS_FILE
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if r.get("tag") == f"sweep:{sid}":
-                    rows.append(r)
+        rows = [r for r in _rows(results) if r.get("tag") == f"sweep:{sid}"]
         rows.sort(key=lambda r: int(str(r["run_id"]).rsplit("-", 1)[-1]))
         lines = ["| job | model | strategy | world | status | tokens/s | MFU | peak mem (GiB) | error |",
                  "|---|---|---|---:|---|---:|---:|---:|---|"]
         for r in rows:
-            tps = f"{r['tokens_per_sec']:,.0f}" if r.get("tokens_per_sec") else "-"
-            mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
-            mem = f"{r['peak_mem_bytes'] / 2**30:.2f}" if r.get("peak_mem_bytes") else "-"
+            tps, mfu = format_value("tokens_per_sec", r.get("tokens_per_sec")), format_value("mfu", r.get("mfu"))
+            mem = format_value("peak_mem_gib", r["peak_mem_bytes"] / 2**30 if r.get("peak_mem_bytes") else None)
             err = (r.get("error") or "").splitlines()[-1][:80] if r.get("error") else ""
             lines.append(f"| {r['run_id'].rsplit('-', 1)[-1]} | {r['model']} | {r['strategy']} | {r['world_size']} | "
                          f"{r['status']} | {tps} | {mfu} | {mem} | {err} |")

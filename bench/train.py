@@ -142,7 +142,7 @@ def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None
 
     def run_step(step: int) -> torch.Tensor:
         """One optimizer step over ``ga`` micro-batches; returns the step's mean loss (on the device)."""
-        step_loss = torch.zeros((), device=device)
+        step_loss = None
         for micro in range(ga):
             x, y = data.batch(step, dp_rank * ga + micro)
             with maybe_no_sync(model, s, micro == ga - 1):
@@ -152,7 +152,8 @@ def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None
                     loss = loss * float("nan")
                 scaled = loss / ga
                 (scaler.scale(scaled) if scaler else scaled).backward()
-            step_loss += loss.detach() / ga
+            part = loss.detach() / ga
+            step_loss = part if step_loss is None else step_loss + part
         if scaler:
             scaler.step(opt)
             scaler.update()

@@ -171,17 +171,17 @@ def to_html(rep: Report, title: str = "n00bGPT report") -> str:
                 f"<li><code>{esc(f['strategy'])}</code> ({esc(str(f['status']))}, run {esc(str(f['run_id']))}): "
                 f"{esc(str(f['error']))}</li>" for f in s["failed"]) + "</ul>")
         for k in [k for k in rep.figures if k.startswith(s.get("stem", "\0"))]:
-            parts.append(_figure_html(rep, k))
+            parts.append(figure_html(rep, k))
     scaling = [k for k in rep.figures if k.startswith("scaling-")]
     if scaling:
-        parts.append("<h2>Scaling</h2>" + "".join(_figure_html(rep, k) for k in scaling))
+        parts.append("<h2>Scaling</h2>" + "".join(figure_html(rep, k) for k in scaling))
     if rep.notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in rep.notes) + "</ul>")
     parts.append("</body></html>")
     return "".join(parts)
 
 
-def _figure_html(rep: Report, key: str) -> str:
+def figure_html(rep: Report, key: str) -> str:
     cap = html.escape(rep.captions[key])
     return (f"<figure id='{key}'><img alt='{cap}' src='data:image/png;base64,{_png_b64(rep.figures[key])}'>"
             f"<figcaption>{cap} (<a href='{key}.png'>PNG</a>, <a href='{key}.svg'>SVG</a>)</figcaption></figure>")

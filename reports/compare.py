@@ -13,7 +13,7 @@ import pandas as pd
 
 from reports import plots
 from reports.aggregate import COLUMNS, SETUP_KEYS, format_value, setup_label, summarise
-from reports.build import CSS, Report, to_markdown  # noqa: F401  (CSS shared)
+from reports.build import CSS, Report, figure_html
 from reports.load import ResultsError
 
 METRICS = ["tokens_per_sec", "tokens_per_sec_per_device", "mfu", "peak_mem_gib", "step_time_median_s", "loss"]
@@ -77,10 +77,8 @@ def report(baseline: pd.DataFrame, candidate: pd.DataFrame) -> tuple[Report, str
         rows_html.append("<tr>" + "".join(cells_html) + "</tr>")
     md += ["", "▲ better, ▼ worse (by each metric's direction).", ""]
     md += [f"![{rep.captions[k]}]({k}.png)" for k in rep.figures]
-    from reports.build import _figure_html
-
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>baseline vs candidate</title><style>{CSS}"
             "</style></head><body><h1>Baseline vs candidate</h1><p>Green: better, red: worse.</p><table><tr>"
             + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" + "".join(rows_html) + "</table>"
-            + "".join(_figure_html(rep, k) for k in rep.figures) + "</body></html>")
+            + "".join(figure_html(rep, k) for k in rep.figures) + "</body></html>")
     return rep, page, "\n".join(md)

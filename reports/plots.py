@@ -9,6 +9,7 @@ from __future__ import annotations
 import textwrap
 
 import matplotlib
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -65,8 +66,6 @@ def memory(table: pd.DataFrame, title: str, predicted: pd.DataFrame | None = Non
         bars = ax.barh(names, t.peak_mem_gib.fillna(0), color="tab:green", label="measured peak")
         ax.bar_label(bars, labels=[f"{v:.2f}" for v in t.peak_mem_gib.fillna(0)], padding=4, fontsize=8)
     else:
-        import numpy as np
-
         y = np.arange(len(names))
         bars = ax.barh(y + 0.2, t.peak_mem_gib.fillna(0), height=0.4, color="0.3", label="measured peak")
         ax.bar_label(bars, labels=[f"{v:.2f}" for v in t.peak_mem_gib.fillna(0)], padding=4, fontsize=8)
@@ -173,8 +172,6 @@ def loss_curves(per_strategy: dict[str, pd.DataFrame], title: str) -> Figure:
 def comparison(table: pd.DataFrame, metric: str, label: str, title: str) -> Figure:
     """Baseline vs candidate bars per setup/strategy for ``metric`` (columns metric_baseline/_candidate)."""
     t = table.iloc[::-1]
-    import numpy as np
-
     y = np.arange(len(t))
     fig, ax = _subplots(figsize=(10, _height(len(t))))
     b = ax.barh(y + 0.2, t[f"{metric}_baseline"], height=0.4, label="baseline", color="tab:gray")

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pandas as pd
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -195,7 +194,6 @@ def test_real_gpu_results_report(tmp_path):
     assert small["table"].loc["single+bf16+compile(model)", "mfu"] == pytest.approx(
         df[(df.strategy == "single+bf16+compile(model)") & (df.micro_batch == 16)].mfu.iloc[0])
     assert any(k.startswith("scaling-model") for k in rep.figures)
-    assert isinstance(pd.DataFrame(), pd.DataFrame)
 
 
 def test_memory_plot_stacks_predicted_parts_beside_measured(tmp_path):
