@@ -64,13 +64,9 @@ def load_thresholds(path: str | Path | None) -> dict:
 
 def _load(paths, side: str) -> pd.DataFrame:
     try:
-        df = load(paths)
+        return load(paths)
     except ResultsError as exc:
         raise GateInputError(f"{side}: {exc}") from None
-    if "device_name" not in df:
-        df["device_name"] = df["device"]
-    df["device_name"] = df["device_name"].fillna(df["device"])
-    return df
 
 
 def _median(rows: pd.DataFrame, col: str) -> float:

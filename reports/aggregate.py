@@ -34,9 +34,6 @@ COLUMNS = {
 
 def _prepare(df: pd.DataFrame) -> pd.DataFrame:
     df = df.copy()
-    if "device_name" not in df.columns:
-        df["device_name"] = df["device"]
-    df["device_name"] = df["device_name"].fillna(df["device"])
     for col in ("tokens_per_sec", "tokens_per_sec_per_device", "mfu", "hfu", "peak_mem_bytes", "loss",
                 "step_time_median_s", "step_time_p10_s", "step_time_p90_s", "global_batch_tokens"):
         df[col] = pd.to_numeric(df[col], errors="coerce")

@@ -62,7 +62,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def load(paths: str | Path | Iterable[str | Path], required: list[str] | None = None) -> pd.DataFrame:
-    """All rows of the given result tables; adds ``source_file``. Raises ResultsError on bad input."""
+    """All rows of the given result tables; adds ``source_file`` (and ``device_name`` from ``device`` where a
+    row lacks it). Raises ResultsError on bad input."""
     required = REQUIRED_COLUMNS if required is None else required
     frames = []
     for path in _expand(paths):
@@ -77,7 +78,13 @@ def load(paths: str | Path | Iterable[str | Path], required: list[str] | None = 
         frames.append(df)
     if not frames:
         raise ResultsError(f"{paths}: no result files")
-    return pd.concat(frames, ignore_index=True)
+    df = pd.concat(frames, ignore_index=True)
+    # Rows written by a launcher (a sweep's failed job) have no device_name: fall back to the device type,
+    # so grouping by device never drops them.
+    if "device_name" not in df.columns:
+        df["device_name"] = df["device"]
+    df["device_name"] = df["device_name"].fillna(df["device"])
+    return df
 
 
 def load_steps(results_dir: str | Path, run_id: str) -> pd.DataFrame:
