@@ -71,6 +71,9 @@ class RunConfig:
     collective until ``timeout_s``."""
     debug_delay_s: float = 0.0
     """DEBUG (regression-gate tests): sleep this long inside every timed step."""
+    debug_slow_pct: float = 0.0
+    """DEBUG (gate study): after every timed step, busy-wait for this percentage of the step's own duration,
+    i.e. a slowdown of exactly this size that uses the CPU like real work (bench/ab_gate.py's study)."""
     debug_fail_step: int = -1
     """DEBUG (failure tests): raise an error at this step (-1 = never)."""
     debug_fail_rank: int = -1
@@ -96,6 +99,8 @@ class RunConfig:
             raise bad("device", "valid values: auto, cpu, cuda")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise bad("backend", "valid values: auto, nccl, gloo")
+        if not self.debug_slow_pct >= 0 or self.debug_slow_pct != self.debug_slow_pct:
+            raise bad("debug_slow_pct", "must be a number >= 0")
 
     def resolve_grad_accum(self, dp_size: int) -> int:
         """grad_accum from global_batch when given; checks the arithmetic, naming all three numbers."""

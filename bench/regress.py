@@ -146,10 +146,25 @@ def render(table: pd.DataFrame) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.regress", description=__doc__.splitlines()[0])
-    ap.add_argument("--baseline", nargs="+", required=True, help="baseline result files/folders/globs")
-    ap.add_argument("--candidate", nargs="+", required=True, help="candidate result files/folders/globs")
-    ap.add_argument("--thresholds", help=f"YAML thresholds (default {DEFAULT_THRESHOLDS})")
+    ap.add_argument("--ab", nargs="?", const="", metavar="REV",
+                    help="same-run A/B gate against the code of REV (default: results/baselines/BASE_REV), "
+                         "see bench/ab_gate.py")
+    ap.add_argument("--baseline", nargs="+", help="baseline result files/folders/globs")
+    ap.add_argument("--candidate", nargs="+", help="candidate result files/folders/globs")
+    ap.add_argument("--thresholds", help=f"YAML thresholds (default {DEFAULT_THRESHOLDS}; "
+                                         "with --ab bench/thresholds_ab.yaml)")
+    ap.add_argument("--rounds", type=int, default=4, help="--ab: interleaved rounds (pairs per entry)")
+    ap.add_argument("--out", default="ab_out", help="--ab: folder for both sides' rows and ab.json")
+    ap.add_argument("--slow-pct", type=float, default=0.0,
+                    help="--ab: slow the candidate by exactly this percentage (the gate study)")
+    ap.add_argument("--entries", nargs="*", help="--ab: only these CI matrix entries")
     args = ap.parse_args(argv)
+    if args.ab is not None:
+        from bench import ab_gate
+
+        return ab_gate.main(args.ab or None, args.out, args.rounds, args.thresholds, args.slow_pct, args.entries)
+    if not (args.baseline and args.candidate):
+        ap.error("--baseline and --candidate are required (or --ab)")
     try:
         thresholds = load_thresholds(args.thresholds)
         table = gate(_load(args.baseline, "baseline"), _load(args.candidate, "candidate"), thresholds)

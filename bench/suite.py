@@ -18,13 +18,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def command(entry: tuple, results: Path, common: list[str], tag_prefix: str, extra: list[str] = ()) -> list[str]:
+def command(entry: tuple, results: Path, common: list[str], tag_prefix: str, extra: list[str] = (),
+            root: Path = ROOT) -> list[str]:
+    """The command line of one entry, running ``root``'s bench/run.py (another tree for the A/B gate)."""
     label, model, strategy, overrides, nproc = entry
     args = [f"model={model}", f"strategy={strategy}", *common, *overrides, f"results_dir={results}",
             f"tag={tag_prefix}:{label}", *extra]
     launcher = [sys.executable] if not nproc else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return [*launcher, str(ROOT / "bench" / "run.py"), *args]
+    return [*launcher, str(Path(root) / "bench" / "run.py"), *args]
 
 
 def run_plan(plan: list[tuple[str, list[str]]], timeout_s: float, budget_s: float, env: dict | None = None,

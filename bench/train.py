@@ -46,6 +46,20 @@ class TrainOutcome:
     step_times_s: list[float] = field(default_factory=list)  # combined timed step times
 
 
+def _elapsed_since(t0: float, device: torch.device) -> float:
+    """Host seconds since ``t0`` with the device's queued work finished (DEBUG paths only: it syncs)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def _spin(seconds: float) -> None:
+    """Busy-wait (not sleep): an injected slowdown that competes for the CPU like real work."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 def plan_batch(cfg: RunConfig, info: DistInfo) -> dict:
     """Batch arithmetic, once: dp size, grad_accum, global batch in sequences and tokens."""
     dp = info.world_size if cfg.strategy.dp != "none" else 1
@@ -173,9 +187,12 @@ def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None
             sampler.start()
             profiler.start()
         timer.start()
+        t_step = time.perf_counter() if cfg.debug_slow_pct else 0.0
         step_loss = run_step(step)
         if cfg.debug_delay_s and step >= cfg.warmup:
             time.sleep(cfg.debug_delay_s)  # DEBUG only: an injected, deliberate slowdown
+        if cfg.debug_slow_pct and step >= cfg.warmup:  # DEBUG only: busy-wait pct% of this step's time
+            _spin(cfg.debug_slow_pct / 100 * _elapsed_since(t_step, device))
         timer.stop()
         if step >= cfg.warmup:
             profiler.step()

@@ -1,0 +1,346 @@
+"""Same-run A/B regression gate: the baseline *code* and the candidate *code*, measured on this
+machine, in this job, interleaved, judged on paired ratios.
+
+    python -m bench.regress --ab                      # baseline = the revision in results/baselines/BASE_REV
+    python -m bench.regress --ab 6910f6a --rounds 4 --out ab_out
+    python -m bench.regress --ab HEAD --slow-pct 10   # study: the candidate is HEAD slowed by exactly 10%
+
+Why: numbers recorded on another machine (another CPU model, another neighbour) do not compare with
+this one's. So the baseline revision is exported (``git archive``) into ``<out>/trees/base`` and both
+trees run the CI matrix (bench/ci_suite.py) with the same interpreter, alternately: in round r, entry
+i runs base then candidate when r + i is even, candidate then base otherwise (ABBA), so drift of a
+shared host hits both sides alike. Each (round, entry) gives a *pair* and its ratio
+
+    ratio = candidate step_time_median_s / baseline step_time_median_s     (> 1: the candidate is slower)
+
+Contention: each run's ``cpu_util`` = CPU seconds of the run's process tree (``getrusage`` of the
+children) / (wall seconds x processes). A pair whose two runs' cpu_util differ by more than
+``contention_mismatch`` (relative) saw different contention: it is measured again (up to
+``max_remeasure`` times per entry) instead of being judged as it was.
+
+Verdict per entry (bench/thresholds_ab.yaml):
+- speed: FAIL when the median ratio exceeds 1 + ``max_slowdown_pct``/100. While the median lies
+  within ``gray_pct`` of that line, more pairs are measured (up to ``max_pairs``): a borderline
+  result is re-measured, not judged on too few pairs;
+- memory: FAIL when the median of the paired ratios of ``peak_mem_bytes`` exceeds 1 + ``max_rise_pct``/100;
+- loss: FAIL when the final losses (same seed, same data) differ by more than ``max_rel_diff`` (relative);
+- status: FAIL when a candidate run fails where the baseline's ran; an entry the baseline cannot run
+  (a preset it does not have yet) is SKIP: new, nothing to compare.
+
+Exit codes: 0 every check holds; 1 a regression; 2 unusable input (unknown revision, bad thresholds).
+The false-alarm and detection rates of this rule are measured by ``python -m bench.gate_study``
+(results/noise/).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from bench import ci_suite, suite
+
+ROOT = suite.ROOT
+BASE_REV_FILE = ROOT / "results" / "baselines" / "BASE_REV"
+DEFAULT_THRESHOLDS = Path(__file__).with_name("thresholds_ab.yaml")
+_KNOWN = {"max_slowdown_pct", "gray_pct", "max_pairs", "contention_mismatch", "max_remeasure", "max_rise_pct",
+          "max_rel_diff"}
+
+
+class ABInputError(ValueError):
+    """Unusable A/B input (exit code 2)."""
+
+
+@dataclass
+class Run:
+    """One benchmark run of one side: the row's numbers plus how contended the run was."""
+
+    side: str
+    status: str
+    step_time_s: float | None
+    peak_mem_bytes: float | None
+    loss: float | None
+    wall_s: float
+    cpu_util: float
+    error: str | None = None
+
+
+@dataclass
+class Pair:
+    round: int
+    order: str  # "AB" (base first) or "BA"
+    base: Run
+    cand: Run
+    remeasured: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.base.status == "ok" and self.cand.status == "ok"
+
+    @property
+    def ratio(self) -> float:
+        return self.cand.step_time_s / self.base.step_time_s
+
+    def contended(self, mismatch: float) -> bool:
+        """The two runs saw different contention: their cpu_util differ by more than ``mismatch`` (relative)."""
+        a, b = self.base.cpu_util, self.cand.cpu_util
+        return abs(a - b) > mismatch * max(a, b, 1e-9)
+
+
+@dataclass
+class Verdict:
+    entry: str
+    pairs: list[Pair] = field(default_factory=list)
+    checks: list[dict] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        vs = {c["verdict"] for c in self.checks}
+        return "FAIL" if "FAIL" in vs else ("PASS" if "PASS" in vs else "SKIP")
+
+
+def load_thresholds(path: str | Path | None = None) -> dict:
+    path = Path(path) if path else DEFAULT_THRESHOLDS
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ABInputError(f"{path}: cannot read thresholds: {exc}") from None
+    if not isinstance(data, dict) or set(data) != _KNOWN:
+        got = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ABInputError(f"{path}: expected exactly the keys {sorted(_KNOWN)}; got {got}")
+    for k, v in data.items():
+        if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+            raise ABInputError(f"{path}: {k}={v!r} must be a finite number >= 0")
+    return data
+
+
+def resolve_rev(rev: str | None) -> str:
+    """The full commit SHA of ``rev`` (default: the one in results/baselines/BASE_REV)."""
+    if rev is None:
+        try:
+            rev = BASE_REV_FILE.read_text().split()[0]
+        except (OSError, IndexError):
+            raise ABInputError(f"no revision given and {BASE_REV_FILE} is missing or empty") from None
+    res = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=ROOT,
+                         capture_output=True, text=True)
+    if res.returncode or not res.stdout.strip():
+        raise ABInputError(f"revision {rev!r} is not a commit of this repository (a shallow clone? "
+                           f"`git fetch --unshallow`, or name another with --ab REV)")
+    return res.stdout.strip()
+
+
+def export_tree(sha: str, dest: Path) -> Path:
+    """The files of commit ``sha`` in ``dest`` (``git archive``: no .git, no changes to the repository)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", "--format=tar", sha], cwd=ROOT, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest
+
+
+def _read_row(results: Path, run_id: str) -> dict | None:
+    """The row with ``run_id`` in results/runs.jsonl (complete lines only), or None."""
+    try:
+        lines = (results / "runs.jsonl").read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("run_id") == run_id:
+            return row
+    return None
+
+
+class Runner:
+    """Runs one matrix entry on one side and reads back its row; counts the run's CPU time."""
+
+    def __init__(self, out: Path, trees: dict[str, Path], extra: dict[str, list[str]], timeout_s: float = 300):
+        self.out, self.trees, self.extra, self.timeout_s = out, trees, extra, timeout_s
+        self.count = 0
+        # One peak-FLOPs probe for the whole gate, shared by both sides (MFU is not what is judged here).
+        self.env = {**os.environ, **ci_suite.ENV, "N00BGPT_PEAK_CACHE": "1",
+                    "N00BGPT_CACHE_DIR": str(out / "cache"), "PYTHONUNBUFFERED": "1"}
+
+    def run(self, side: str, entry: tuple) -> Run:
+        self.count += 1
+        run_id = f"{side}-{entry[0]}-{self.count:04d}"
+        results = self.out / side / "results"
+        cmd = suite.command(entry, results, ci_suite.COMMON, f"ab:{side}", [*self.extra[side], f"run_id={run_id}"],
+                            root=self.trees[side])
+        env = {**self.env, "PYTHONPATH": str(self.trees[side])}
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, cwd=self.trees[side], env=env, capture_output=True, text=True,
+                                  timeout=self.timeout_s)
+            rc, tail = proc.returncode, (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+        except subprocess.TimeoutExpired:
+            rc, tail = "timeout", ["timed out"]
+        wall = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        nproc = max(1, entry[4])
+        util = cpu / (wall * min(nproc, os.cpu_count() or 1))
+        row = _read_row(results, run_id)
+        if row is None:
+            return Run(side, "error", None, None, None, wall, util, f"rc={rc}, no row: {' '.join(tail)}")
+        return Run(side, row["status"], row.get("step_time_median_s"), row.get("peak_mem_bytes"), row.get("loss"),
+                   wall, util, row.get("error"))
+
+
+def measure_pair(runner: Runner, entry: tuple, rnd: int, index: int) -> Pair:
+    order = "AB" if (rnd + index) % 2 == 0 else "BA"
+    sides = ("base", "cand") if order == "AB" else ("cand", "base")
+    runs = {s: runner.run(s, entry) for s in sides}
+    return Pair(rnd, order, runs["base"], runs["cand"])
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else math.nan
+
+
+def judge(entry: str, pairs: list[Pair], th: dict) -> Verdict:
+    """The checks of one entry from its pairs (pure: tested on constructed pairs)."""
+    v = Verdict(entry, pairs)
+    base_ok = [p for p in pairs if p.base.status == "ok"]
+    if not base_ok:
+        err = next((p.base.error for p in pairs if p.base.error), "")
+        v.checks.append({"metric": "status", "verdict": "SKIP",
+                         "detail": f"the baseline cannot run this entry (new?): {str(err)[:120]}"})
+        return v
+    broken = [p for p in base_ok if p.cand.status != "ok"]
+    detail = (f"{len(broken)}/{len(base_ok)} candidate runs failed where the baseline ran: "
+              f"{broken[0].cand.status}: {str(broken[0].cand.error)[:160]}" if broken
+              else f"{len(base_ok)}/{len(base_ok)} ok")
+    v.checks.append({"metric": "status", "verdict": "FAIL" if broken else "PASS", "detail": detail})
+    ok = [p for p in pairs if p.ok]
+    if not ok:
+        return v
+    ratios = [p.ratio for p in ok]
+    m = _median(ratios)
+    limit = 1 + th["max_slowdown_pct"] / 100
+    contended = sum(p.contended(th["contention_mismatch"]) for p in ok)
+    v.checks.append({"metric": "step_time", "verdict": "FAIL" if m > limit else "PASS",
+                     "baseline": _median([p.base.step_time_s for p in ok]),
+                     "candidate": _median([p.cand.step_time_s for p in ok]),
+                     "ratio": m, "low": min(ratios), "high": max(ratios), "pairs": len(ok),
+                     "detail": f"median ratio {m:.3f} (pairs {min(ratios):.3f}-{max(ratios):.3f}, n={len(ok)}"
+                               f"{f', {contended} still contended' if contended else ''}); limit {limit:.3f}"})
+    mems = [p.cand.peak_mem_bytes / p.base.peak_mem_bytes for p in ok
+            if p.base.peak_mem_bytes and p.cand.peak_mem_bytes]
+    if mems:
+        mm = _median(mems)
+        mlimit = 1 + th["max_rise_pct"] / 100
+        v.checks.append({"metric": "peak_mem", "verdict": "FAIL" if mm > mlimit else "PASS", "ratio": mm,
+                         "detail": f"median ratio {mm:.3f}; limit {mlimit:.3f}"})
+    diffs = [abs(p.cand.loss - p.base.loss) / abs(p.base.loss) for p in ok if p.base.loss and p.cand.loss is not None]
+    if diffs:
+        d = max(diffs)
+        v.checks.append({"metric": "loss", "verdict": "FAIL" if d > th["max_rel_diff"] else "PASS", "ratio": d,
+                         "detail": f"max |rel diff| {d:.2e}; limit {th['max_rel_diff']:.0e}"})
+    return v
+
+
+def needs_more(pairs: list[Pair], th: dict) -> bool:
+    """True while the median ratio is within gray_pct of the limit and fewer than max_pairs were measured."""
+    ok = [p.ratio for p in pairs if p.ok]
+    if not ok or len(pairs) >= th["max_pairs"]:
+        return False
+    return abs(_median(ok) - (1 + th["max_slowdown_pct"] / 100)) < th["gray_pct"] / 100
+
+
+def run_ab(out: Path, base_tree: Path, rounds: int, th: dict, matrix: list[tuple] = ci_suite.MATRIX,
+           cand_extra: list[str] = (), base_extra: list[str] = (), log=print) -> list[Verdict]:
+    """Measure every entry of ``matrix`` in ``rounds`` interleaved rounds (plus re-measurements) and judge."""
+    runner = Runner(out, {"base": base_tree, "cand": ROOT}, {"base": list(base_extra), "cand": list(cand_extra)})
+    pairs: dict[str, list[Pair]] = {e[0]: [] for e in matrix}
+    remeasured = {e[0]: 0 for e in matrix}
+
+    def add(entry, rnd, i):
+        p = measure_pair(runner, entry, rnd, i)
+        log(f"[ab] {entry[0]} round {rnd} {p.order}: base {_ms(p.base)} cand {_ms(p.cand)} "
+            f"cpu_util {p.base.cpu_util:.2f}/{p.cand.cpu_util:.2f}" + (f" ratio {p.ratio:.3f}" if p.ok else ""))
+        return p
+
+    for rnd in range(rounds):
+        for i, entry in enumerate(matrix):
+            p = add(entry, rnd, i)
+            while p.ok and p.contended(th["contention_mismatch"]) and remeasured[entry[0]] < th["max_remeasure"]:
+                remeasured[entry[0]] += 1
+                log(f"[ab] {entry[0]} round {rnd}: contention differed between the two runs: measuring again")
+                p = add(entry, rnd, i + 1)
+                p.remeasured = remeasured[entry[0]]
+            pairs[entry[0]].append(p)
+    for i, entry in enumerate(matrix):
+        extra = rounds
+        while needs_more(pairs[entry[0]], th):
+            log(f"[ab] {entry[0]}: median ratio near the limit: one more pair")
+            pairs[entry[0]].append(add(entry, extra, i))
+            extra += 1
+    return [judge(e[0], pairs[e[0]], th) for e in matrix]
+
+
+def _ms(run: Run) -> str:
+    return f"{run.step_time_s * 1e3:.1f}ms" if run.status == "ok" and run.step_time_s else run.status
+
+
+def render(verdicts: list[Verdict]) -> str:
+    lines = [f"{'entry':<10} {'metric':<10} {'verdict':<7} detail", "-" * 100]
+    for v in verdicts:
+        for c in v.checks:
+            lines.append(f"{v.entry:<10} {c['metric']:<10} {c['verdict']:<7} {c['detail']}")
+    return "\n".join(lines)
+
+
+def main(rev: str | None, out: str, rounds: int, thresholds: str | None, slow_pct: float = 0.0,
+         entries: list[str] | None = None) -> int:
+    try:
+        th = load_thresholds(thresholds)
+        sha = resolve_rev(rev)
+        matrix = ci_suite.MATRIX
+        if entries:
+            names = [e[0] for e in matrix]
+            bad = [x for x in entries if x not in names]
+            if bad:
+                raise ABInputError(f"unknown entries {bad}; valid: {', '.join(names)}")
+            matrix = [e for e in matrix if e[0] in entries]
+        if rounds < 1:
+            raise ABInputError(f"--rounds={rounds} must be >= 1")
+        if not slow_pct >= 0:
+            raise ABInputError(f"--slow-pct={slow_pct} must be >= 0")
+    except ABInputError as exc:
+        print(f"regress --ab: error: {exc}", file=sys.stderr)
+        return 2
+    outp = Path(out).resolve()
+    shutil.rmtree(outp, ignore_errors=True)
+    base_tree = export_tree(sha, outp / "trees" / "base")
+    cand_extra = [f"debug_slow_pct={slow_pct:g}"] if slow_pct else []
+    print(f"[ab] baseline {sha[:12]} (exported to {base_tree}) vs candidate {ROOT} "
+          f"({rounds} rounds x {len(matrix)} entries{f', candidate slowed by {slow_pct:g}%' if slow_pct else ''})",
+          flush=True)
+    t0 = time.perf_counter()
+    verdicts = run_ab(outp, base_tree, rounds, th, matrix, cand_extra, log=lambda m: print(m, flush=True))
+    shutil.rmtree(outp / "trees", ignore_errors=True)
+    summary = {"base_rev": sha, "rounds": rounds, "slow_pct": slow_pct, "thresholds": th,
+               "seconds": time.perf_counter() - t0,
+               "verdicts": [{"entry": v.entry, "verdict": v.verdict, "checks": v.checks,
+                             "pairs": [asdict(p) for p in v.pairs]} for v in verdicts]}
+    (outp / "ab.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(render(verdicts))
+    fails = [v.entry for v in verdicts if v.verdict == "FAIL"]
+    print(f"\nregress --ab: {'REGRESSION in ' + ', '.join(fails) if fails else 'no regression'} "
+          f"({len(verdicts)} entries, {summary['seconds']:.0f}s) -> {outp / 'ab.json'}")
+    return 1 if fails else 0

@@ -1,0 +1,117 @@
+"""Measure the same-run A/B gate's false-alarm and detection rates on this machine, the hard way.
+
+    python -m bench.gate_study --gates 2 --out results/noise/$(date +%F)   # 8 gates, ~70 min; nothing else may run
+
+Runs whole gates (``python -m bench.regress --ab HEAD``, every CI entry, default rounds) again and
+again: unchanged code against itself (A/A) and the same code with the candidate slowed by exactly
+``--slow-pct`` (default 10) of each entry's step time (``debug_slow_pct``, a busy-wait), each both on
+a quiet machine and while another process keeps one core busy (``--load``: a spinning child). Order:
+for each repetition, quiet A/A, quiet slowed, loaded A/A, loaded slowed. Every gate's ``ab.json`` is
+kept as ``<out>/<condition>-<i>.json``; ``study.md`` counts, per entry and per whole gate:
+- false alarms: A/A entries (gates) that FAIL;
+- detection: slowed entries (gates) whose step_time check FAILs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.ab_gate import ROOT
+
+
+def spin_forever() -> subprocess.Popen:
+    """A neighbour that keeps one core busy."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def run_gate(out: Path, name: str, slow_pct: float, rounds: int) -> dict:
+    tmp = out / f".{name}"
+    cmd = [sys.executable, "-m", "bench.regress", "--ab", "HEAD", "--rounds", str(rounds), "--out", str(tmp)]
+    if slow_pct:
+        cmd += ["--slow-pct", str(slow_pct)]
+    t0 = time.perf_counter()
+    rc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL).returncode
+    summary = json.loads((tmp / "ab.json").read_text())
+    summary.update(rc=rc, condition=name, wall_s=time.perf_counter() - t0)
+    (out / f"{name}.json").write_text(json.dumps(summary, indent=1))
+    subprocess.run(["rm", "-rf", str(tmp)])
+    return summary
+
+
+def summarise(out: Path) -> str:
+    """study.md from the gates' JSON files in ``out``."""
+    rows = {"aa": {"quiet": [], "loaded": []}, "slow": {"quiet": [], "loaded": []}}
+    for f in sorted(out.glob("*.json")):
+        g = json.loads(f.read_text())
+        kind = "slow" if g["slow_pct"] else "aa"
+        rows[kind]["loaded" if "loaded" in g["condition"] else "quiet"].append(g)
+    lines = ["# Same-run A/B gate: false alarms and detection on this machine", "",
+             "| gates | machine | entries judged | entry FAILs | whole-gate FAILs | median ratios | min/gate |",
+             "|---|---|---:|---:|---:|---|---:|"]
+    for kind, label in (("aa", "unchanged (A/A)"), ("slow", "slowed by exactly +{p}%")):
+        for load in ("quiet", "loaded"):
+            gates = rows[kind][load]
+            if not gates:
+                continue
+            ents = [v for g in gates for v in g["verdicts"]]
+            judged = [v for v in ents if any(c["metric"] == "step_time" for c in v["checks"])]
+            if kind == "slow":  # detection: the speed check itself fails
+                fails = [v for v in judged if any(c["metric"] == "step_time" and c["verdict"] == "FAIL"
+                                                  for c in v["checks"])]
+            else:
+                fails = [v for v in ents if v["verdict"] == "FAIL"]
+            gate_fails = sum(any(v["verdict"] == "FAIL" for v in g["verdicts"]) for g in gates)
+            ratios = [c["ratio"] for v in judged for c in v["checks"] if c["metric"] == "step_time"]
+            minutes = sum(g["wall_s"] for g in gates) / len(gates) / 60
+            lines.append(f"| {label.format(p=gates[0]['slow_pct'])} x{len(gates)} | {load} | {len(judged)} | "
+                         f"{len(fails)}/{len(ents)} | {gate_fails}/{len(gates)} | "
+                         f"{min(ratios):.3f}-{max(ratios):.3f} | {minutes:.1f} |")
+    lines += ["", "Per entry (median paired step-time ratio, candidate / baseline, per gate):", ""]
+    for f in sorted(out.glob("*.json")):
+        g = json.loads(f.read_text())
+        cells = []
+        for v in g["verdicts"]:
+            st = next((c for c in v["checks"] if c["metric"] == "step_time"), None)
+            cells.append(f"{v['entry']} {st['ratio']:.3f} (n={st['pairs']}) {v['verdict']}" if st
+                         else f"{v['entry']} {v['verdict']}")
+        lines.append(f"- {g['condition']}: " + "; ".join(cells))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--gates", type=int, default=2, help="repetitions of the four conditions")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--slow-pct", type=float, default=10.0)
+    ap.add_argument("--summarise", action="store_true", help="only rewrite study.md from the JSON files")
+    args = ap.parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.summarise:
+        for i in range(args.gates):
+            for load in (False, True):
+                for slow in (0.0, args.slow_pct):
+                    name = f"{'loaded' if load else 'quiet'}-{'slow' if slow else 'aa'}-{i}"
+                    spinner = spin_forever() if load else None
+                    try:
+                        g = run_gate(out, name, slow, args.rounds)
+                    finally:
+                        if spinner:
+                            spinner.kill()
+                            spinner.wait()
+                    print(f"[study] {name}: rc={g['rc']} " + ", ".join(f"{v['entry']} {v['verdict']}"
+                                                                        for v in g["verdicts"]), flush=True)
+    text = summarise(out)
+    (out / "study.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
