@@ -49,6 +49,7 @@ from pathlib import Path
 import yaml
 
 from bench import ci_suite, suite
+from bench.results import read_rows
 
 ROOT = suite.ROOT
 BASE_REV_FILE = ROOT / "results" / "baselines" / "BASE_REV"
@@ -149,19 +150,8 @@ def export_tree(sha: str, dest: Path) -> Path:
 
 
 def _read_row(results: Path, run_id: str) -> dict | None:
-    """The row with ``run_id`` in results/runs.jsonl (complete lines only), or None."""
-    try:
-        lines = (results / "runs.jsonl").read_text().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and row.get("run_id") == run_id:
-            return row
-    return None
+    """The row with ``run_id`` in results/runs.jsonl, or None."""
+    return next((r for r in read_rows(results) if r.get("run_id") == run_id), None)
 
 
 class Runner:

@@ -7,17 +7,59 @@ turns the result into these dataclasses so every check runs before anything star
 
 from __future__ import annotations
 
+import math
+import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from bench.results import RUNS_FILE, run_ids
 from models.config import PRESETS, GPTConfig
 from strategies.config import StrategyConfig
 
 
 class ConfigError(ValueError):
     """A setting that can never work; reported before training, exit code 2, no row written."""
+
+
+_RUN_ID = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _writable_folder_problem(path: str) -> str | None:
+    """Why ``path`` cannot be (made) a writable folder, or None. Creates nothing."""
+    p = Path(path).expanduser().absolute()
+    if p.exists() and not p.is_dir():
+        return "exists and is not a folder"
+    if (p / RUNS_FILE).is_dir():
+        return f"holds a folder named {RUNS_FILE} where the table goes"
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is not a folder"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"{p} is not writable"
+    return None
+
+
+def _data_problem(data: str, seq_len: int, micro_batch: int, vocab_size: int) -> str | None:
+    """Why the text at ``data`` cannot feed one micro-batch (bench/data.py's byte-level windows), or None."""
+    p = Path(data)
+    if p.is_file():
+        size = p.stat().st_size
+    elif p.is_dir():
+        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+    else:
+        return "no such file or folder (use data=synthetic or a path to local text)"
+    if vocab_size < 256:
+        return f"byte-level text (ids 0..255) needs model.vocab_size >= 256, the model has {vocab_size}"
+    need = micro_batch * seq_len + 1
+    if size < need:
+        return (f"holds {size} bytes; one micro-batch of micro_batch={micro_batch} windows of seq_len={seq_len} "
+                f"needs at least {need}")
+    return None
 
 
 @dataclass
@@ -67,8 +109,8 @@ class RunConfig:
     run_id: str = ""
     """Row identifier; empty = generated (timestamp + random). Launchers (bench/sweep.py) set it to find the row."""
     debug_hang_step: int = -1
-    """DEBUG (fault tests): at this step, rank ``debug_fail_rank`` sleeps forever, so the others hang in a
-    collective until ``timeout_s``."""
+    """DEBUG (fault tests): at this step, rank ``debug_fail_rank`` (-1: every rank) stops answering for
+    ``timeout_s``: the others wait in a collective until it times out; the hung rank gives up then too."""
     debug_delay_s: float = 0.0
     """DEBUG (regression-gate tests): sleep this long inside every timed step."""
     debug_slow_pct: float = 0.0
@@ -99,8 +141,30 @@ class RunConfig:
             raise bad("device", "valid values: auto, cpu, cuda")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise bad("backend", "valid values: auto, nccl, gloo")
-        if not self.debug_slow_pct >= 0 or self.debug_slow_pct != self.debug_slow_pct:
-            raise bad("debug_slow_pct", "must be a number >= 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise bad("lr", "must be a finite number > 0")
+        if self.timeout_s < 1:
+            raise bad("timeout_s", "must be >= 1 (seconds)")
+        if self.debug_fail_rank < -1:
+            raise bad("debug_fail_rank", "must be a rank >= 0, or -1 for every rank")
+        if not (math.isfinite(self.debug_slow_pct) and self.debug_slow_pct >= 0):
+            raise bad("debug_slow_pct", "must be a finite number >= 0")
+        if not (math.isfinite(self.debug_delay_s) and self.debug_delay_s >= 0):
+            raise bad("debug_delay_s", "must be a finite number >= 0")
+        problem = _writable_folder_problem(self.results_dir)
+        if problem:
+            raise bad("results_dir", problem)
+        if self.profile_dir and _writable_folder_problem(self.profile_dir):
+            raise bad("profile_dir", _writable_folder_problem(self.profile_dir))
+        if self.run_id:
+            if not _RUN_ID.fullmatch(self.run_id):
+                raise bad("run_id", "use letters, digits, '.', '_' and '-' only (it names a file)")
+            if self.run_id in run_ids(self.results_dir):
+                raise bad("run_id", f"already in {Path(self.results_dir) / RUNS_FILE}; run ids are unique")
+        if self.data != "synthetic":
+            problem = _data_problem(self.data, self.seq_len, self.micro_batch, self.model.vocab_size)
+            if problem:
+                raise bad("data", problem)
 
     def resolve_grad_accum(self, dp_size: int) -> int:
         """grad_accum from global_batch when given; checks the arithmetic, naming all three numbers."""

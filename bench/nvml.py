@@ -5,8 +5,12 @@ Over the timed window, per device:
 - ``gpu_power_w``: mean of nvmlDeviceGetPowerUsage samples, watts;
 - ``gpu_energy_j``: nvmlDeviceGetTotalEnergyConsumption difference (mJ counter, Volta and newer),
   or, where unsupported, the trapezoid integral of the power samples, joules;
-- ``gpu_mem_used_bytes``: max of nvmlDeviceGetMemoryInfo().used (all processes on the device), bytes.
-Across ranks: utilisation and power are averaged, energy summed, memory max'd; then
+- ``gpu_mem_used_bytes``: max of nvmlDeviceGetMemoryInfo().used (all processes on the device), bytes;
+- ``gpu_sm_clock_mhz`` / ``gpu_sm_clock_min_mhz``: mean / min of nvmlDeviceGetClockInfo(NVML_CLOCK_SM), MHz;
+- ``gpu_throttle_reasons``: the clock-event (throttle) reasons seen in any sample, by name -- power cap,
+  thermal or hardware slowdown, sync boost ... (GPU idle and the applications-clock setting left out).
+Across ranks: utilisation, power and clock averaged (clock min: min), energy summed, memory max'd,
+throttle reasons united; then
 ``energy_per_token_j`` = total energy / tokens trained in the window.
 On CPU or without a driver every value is absent (None) -- never an error.
 """
@@ -37,6 +41,8 @@ class NvmlSampler:
         self._stop = threading.Event()
         self._thread = None
         self.samples: list[tuple[float, float | None, float | None, int | None]] = []
+        self.clocks: list[float] = []
+        self.reasons = 0
         self._energy0 = None
         self._t0 = 0.0
 
@@ -66,6 +72,14 @@ class NvmlSampler:
         except Exception:
             pass
         self.samples.append((now, util, power, mem))
+        try:
+            self.clocks.append(float(self.nvml.nvmlDeviceGetClockInfo(self.handle, self.nvml.NVML_CLOCK_SM)))
+        except Exception:
+            pass
+        try:
+            self.reasons |= int(self.nvml.nvmlDeviceGetCurrentClocksEventReasons(self.handle))
+        except Exception:
+            pass
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):  # blocks between samples: no busy wait
@@ -82,7 +96,8 @@ class NvmlSampler:
 
     def stop(self) -> dict:
         """Stop sampling; the window's statistics (all None when unavailable)."""
-        empty = {"gpu_util_pct": None, "gpu_power_w": None, "gpu_energy_j": None, "gpu_mem_used_bytes": None}
+        empty = {"gpu_util_pct": None, "gpu_power_w": None, "gpu_energy_j": None, "gpu_mem_used_bytes": None,
+                 "gpu_sm_clock_mhz": None, "gpu_sm_clock_min_mhz": None, "gpu_throttle_reasons": None}
         if not self.available:
             return empty
         self._stop.set()
@@ -104,7 +119,19 @@ class NvmlSampler:
             "gpu_power_w": sum(p for _, p in powers) / len(powers) if powers else None,
             "gpu_energy_j": energy,
             "gpu_mem_used_bytes": max(mems) if mems else None,
+            "gpu_sm_clock_mhz": sum(self.clocks) / len(self.clocks) if self.clocks else None,
+            "gpu_sm_clock_min_mhz": min(self.clocks) if self.clocks else None,
+            "gpu_throttle_reasons": throttle_names(self.nvml, self.reasons),
         }
+
+
+def throttle_names(nvml, mask: int) -> list[str]:
+    """Names of the clock-event reasons set in ``mask`` (pynvml's nvmlClocksEventReason* constants), without
+    GpuIdle and ApplicationsClocksSetting, which say nothing about a slowed training step."""
+    skip = {"All", "None", "GpuIdle", "ApplicationsClocksSetting"}
+    prefix = "nvmlClocksEventReason"
+    return sorted(n[len(prefix):] for n in dir(nvml) if n.startswith(prefix) and n[len(prefix):] not in skip
+                  and isinstance(getattr(nvml, n), int) and mask & getattr(nvml, n))
 
 
 def combine_nvml(per_rank: list[dict], tokens: int) -> dict:
@@ -120,5 +147,10 @@ def combine_nvml(per_rank: list[dict], tokens: int) -> dict:
         "gpu_power_w": sum(power) / len(power) if power else None,
         "gpu_energy_j": total_energy,
         "gpu_mem_used_bytes": max(mem) if mem else None,
+        "gpu_sm_clock_mhz": sum(vals("gpu_sm_clock_mhz")) / len(vals("gpu_sm_clock_mhz"))
+        if vals("gpu_sm_clock_mhz") else None,
+        "gpu_sm_clock_min_mhz": min(vals("gpu_sm_clock_min_mhz")) if vals("gpu_sm_clock_min_mhz") else None,
+        "gpu_throttle_reasons": sorted({n for r in vals("gpu_throttle_reasons") for n in r})
+        if vals("gpu_throttle_reasons") else None,
         "energy_per_token_j": total_energy / tokens if (total_energy is not None and tokens) else None,
     }

@@ -8,11 +8,14 @@ no NVIDIA datasheet: the figures are those AWS quotes for G5 instances, marked a
 'fp32' is the non-tensor-core FP32 peak, 'tf32' the TF32 tensor-core peak.
 
 On a CPU or a GPU not in the table, ``probe_peak_flops`` times a square matmul in the run's
-dtype and takes the best of several repeats (the highest throughput this process can reach);
-the result is cached per machine/threads/dtype/torch version in ``$N00BGPT_CACHE_DIR`` (default
-``~/.cache/n00bgpt``); ``N00BGPT_PEAK_CACHE=0`` probes in every run instead (the regression gate uses
-this so MFU is normalised by the machine's speed at that moment). Never a silent fallback to another
-GPU's numbers.
+dtype and takes the best of several trials (the highest throughput this process can reach), and
+records the trials' spread, (best - worst) / best, and the probe's own CPU share, process CPU
+seconds / (wall seconds x threads). A probe that was itself contended (CPU share < 0.9 or spread
+> 0.15: a neighbour took the core during some trials, so even the best may be low) is used for
+this run but never cached; a clean one is cached per machine/threads/dtype/torch version in
+``$N00BGPT_CACHE_DIR`` (default ``~/.cache/n00bgpt``); ``N00BGPT_PEAK_CACHE=0`` probes in every run
+instead. A peak that came out too low shows as mfu > 1, which bench/train.py turns into status
+``suspect``. Never a silent fallback to another GPU's numbers.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -63,9 +67,27 @@ def lookup_gpu_peak(device_name: str, dtype: str) -> tuple[float, str] | None:
     return None
 
 
-def probe_peak_flops(device: torch.device, dtype: str, n: int | None = None, repeats: int = 5,
-                     min_time_s: float = 0.05) -> float:
-    """Best observed FLOP/s of an n x n @ n x n matmul (2 n^3 FLOPs) on ``device`` in ``dtype``."""
+CONTENDED_CPU_UTIL = 0.9
+CONTENDED_SPREAD = 0.15
+
+
+@dataclass
+class Probe:
+    """A matmul probe: best FLOP/s over trials, their spread (best - worst) / best, the probe's CPU share."""
+
+    flops: float
+    spread: float
+    cpu_util: float | None
+
+    @property
+    def contended(self) -> bool:
+        return self.spread > CONTENDED_SPREAD or (self.cpu_util is not None and self.cpu_util < CONTENDED_CPU_UTIL)
+
+
+def probe_peak_flops(device: torch.device, dtype: str, n: int | None = None, repeats: int = 7,
+                     min_time_s: float = 0.05) -> Probe:
+    """Best observed FLOP/s of an n x n @ n x n matmul (2 n^3 FLOPs) on ``device`` in ``dtype``, over
+    ``repeats`` trials, with their spread and (CPU only) the probe's CPU share."""
     if n is None:
         n = 8192 if device.type == "cuda" else (256 if dtype in ("bf16", "fp16") else 1024)
     td = _TORCH_DTYPE[dtype]
@@ -87,8 +109,13 @@ def probe_peak_flops(device: torch.device, dtype: str, n: int | None = None, rep
     iters = 1
     while timed(iters) < min_time_s:  # grow until one repeat lasts long enough to time
         iters *= 2
-    best = max(iters * flops / timed(iters) for _ in range(repeats))
-    return best
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    rates = [iters * flops / timed(iters) for _ in range(repeats)]
+    cpu_util = None
+    if device.type == "cpu":
+        cpu_util = (time.process_time() - cpu0) / ((time.perf_counter() - wall0) * torch.get_num_threads())
+    best = max(rates)
+    return Probe(best, (best - min(rates)) / best, cpu_util)
 
 
 def _cache_path() -> Path:
@@ -108,16 +135,25 @@ def _probe_key(device: torch.device, dtype: str) -> str:
     return f"{platform.node()}|{device.type}|{name}|{dtype}|threads={torch.get_num_threads()}|torch={torch.__version__}"
 
 
-def get_peak_flops(device: torch.device, dtype: str, allow_probe: bool = True) -> tuple[float | None, str]:
-    """Per-device peak FLOP/s for ``dtype`` and where it came from ('table:...', 'probe:...' or 'none')."""
+def get_peak_flops(device: torch.device, dtype: str, allow_probe: bool = True) -> tuple[float | None, str, dict]:
+    """Per-device peak FLOP/s for ``dtype``, where it came from ('table:...', 'probe:...' or 'none'), and the
+    probe's statistics when one ran now (``peak_probe_spread``, ``peak_probe_cpu_util``; else empty)."""
     if device.type == "cuda":
         hit = lookup_gpu_peak(torch.cuda.get_device_name(device), dtype)
         if hit:
-            return hit
+            return *hit, {}
     if not allow_probe:
-        return None, "none"
-    if os.environ.get("N00BGPT_PEAK_CACHE", "1") == "0":  # the CI gate: a peak measured in this very run
-        return probe_peak_flops(device, dtype), f"probe:measured matmul {dtype} (uncached)"
+        return None, "none", {}
+
+    def fresh(cache_note: str):
+        p = probe_peak_flops(device, dtype)
+        note = "contended: not cached" if p.contended else cache_note
+        return p, f"probe:measured matmul {dtype}" + (f" ({note})" if note else ""), \
+            {"peak_probe_spread": p.spread, "peak_probe_cpu_util": p.cpu_util}
+
+    if os.environ.get("N00BGPT_PEAK_CACHE", "1") == "0":  # a peak measured in this very run
+        p, source, stats = fresh("uncached")
+        return p.flops, source, stats
     key = _probe_key(device, dtype)
     path = _cache_path()
     try:
@@ -125,9 +161,11 @@ def get_peak_flops(device: torch.device, dtype: str, allow_probe: bool = True) -
     except (OSError, ValueError):
         cache = {}
     if key in cache:
-        return float(cache[key]), f"probe:cached matmul {dtype} ({path})"
-    peak = probe_peak_flops(device, dtype)
-    cache[key] = peak
+        return float(cache[key]), f"probe:cached matmul {dtype} ({path})", {}
+    p, source, stats = fresh("")
+    if p.contended:
+        return p.flops, source, stats
+    cache[key] = p.flops
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -135,4 +173,4 @@ def get_peak_flops(device: torch.device, dtype: str, allow_probe: bool = True) -
         os.replace(tmp, path)
     except OSError:
         pass
-    return peak, f"probe:measured matmul {dtype}"
+    return p.flops, source, stats

@@ -121,8 +121,21 @@ def gate(baseline: pd.DataFrame, candidate: pd.DataFrame, thresholds: dict) -> p
                         "threshold": threshold, "verdict": verdict})
     if not matched:
         raise GateInputError("no setup of the baseline appears in the candidate (matched on "
-                             + ", ".join(SETUP_KEYS) + ")")
+                             + ", ".join(SETUP_KEYS) + "); " + nearest_setups(baseline, candidate))
     return pd.DataFrame(out)
+
+
+def nearest_setups(baseline: pd.DataFrame, candidate: pd.DataFrame, limit: int = 3) -> str:
+    """For the first baseline setups, the candidate setup sharing the most SETUP_KEYS and the fields that differ."""
+    cands = [dict(zip(SETUP_KEYS, k)) for k in candidate.groupby(SETUP_KEYS, dropna=False).groups]
+    notes = []
+    for key in list(baseline.groupby(SETUP_KEYS, dropna=False).groups)[:limit]:
+        b = dict(zip(SETUP_KEYS, key))
+        best = max(cands, key=lambda c: sum(str(c[k]) == str(b[k]) for k in SETUP_KEYS))
+        diff = ", ".join(f"{k} {b[k]!r} vs {best[k]!r}" for k in SETUP_KEYS if str(best[k]) != str(b[k]))
+        notes.append(f"baseline {b['model']} {b['strategy']} ws={b['world_size']}: nearest candidate differs in {diff}")
+    return "; ".join(notes) + (" (raw numbers from another machine do not compare: use --ab)"
+                               if any("device_name" in n for n in notes) else "")
 
 
 def _fmt(v) -> str:

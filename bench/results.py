@@ -4,8 +4,12 @@
 
 Appends are atomic: the row is serialised first, then written with a single ``write`` to a
 file opened with O_APPEND under an exclusive ``flock``, then fsync'd. Concurrent runs never
-interleave, and a run killed at any point leaves either its whole row or none. The per-step
-log is written to a temporary file and renamed into place.
+interleave, and a run killed at any point leaves either its whole row or none. A table whose last
+line was cut short by someone else (a crash mid-write of another tool, a full disk, a copy) has no
+final newline: the writer terminates that fragment first, so the new row is never glued to it and
+lost; readers (reports.load) skip the fragment with a warning naming file:line. Tested by SIGKILLing
+writers at random points (tests/test_results.py). The per-step log is written to a temporary file
+and renamed into place.
 
 ``claim_run`` makes sure one run writes one row even when several ranks fail at once.
 """
@@ -16,6 +20,7 @@ import fcntl
 import json
 import math
 import os
+import socket
 from pathlib import Path
 
 RUNS_FILE = "runs.jsonl"
@@ -50,9 +55,12 @@ def append_row(results_dir: str | Path, row: dict) -> Path:
     path = Path(results_dir) / RUNS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     data = (json.dumps(_clean(row), allow_nan=False, default=str) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn last line: end it, keep our row whole
+            data = b"\n" + data
         written = os.write(fd, data)
         if written != len(data):  # never expected for a regular file; refuse to leave half a row
             os.ftruncate(fd, os.fstat(fd).st_size - written)
@@ -75,6 +83,29 @@ def write_steps(results_dir: str | Path, run_id: str, steps: list[dict]) -> Path
     return path
 
 
+def read_rows(results_dir: str | Path) -> list[dict]:
+    """The complete rows of ``results_dir/runs.jsonl`` (torn or unparsable lines skipped; [] without a table).
+    Writers and launchers use this; readers of tables use reports.load, which also says what it skipped."""
+    rows = []
+    try:
+        with open(Path(results_dir) / RUNS_FILE, "rb") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict):
+                    rows.append(row)
+    except OSError:
+        pass
+    return rows
+
+
+def run_ids(results_dir: str | Path) -> set[str]:
+    """The run_ids already in ``results_dir/runs.jsonl``."""
+    return {r.get("run_id") for r in read_rows(results_dir)}
+
+
 def claim_run(results_dir: str | Path, run_id: str) -> bool:
     """True for the first caller per run_id (any process), False after: decides who writes an error row."""
     folder = Path(results_dir) / ".claims"
@@ -84,3 +115,37 @@ def claim_run(results_dir: str | Path, run_id: str) -> bool:
         return True
     except FileExistsError:
         return False
+
+
+def register_rank(results_dir: str | Path, run_id: str, rank: int) -> None:
+    """Note this rank's host and pid for the run, so a survivor can name a rank that died (``dead_ranks``)."""
+    folder = Path(results_dir) / ".claims" / f"{run_id}.ranks"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / str(rank)).write_text(f"{socket.gethostname()} {os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (killed, not yet reaped) is dead too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def dead_ranks(results_dir: str | Path, run_id: str) -> list[int]:
+    """Ranks of the run on this host whose process no longer exists (other hosts' ranks cannot be checked)."""
+    folder = Path(results_dir) / ".claims" / f"{run_id}.ranks"
+    host, dead = socket.gethostname(), []
+    for f in sorted(folder.glob("*"), key=lambda f: int(f.name) if f.name.isdigit() else -1):
+        try:
+            h, pid = f.read_text().split()
+        except (OSError, ValueError):
+            continue
+        if h == host and f.name.isdigit() and not _alive(int(pid)):
+            dead.append(int(f.name))
+    return dead

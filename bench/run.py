@@ -6,7 +6,8 @@
     python bench/run.py --help                                                      # groups and options
 
 Exit codes: 0 ok; 1 the run failed (error, oom, nan, timeout: a row with that status is written);
-2 invalid configuration (nothing is run, no row is written).
+2 invalid configuration (nothing is run, no row is written); 3 the run finished but a number cannot be
+true (status suspect, e.g. mfu > 1: the row is written with the reason).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from bench.config import ConfigError, RunConfig, register_configs, to_run_config  # noqa: E402
 from bench.dist import DistInfo, broadcast_object, init_distributed  # noqa: E402
 from bench.env import environment  # noqa: E402
-from bench.results import append_row, claim_run, write_steps  # noqa: E402
+from bench.results import append_row, claim_run, dead_ranks, register_rank, write_steps  # noqa: E402
 from bench.train import TrainOutcome, plan_batch, train  # noqa: E402
 
 register_configs()
@@ -110,14 +111,15 @@ def main(raw: DictConfig) -> None:
         cfg = to_run_config(raw)
         info = init_distributed(cfg.device, cfg.backend, cfg.timeout_s)
     except ConfigError as exc:
-        print(f"[n00bGPT] error: invalid configuration: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        stop_invalid(str(exc))
     preset = HydraConfig.get().runtime.choices.get("strategy")
     run_id = cfg.run_id or broadcast_object(
         f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}" if info.is_main else None, info)
     # torchrun answers a dead rank by SIGTERM-ing the others: turn that into an exception so a
     # surviving rank still writes the run's (single, claimed) error row before it exits.
     signal.signal(signal.SIGTERM, _raise_terminated)
+    if info.world_size > 1:
+        register_rank(cfg.results_dir, run_id, info.rank)
     say(info, f"run {run_id}: model={cfg.model.name} strategy={cfg.strategy.canonical_name} "
               f"world_size={info.world_size} device={info.device.type} steps={cfg.steps}+{cfg.warmup} warm-up")
 
@@ -127,18 +129,24 @@ def main(raw: DictConfig) -> None:
         status = outcome.status
         if status == "nan":
             error = "non-finite loss: " + ", ".join(f"{v}" for v in outcome.losses[-3:])
-    except ConfigError as exc:
-        print(f"[n00bGPT] error: invalid configuration: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        elif status == "suspect":
+            error = outcome.metrics["suspect_reason"]
+    except ConfigError as exc:  # found only once the process group exists (e.g. world size vs strategy)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        stop_invalid(str(exc))
     except torch.OutOfMemoryError as exc:
         status, error = "oom", f"rank {info.rank}: {exc}".strip()[:2000]
     except (Exception, Terminated) as exc:  # any rank's crash still leaves a row
         error = f"rank {info.rank}: {type(exc).__name__}: {exc}"[:2000]
+        dead = dead_ranks(cfg.results_dir, run_id) if info.world_size > 1 else []
+        if dead:  # name the rank that died, not only the survivor that writes the row
+            error = f"rank {', '.join(map(str, dead))} died (its process is gone: killed or crashed); {error}"[:2000]
         status = "timeout" if _is_timeout(exc) else ("oom" if _is_cpu_oom(exc) else "error")
         traceback.print_exc()
 
     row = build_row(cfg, raw, info, run_id, status, error, outcome, preset)
-    collective = status in ("ok", "nan")  # decided together on every rank: rank 0 writes
+    collective = status in ("ok", "nan", "suspect")  # decided together on every rank: rank 0 writes
     if (collective and info.is_main) or (not collective and claim_run(cfg.results_dir, run_id)):
         path = append_row(cfg.results_dir, row)
         if outcome is not None:
@@ -147,7 +155,7 @@ def main(raw: DictConfig) -> None:
                                          if cfg.warmup <= i < cfg.warmup + len(outcome.step_times_s) else None)}
                         for i, loss in enumerate(outcome.losses)]
             write_steps(cfg.results_dir, run_id, step_log)
-        if status == "ok":
+        if status in ("ok", "suspect"):
             m = outcome.metrics
             mfu = f"{m['mfu']:.1%}" if m.get("mfu") is not None else "n/a"
             comm = (f", comm {m['comm_bytes_per_step'] / 1e6:,.1f} MB/step (predicted "
@@ -158,6 +166,8 @@ def main(raw: DictConfig) -> None:
                       f"(before the model {(m['mem_baseline_bytes'] or 0) / 2**30:.2f} + predicted "
                       f"{m['pred_peak_mem_bytes'] / 2**30:.2f}){comm}, "
                       f"loss {m['loss']:.4f} -> {path}")
+            if status == "suspect":
+                say(None, f"SUSPECT: {error}")
         else:
             say(None, f"FAILED ({status}): {error} -> row in {path}")
     if collective and dist.is_initialized():
@@ -167,7 +177,45 @@ def main(raw: DictConfig) -> None:
     # called without an active exception"), which would turn a finished run into a failed exit code.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0 if status == "ok" else 1)
+    os._exit({"ok": 0, "suspect": 3}.get(status, 1))
+
+
+_HYDRA_FLAGS = ("-h", "--help", "--hydra-help", "--cfg", "-c", "--info", "--resolve", "--package", "-p",
+                "--multirun", "-m", "--shell-completion", "-sc", "--config-path", "-cp", "--config-name", "-cn",
+                "--config-dir", "-cd", "--run", "-r", "--experimental-rerun")
+
+
+def precheck(argv: list[str]) -> str | None:
+    """Compose and validate the configuration exactly as ``main`` will, before Hydra's runner starts, and
+    return a one-line message for anything invalid (an unknown group option or key, a value of the wrong
+    type, a RunConfig check), or None. Hydra itself would exit 1 with a multi-line report."""
+    if any(a.split("=", 1)[0] in _HYDRA_FLAGS for a in argv):
+        return None  # --help, --cfg, multirun ...: Hydra's own business
+    problem = check_override_keys(argv)
+    if problem:
+        return problem
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import MissingConfigException
+
+    overrides = [a for a in argv if not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
+    try:
+        with initialize_config_dir(config_dir=str(Path(__file__).with_name("conf")), version_base=None):
+            raw = compose(config_name="config", overrides=overrides)
+    except MissingConfigException as exc:
+        group = next((g for g in ("model", "strategy") if f"'{g}/" in str(exc)), None)
+        if group is None:
+            return str(exc).splitlines()[0]
+        value = next((a.split("=", 1)[1] for a in argv if a.startswith(f"{group}=")), "?")
+        return f"{group}={value!r} is not a {group} preset; valid: {', '.join(exc.options or [])}"
+    except Exception as exc:  # OmegaConf type errors, override grammar errors
+        msg = " ".join(str(exc).split("\n")[0].split())
+        key = getattr(exc, "full_key", None)
+        return f"{key}: {msg}" if key else msg
+    try:
+        to_run_config(raw)
+    except ConfigError as exc:
+        return str(exc)
+    return None
 
 
 def check_override_keys(argv: list[str]) -> str | None:
@@ -193,9 +241,16 @@ def check_override_keys(argv: list[str]) -> str | None:
     return None
 
 
+def stop_invalid(problem: str) -> None:
+    """Exit 2 with one line; under torchrun only global rank 0 prints it (every rank finds the same problem)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[n00bGPT] error: invalid configuration: {problem}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(2)
+
+
 if __name__ == "__main__":
-    problem = check_override_keys(sys.argv[1:])
+    problem = precheck(sys.argv[1:])
     if problem:
-        print(f"[n00bGPT] error: invalid configuration: {problem}", file=sys.stderr)
-        sys.exit(2)
+        stop_invalid(problem)
     main()

@@ -18,7 +18,6 @@ becomes an sbatch script in the sweep folder (bench/slurm.py), submitted when ``
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import socket
 import subprocess
@@ -35,7 +34,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from bench.config import register_configs  # noqa: E402
 from bench.env import git_sha  # noqa: E402
-from bench.results import REQUIRED_COLUMNS, RUNS_FILE, append_row, claim_run  # noqa: E402
+from bench.results import REQUIRED_COLUMNS, RUNS_FILE, append_row, claim_run, read_rows, run_ids  # noqa: E402
 from bench.slurm import SlurmJob, submit  # noqa: E402
 from reports.aggregate import format_value  # noqa: E402
 
@@ -51,22 +50,6 @@ def sweep_id(sweep_dir: str) -> str:
 def _results_dir(cfg: DictConfig) -> Path:
     p = Path(cfg.results_dir)
     return p if p.is_absolute() else ROOT / p
-
-
-def _rows(results_dir: Path) -> list[dict]:
-    """The parseable rows of results_dir/runs.jsonl (a torn line never stops a sweep)."""
-    path = results_dir / RUNS_FILE
-    rows = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def _row_exists(results_dir: Path, run_id: str) -> bool:
-    return any(r.get("run_id") == run_id for r in _rows(results_dir))
 
 
 def _launch_local(cfg: DictConfig, run_args: list[str], run_id: str, tag: str) -> str:
@@ -89,7 +72,7 @@ def _launch_local(cfg: DictConfig, run_args: list[str], run_id: str, tag: str) -
         rc, status = "timeout", "timeout"
         tail = f"killed after sweep.timeout_s={s.timeout_s}s; " + str(exc.stderr or "")[-1000:]
     results = _results_dir(cfg)
-    if not _row_exists(results, run_id) and claim_run(results, run_id):
+    if run_id not in run_ids(results) and claim_run(results, run_id):
         row = {c: None for c in REQUIRED_COLUMNS}
         row.update(run_id=run_id, timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    model=cfg.model.get("name"), strategy=HydraConfig.get().runtime.choices.get("strategy"),
@@ -134,7 +117,7 @@ class SweepSummary(Callback):
         sid = sweep_id(config.hydra.sweep.dir)
         results = _results_dir(config)
         path = results / RUNS_FILE
-        rows = [r for r in _rows(results) if r.get("tag") == f"sweep:{sid}"]
+        rows = [r for r in read_rows(results) if r.get("tag") == f"sweep:{sid}"]
         rows.sort(key=lambda r: int(str(r["run_id"]).rsplit("-", 1)[-1]))
         lines = ["| job | model | strategy | world | status | tokens/s | MFU | peak mem (GiB) | error |",
                  "|---|---|---|---:|---|---:|---:|---:|---|"]

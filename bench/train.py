@@ -24,6 +24,7 @@ import torch.distributed as dist
 from bench import memory, metrics
 from bench.comm import CommCounter
 from bench.config import ConfigError, RunConfig
+from bench.contention import ContentionMeter, combine_contention
 from bench.costmodel import predict_comm, predict_memory
 from bench.data import build_data
 from bench.dist import DistInfo, broadcast_object, gather_objects
@@ -40,7 +41,7 @@ class InjectedFailure(RuntimeError):
 
 @dataclass
 class TrainOutcome:
-    status: str  # 'ok' or 'nan'
+    status: str  # 'ok', 'nan', or 'suspect' (finished, but a number cannot be true: metrics.implausible)
     metrics: dict
     losses: list[float] = field(default_factory=list)  # global mean loss per step (warm-up included)
     step_times_s: list[float] = field(default_factory=list)  # combined timed step times
@@ -130,7 +131,8 @@ def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None
         torch.backends.cudnn.allow_tf32 = s.tf32
 
     # Peak FLOP/s first, on rank 0 alone (a probe must not compete with training), then shared.
-    peak, peak_source = broadcast_object(get_peak_flops(device, dtype_name) if info.is_main else None, info)
+    peak, peak_source, probe_stats = broadcast_object(get_peak_flops(device, dtype_name) if info.is_main else None,
+                                                      info)
 
     # What the process holds before the model exists (CPU: interpreter + libraries; CUDA: ~0):
     # the predicted peak is compared with peak_mem_bytes - mem_baseline_bytes.
@@ -152,6 +154,7 @@ def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None
     dp_rank = info.rank if dp > 1 else 0
     sampler = NvmlSampler(device.index if device.type == "cuda" else None)
     timer = metrics.StepTimer(device)
+    meter = ContentionMeter()
     profiler = _Profiler(cfg, info, run_id)
 
     def run_step(step: int) -> torch.Tensor:
@@ -185,6 +188,7 @@ def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None
         if step == cfg.warmup:
             memory.reset_peak(device)
             sampler.start()
+            meter.start()
             profiler.start()
         timer.start()
         t_step = time.perf_counter() if cfg.debug_slow_pct else 0.0
@@ -200,8 +204,11 @@ def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None
         if cfg.debug_fail_step == step and cfg.debug_fail_rank in (-1, info.rank):
             raise InjectedFailure(f"injected failure at step {step} on rank {info.rank} (debug_fail_step)")
         if cfg.debug_hang_step == step and cfg.debug_fail_rank in (-1, info.rank):
-            while True:  # DEBUG only: a rank that stops answering
-                time.sleep(1)
+            # DEBUG only: a rank that stops answering. Peers waiting in a collective fail at timeout_s; a rank
+            # hanging outside one (or every rank) gives up after timeout_s too, so no run hangs for ever.
+            time.sleep(cfg.timeout_s)
+            raise TimeoutError(f"rank {info.rank} hung at step {step} (debug_hang_step) for timeout_s="
+                               f"{cfg.timeout_s}s: timed out")
         if (cfg.log_every and (step + 1) % cfg.log_every == 0) or step == total - 1:
             new = _mean_over_ranks(step_losses[len(losses):], dp)
             losses.extend(new)
@@ -217,11 +224,12 @@ def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None
                          f"ETA {per_step * (total - step - 1):.0f}s")
                 wall_mark, steps_mark = now, step + 1
 
+    contention = meter.stop() if total > cfg.warmup and len(step_losses) > cfg.warmup else {}
     profiler.stop()
     nvml_stats = sampler.stop()
     durations = timer.durations_s()
     mine = {"times": durations[cfg.warmup:], "first": durations[0] if durations else None,
-            "peak": memory.read_peak(device), "nvml": nvml_stats, "baseline": mem_baseline}
+            "peak": memory.read_peak(device), "nvml": nvml_stats, "baseline": mem_baseline, "contention": contention}
     if status == "ok" and cfg.measure_comm and dp > 1:
         counter = CommCounter()  # one extra, untimed step: a dispatch mode slows every op
         try:
@@ -239,6 +247,7 @@ def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None
         "recompute_flops_per_token": recompute_flops_per_token(cfg.model, cfg.seq_len, s.ac, s.ac_every),
         "peak_flops": peak,
         "peak_flops_source": peak_source,
+        **probe_stats,
         "dtype": dtype_name,
         "first_step_time_s": max(r["first"] for r in ranks) if mine["first"] is not None else None,
         "peak_mem_bytes": max(r["peak"]["peak_mem_bytes"] or 0 for r in ranks),
@@ -255,6 +264,10 @@ def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None
         out["hfu"] = metrics.flops_utilisation(out["flops_per_token"] + out["recompute_flops_per_token"],
                                                out["tokens_per_sec_per_device"], peak)
         out.update(combine_nvml([r["nvml"] for r in ranks], len(times) * batch["global_batch_tokens"]))
+        out.update(combine_contention([r["contention"] for r in ranks]))
+        reason = metrics.implausible(out)
+        if reason and status == "ok":
+            status, out["suspect_reason"] = "suspect", reason
     out["loss"] = losses[-1] if losses else None
     out["mem_baseline_bytes"] = max(r["baseline"] or 0 for r in ranks)
     out["pred_peak_mem_bytes"] = pred_mem["total"]

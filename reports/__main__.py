@@ -4,16 +4,18 @@
     python -m reports results/gpu results/*.jsonl --out report/    # files, folders and globs, many at once
     python -m reports --baseline old/ --candidate new/ --out cmp/  # side by side with % deltas
 
-Exit codes: 0 written; 2 unusable input (the message names the file and the problem).
+Exit codes: 0 written; 2 unusable input (the message names the file and the problem). A torn or
+unparsable line is skipped with a warning naming file:line; ``--strict`` makes it an error (exit 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from reports import build, compare
-from reports.load import ResultsError, load
+from reports.load import ResultsError, TornLineWarning, load
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,17 +24,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--baseline", nargs="+", help="baseline results (with --candidate)")
     ap.add_argument("--candidate", nargs="+", help="candidate results (with --baseline)")
+    ap.add_argument("--strict", action="store_true", help="a torn/unparsable line is an error, not skipped")
     args = ap.parse_args(argv)
+    warnings.simplefilter("always", TornLineWarning)
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    strict = args.strict
     try:
         if args.baseline or args.candidate:
             if not (args.baseline and args.candidate):
                 raise ResultsError("--baseline and --candidate go together")
-            rep, page, md = compare.report(load(args.baseline), load(args.candidate))
+            rep, page, md = compare.report(load(args.baseline, strict=strict), load(args.candidate, strict=strict))
             index = build.write(rep, args.out, html_text=page, markdown=md)
         else:
             if not args.results:
                 raise ResultsError("give result files/folders, or --baseline and --candidate")
-            rep = build.build(load(args.results))
+            rep = build.build(load(args.results, strict=strict))
             index = build.write(rep, args.out)
     except ResultsError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -9,7 +9,7 @@ Per (setup, strategy), over the runs with status ``ok``:
 - ``tokens_per_sec_lo`` / ``_hi``: with several runs, the min / max of the runs' tokens/s; with one
   run, global_batch_tokens / step_time_p90_s and / step_time_p10_s (the step-to-step spread);
 - ``step_time_spread_pct`` = (p90 - p10) / median step time x 100, median over runs;
-- ``runs`` = ok runs / all runs. Failed runs are listed separately with their error.
+- ``runs`` = ok runs / all runs. Failed and suspect runs are listed separately with their error or reason.
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ def to_markdown(rep: Report, image_ext: str = "png") -> str:
         for cells in _table_rows(s["table"], best_strategies(s["table"])):
             out.append("| " + " | ".join(f"**{v}**" if b else str(v) for v, b in cells) + " |")
         if s["failed"]:
-            out += ["", "Failed runs:", ""]
+            out += ["", "Runs left out (failed, or suspect: a number that cannot be true):", ""]
             out += [f"- `{f['strategy']}` ({f['status']}, run {f['run_id']}): {f['error']}" for f in s["failed"]]
         out.append("")
         out += [f"![{rep.captions[k]}]({k}.{image_ext})" for k in rep.figures if k.startswith(s.get("stem", "\0"))]
@@ -167,7 +167,8 @@ def to_html(rep: Report, title: str = "n00bGPT report") -> str:
                                           for v, b in cells) + "</tr>")
         parts.append("</table>")
         if s["failed"]:
-            parts.append("<p class='failed'>Failed runs:</p><ul class='failed'>" + "".join(
+            parts.append("<p class='failed'>Runs left out (failed, or suspect: a number that cannot be true):</p>"
+                         "<ul class='failed'>" + "".join(
                 f"<li><code>{esc(f['strategy'])}</code> ({esc(str(f['status']))}, run {esc(str(f['run_id']))}): "
                 f"{esc(str(f['error']))}</li>" for f in s["failed"]) + "</ul>")
         for k in [k for k in rep.figures if k.startswith(s.get("stem", "\0"))]:

@@ -2,14 +2,17 @@
 
 ``load(paths)`` takes files, folders (their ``*.jsonl`` files; the ``steps/`` sub-folder is the
 per-step log, read by ``load_steps``) or glob patterns, one or many. Problems are errors that
-name the file (and line): a missing path, an empty selection, a malformed or truncated line,
-a table missing required columns.
+name the file (and line): a missing path, an empty selection, a table missing required columns.
+A torn or unparsable line (a writer killed mid-line, a truncated copy) is skipped with a warning
+naming file:line, so one bad line never hides the complete rows around it; ``strict=True`` makes
+it an error instead.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -43,31 +46,42 @@ def _expand(paths) -> list[Path]:
     return files
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+class TornLineWarning(UserWarning):
+    """A result-table line that is not a complete JSON object was skipped."""
+
+
+def _read_jsonl(path: Path, strict: bool = False) -> list[dict]:
     rows = []
-    text = path.read_text()
-    for lineno, line in enumerate(text.splitlines(), 1):
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        problem = None
         try:
             obj = json.loads(line)
+            if not isinstance(obj, dict):
+                problem = f"expected a JSON object per line, got {type(obj).__name__}"
         except json.JSONDecodeError as exc:
-            last = lineno == len(text.splitlines()) and not text.endswith("\n")
-            hint = " (truncated: the last line has no newline)" if last else ""
-            raise ResultsError(f"{path}:{lineno}: malformed JSON{hint}: {exc.msg}") from None
-        if not isinstance(obj, dict):
-            raise ResultsError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
+            last = lineno == len(lines) and not text.endswith("\n")
+            problem = f"malformed JSON{' (truncated: the last line has no newline)' if last else ''}: {exc.msg}"
+        if problem:
+            if strict:
+                raise ResultsError(f"{path}:{lineno}: {problem}")
+            warnings.warn(f"{path}:{lineno}: skipped: {problem}", TornLineWarning, stacklevel=3)
+            continue
         rows.append(obj)
     return rows
 
 
-def load(paths: str | Path | Iterable[str | Path], required: list[str] | None = None) -> pd.DataFrame:
+def load(paths: str | Path | Iterable[str | Path], required: list[str] | None = None,
+         strict: bool = False) -> pd.DataFrame:
     """All rows of the given result tables; adds ``source_file`` (and ``device_name`` from ``device`` where a
-    row lacks it). Raises ResultsError on bad input."""
+    row lacks it). Raises ResultsError on bad input; torn lines are skipped with a warning (``strict``: error)."""
     required = REQUIRED_COLUMNS if required is None else required
     frames = []
     for path in _expand(paths):
-        rows = _read_jsonl(path)
+        rows = _read_jsonl(path, strict)
         if not rows:
             raise ResultsError(f"{path}: no result rows")
         df = pd.DataFrame(rows)
@@ -84,6 +98,15 @@ def load(paths: str | Path | Iterable[str | Path], required: list[str] | None = 
     if "device_name" not in df.columns:
         df["device_name"] = df["device"]
     df["device_name"] = df["device_name"].fillna(df["device"])
+    # A number that cannot be true is never 'ok' (bench/metrics.py: implausible). Rows written before that
+    # rule existed are marked here, so no reader ranks or compares them.
+    bad = (df.status == "ok") & ((pd.to_numeric(df.mfu, errors="coerce") > 1)
+                                 | (pd.to_numeric(df.hfu, errors="coerce") > 1))
+    if bad.any():
+        df["error"] = df["error"].astype(object)
+        df.loc[bad, "error"] = [f"mfu={m:.3f}, hfu={h:.3f}: above 1 cannot be true (peak {p:.3g} FLOP/s too low)"
+                                for m, h, p in df.loc[bad, ["mfu", "hfu", "peak_flops"]].fillna(0).itertuples(False)]
+        df.loc[bad, "status"] = "suspect"
     return df
 
 

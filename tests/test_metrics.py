@@ -125,14 +125,18 @@ def test_unknown_gpu_is_probed_not_guessed(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA RTX 9090 Ti")
     monkeypatch.setattr(peak_flops, "_probe_key", lambda d, t: "fake-gpu")
     monkeypatch.setenv("N00BGPT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(peak_flops, "probe_peak_flops", lambda d, t: 42e12)
-    assert peak_flops.get_peak_flops(torch.device("cuda", 0), "bf16") == (42e12, "probe:measured matmul bf16")
+    monkeypatch.setattr(peak_flops, "probe_peak_flops", lambda d, t: peak_flops.Probe(42e12, 0.01, None))
+    peak, source, stats = peak_flops.get_peak_flops(torch.device("cuda", 0), "bf16")
+    assert (peak, source) == (42e12, "probe:measured matmul bf16")
+    assert stats == {"peak_probe_spread": 0.01, "peak_probe_cpu_util": None}
 
 
 def test_cpu_probe_is_measured_then_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("N00BGPT_CACHE_DIR", str(tmp_path))
-    peak, source = peak_flops.get_peak_flops(torch.device("cpu"), "fp32")
-    assert source == "probe:measured matmul fp32"
+    monkeypatch.setattr(peak_flops, "CONTENDED_SPREAD", 1.0)  # this test is about caching, not contention
+    monkeypatch.setattr(peak_flops, "CONTENDED_CPU_UTIL", 0.0)
+    peak, source, stats = peak_flops.get_peak_flops(torch.device("cpu"), "fp32")
+    assert source == "probe:measured matmul fp32" and 0 < stats["peak_probe_cpu_util"] <= 1.05
     # Independent check: a timed matmul cannot beat the probe's best by much.
     a = torch.randn(512, 512)
     import time
@@ -142,8 +146,51 @@ def test_cpu_probe_is_measured_then_cached(monkeypatch, tmp_path):
         a @ a
     achieved = 20 * 2 * 512**3 / (time.perf_counter() - t0)
     assert 0.2 * peak < achieved < 1.5 * peak
-    again, source2 = peak_flops.get_peak_flops(torch.device("cpu"), "fp32")
+    again, source2, _ = peak_flops.get_peak_flops(torch.device("cpu"), "fp32")
     assert again == peak and source2.startswith("probe:cached")
+
+
+def test_a_contended_probe_is_used_but_never_cached(monkeypatch, tmp_path):
+    """A neighbour that takes the core during the probe (here: a process spinning on both cores, and the
+    probe's CPU share threshold above anything reachable) makes the probe count as contended."""
+    monkeypatch.setenv("N00BGPT_CACHE_DIR", str(tmp_path))
+    probes = iter([peak_flops.Probe(1e9, 0.40, 0.55), peak_flops.Probe(5e9, 0.02, 0.99)])
+    monkeypatch.setattr(peak_flops, "probe_peak_flops", lambda d, t: next(probes))
+    peak, source, stats = peak_flops.get_peak_flops(torch.device("cpu"), "fp32")
+    assert peak == 1e9 and source.endswith("(contended: not cached)") and stats["peak_probe_spread"] == 0.40
+    assert not (tmp_path / "peak_flops.json").exists()
+    peak, source, _ = peak_flops.get_peak_flops(torch.device("cpu"), "fp32")  # probed again, clean: cached
+    assert peak == 5e9 and source == "probe:measured matmul fp32" and (tmp_path / "peak_flops.json").exists()
+
+
+def test_probe_reports_its_own_cpu_share_under_load():
+    """Real probes: alone, the probe's CPU share is near 1; with the probe thread forced to share its core
+    with a spinning process (both pinned to one core), it drops clearly -- the contention signal."""
+    import os
+    import subprocess
+    import sys
+
+    core = sorted(os.sched_getaffinity(0))[0]
+    old = os.sched_getaffinity(0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        os.sched_setaffinity(0, {core})
+        alone = peak_flops.probe_peak_flops(torch.device("cpu"), "fp32", n=256, repeats=5, min_time_s=0.05)
+        spinner = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{core}}})\n"
+                                    "while True: pass"])
+        try:
+            import time
+            time.sleep(0.3)
+            shared = peak_flops.probe_peak_flops(torch.device("cpu"), "fp32", n=256, repeats=5, min_time_s=0.05)
+        finally:
+            spinner.kill()
+            spinner.wait()
+    finally:
+        os.sched_setaffinity(0, old)
+        torch.set_num_threads(threads)
+    assert shared.cpu_util < 0.75 and shared.contended
+    assert alone.cpu_util > shared.cpu_util
 
 
 class FakeNvml(types.SimpleNamespace):
@@ -169,6 +216,20 @@ class FakeNvml(types.SimpleNamespace):
     def nvmlDeviceGetMemoryInfo(self, h):
         return types.SimpleNamespace(used=5 * 2**30)
 
+    NVML_CLOCK_SM = 1
+    nvmlClocksEventReasonGpuIdle = 0x1
+    nvmlClocksEventReasonSwPowerCap = 0x4
+    nvmlClocksEventReasonHwSlowdown = 0x8
+
+    def nvmlDeviceGetClockInfo(self, h, which):
+        assert which == self.NVML_CLOCK_SM
+        self.clock = getattr(self, "clock", 1990) - 10  # 1980, 1970, ... MHz
+        return self.clock
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h):
+        self.reads = getattr(self, "reads", 0) + 1
+        return 0x1 | (0x4 if self.reads == 2 else 0)  # idle always, a power cap in one sample
+
     def nvmlDeviceGetTotalEnergyConsumption(self, h):
         if not self.has_energy:
             raise RuntimeError("not supported")
@@ -190,6 +251,10 @@ def test_nvml_sampler_with_fake_driver(monkeypatch, energy_counter):
     span = sampler.samples[-1][0] - sampler.samples[0][0]
     expected = 30.0 if energy_counter else 300 * span  # counter difference, or integrated power
     assert stats["gpu_energy_j"] == pytest.approx(expected, rel=1e-6)
+    clocks = [1990 - 10 * (i + 1) for i in range(len(sampler.samples))]
+    assert stats["gpu_sm_clock_mhz"] == pytest.approx(sum(clocks) / len(clocks))
+    assert stats["gpu_sm_clock_min_mhz"] == min(clocks)
+    assert stats["gpu_throttle_reasons"] == ["SwPowerCap"]  # idle left out; the one power-cap sample kept
     combined = nvml.combine_nvml([stats, stats], tokens=1000)
     assert combined["gpu_energy_j"] == pytest.approx(2 * expected)
     assert combined["energy_per_token_j"] == pytest.approx(2 * expected / 1000)

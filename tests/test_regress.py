@@ -145,3 +145,26 @@ def test_noise_analysis_counts_false_alarms_and_detections(tmp_path):
     (tmp_path / "slowed" / "runs.jsonl").unlink()
     runs("slowed", 0.97)
     assert "0/8 = 0%" in noise.analyse(tmp_path)
+
+
+def test_no_common_setup_names_the_fields_that_differ(tmp_path):
+    th = regress.load_thresholds(None)
+    base = write(tmp_path / "b", [row(0, device_name="Intel(R) Xeon(R)")])
+    cand = write(tmp_path / "c", [row(1, device_name="AMD EPYC")])
+    with pytest.raises(regress.GateInputError) as err:
+        regress.gate(regress._load([base], "b"), regress._load([cand], "c"), th)
+    msg = str(err.value)
+    assert "nearest candidate differs in device_name 'Intel(R) Xeon(R)' vs 'AMD EPYC'" in msg and "--ab" in msg
+
+
+def test_suspect_rows_are_not_compared(tmp_path):
+    """A row with mfu > 1 (written before the suspect status existed) is marked suspect on load and left out,
+    so its impossible MFU is never reported as an improvement."""
+    th = regress.load_thresholds(None)
+    base = write(tmp_path / "b", [row(0, mfu=0.5)])
+    cand = write(tmp_path / "c", [row(1, mfu=1.09, hfu=1.09), row(2, mfu=0.49)])
+    df = regress._load([cand], "c")
+    assert list(df.status) == ["suspect", "ok"] and "cannot be true" in df.error.iloc[0]
+    table = regress.gate(regress._load([base], "b"), df, th)
+    mfu = table[table.metric == "mfu"].iloc[0]
+    assert mfu.candidate == pytest.approx(0.49) and mfu.verdict == "PASS"

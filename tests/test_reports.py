@@ -165,13 +165,28 @@ def test_comparison_without_common_setups_is_an_error(results, tmp_path):
     assert res.returncode == 2 and "share no setup" in res.stderr
 
 
-@pytest.mark.parametrize("problem", ["empty", "malformed", "missing-column"])
+def test_torn_line_is_skipped_with_a_warning_or_refused_when_strict(tmp_path):
+    d = tmp_path / "torn"
+    d.mkdir()
+    (d / "runs.jsonl").write_text(json.dumps(row("a", "ddp", 1, 1.0, 1.0, 0.1)) + "\n{\"run_id\": \"b\", \"mo")
+    res = subprocess.run([sys.executable, "-m", "reports", str(d), "--out", str(tmp_path / "o")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert f"warning: {d / 'runs.jsonl'}:2: skipped: malformed JSON (truncated" in res.stderr
+    assert "| ddp |" in (tmp_path / "o" / "summary.md").read_text()  # the complete row is reported
+    res = subprocess.run([sys.executable, "-m", "reports", str(d), "--out", str(tmp_path / "s"), "--strict"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and "runs.jsonl:2: malformed JSON (truncated" in res.stderr
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("problem", ["empty", "not-object", "missing-column"])
 def test_bad_input_is_a_clear_error(tmp_path, problem):
     d = tmp_path / "bad"
     d.mkdir()
-    if problem == "malformed":
-        (d / "runs.jsonl").write_text(json.dumps(row("a", "ddp", 1, 1.0, 1.0, 0.1)) + "\n{\"run_id\": \"b\", \"mo")
-        expect = "runs.jsonl:2: malformed JSON (truncated"
+    if problem == "not-object":  # no complete row at all: nothing to report
+        (d / "runs.jsonl").write_text("[1, 2]\n")
+        expect = "runs.jsonl: no result rows"
     elif problem == "missing-column":
         r = row("a", "ddp", 1, 1.0, 1.0, 0.1)
         del r["peak_mem_bytes"]

@@ -1,0 +1,120 @@
+"""The same-run A/B gate: its verdict rule on constructed pairs, and real A/B runs of two revisions of
+this repository (a clone with a committed slowdown) in which the baseline really is the named revision."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from bench import ab_gate
+from bench.ab_gate import Pair, Run, judge, needs_more
+from tests.helpers import ROOT
+
+TH = ab_gate.load_thresholds(None)
+
+
+def run(side, t=0.1, status="ok", mem=1e9, loss=5.5, util=0.95, error=None):
+    return Run(side, status, t if status == "ok" else None, mem, loss, 10.0, util, error)
+
+
+def pairs(ratios, **cand):
+    return [Pair(i, "AB" if i % 2 == 0 else "BA", run("base"), run("cand", t=0.1 * r, **cand))
+            for i, r in enumerate(ratios)]
+
+
+def checks(v):
+    return {c["metric"]: c["verdict"] for c in v.checks}
+
+
+def test_verdicts_on_paired_ratios():
+    assert judge("e", pairs([0.98, 1.02, 1.01, 0.99]), TH).verdict == "PASS"
+    slow = judge("e", pairs([1.09, 1.11, 1.10, 1.12]), TH)
+    assert checks(slow)["step_time"] == "FAIL"
+    st = next(c for c in slow.checks if c["metric"] == "step_time")
+    assert st["ratio"] == pytest.approx(1.105) and st["pairs"] == 4
+    # one wild pair out of five does not move the median
+    assert judge("e", pairs([1.00, 1.01, 0.99, 1.60, 1.00]), TH).verdict == "PASS"
+    # a 4% slowdown is under the 5% line: not a regression by this rule
+    assert checks(judge("e", pairs([1.04, 1.04, 1.04, 1.04]), TH))["step_time"] == "PASS"
+
+
+def test_status_memory_and_loss_checks():
+    broken = [Pair(0, "AB", run("base"), run("cand", status="error", error="rank 0: boom"))]
+    v = judge("e", broken, TH)
+    assert checks(v)["status"] == "FAIL" and "boom" in v.checks[0]["detail"]
+    new = [Pair(0, "AB", run("base", status="error", error="unknown preset"), run("cand"))]
+    v = judge("e", new, TH)
+    assert v.verdict == "SKIP" and "new?" in v.checks[0]["detail"]
+    assert checks(judge("e", pairs([1.0, 1.0], mem=1.08e9), TH))["peak_mem"] == "FAIL"
+    assert checks(judge("e", pairs([1.0, 1.0], mem=1.03e9), TH))["peak_mem"] == "PASS"
+    assert checks(judge("e", pairs([1.0, 1.0], loss=5.5 * (1 + 3e-4)), TH))["loss"] == "FAIL"
+    assert checks(judge("e", pairs([1.0, 1.0], loss=5.5 * (1 + 3e-5)), TH))["loss"] == "PASS"
+
+
+def test_borderline_medians_are_measured_again_up_to_a_limit():
+    assert needs_more(pairs([1.05, 1.06, 1.04, 1.05]), TH)  # at the line: more pairs
+    assert not needs_more(pairs([1.00, 1.01, 0.99, 1.00]), TH)  # clearly unchanged
+    assert not needs_more(pairs([1.12, 1.10, 1.11, 1.10]), TH)  # clearly slower
+    assert not needs_more(pairs([1.05] * TH["max_pairs"]), TH)  # the limit stops it
+
+
+def test_contention_mismatch_marks_a_pair():
+    p = Pair(0, "AB", run("base", util=0.95), run("cand", util=0.60))
+    assert p.contended(TH["contention_mismatch"])
+    assert not Pair(0, "AB", run("base", util=0.95), run("cand", util=0.93)).contended(TH["contention_mismatch"])
+
+
+def test_bad_input_exits_2(tmp_path):
+    cmd = [sys.executable, "-m", "bench.regress", "--out", str(tmp_path / "o")]
+    res = subprocess.run([*cmd, "--ab", "no-such-rev"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and "revision 'no-such-rev' is not a commit" in res.stderr
+    res = subprocess.run([*cmd, "--ab", "HEAD", "--entries", "nope"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and "unknown entries ['nope']; valid: single, ddp" in res.stderr
+    bad = tmp_path / "th.yaml"
+    bad.write_text("max_slowdown_pct: -1\n")
+    res = subprocess.run([*cmd, "--ab", "HEAD", "--thresholds", str(bad)], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and "expected exactly the keys" in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def slow_clone(tmp_path_factory):
+    """A clone of this repository whose newest commit adds a 50 ms sleep to every training step."""
+    clone = tmp_path_factory.mktemp("ab") / "repo"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    train = clone / "bench" / "train.py"
+    text = train.read_text()
+    marker = "        opt.zero_grad(set_to_none=True)\n"
+    assert marker in text
+    train.write_text(text.replace(marker, marker + "        time.sleep(0.05)  # the regression under test\n"))
+    git = ["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "commit", "-qam", "slow"], check=True)
+    return clone
+
+
+def ab(clone, rev, out):
+    return subprocess.run([sys.executable, "-m", "bench.regress", "--ab", rev, "--entries", "single", "--rounds", "2",
+                           "--out", str(out)], cwd=clone, capture_output=True, text=True, timeout=600)
+
+
+def test_a_committed_slowdown_fails_against_its_parent(slow_clone, tmp_path):
+    res = ab(slow_clone, "HEAD~1", tmp_path / "o")
+    assert res.returncode == 1, res.stdout + res.stderr
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("single") and "step_time" in ln)
+    assert "FAIL" in line
+    ratio = float(line.split("median ratio ")[1].split()[0])
+    assert ratio > 1.25  # 50 ms on a ~40-100 ms step
+
+
+def test_the_baseline_is_the_named_revision_not_the_working_tree(slow_clone, tmp_path):
+    """Baseline = the slow HEAD, candidate = the working tree with the sleep removed: faster, so it passes."""
+    subprocess.run(["git", "-C", str(slow_clone), "checkout", "-q", "HEAD~1", "--", "bench/train.py"], check=True)
+    try:
+        res = ab(slow_clone, "HEAD", tmp_path / "o")
+    finally:
+        subprocess.run(["git", "-C", str(slow_clone), "checkout", "-q", "HEAD", "--", "bench/train.py"], check=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("single") and "step_time" in ln)
+    assert float(line.split("median ratio ")[1].split()[0]) < 0.8
