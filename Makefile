@@ -31,7 +31,7 @@ report: setup
 	$(PY) -m reports results --out reports_out
 
 gate: setup
-	$(PY) bench/ci_suite.py --out ci_out --gate
+	$(PY) -m bench.regress --ab --out ab_out
 
 clean:
-	rm -rf $(VENV) .pytest_cache reports_out
+	rm -rf $(VENV) .pytest_cache reports_out ab_out ci_out

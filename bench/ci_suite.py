@@ -1,8 +1,15 @@
-"""The CI benchmark suite: small fixed CPU runs, repeated, gated against a committed baseline.
+"""The CI benchmark matrix: small fixed CPU runs. CI gates with it through the same-run A/B gate
+(``python -m bench.regress --ab``, bench/ab_gate.py), which runs these entries with two revisions'
+code alternately. This script runs them with this tree's code alone:
 
-    python bench/ci_suite.py --out ci_out --gate              # run, then python -m bench.regress vs the baseline
-    python bench/ci_suite.py --out ci_out --update-baseline   # run and accept the result as the new baseline
+    python bench/ci_suite.py --out ci_out                     # run the matrix (3 repeats, round-robin)
+    python bench/ci_suite.py --out ci_out --gate              # ... then gate against results/baselines/ci-cpu
+    python bench/ci_suite.py --out ci_out --update-baseline   # run and accept the result as that baseline
     python bench/ci_suite.py --list
+
+``--gate`` compares with numbers recorded earlier (bench/thresholds.yaml): meaningful only against a
+baseline recorded on this same host; against another machine's it stops and names the fields that
+differ (device_name, ...).
 
 Entries (tiny model, seq 128, micro-batch 4, 30 timed steps after 5 warm-up, fp32): single, ddp, fsdp,
 fsdp+ac on 2 gloo ranks, per-block compile on one process; each repeated ``--repeats`` times (default 3)
@@ -47,8 +54,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gate", action="store_true", help=f"gate the results against {BASELINE}")
     ap.add_argument("--update-baseline", action="store_true", help=f"replace {BASELINE} with these results")
-    ap.add_argument("--thresholds", default=str(suite.ROOT / "bench" / "thresholds_ci.yaml"),
-                    help="thresholds for --gate (default bench/thresholds_ci.yaml)")
+    ap.add_argument("--thresholds", default=str(suite.ROOT / "bench" / "thresholds.yaml"),
+                    help="thresholds for --gate (default bench/thresholds.yaml)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--budget", type=int, default=900)
     ap.add_argument("--extra", nargs="*", default=[], help="overrides added to every entry (e.g. debug_delay_s=0.01)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -44,8 +45,16 @@ def parse(argv: list[str]) -> dict:
         raise ValueError(f"model= is required; valid names: {', '.join(PRESETS)}")
     if args["format"] not in ("table", "json"):
         raise ValueError(f"format={args['format']!r}; valid: table, json")
-    if args["world_size"] < 1 or args["micro_batch"] < 1 or args["grad_accum"] < 1:
-        raise ValueError("world_size, micro_batch and grad_accum must be >= 1")
+    for key in ("world_size", "micro_batch", "grad_accum", "pad_vocab_to"):
+        if args[key] < 1:
+            raise ValueError(f"{key}={args[key]} is invalid; must be >= 1")
+    if args["seq_len"] < 0:
+        raise ValueError(f"seq_len={args['seq_len']} is invalid; must be >= 0 (0 = the model's context)")
+    gib = args["device_memory_gib"]
+    if not (math.isfinite(gib) and gib > 0):
+        raise ValueError(f"device_memory_gib={gib} is invalid; must be a finite number > 0")
+    if args["model"] not in PRESETS:
+        raise ValueError(f"model={args['model']!r} is not a preset; valid: {', '.join(PRESETS)}")
     return args
 
 
@@ -93,8 +102,12 @@ def render(rows: list[dict], device_gib: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
     try:
-        args = parse(sys.argv[1:] if argv is None else argv)
+        args = parse(argv)
         rows = plan(args)
     except ValueError as exc:
         print(f"plan: error: {exc}", file=sys.stderr)

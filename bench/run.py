@@ -138,6 +138,9 @@ def main(raw: DictConfig) -> None:
     except torch.OutOfMemoryError as exc:
         status, error = "oom", f"rank {info.rank}: {exc}".strip()[:2000]
     except (Exception, Terminated) as exc:  # any rank's crash still leaves a row
+        # A second SIGTERM (torchrun stopping us after a peer died, while we handle the peer's gloo error) must
+        # not interrupt the writing of the row: from here on this rank only reports.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         error = f"rank {info.rank}: {type(exc).__name__}: {exc}"[:2000]
         dead = dead_ranks(cfg.results_dir, run_id) if info.world_size > 1 else []
         if dead:  # name the rank that died, not only the survivor that writes the row
@@ -145,6 +148,7 @@ def main(raw: DictConfig) -> None:
         status = "timeout" if _is_timeout(exc) else ("oom" if _is_cpu_oom(exc) else "error")
         traceback.print_exc()
 
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the run is over: nothing may cut the row in half
     row = build_row(cfg, raw, info, run_id, status, error, outcome, preset)
     collective = status in ("ok", "nan", "suspect")  # decided together on every rank: rank 0 writes
     if (collective and info.is_main) or (not collective and claim_run(cfg.results_dir, run_id)):

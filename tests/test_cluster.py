@@ -75,16 +75,18 @@ def test_killed_rank_leaves_one_error_row_and_a_rerun_adds_one(tmp_path):
     assert proc.returncode != 0
     df = load(tmp_path)
     assert len(df) == 1 and df.iloc[0].status == "error" and "rank 0" in df.iloc[0].error
+    assert df.iloc[0].error.startswith("rank 1 died")  # the row names the rank that was killed
     res = run_cli(["strategy=ddp", *FAST, f"results_dir={tmp_path}"], nproc=2)
     assert res.returncode == 0, res.stderr[-2000:]
     df = load(tmp_path)
     assert list(df.status) == ["error", "ok"] and df.run_id.nunique() == 2
 
 
-def test_hung_collective_is_bounded_by_the_timeout(tmp_path):
+@pytest.mark.parametrize("hung_rank", ["1", "-1"])  # one rank stops answering; every rank does
+def test_hung_collective_is_bounded_by_the_timeout(tmp_path, hung_rank):
     t0 = time.perf_counter()
-    res = run_cli(["strategy=ddp", *FAST, "steps=10", "timeout_s=5", "debug_hang_step=2", "debug_fail_rank=1",
-                   f"results_dir={tmp_path}"], nproc=2, timeout=200)
+    res = run_cli(["strategy=ddp", *FAST, "steps=10", "timeout_s=5", "debug_hang_step=2",
+                   f"debug_fail_rank={hung_rank}", f"results_dir={tmp_path}"], nproc=2, timeout=200)
     assert res.returncode != 0
     assert time.perf_counter() - t0 < 150
     df = load(tmp_path)

@@ -102,34 +102,7 @@ def test_nan_loss_stops_with_status_nan(tmp_path):
     assert len(load_steps(tmp_path, row.run_id)) == 2 * 2  # stopped at the first check after step 2
 
 
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["strategy=nope"], "Available options"),
-        (["model=gpt5"], "gpt2-small"),
-        (["model=tiny", "seq_len=4096"], "seq_len=4096"),
-        (["micro_batch=0"], "micro_batch=0"),
-        (["strategy.dp=zero"], "valid values: none, ddp, fsdp"),
-        (["model=tiny", "strategy.amp=fp16"], "fp16 needs a CUDA device"),
-        (["model=tiny", "device=cuda"], "no CUDA device"),
-        (["model=tiny", "model.n_embd=130"], "n_embd=130"),
-        (["model=tiny", "global_batch=3"], "micro_batch=4"),
-        (["nosuchkey=1"], "valid top-level keys: backend, data"),
-        (["strategy.acc=full"], "valid strategy keys: ac, ac_every, amp"),
-        (["strategy=fsdp_compile", "strategy.compile_mode=model"], "compile_mode=block"),
-    ],
-)
-def test_bad_input_fails_clearly_without_a_row(tmp_path, args, message):
-    res = run_cli([*args, f"results_dir={tmp_path}"])
-    assert res.returncode != 0
-    assert message in res.stderr + res.stdout
-    assert not (tmp_path / "runs.jsonl").exists()
-
-
-def test_single_strategy_on_two_ranks_is_refused(tmp_path):
-    res = run_cli(["strategy=single", *FAST, f"results_dir={tmp_path}"], nproc=2)
-    assert res.returncode != 0 and "use strategy=ddp or strategy=fsdp" in res.stderr
-    assert not (tmp_path / "runs.jsonl").exists()
+# Invalid configurations (exit code 2, one line, no row): tests/test_exit_codes.py.
 
 
 def test_real_text_from_a_folder_through_the_cli(tmp_path):

@@ -1,0 +1,152 @@
+"""The exit-code contract, case by case: every invalid configuration stops before any training with exit
+code 2 and one line naming the bad value and what is allowed, writes no row, and leaves the table
+loadable. Under torchrun (whose own exit code is 1 whatever its workers return) exactly one line is
+printed, by rank 0, no rank prints a traceback, and no row is written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from bench.results import REQUIRED_COLUMNS, append_row
+from reports import load
+from tests.helpers import ROOT, run_cli
+
+OK = ["model=tiny", "steps=2", "warmup=0", "micro_batch=2", "seq_len=32", "log_every=0", "device=cpu"]
+PREFIX = "[n00bGPT] error: invalid configuration: "
+
+
+def cases(tmp):
+    """(overrides, expected text in the one-line message). ``{tmp}`` paths are made by ``setup``."""
+    return [
+        (["model=nope"], "model='nope' is not a model preset; valid: gpt2-large"),
+        (["strategy=nope"], "strategy='nope' is not a strategy preset; valid: ac, bf16"),
+        (["steps=abc"], "steps"),
+        (["lr=abc"], "lr"),
+        (["measure_comm=maybe"], "measure_comm"),
+        (["model.n_layer=abc"], "model.n_layer"),
+        (["foo=1"], "unknown key 'foo'; valid top-level keys: backend"),
+        (["model.foo=1"], "unknown key 'model.foo'; valid model keys:"),
+        (["strategy.foo=1"], "unknown key 'strategy.foo'; valid strategy keys:"),
+        (["lr=-1"], "lr=-1.0 is invalid: must be a finite number > 0"),
+        (["lr=0"], "lr=0.0 is invalid: must be a finite number > 0"),
+        (["lr=nan"], "lr=nan is invalid"),
+        (["lr=inf"], "lr=inf is invalid"),
+        (["steps=0"], "steps=0 is invalid: must be >= 1"),
+        (["steps=-5"], "steps=-5 is invalid: must be >= 1"),
+        (["micro_batch=0"], "micro_batch=0 is invalid: must be >= 1"),
+        (["grad_accum=0"], "grad_accum=0 is invalid: must be >= 1"),
+        (["warmup=-1"], "warmup=-1 is invalid: must be >= 0"),
+        (["seq_len=-1"], "seq_len=-1 is invalid: must be >= 0"),
+        (["seq_len=100000"], "seq_len=100000 is invalid: longer than model 'tiny'"),
+        (["global_batch=-2"], "global_batch=-2 is invalid: must be >= 0"),
+        (["global_batch=3"], "global_batch=3 is not divisible by micro_batch=2"),
+        (["log_every=-1"], "log_every=-1 is invalid: must be >= 0"),
+        (["timeout_s=0"], "timeout_s=0 is invalid: must be >= 1"),
+        (["timeout_s=-3"], "timeout_s=-3 is invalid: must be >= 1"),
+        (["device=tpu"], "device='tpu' is invalid: valid values: auto, cpu, cuda"),
+        (["device=cuda"], "device='cuda' but no CUDA device is available"),
+        (["backend=mpi"], "backend='mpi' is invalid: valid values: auto, nccl, gloo"),
+        ([f"results_dir={tmp}/afile"], "results_dir="),
+        ([f"results_dir={tmp}/afile/sub"], "is not a folder"),
+        ([f"results_dir={tmp}/tablefolder"], "holds a folder named runs.jsonl"),
+        (["data=/no/such/path"], "data='/no/such/path' is invalid: no such file or folder"),
+        ([f"data={tmp}/empty.txt"], "holds 0 bytes"),
+        ([f"data={tmp}/emptydir"], "holds 0 bytes"),
+        ([f"data={tmp}/small.txt"], "holds 10 bytes; one micro-batch of micro_batch=2 windows of seq_len=32"),
+        ([f"data={tmp}/big.txt", "model.vocab_size=100"], "needs model.vocab_size >= 256"),
+        (["run_id=a/b"], "run_id='a/b' is invalid: use letters, digits"),
+        (["run_id=../x"], "run_id='../x' is invalid"),
+        (["run_id=seeded"], "run_id='seeded' is invalid: already in"),
+        ([f"profile_dir={tmp}/afile"], "profile_dir="),
+        (["strategy.dp=zero"], "strategy.dp='zero' is invalid; valid values: none, ddp, fsdp"),
+        (["strategy.amp=fp8"], "strategy.amp='fp8' is invalid; valid values:"),
+        (["strategy.ac=some"], "strategy.ac='some' is invalid; valid values:"),
+        (["strategy.ac_every=0"], "strategy.ac_every=0 is invalid; must be >= 1"),
+        (["strategy.amp=fp16"], "amp=fp16 needs a CUDA device"),
+        (["strategy.dp=fsdp", "strategy.compile=true", "strategy.compile_mode=model"],
+         "compile_mode='model' with dp=fsdp is not supported"),
+        (["model.n_layer=0"], "n_layer"),
+        (["model.n_head=5"], "n_head"),
+        (["model.n_embd=130"], "n_embd=130"),
+        (["debug_slow_pct=-1"], "debug_slow_pct=-1.0 is invalid: must be a finite number >= 0"),
+        (["debug_fail_rank=-2"], "debug_fail_rank=-2 is invalid"),
+        (["debug_delay_s=-1"], "debug_delay_s=-1.0 is invalid"),
+    ]
+
+
+@pytest.fixture
+def table(tmp_path):
+    """A results folder holding one row ('seeded'), and the odd files the cases point at."""
+    res = tmp_path / "res"
+    row = {c: None for c in REQUIRED_COLUMNS}
+    row.update(run_id="seeded", model="tiny", strategy="single", status="ok")
+    append_row(res, row)
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "tablefolder" / "runs.jsonl").mkdir(parents=True)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "emptydir").mkdir()
+    (tmp_path / "small.txt").write_text("0123456789")
+    (tmp_path / "big.txt").write_text("x" * 5000)
+    return res
+
+
+def test_every_invalid_configuration_exits_2_with_one_line_and_no_row(tmp_path, table):
+    table_before = (table / "runs.jsonl").read_bytes()
+    all_cases = cases(tmp_path)
+    assert len(all_cases) >= 40
+
+    def one(case):
+        overrides, expect = case
+        res = run_cli([*OK, f"results_dir={table}", *overrides], timeout=120)
+        return case, res
+
+    problems = []
+    with ThreadPoolExecutor(2) as pool:
+        for (overrides, expect), res in pool.map(one, all_cases):
+            lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
+            why = None
+            if res.returncode != 2:
+                why = f"exit {res.returncode}"
+            elif len(lines) != 1 or not lines[0].startswith(PREFIX):
+                why = f"{len(lines)} lines"
+            elif expect not in lines[0]:
+                why = f"message lacks {expect!r}"
+            if why:
+                problems.append(f"{overrides}: {why}: {(res.stdout + res.stderr)[-600:]}")
+    assert not problems, "\n".join(problems)
+    assert (table / "runs.jsonl").read_bytes() == table_before  # no row written, nothing torn
+    assert list(load(table).run_id) == ["seeded"]
+    assert (tmp_path / "tablefolder" / "runs.jsonl").is_dir() and (tmp_path / "afile").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("overrides, expect", [
+    (["model=nope"], "model='nope' is not a model preset"),
+    (["lr=-1"], "lr=-1.0 is invalid"),
+    (["strategy=single"], "strategy dp='none' (single) runs one process but world_size=2"),
+])
+def test_under_torchrun_one_rank_prints_one_line_and_no_row_is_written(tmp_path, table, overrides, expect):
+    res = run_cli([*OK, "strategy=ddp", f"results_dir={table}", *overrides], nproc=2, timeout=180)
+    out = res.stdout + res.stderr
+    assert res.returncode == 1  # torchrun's own code for failed workers (README: "Exit codes")
+    assert sum(PREFIX in ln for ln in out.splitlines()) == 1 and expect in out, out[-3000:]
+    assert "exitcode  : 2" in out  # torchrun's summary shows the workers' code
+    assert "bench/run.py\", line" not in out  # no rank printed a traceback
+    assert list(load(table).run_id) == ["seeded"]
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["model=gpt2-small", "seq_len=-1000"], "seq_len=-1000 is invalid; must be >= 0"),
+    (["model=gpt2-small", "device_memory_gib=-5"], "device_memory_gib=-5.0 is invalid"),
+    (["model=gpt2-small", "device_memory_gib=nan"], "device_memory_gib=nan is invalid"),
+    (["model=gpt2-small", "world_size=0"], "world_size=0 is invalid; must be >= 1"),
+    (["model=gpt9"], "model='gpt9' is not a preset; valid: tiny"),
+])
+def test_planner_refuses_invalid_values(args, expect):
+    res = subprocess.run([sys.executable, "-m", "bench.plan", *args], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.strip().splitlines() == [f"plan: error: {res.stderr.split('plan: error: ')[1].strip()}"]
+    assert expect in res.stderr
