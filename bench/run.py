@@ -209,12 +209,24 @@ def precheck(argv: list[str]) -> str | None:
         group = next((g for g in ("model", "strategy") if f"'{g}/" in str(exc)), None)
         if group is None:
             return str(exc).splitlines()[0]
-        value = next((a.split("=", 1)[1] for a in argv if a.startswith(f"{group}=")), "?")
-        return f"{group}={value!r} is not a {group} preset; valid: {', '.join(exc.options or [])}"
+        value = next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith(f"{group}=")), "?")
+        valid = [o for o in exc.options or [] if o != "base_strategy"]  # the schema node, not a preset
+        return f"{group}={value!r} is not a {group} preset; valid: {', '.join(valid)}"
     except Exception as exc:  # OmegaConf type errors, override grammar errors
-        msg = " ".join(str(exc).split("\n")[0].split())
-        key = getattr(exc, "full_key", None)
-        return f"{key}: {msg}" if key else msg
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parser = OverridesParser.create()
+        for arg in overrides:  # a grammar error: name the override
+            try:
+                parser.parse_override(arg)
+            except Exception as bad:
+                return f"cannot parse override {arg!r}: {' '.join(str(bad).split())}"
+        root = exc
+        while root.__cause__ is not None:
+            root = root.__cause__
+        first = " ".join(str(exc).split("\n")[0].split())
+        why = " ".join(str(root).split("\n")[0].split())
+        return f"{first}: {why}" if root is not exc else first
     try:
         to_run_config(raw)
     except ConfigError as exc:
