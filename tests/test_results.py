@@ -121,14 +121,15 @@ def test_append_after_a_torn_last_line_keeps_the_new_row(tmp_path):
 _WRITER = """
 import sys
 sys.path.insert(0, sys.argv[1])
-from bench.results import append_row
-from tests.test_results import make_row
+from bench.results import REQUIRED_COLUMNS, append_row
 path, start, torn = sys.argv[2], int(sys.argv[3]), sys.argv[4] == "torn"
 if torn:
     with open(path + "/runs.jsonl", "a") as f:
         f.write('{"run_id": "fragment-' + str(start) + '", "model": "ti')
 for i in range(start, start + 400):
-    append_row(path, make_row(i))
+    row = dict.fromkeys(REQUIRED_COLUMNS)
+    row.update(run_id=f"r{i}", model="tiny", status="ok", config={"blob": "x" * 5000})
+    append_row(path, row)
     print(f"r{i}", flush=True)
 """
 
@@ -144,7 +145,7 @@ def test_writers_killed_at_random_points_lose_no_completed_row(tmp_path):
         procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(ROOT), str(tmp_path), str((2 * k + j) * 1000),
                                    "torn" if rng.random() < 0.3 else "whole"], stdout=subprocess.PIPE, text=True)
                  for j in range(2)]
-        time.sleep(rng.uniform(0.05, 0.4))  # interpreter start-up + a random number of rows
+        time.sleep(rng.uniform(0.1, 0.5))  # interpreter start-up (~0.05 s) + a random number of rows
         for p in procs:
             os.kill(p.pid, signal.SIGKILL)
         for p in procs:
