@@ -50,6 +50,7 @@ import yaml
 
 from bench import ci_suite, suite
 from bench.results import read_rows
+from bench.turn import ENV_FILE, ENV_SIDE, FREE, write_turn
 
 ROOT = suite.ROOT
 BASE_REV_FILE = ROOT / "results" / "baselines" / "BASE_REV"
@@ -83,6 +84,7 @@ class Pair:
     base: Run
     cand: Run
     remeasured: int = 0
+    step_ratios: list[float] = field(default_factory=list)  # turn-taking runs: candidate / baseline, step by step
 
     @property
     def ok(self) -> bool:
@@ -90,10 +92,15 @@ class Pair:
 
     @property
     def ratio(self) -> float:
+        if self.step_ratios:
+            return statistics.median(self.step_ratios)
         return self.cand.step_time_s / self.base.step_time_s
 
     def contended(self, mismatch: float) -> bool:
-        """The two runs saw different contention: their cpu_util differ by more than ``mismatch`` (relative)."""
+        """Run after run only: the two runs saw different contention (cpu_util differs by more than ``mismatch``,
+        relative). Turn-taking runs share every moment, so they never count as contended."""
+        if self.step_ratios:
+            return False
         a, b = self.base.cpu_util, self.cand.cpu_util
         return abs(a - b) > mismatch * max(a, b, 1e-9)
 
@@ -149,6 +156,21 @@ def export_tree(sha: str, dest: Path) -> Path:
     return dest
 
 
+def _timed_steps(results: Path, run_id: str) -> list[float]:
+    """The timed steps' times (max over ranks) from the run's per-step log."""
+    try:
+        lines = (results / "steps" / f"{run_id}.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    steps = [json.loads(line) for line in lines]
+    return [s["step_time_s"] for s in steps if s.get("phase") == "timed"]
+
+
+def supports_turns(tree: Path) -> bool:
+    """Revisions from the one that added bench/turn.py on can take turns step by step."""
+    return (tree / "bench" / "turn.py").is_file()
+
+
 def _read_row(results: Path, run_id: str) -> dict | None:
     """The row with ``run_id`` in results/runs.jsonl, or None."""
     return next((r for r in read_rows(results) if r.get("run_id") == run_id), None)
@@ -157,19 +179,25 @@ def _read_row(results: Path, run_id: str) -> dict | None:
 class Runner:
     """Runs one matrix entry on one side and reads back its row; counts the run's CPU time."""
 
-    def __init__(self, out: Path, trees: dict[str, Path], extra: dict[str, list[str]], timeout_s: float = 300):
+    def __init__(self, out: Path, trees: dict[str, Path], extra: dict[str, list[str]], timeout_s: float = 300,
+                 steps: int | None = None):
         self.out, self.trees, self.extra, self.timeout_s = out, trees, extra, timeout_s
+        self.common = [c for c in ci_suite.COMMON if not (steps and c.startswith("steps="))]
+        if steps:
+            self.common.append(f"steps={steps}")
         self.count = 0
         # One peak-FLOPs probe for the whole gate, shared by both sides (MFU is not what is judged here).
         self.env = {**os.environ, **ci_suite.ENV, "N00BGPT_PEAK_CACHE": "1",
                     "N00BGPT_CACHE_DIR": str(out / "cache"), "PYTHONUNBUFFERED": "1"}
 
+    def _cmd(self, side: str, entry: tuple, run_id: str) -> list[str]:
+        return suite.command(entry, self.out / side / "results", self.common, f"ab:{side}",
+                             [*self.extra[side], f"run_id={run_id}"], root=self.trees[side])
+
     def run(self, side: str, entry: tuple) -> Run:
         self.count += 1
         run_id = f"{side}-{entry[0]}-{self.count:04d}"
-        results = self.out / side / "results"
-        cmd = suite.command(entry, results, ci_suite.COMMON, f"ab:{side}", [*self.extra[side], f"run_id={run_id}"],
-                            root=self.trees[side])
+        cmd = self._cmd(side, entry, run_id)
         env = {**self.env, "PYTHONPATH": str(self.trees[side])}
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
@@ -184,15 +212,56 @@ class Runner:
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         nproc = max(1, entry[4])
         util = cpu / (wall * min(nproc, os.cpu_count() or 1))
-        row = _read_row(results, run_id)
+        return self._result(side, run_id, wall, util, rc, tail)
+
+    def _result(self, side: str, run_id: str, wall: float, util: float, rc, tail: list[str]) -> Run:
+        row = _read_row(self.out / side / "results", run_id)
         if row is None:
             return Run(side, "error", None, None, None, wall, util, f"rc={rc}, no row: {' '.join(tail)}")
         return Run(side, row["status"], row.get("step_time_median_s"), row.get("peak_mem_bytes"), row.get("loss"),
                    wall, util, row.get("error"))
 
+    def run_together(self, entry: tuple, first: str) -> tuple[Run, Run, list[float]]:
+        """Both sides' jobs at once, taking turns step by step (bench/turn.py), ``first`` starting each step.
+        Returns both runs and the candidate/baseline ratio of every timed step."""
+        self.count += 1
+        turn = self.out / f"turn-{self.count:04d}"
+        write_turn(turn, "F 0")
+        ids = {side: f"{side}-{entry[0]}-{self.count:04d}" for side in ("base", "cand")}
+        procs = {}
+        t0 = time.perf_counter()
+        for side in ("base", "cand"):
+            env = {**self.env, "PYTHONPATH": str(self.trees[side]), ENV_FILE: str(turn),
+                   ENV_SIDE: "F" if side == first else "S"}
+            procs[side] = subprocess.Popen(self._cmd(side, entry, ids[side]), cwd=self.trees[side], env=env,
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        errs = {side: "" for side in procs}
+        while any(p.poll() is None for p in procs.values()):
+            if any(p.poll() is not None for p in procs.values()):
+                write_turn(turn, FREE)  # one job ended: the other must not wait for it (again and again: a race)
+            if time.perf_counter() - t0 > self.timeout_s:
+                for p in procs.values():
+                    p.kill()
+            time.sleep(0.2)
+        for side, p in procs.items():
+            errs[side] = (p.stderr.read() or "").strip().splitlines()[-1:]
+            p.stderr.close()
+        wall = time.perf_counter() - t0
+        runs = {side: self._result(side, ids[side], wall, math.nan, procs[side].returncode, errs[side])
+                for side in procs}
+        ratios = []
+        if runs["base"].status == "ok" and runs["cand"].status == "ok":
+            base, cand = (_timed_steps(self.out / s / "results", ids[s]) for s in ("base", "cand"))
+            ratios = [c / b for b, c in zip(base, cand) if b and c]
+        return runs["base"], runs["cand"], ratios
 
-def measure_pair(runner: Runner, entry: tuple, rnd: int, index: int) -> Pair:
+
+def measure_pair(runner: Runner, entry: tuple, rnd: int, index: int, together: bool) -> Pair:
+    """One pair: turn-taking jobs (``together``) or two runs one after the other; who goes first alternates."""
     order = "AB" if (rnd + index) % 2 == 0 else "BA"
+    if together:
+        base, cand, ratios = runner.run_together(entry, "base" if order == "AB" else "cand")
+        return Pair(rnd, order, base, cand, step_ratios=ratios)
     sides = ("base", "cand") if order == "AB" else ("cand", "base")
     runs = {s: runner.run(s, entry) for s in sides}
     return Pair(rnd, order, runs["base"], runs["cand"])
@@ -220,14 +289,17 @@ def judge(entry: str, pairs: list[Pair], th: dict) -> Verdict:
     if not ok:
         return v
     ratios = [p.ratio for p in ok]
-    m = _median(ratios)
+    pooled = [r for p in ok for r in p.step_ratios]
+    m = _median(pooled) if pooled and all(p.step_ratios for p in ok) else _median(ratios)
     limit = 1 + th["max_slowdown_pct"] / 100
     contended = sum(p.contended(th["contention_mismatch"]) for p in ok)
     v.checks.append({"metric": "step_time", "verdict": "FAIL" if m > limit else "PASS",
                      "baseline": _median([p.base.step_time_s for p in ok]),
                      "candidate": _median([p.cand.step_time_s for p in ok]),
                      "ratio": m, "low": min(ratios), "high": max(ratios), "pairs": len(ok),
+                     "steps": len(pooled),
                      "detail": f"median ratio {m:.3f} (pairs {min(ratios):.3f}-{max(ratios):.3f}, n={len(ok)}"
+                               f"{f', {len(pooled)} paired steps' if pooled else ''}"
                                f"{f', {contended} still contended' if contended else ''}); limit {limit:.3f}"})
     mems = [p.cand.peak_mem_bytes / p.base.peak_mem_bytes for p in ok
             if p.base.peak_mem_bytes and p.cand.peak_mem_bytes]
@@ -246,23 +318,29 @@ def judge(entry: str, pairs: list[Pair], th: dict) -> Verdict:
 
 def needs_more(pairs: list[Pair], th: dict) -> bool:
     """True while the median ratio is within gray_pct of the limit and fewer than max_pairs were measured."""
-    ok = [p.ratio for p in pairs if p.ok]
+    ok = [p for p in pairs if p.ok]
     if not ok or len(pairs) >= th["max_pairs"]:
         return False
-    return abs(_median(ok) - (1 + th["max_slowdown_pct"] / 100)) < th["gray_pct"] / 100
+    pooled = [r for p in ok for r in p.step_ratios]
+    m = _median(pooled) if pooled else _median([p.ratio for p in ok])
+    return abs(m - (1 + th["max_slowdown_pct"] / 100)) < th["gray_pct"] / 100
 
 
 def run_ab(out: Path, base_tree: Path, rounds: int, th: dict, matrix: list[tuple] = ci_suite.MATRIX,
-           cand_extra: list[str] = (), base_extra: list[str] = (), log=print) -> list[Verdict]:
+           cand_extra: list[str] = (), base_extra: list[str] = (), log=print, together: bool = True,
+           steps: int | None = None) -> list[Verdict]:
     """Measure every entry of ``matrix`` in ``rounds`` interleaved rounds (plus re-measurements) and judge."""
-    runner = Runner(out, {"base": base_tree, "cand": ROOT}, {"base": list(base_extra), "cand": list(cand_extra)})
+    runner = Runner(out, {"base": base_tree, "cand": ROOT}, {"base": list(base_extra), "cand": list(cand_extra)},
+                    steps=steps)
     pairs: dict[str, list[Pair]] = {e[0]: [] for e in matrix}
     remeasured = {e[0]: 0 for e in matrix}
 
     def add(entry, rnd, i):
-        p = measure_pair(runner, entry, rnd, i)
+        p = measure_pair(runner, entry, rnd, i, together)
         log(f"[ab] {entry[0]} round {rnd} {p.order}: base {_ms(p.base)} cand {_ms(p.cand)} "
-            f"cpu_util {p.base.cpu_util:.2f}/{p.cand.cpu_util:.2f}" + (f" ratio {p.ratio:.3f}" if p.ok else ""))
+            + (f"{len(p.step_ratios)} paired steps" if p.step_ratios else
+               f"cpu_util {p.base.cpu_util:.2f}/{p.cand.cpu_util:.2f}")
+            + (f" ratio {p.ratio:.3f}" if p.ok else ""))
         return p
 
     for rnd in range(rounds):
@@ -295,8 +373,11 @@ def render(verdicts: list[Verdict]) -> str:
     return "\n".join(lines)
 
 
-def main(rev: str | None, out: str, rounds: int, thresholds: str | None, slow_pct: float = 0.0,
-         entries: list[str] | None = None) -> int:
+TURN_STEPS = 60  # timed steps per job when the two versions take turns (60 paired steps per round)
+
+
+def main(rev: str | None, out: str, rounds: int | None, thresholds: str | None, slow_pct: float = 0.0,
+         entries: list[str] | None = None, mode: str = "auto") -> int:
     try:
         th = load_thresholds(thresholds)
         sha = resolve_rev(rev)
@@ -307,25 +388,33 @@ def main(rev: str | None, out: str, rounds: int, thresholds: str | None, slow_pc
             if bad:
                 raise ABInputError(f"unknown entries {bad}; valid: {', '.join(names)}")
             matrix = [e for e in matrix if e[0] in entries]
-        if rounds < 1:
+        if rounds is not None and rounds < 1:
             raise ABInputError(f"--rounds={rounds} must be >= 1")
         if not slow_pct >= 0:
             raise ABInputError(f"--slow-pct={slow_pct} must be >= 0")
+        if mode not in ("auto", "turns", "runs"):
+            raise ABInputError(f"--mode={mode!r}; valid: auto, turns, runs")
     except ABInputError as exc:
         print(f"regress --ab: error: {exc}", file=sys.stderr)
         return 2
     outp = Path(out).resolve()
     shutil.rmtree(outp, ignore_errors=True)
     base_tree = export_tree(sha, outp / "trees" / "base")
+    together = mode == "turns" or (mode == "auto" and supports_turns(base_tree))
+    if mode == "turns" and not supports_turns(base_tree):
+        print(f"regress --ab: error: revision {sha[:12]} predates bench/turn.py: use --mode runs", file=sys.stderr)
+        return 2
+    rounds = rounds or (2 if together else 4)
     cand_extra = [f"debug_slow_pct={slow_pct:g}"] if slow_pct else []
-    print(f"[ab] baseline {sha[:12]} (exported to {base_tree}) vs candidate {ROOT} "
-          f"({rounds} rounds x {len(matrix)} entries{f', candidate slowed by {slow_pct:g}%' if slow_pct else ''})",
-          flush=True)
+    how = f"taking turns step by step, {TURN_STEPS} steps" if together else "run after run"
+    print(f"[ab] baseline {sha[:12]} (exported to {base_tree}) vs candidate {ROOT}: {rounds} rounds x "
+          f"{len(matrix)} entries, {how}{f', candidate slowed by {slow_pct:g}%' if slow_pct else ''}", flush=True)
     t0 = time.perf_counter()
-    verdicts = run_ab(outp, base_tree, rounds, th, matrix, cand_extra, log=lambda m: print(m, flush=True))
+    verdicts = run_ab(outp, base_tree, rounds, th, matrix, cand_extra, log=lambda m: print(m, flush=True),
+                      together=together, steps=TURN_STEPS if together else None)
     shutil.rmtree(outp / "trees", ignore_errors=True)
-    summary = {"base_rev": sha, "rounds": rounds, "slow_pct": slow_pct, "thresholds": th,
-               "seconds": time.perf_counter() - t0,
+    summary = {"base_rev": sha, "rounds": rounds, "mode": "turns" if together else "runs", "slow_pct": slow_pct,
+               "thresholds": th, "seconds": time.perf_counter() - t0,
                "verdicts": [{"entry": v.entry, "verdict": v.verdict, "checks": v.checks,
                              "pairs": [asdict(p) for p in v.pairs]} for v in verdicts]}
     (outp / "ab.json").write_text(json.dumps(summary, indent=1, default=str))

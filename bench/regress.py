@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidate", nargs="+", help="candidate result files/folders/globs")
     ap.add_argument("--thresholds", help=f"YAML thresholds (default {DEFAULT_THRESHOLDS}; "
                                          "with --ab bench/thresholds_ab.yaml)")
-    ap.add_argument("--rounds", type=int, default=4, help="--ab: interleaved rounds (pairs per entry)")
+    ap.add_argument("--rounds", type=int, help="--ab: rounds (pairs per entry; default 2 taking turns, 4 run by run)")
+    ap.add_argument("--mode", default="auto", help="--ab: turns (step by step), runs (run after run), or auto "
+                                                    "(turns when the baseline revision can)")
     ap.add_argument("--out", default="ab_out", help="--ab: folder for both sides' rows and ab.json")
     ap.add_argument("--slow-pct", type=float, default=0.0,
                     help="--ab: slow the candidate by exactly this percentage (the gate study)")
@@ -175,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.ab is not None:
         from bench import ab_gate
 
-        return ab_gate.main(args.ab or None, args.out, args.rounds, args.thresholds, args.slow_pct, args.entries)
+        return ab_gate.main(args.ab or None, args.out, args.rounds, args.thresholds, args.slow_pct, args.entries,
+                            args.mode)
     if not (args.baseline and args.candidate):
         ap.error("--baseline and --candidate are required (or --ab)")
     try:

@@ -30,6 +30,7 @@ from bench.data import build_data
 from bench.dist import DistInfo, broadcast_object, gather_objects
 from bench.nvml import NvmlSampler, combine_nvml
 from bench.peak_flops import get_peak_flops
+from bench.turn import get_turnstile
 from models import build_model, count_params, recompute_flops_per_token, train_flops_per_token
 from strategies import apply_strategies, get_autocast, get_grad_scaler, maybe_no_sync
 from strategies.config import StrategyError
@@ -184,45 +185,56 @@ def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None
     losses: list[float] = []
     status = "ok"
     wall_mark, steps_mark = time.perf_counter(), 0
-    for step in range(total):
-        if step == cfg.warmup:
-            memory.reset_peak(device)
-            sampler.start()
-            meter.start()
-            profiler.start()
-        timer.start()
-        t_step = time.perf_counter() if cfg.debug_slow_pct else 0.0
-        step_loss = run_step(step)
-        if cfg.debug_delay_s and step >= cfg.warmup:
-            time.sleep(cfg.debug_delay_s)  # DEBUG only: an injected, deliberate slowdown
-        if cfg.debug_slow_pct and step >= cfg.warmup:  # DEBUG only: busy-wait pct% of this step's time
-            _spin(cfg.debug_slow_pct / 100 * _elapsed_since(t_step, device))
-        timer.stop()
-        if step >= cfg.warmup:
-            profiler.step()
-        step_losses.append(step_loss)
-        if cfg.debug_fail_step == step and cfg.debug_fail_rank in (-1, info.rank):
-            raise InjectedFailure(f"injected failure at step {step} on rank {info.rank} (debug_fail_step)")
-        if cfg.debug_hang_step == step and cfg.debug_fail_rank in (-1, info.rank):
-            # DEBUG only: a rank that stops answering. Peers waiting in a collective fail at timeout_s; a rank
-            # hanging outside one (or every rank) gives up after timeout_s too, so no run hangs for ever.
-            time.sleep(cfg.timeout_s)
-            raise TimeoutError(f"rank {info.rank} hung at step {step} (debug_hang_step) for timeout_s="
-                               f"{cfg.timeout_s}s: timed out")
-        if (cfg.log_every and (step + 1) % cfg.log_every == 0) or step == total - 1:
-            new = _mean_over_ranks(step_losses[len(losses):], dp)
-            losses.extend(new)
-            if not all(math.isfinite(v) for v in new):
-                status = "nan"
-                break
-            if progress:
-                now = time.perf_counter()
-                per_step = (now - wall_mark) / (step + 1 - steps_mark)
-                tps = batch["global_batch_tokens"] / per_step
-                phase = " (warm-up)" if step < cfg.warmup else ""
-                progress(f"step {step + 1}/{total}{phase} | loss {new[-1]:.4f} | {tps:,.0f} tok/s | "
-                         f"ETA {per_step * (total - step - 1):.0f}s")
-                wall_mark, steps_mark = now, step + 1
+    turn = get_turnstile(info.rank, cfg.timeout_s)
+    try:
+        for step in range(total):
+            if step == cfg.warmup:
+                memory.reset_peak(device)
+                sampler.start()
+                meter.start()
+                profiler.start()
+            turn.wait(step)  # A/B gate only (bench/turn.py): the other version's step first; untimed
+            timer.start()
+            t_step = time.perf_counter() if cfg.debug_slow_pct else 0.0
+            step_loss = run_step(step)
+            if cfg.debug_delay_s and step >= cfg.warmup:
+                time.sleep(cfg.debug_delay_s)  # DEBUG only: an injected, deliberate slowdown
+            if cfg.debug_slow_pct and step >= cfg.warmup:  # DEBUG only: busy-wait pct% of this step's time
+                _spin(cfg.debug_slow_pct / 100 * _elapsed_since(t_step, device))
+            timer.stop()
+            turn.done(step)
+            if step >= cfg.warmup:
+                profiler.step()
+            step_losses.append(step_loss)
+            if cfg.debug_fail_step == step and cfg.debug_fail_rank in (-1, info.rank):
+                raise InjectedFailure(f"injected failure at step {step} on rank {info.rank} (debug_fail_step)")
+            if cfg.debug_hang_step == step and cfg.debug_fail_rank in (-1, info.rank):
+                # DEBUG only: a rank that stops answering. Peers waiting in a collective fail at timeout_s; a rank
+                # hanging outside one (or every rank) gives up after timeout_s too, so no run hangs for ever.
+                time.sleep(cfg.timeout_s)
+                raise TimeoutError(f"rank {info.rank} hung at step {step} (debug_hang_step) for timeout_s="
+                                   f"{cfg.timeout_s}s: timed out")
+            if (cfg.log_every and (step + 1) % cfg.log_every == 0) or step == total - 1:
+                new = _mean_over_ranks(step_losses[len(losses):], dp)
+                losses.extend(new)
+                if not all(math.isfinite(v) for v in new):
+                    status = "nan"
+                    break
+                if progress:
+                    now = time.perf_counter()
+                    per_step = (now - wall_mark) / (step + 1 - steps_mark)
+                    tps = batch["global_batch_tokens"] / per_step
+                    phase = " (warm-up)" if step < cfg.warmup else ""
+                    progress(f"step {step + 1}/{total}{phase} | loss {new[-1]:.4f} | {tps:,.0f} tok/s | "
+                             f"ETA {per_step * (total - step - 1):.0f}s")
+                    wall_mark, steps_mark = now, step + 1
+    except BaseException:
+        turn.release()  # never leave the other A/B job waiting for us
+        raise
+    if status == "ok":
+        turn.finish(total)
+    else:
+        turn.release()
 
     contention = meter.stop() if total > cfg.warmup and len(step_losses) > cfg.warmup else {}
     profiler.stop()
