@@ -1,8 +1,9 @@
 """Measure the same-run A/B gate's false-alarm and detection rates on this machine, the hard way.
 
-    python -m bench.gate_study --gates 2 --out results/noise/$(date +%F)   # 8 gates, ~70 min; nothing else may run
+    python -m bench.gate_study --gates 2 --out results/noise/$(date +%F)   # 8 gates, ~35 min; nothing else may run
 
-Runs whole gates (``python -m bench.regress --ab HEAD``, every CI entry, default rounds) again and
+Runs whole gates (``python -m bench.regress --ab HEAD``: every CI entry, the two jobs taking turns step
+by step, default rounds) again and
 again: unchanged code against itself (A/A) and the same code with the candidate slowed by exactly
 ``--slow-pct`` (default 10) of each entry's step time (``debug_slow_pct``, a busy-wait), each both on
 a quiet machine and while another process keeps one core busy (``--load``: a spinning child). Order:
@@ -29,9 +30,11 @@ def spin_forever() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
-def run_gate(out: Path, name: str, slow_pct: float, rounds: int) -> dict:
+def run_gate(out: Path, name: str, slow_pct: float, rounds: int | None) -> dict:
     tmp = out / f".{name}"
-    cmd = [sys.executable, "-m", "bench.regress", "--ab", "HEAD", "--rounds", str(rounds), "--out", str(tmp)]
+    cmd = [sys.executable, "-m", "bench.regress", "--ab", "HEAD", "--out", str(tmp)]
+    if rounds:
+        cmd += ["--rounds", str(rounds)]
     if slow_pct:
         cmd += ["--slow-pct", str(slow_pct)]
     t0 = time.perf_counter()
@@ -87,7 +90,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--gates", type=int, default=2, help="repetitions of the four conditions")
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, help="default: the gate's own default")
     ap.add_argument("--slow-pct", type=float, default=10.0)
     ap.add_argument("--summarise", action="store_true", help="only rewrite study.md from the JSON files")
     args = ap.parse_args(argv)
