@@ -1,28 +1,28 @@
 """Same-run A/B regression gate: the baseline *code* and the candidate *code*, measured on this
-machine, in this job, interleaved, judged on paired ratios.
+machine, in this job, judged on paired ratios.
 
     python -m bench.regress --ab                      # baseline = the revision in results/baselines/BASE_REV
-    python -m bench.regress --ab 6910f6a --rounds 4 --out ab_out
+    python -m bench.regress --ab 6910f6a --out ab_out # any revision
     python -m bench.regress --ab HEAD --slow-pct 10   # study: the candidate is HEAD slowed by exactly 10%
 
 Why: numbers recorded on another machine (another CPU model, another neighbour) do not compare with
-this one's. So the baseline revision is exported (``git archive``) into ``<out>/trees/base`` and both
-trees run the CI matrix (bench/ci_suite.py) with the same interpreter, alternately: in round r, entry
-i runs base then candidate when r + i is even, candidate then base otherwise (ABBA), so drift of a
-shared host hits both sides alike. Each (round, entry) gives a *pair* and its ratio
+this one's, and on a shared machine even two runs a few seconds apart differ by +-10%. So the baseline
+revision is exported (``git archive``) into ``<out>/trees/base`` and both trees run the CI matrix
+(bench/ci_suite.py) with the same interpreter:
 
-    ratio = candidate step_time_median_s / baseline step_time_median_s     (> 1: the candidate is slower)
+- ``turns`` (default when the baseline revision has bench/turn.py): for each entry both versions' jobs
+  start together and take turns step by step (bench/turn.py), 60 timed steps each; a pair's ratios are
+  ``candidate step k / baseline step k`` for every timed step k; 2 rounds, the first mover swapped;
+- ``runs`` (older baselines): in round r, entry i runs base then candidate when r + i is even, the other
+  way round otherwise (ABBA); a pair's ratio is ``candidate / baseline step_time_median_s``; 4 rounds. Each
+  run's ``cpu_util`` = CPU seconds of its process tree (``getrusage`` of the children) / (wall seconds x
+  processes); a pair whose runs' cpu_util differ by more than ``contention_mismatch`` (relative) saw
+  different contention and is measured again (up to ``max_remeasure`` times per entry).
 
-Contention: each run's ``cpu_util`` = CPU seconds of the run's process tree (``getrusage`` of the
-children) / (wall seconds x processes). A pair whose two runs' cpu_util differ by more than
-``contention_mismatch`` (relative) saw different contention: it is measured again (up to
-``max_remeasure`` times per entry) instead of being judged as it was.
-
-Verdict per entry (bench/thresholds_ab.yaml):
-- speed: FAIL when the median ratio exceeds 1 + ``max_slowdown_pct``/100. While the median lies
-  within ``gray_pct`` of that line, more pairs are measured (up to ``max_pairs``): a borderline
-  result is re-measured, not judged on too few pairs;
-- memory: FAIL when the median of the paired ratios of ``peak_mem_bytes`` exceeds 1 + ``max_rise_pct``/100;
+Verdict per entry (bench/thresholds_ab.yaml), on the median ratio (turns: of all paired steps pooled):
+- speed: FAIL when it exceeds 1 + ``max_slowdown_pct``/100. While it lies within ``gray_pct`` of that
+  line, another round is measured (up to ``max_pairs`` rounds): a borderline result is re-measured;
+- memory: FAIL when the median paired ratio of ``peak_mem_bytes`` exceeds 1 + ``max_rise_pct``/100;
 - loss: FAIL when the final losses (same seed, same data) differ by more than ``max_rel_diff`` (relative);
 - status: FAIL when a candidate run fails where the baseline's ran; an entry the baseline cannot run
   (a preset it does not have yet) is SKIP: new, nothing to compare.
