@@ -34,11 +34,13 @@ The false-alarm and detection rates of this rule are measured by ``python -m ben
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -228,24 +230,25 @@ class Runner:
         turn = self.out / f"turn-{self.count:04d}"
         write_turn(turn, "F 0")
         ids = {side: f"{side}-{entry[0]}-{self.count:04d}" for side in ("base", "cand")}
-        procs = {}
+        procs, logs = {}, {}
+        (self.out / "logs").mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         for side in ("base", "cand"):
             env = {**self.env, "PYTHONPATH": str(self.trees[side]), ENV_FILE: str(turn),
                    ENV_SIDE: "F" if side == first else "S"}
-            procs[side] = subprocess.Popen(self._cmd(side, entry, ids[side]), cwd=self.trees[side], env=env,
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        errs = {side: "" for side in procs}
+            logs[side] = self.out / "logs" / f"{ids[side]}.log"  # a file, not a pipe: a full pipe would block
+            with open(logs[side], "w") as log:
+                procs[side] = subprocess.Popen(self._cmd(side, entry, ids[side]), cwd=self.trees[side], env=env,
+                                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         while any(p.poll() is None for p in procs.values()):
             if any(p.poll() is not None for p in procs.values()):
                 write_turn(turn, FREE)  # one job ended: the other must not wait for it (again and again: a race)
             if time.perf_counter() - t0 > self.timeout_s:
                 for p in procs.values():
-                    p.kill()
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(p.pid, signal.SIGKILL)  # torchrun and its ranks
             time.sleep(0.2)
-        for side, p in procs.items():
-            errs[side] = (p.stderr.read() or "").strip().splitlines()[-1:]
-            p.stderr.close()
+        errs = {side: logs[side].read_text(errors="replace").strip().splitlines()[-1:] for side in procs}
         wall = time.perf_counter() - t0
         runs = {side: self._result(side, ids[side], wall, math.nan, procs[side].returncode, errs[side])
                 for side in procs}
