@@ -20,6 +20,12 @@ import traceback
 import uuid
 from pathlib import Path
 
+if __name__ == "__main__" and os.environ.get("RANK", "0") == "0":
+    # Under torchrun every rank checks the configuration and only rank 0 prints the error; when another rank
+    # exits 2 first, torchrun SIGTERMs rank 0 -- which must still get to print it (precheck, main). main()
+    # installs its own SIGTERM handler once the run is valid.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
 if __package__ in (None, ""):  # `python bench/run.py` from a clone without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,6 +40,7 @@ from bench.dist import DistInfo, broadcast_object, init_distributed  # noqa: E40
 from bench.env import environment  # noqa: E402
 from bench.results import append_row, claim_run, dead_ranks, register_rank, write_steps  # noqa: E402
 from bench.train import TrainOutcome, plan_batch, train  # noqa: E402
+from strategies.config import StrategyError  # noqa: E402
 
 register_configs()
 
@@ -110,7 +117,9 @@ def main(raw: DictConfig) -> None:
     try:
         cfg = to_run_config(raw)
         info = init_distributed(cfg.device, cfg.backend, cfg.timeout_s)
-    except ConfigError as exc:
+        cfg.strategy.validate_for(info.device.type, info.world_size)  # checks that need the world size ...
+        plan_batch(cfg, info)  # ... and the batch arithmetic: before anything is printed or run
+    except (ConfigError, StrategyError) as exc:
         stop_invalid(str(exc))
     preset = HydraConfig.get().runtime.choices.get("strategy")
     run_id = cfg.run_id or broadcast_object(
@@ -269,4 +278,4 @@ if __name__ == "__main__":
     problem = precheck(sys.argv[1:])
     if problem:
         stop_invalid(problem)
-    main()
+    main()  # rank 0 ignores SIGTERM until main() has checked what needs the process group too

@@ -17,7 +17,8 @@ def row(i, strategy="ddp", tps=1000.0, mfu=0.1, mem=10**9, loss=2.5, status="ok"
     r = {c: None for c in REQUIRED_COLUMNS}
     r.update(run_id=f"r{i}", model="tiny", strategy=strategy, world_size=2, device="cpu", device_name="CPU",
              dtype="fp32", seq_len=64, micro_batch=2, grad_accum=1, tokens_per_sec=tps, mfu=mfu, peak_mem_bytes=mem,
-             loss=loss, status=status, hostname=host, **kw)
+             loss=loss, status=status, hostname=host)
+    r.update(kw)
     return r
 
 
