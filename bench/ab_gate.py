@@ -274,6 +274,14 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else math.nan
 
 
+def entry_ratio(ok: list[Pair]) -> float:
+    """The judged ratio of an entry's ok pairs: the median of all paired steps pooled when every pair took
+    turns, else the median of the pairs' ratios."""
+    if ok and all(p.step_ratios for p in ok):
+        return _median([r for p in ok for r in p.step_ratios])
+    return _median([p.ratio for p in ok])
+
+
 def judge(entry: str, pairs: list[Pair], th: dict) -> Verdict:
     """The checks of one entry from its pairs (pure: tested on constructed pairs)."""
     v = Verdict(entry, pairs)
@@ -293,7 +301,7 @@ def judge(entry: str, pairs: list[Pair], th: dict) -> Verdict:
         return v
     ratios = [p.ratio for p in ok]
     pooled = [r for p in ok for r in p.step_ratios]
-    m = _median(pooled) if pooled and all(p.step_ratios for p in ok) else _median(ratios)
+    m = entry_ratio(ok)
     limit = 1 + th["max_slowdown_pct"] / 100
     contended = sum(p.contended(th["contention_mismatch"]) for p in ok)
     v.checks.append({"metric": "step_time", "verdict": "FAIL" if m > limit else "PASS",
@@ -324,9 +332,7 @@ def needs_more(pairs: list[Pair], th: dict) -> bool:
     ok = [p for p in pairs if p.ok]
     if not ok or len(pairs) >= th["max_pairs"]:
         return False
-    pooled = [r for p in ok for r in p.step_ratios]
-    m = _median(pooled) if pooled else _median([p.ratio for p in ok])
-    return abs(m - (1 + th["max_slowdown_pct"] / 100)) < th["gray_pct"] / 100
+    return abs(entry_ratio(ok) - (1 + th["max_slowdown_pct"] / 100)) < th["gray_pct"] / 100
 
 
 def run_ab(out: Path, base_tree: Path, rounds: int, th: dict, matrix: list[tuple] = ci_suite.MATRIX,
