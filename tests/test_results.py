@@ -117,14 +117,16 @@ def test_append_after_a_torn_last_line_keeps_the_new_row(tmp_path):
 
 
 # A writer process: appends rows r<start>.. and prints each id once append_row has returned (= completed).
-# With "torn", it first writes half a row by hand, as a crashed tool would.
+# With "torn", it first writes half a row under the table's lock, as a writer killed mid-write would
+# (a tool that skips the lock can interleave with anyone; append_row cannot guard against that).
 _WRITER = """
-import sys
+import fcntl, sys
 sys.path.insert(0, sys.argv[1])
 from bench.results import REQUIRED_COLUMNS, append_row
 path, start, torn = sys.argv[2], int(sys.argv[3]), sys.argv[4] == "torn"
 if torn:
     with open(path + "/runs.jsonl", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
         f.write('{"run_id": "fragment-' + str(start) + '", "model": "ti')
 for i in range(start, start + 400):
     row = dict.fromkeys(REQUIRED_COLUMNS)
