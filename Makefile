@@ -31,7 +31,7 @@ report: setup
 	$(PY) -m reports results --out reports_out
 
 gate: setup
-	$(PY) -m bench.regress --ab --out ab_out
+	$(PY) -m bench.gate --ab --out ab_out
 
 clean:
 	rm -rf $(VENV) .pytest_cache reports_out ab_out ci_out

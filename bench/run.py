@@ -35,11 +35,11 @@ import torch.distributed as dist  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from bench.config import ConfigError, RunConfig, register_configs, to_run_config  # noqa: E402
-from bench.dist import DistInfo, broadcast_object, init_distributed  # noqa: E402
-from bench.env import environment  # noqa: E402
-from bench.results import append_row, claim_run, dead_ranks, register_rank, write_steps  # noqa: E402
-from bench.train import TrainOutcome, plan_batch, train  # noqa: E402
+from bench.harness.config import ConfigError, RunConfig, register_configs, to_run_config  # noqa: E402
+from bench.harness.dist import DistInfo, broadcast_object, init_distributed  # noqa: E402
+from bench.harness.env import environment  # noqa: E402
+from bench.harness.loop import TrainOutcome, plan_batch, train  # noqa: E402
+from bench.harness.table import append_row, claim_run, dead_ranks, register_rank, write_steps  # noqa: E402
 from strategies.config import StrategyError  # noqa: E402
 
 register_configs()

@@ -59,7 +59,7 @@ def build(df: pd.DataFrame) -> Report:
         pred = pd.DataFrame({name: r.pred_parts_gib for name, r in ok.iterrows()}).T \
             if any(r.pred_parts_gib for _, r in ok.iterrows()) else None
         rep.figures[f"{stem}-memory"] = plots.memory(ok, label, predicted=pred)
-        beside = " beside the predicted parts (bench/costmodel.py)" if pred is not None else ""
+        beside = " beside the predicted parts (bench/plan/costmodel.py)" if pred is not None else ""
         rep.captions[f"{stem}-memory"] = f"Peak memory per strategy, measured{beside} — {label}"
         rep.figures[f"{stem}-tradeoff"] = plots.tradeoff(ok, label)
         rep.captions[f"{stem}-tradeoff"] = f"Throughput vs memory — {label}"
@@ -122,7 +122,7 @@ HEADER = ["strategy", "runs ok"] + [COLUMNS[c][0] for c in COLUMNS] + ["status"]
 
 def to_markdown(rep: Report, image_ext: str = "png") -> str:
     out = ["# n00bGPT report", "", "Best value per column in **bold**. Medians over repeated runs; "
-           "definitions in bench/metrics.py and reports/aggregate.py.", ""]
+           "definitions in bench/measure/metrics.py and reports/aggregate.py.", ""]
     for s in rep.setups:
         out += [f"## {s['label']}", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
         for cells in _table_rows(s["table"], best_strategies(s["table"])):

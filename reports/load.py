@@ -15,10 +15,12 @@ import json
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+from reports.record import REQUIRED_COLUMNS, implausible
 
-from bench.results import REQUIRED_COLUMNS
+if TYPE_CHECKING:  # pandas is imported on use: the harness imports reports.record without it
+    import pandas as pd
 
 
 class ResultsError(ValueError):
@@ -78,6 +80,8 @@ def load(paths: str | Path | Iterable[str | Path], required: list[str] | None = 
          strict: bool = False) -> pd.DataFrame:
     """All rows of the given result tables; adds ``source_file`` (and ``device_name`` from ``device`` where a
     row lacks it). Raises ResultsError on bad input; torn lines are skipped with a warning (``strict``: error)."""
+    import pandas as pd
+
     required = REQUIRED_COLUMNS if required is None else required
     frames = []
     for path in _expand(paths):
@@ -98,15 +102,18 @@ def load(paths: str | Path | Iterable[str | Path], required: list[str] | None = 
     if "device_name" not in df.columns:
         df["device_name"] = df["device"]
     df["device_name"] = df["device_name"].fillna(df["device"])
-    # A number that cannot be true is never 'ok' (bench/metrics.py: implausible). Rows written before that
+    # A number that cannot be true is never 'ok' (reports/record.py: implausible). Rows written before that
     # rule existed are marked here, so no reader ranks or compares them.
-    bad = (df.status == "ok") & ((pd.to_numeric(df.mfu, errors="coerce") > 1)
-                                 | (pd.to_numeric(df.hfu, errors="coerce") > 1))
-    if bad.any():
-        df["error"] = df["error"].astype(object)
-        df.loc[bad, "error"] = [f"mfu={m:.3f}, hfu={h:.3f}: above 1 cannot be true (peak {p:.3g} FLOP/s too low)"
-                                for m, h, p in df.loc[bad, ["mfu", "hfu", "peak_flops"]].fillna(0).itertuples(False)]
-        df.loc[bad, "status"] = "suspect"
+    ok = df.status == "ok"
+    if ok.any():
+        nums = df.loc[ok, ["mfu", "hfu", "peak_flops"]].apply(pd.to_numeric, errors="coerce")
+        reasons = [implausible({"mfu": m, "hfu": h, "peak_flops": p, "peak_flops_source": src})
+                   for (m, h, p), src in zip(nums.itertuples(False), df.loc[ok, "peak_flops_source"])]
+        bad = pd.Series(reasons, index=df.index[ok]).dropna()
+        if len(bad):
+            df["error"] = df["error"].astype(object)
+            df.loc[bad.index, "error"] = bad.values
+            df.loc[bad.index, "status"] = "suspect"
     return df
 
 
@@ -115,4 +122,6 @@ def load_steps(results_dir: str | Path, run_id: str) -> pd.DataFrame:
     path = Path(results_dir) / "steps" / f"{run_id}.jsonl"
     if not path.is_file():
         raise ResultsError(f"{path}: no per-step log for run {run_id}")
+    import pandas as pd
+
     return pd.DataFrame(_read_jsonl(path))

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from bench import ab_gate
-from bench.ab_gate import Pair, Run, judge, needs_more
+from bench.gate import ab as ab_gate
+from bench.gate.ab import Pair, Run, judge, needs_more
 from tests.helpers import ROOT
 
 TH = ab_gate.load_thresholds(None)
@@ -67,7 +67,7 @@ def test_contention_mismatch_marks_a_pair():
 
 
 def test_bad_input_exits_2(tmp_path):
-    cmd = [sys.executable, "-m", "bench.regress", "--out", str(tmp_path / "o")]
+    cmd = [sys.executable, "-m", "bench.gate", "--out", str(tmp_path / "o")]
     res = subprocess.run([*cmd, "--ab", "no-such-rev"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and "revision 'no-such-rev' is not a commit" in res.stderr
     res = subprocess.run([*cmd, "--ab", "HEAD", "--entries", "nope"], cwd=ROOT, capture_output=True, text=True)
@@ -84,7 +84,7 @@ def slow_clone(tmp_path_factory):
     """A clone of this repository whose newest commit adds a 50 ms sleep to every training step."""
     clone = tmp_path_factory.mktemp("ab") / "repo"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-    train = clone / "bench" / "train.py"
+    train = clone / "bench" / "harness" / "loop.py"
     text = train.read_text()
     marker = "        opt.zero_grad(set_to_none=True)\n"
     assert marker in text
@@ -95,8 +95,8 @@ def slow_clone(tmp_path_factory):
 
 
 def ab(clone, rev, out):
-    return subprocess.run([sys.executable, "-m", "bench.regress", "--ab", rev, "--entries", "single", "--rounds", "2",
-                           "--out", str(out)], cwd=clone, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "bench.gate", "--ab", rev, "--entries", "single",
+                           "--rounds", "2", "--out", str(out)], cwd=clone, capture_output=True, text=True, timeout=600)
 
 
 def test_a_committed_slowdown_fails_against_its_parent(slow_clone, tmp_path):
@@ -110,11 +110,12 @@ def test_a_committed_slowdown_fails_against_its_parent(slow_clone, tmp_path):
 
 def test_the_baseline_is_the_named_revision_not_the_working_tree(slow_clone, tmp_path):
     """Baseline = the slow HEAD, candidate = the working tree with the sleep removed: faster, so it passes."""
-    subprocess.run(["git", "-C", str(slow_clone), "checkout", "-q", "HEAD~1", "--", "bench/train.py"], check=True)
+    loop = "bench/harness/loop.py"
+    subprocess.run(["git", "-C", str(slow_clone), "checkout", "-q", "HEAD~1", "--", loop], check=True)
     try:
         res = ab(slow_clone, "HEAD", tmp_path / "o")
     finally:
-        subprocess.run(["git", "-C", str(slow_clone), "checkout", "-q", "HEAD", "--", "bench/train.py"], check=True)
+        subprocess.run(["git", "-C", str(slow_clone), "checkout", "-q", "HEAD", "--", loop], check=True)
     assert res.returncode == 0, res.stdout + res.stderr
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("single") and "step_time" in ln)
     assert float(line.split("median ratio ")[1].split()[0]) < 0.8

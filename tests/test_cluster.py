@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.slurm import SlurmJob
+from bench.launch.slurm import SlurmJob
 from reports import load
 from tests.helpers import ROOT, run_cli
 
@@ -94,7 +94,7 @@ def test_hung_collective_is_bounded_by_the_timeout(tmp_path, hung_rank):
 
 
 def test_sweep_runs_each_job_as_its_own_process_group_and_survives_failures(tmp_path):
-    res = subprocess.run([sys.executable, "bench/sweep.py", "-m", "strategy=ddp,fsdp,single", "model=tiny",
+    res = subprocess.run([sys.executable, "bench/launch/sweep.py", "-m", "strategy=ddp,fsdp,single", "model=tiny",
                           "steps=3", "warmup=1", "micro_batch=2", "seq_len=32", f"results_dir={tmp_path / 'r'}",
                           f"hydra.sweep.dir={tmp_path / 'sweep'}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -112,7 +112,7 @@ def test_sweep_runs_each_job_as_its_own_process_group_and_survives_failures(tmp_
 
 
 def test_sweep_with_slurm_launcher_writes_one_script_per_job(tmp_path):
-    res = subprocess.run([sys.executable, "bench/sweep.py", "-m", "strategy=fsdp,fsdp_ac", "model=gpt2-xl",
+    res = subprocess.run([sys.executable, "bench/launch/sweep.py", "-m", "strategy=fsdp,fsdp_ac", "model=gpt2-xl",
                           "sweep.launcher=slurm", "sweep.nnodes=4", "sweep.gpus_per_node=8", "sweep.partition=gpu",
                           f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -149,7 +149,7 @@ def test_sbatch_script_runs_torchrun_with_slurm_variables(tmp_path):
 @pytest.mark.parametrize("bad", [["--nodes", "2", "--submit", "--", "strategy=fsdp"]])
 def test_slurm_cli_dry_run_and_clear_submit_error(tmp_path, bad):
     out = tmp_path / "j.sbatch"
-    res = subprocess.run([sys.executable, "bench/slurm.py", "--out", str(out), *bad], cwd=ROOT, capture_output=True,
-                         text=True)
+    res = subprocess.run([sys.executable, "-m", "bench.launch.slurm", "--out", str(out), *bad], cwd=ROOT,
+                         capture_output=True, text=True)
     assert out.exists() and "#SBATCH --nodes=2" in res.stdout
     assert res.returncode == 1 and "sbatch not found" in res.stderr

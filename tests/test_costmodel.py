@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from bench.comm import CommCounter
-from bench.costmodel import block_activation_bytes, head_bytes, param_groups, predict_comm, predict_memory
+from bench.measure.comm import CommCounter
+from bench.plan.costmodel import block_activation_bytes, head_bytes, param_groups, predict_comm, predict_memory
 from models import build_model, get_config
 from reports import load
 from strategies import StrategyConfig, apply_strategies, maybe_no_sync

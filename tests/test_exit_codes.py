@@ -11,8 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from bench.results import REQUIRED_COLUMNS, append_row
+from bench.harness.table import append_row
 from reports import load
+from reports.record import REQUIRED_COLUMNS
 from tests.helpers import ROOT, run_cli
 
 OK = ["model=tiny", "steps=2", "warmup=0", "micro_batch=2", "seq_len=32", "log_every=0", "device=cpu"]

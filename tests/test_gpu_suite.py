@@ -5,14 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from bench import gpu_suite
+from bench.launch import gpu_suite
 from reports import load
 from tests.helpers import ROOT
 
 
 def test_list_prints_every_entry_with_the_right_launcher():
-    out = subprocess.run([sys.executable, "bench/gpu_suite.py", "--list"], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout.strip().splitlines()
+    out = subprocess.run([sys.executable, "-m", "bench.launch.gpu_suite", "--list"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.strip().splitlines()
     assert len(out) == len(gpu_suite.MATRIX) + 1  # + the profiled entry
     for (label, model, strategy, _, distributed), line in zip(gpu_suite.MATRIX, out[:6] + out[7:]):
         assert f"tag=gpu_suite:{label}" in line and f"model={model}" in line and f"strategy={strategy}" in line
@@ -22,7 +22,7 @@ def test_list_prints_every_entry_with_the_right_launcher():
 
 
 def test_cpu_dry_run_writes_rows_and_summary(tmp_path):
-    res = subprocess.run([sys.executable, "bench/gpu_suite.py", "--cpu", "--out", str(tmp_path), "--only",
+    res = subprocess.run([sys.executable, "bench/launch/gpu_suite.py", "--cpu", "--out", str(tmp_path), "--only",
                           "small-tf32,small-fsdp-ac-bf16"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     df = load(tmp_path / "results")

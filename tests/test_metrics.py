@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import memory, metrics, nvml, peak_flops
+from bench.measure import memory, metrics, nvml, peak_flops
 
 
 def test_percentile_matches_numpy():
@@ -194,7 +194,7 @@ def test_probe_reports_its_own_cpu_share_under_load():
 
 
 class FakeNvml(types.SimpleNamespace):
-    """pynvml's API surface as bench/nvml.py uses it; energy counter in mJ."""
+    """pynvml's API surface as bench/measure/nvml.py uses it; energy counter in mJ."""
 
     def __init__(self, energy=True):
         super().__init__()

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.config import RunConfig
-from bench.dist import DistInfo
-from bench.train import train
+from bench.harness.config import RunConfig
+from bench.harness.dist import DistInfo
+from bench.harness.loop import train
 from models import get_config
 from strategies import StrategyConfig
 

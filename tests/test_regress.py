@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from bench import regress
-from bench.results import REQUIRED_COLUMNS, append_row
+from bench.gate import regress
+from bench.harness.table import append_row
+from reports.record import REQUIRED_COLUMNS
 from tests.helpers import ROOT, run_cli
 
 
@@ -83,7 +84,7 @@ def test_missing_setup_fails_and_nothing_in_common_is_unusable(tmp_path):
 def test_cli_exit_codes(tmp_path):
     base = write(tmp_path / "b", [row(0)])
     slow = write(tmp_path / "s", [row(1, tps=500, mfu=0.05)])
-    cmd = [sys.executable, "-m", "bench.regress"]
+    cmd = [sys.executable, "-m", "bench.gate"]
     same = subprocess.run([*cmd, "--baseline", str(base), "--candidate", str(base)], cwd=ROOT, capture_output=True,
                           text=True)
     assert same.returncode == 0 and "all" in same.stdout and "verdict" in same.stdout
@@ -118,7 +119,7 @@ def test_injected_slowdown_is_caught_and_unchanged_rerun_passes(tmp_path):
     th = tmp_path / "th.yaml"
     th.write_text("mfu:\n  max_drop_pct: 20.0\npeak_mem_bytes:\n  max_rise_pct: 10.0\nloss:\n  max_rel_diff: 1.0e-4\n"
                   "status:\n  ok_must_stay_ok: true\n")
-    cmd = [sys.executable, "-m", "bench.regress", "--thresholds", str(th), "--baseline", str(tmp_path / "base")]
+    cmd = [sys.executable, "-m", "bench.gate", "--thresholds", str(th), "--baseline", str(tmp_path / "base")]
     same = subprocess.run([*cmd, "--candidate", str(tmp_path / "same")], cwd=ROOT, capture_output=True, text=True)
     slow = subprocess.run([*cmd, "--candidate", str(tmp_path / "slow")], cwd=ROOT, capture_output=True, text=True)
     assert slow.returncode == 1, slow.stdout
@@ -127,9 +128,9 @@ def test_injected_slowdown_is_caught_and_unchanged_rerun_passes(tmp_path):
 
 
 def test_noise_analysis_counts_false_alarms_and_detections(tmp_path):
-    """bench/noise.py's arithmetic on synthetic runs: steady unchanged runs never alarm, a 10% MFU drop
+    """bench/gate/noise.py's arithmetic on synthetic runs: steady unchanged runs never alarm, a 10% MFU drop
     is detected against a 6% threshold, and a 3% drop is not."""
-    from bench import noise
+    from bench.gate import noise
 
     def runs(folder, mfu_scale, n=6):
         for i in range(n):

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from bench.results import REQUIRED_COLUMNS, append_row, write_steps
+from bench.harness.table import append_row, write_steps
 from reports import build, compare, load
 from reports.aggregate import summarise
+from reports.record import REQUIRED_COLUMNS
 from tests.helpers import ROOT
 
 GIB = 2**30

@@ -15,9 +15,10 @@ import time
 import pandas as pd
 import pytest
 
-from bench.results import REQUIRED_COLUMNS, append_row, claim_run, run_ids, write_steps
+from bench.harness.table import append_row, claim_run, run_ids, write_steps
 from reports import ResultsError, load, load_steps
 from reports.load import TornLineWarning
+from reports.record import REQUIRED_COLUMNS
 
 
 def make_row(i: int, **kw) -> dict:
@@ -122,7 +123,8 @@ def test_append_after_a_torn_last_line_keeps_the_new_row(tmp_path):
 _WRITER = """
 import fcntl, sys
 sys.path.insert(0, sys.argv[1])
-from bench.results import REQUIRED_COLUMNS, append_row
+from bench.harness.table import append_row
+from reports.record import REQUIRED_COLUMNS
 path, start, torn = sys.argv[2], int(sys.argv[3]), sys.argv[4] == "torn"
 if torn:
     with open(path + "/runs.jsonl", "a") as f:

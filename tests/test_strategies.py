@@ -8,8 +8,8 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.config import ConfigError
-from bench.dist import resolve_backend, resolve_device
+from bench.harness.config import ConfigError
+from bench.harness.dist import resolve_backend, resolve_device
 from models import build_model, get_config, recompute_flops_per_token
 from strategies import StrategyConfig, StrategyError, apply_ac, apply_strategies, get_autocast, unwrap
 from strategies.ac import CheckpointWrapper

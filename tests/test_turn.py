@@ -1,4 +1,4 @@
-"""Turn taking between two jobs (bench/turn.py): real processes alternate step by step, never overlap,
+"""Turn taking between two jobs (bench/harness/turn.py): real processes alternate step by step, never overlap,
 and a job that stops early never leaves the other waiting."""
 
 from __future__ import annotations
@@ -8,14 +8,14 @@ import os
 import subprocess
 import sys
 
-from bench.turn import ENV_FILE, ENV_SIDE, write_turn
+from bench.harness.turn import ENV_FILE, ENV_SIDE, write_turn
 from tests.helpers import ROOT
 
 # A job: N "steps" of ~20 ms busy work, each logged with its start and end (monotonic clock).
 _JOB = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
-from bench.turn import get_turnstile
+from bench.harness.turn import get_turnstile
 log, steps, stop_at = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 turn = get_turnstile(0, timeout_s=60)
 try:

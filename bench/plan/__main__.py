@@ -6,7 +6,7 @@
 
 Keys: model (a preset), world_size (data-parallel ranks), device_memory_gib, micro_batch (default 1),
 seq_len (default: the model's context), grad_accum (default 1), pad_vocab_to (default 1), format
-(table | json). Formulas: bench/costmodel.py. Nothing is allocated (shapes come from a meta model),
+(table | json). Formulas: bench/plan/costmodel.py. Nothing is allocated (shapes come from a meta model),
 so any family size and thousands of ranks answer in about a second.
 """
 
@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.costmodel import param_groups, predict_comm, predict_memory  # noqa: E402
+from bench.plan.costmodel import param_groups, predict_comm, predict_memory  # noqa: E402
 from models.config import PRESETS, get_config  # noqa: E402
 from strategies.config import StrategyConfig  # noqa: E402
 
@@ -97,7 +97,7 @@ def render(rows: list[dict], device_gib: float) -> str:
     lines.append(f"\n{r0['model']}, world size {r0['world_size']}, micro-batch {r0['micro_batch']}, "
                  f"seq {r0['seq_len']}; "
                  f"per-rank GiB against {device_gib:g} GiB; comm = full-tensor bytes per step per rank "
-                 "(bench/costmodel.py).")
+                 "(bench/plan/costmodel.py).")
     return "\n".join(lines)
 
 

@@ -23,17 +23,7 @@ import os
 import socket
 from pathlib import Path
 
-RUNS_FILE = "runs.jsonl"
-
-# The columns every row has (reports.load checks them). Definitions: bench/metrics.py,
-# bench/memory.py, bench/nvml.py, bench/peak_flops.py; config fields: bench/config.py.
-REQUIRED_COLUMNS = [
-    "run_id", "timestamp", "model", "strategy", "world_size", "nnodes", "device", "dtype", "seq_len",
-    "micro_batch", "grad_accum", "global_batch_tokens", "steps", "warmup", "tokens_per_sec",
-    "tokens_per_sec_per_device", "step_time_median_s", "step_time_p10_s", "step_time_p90_s", "mfu", "hfu",
-    "peak_flops", "peak_flops_source", "peak_mem_bytes", "peak_reserved_bytes", "loss", "status", "error",
-    "git_sha", "torch_version", "hostname",
-]
+from reports.record import REQUIRED_COLUMNS, RUNS_FILE, RunRecord
 
 
 def _clean(value):
@@ -47,8 +37,11 @@ def _clean(value):
     return value
 
 
-def append_row(results_dir: str | Path, row: dict) -> Path:
-    """Append ``row`` as one line to ``results_dir/runs.jsonl`` atomically; returns the file."""
+def append_row(results_dir: str | Path, row: RunRecord | dict) -> Path:
+    """Append ``row`` (a RunRecord, or a dict with at least REQUIRED_COLUMNS) as one line to
+    ``results_dir/runs.jsonl`` atomically; returns the file."""
+    if isinstance(row, RunRecord):
+        row = row.to_row()
     missing = [c for c in REQUIRED_COLUMNS if c not in row]
     if missing:
         raise ValueError(f"result row lacks required columns: {missing}")

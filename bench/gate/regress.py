@@ -1,11 +1,11 @@
 """The regression gate: compare a candidate result set with a baseline, setup by setup.
 
-    python -m bench.regress --baseline results/baselines/ci-cpu --candidate ci_out/results
-    python -m bench.regress --baseline B --candidate C --thresholds bench/thresholds.yaml
+    python -m bench.gate --baseline results/baselines/ci-cpu --candidate ci_out/results
+    python -m bench.gate --baseline B --candidate C --thresholds bench/gate/thresholds.yaml
 
 Setups are matched on SETUP_KEYS (model, strategy, world size, device, dtype, batch shape); each
 metric compares medians over a setup's ok runs (so repeats damp the noise) against the thresholds
-(bench/thresholds.yaml, documented there and in the README):
+(bench/gate/thresholds.yaml, documented there and in the README):
 
 - ``tokens_per_sec`` may drop at most ``max_drop_pct`` -- only when both sides ran on the same
   hostname and device (raw throughput is not comparable between machines; else verdict SKIP);
@@ -158,14 +158,14 @@ def render(table: pd.DataFrame) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.regress", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.gate", description=__doc__.splitlines()[0])
     ap.add_argument("--ab", nargs="?", const="", metavar="REV",
                     help="same-run A/B gate against the code of REV (default: results/baselines/BASE_REV), "
-                         "see bench/ab_gate.py")
+                         "see bench/gate/ab.py")
     ap.add_argument("--baseline", nargs="+", help="baseline result files/folders/globs")
     ap.add_argument("--candidate", nargs="+", help="candidate result files/folders/globs")
     ap.add_argument("--thresholds", help=f"YAML thresholds (default {DEFAULT_THRESHOLDS}; "
-                                         "with --ab bench/thresholds_ab.yaml)")
+                                         "with --ab bench/gate/thresholds_ab.yaml)")
     ap.add_argument("--rounds", type=int, help="--ab: rounds (pairs per entry; default 2 taking turns, 4 run by run)")
     ap.add_argument("--mode", default="auto", help="--ab: turns (step by step), runs (run after run), or auto "
                                                     "(turns when the baseline revision can)")
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--entries", nargs="*", help="--ab: only these CI matrix entries")
     args = ap.parse_args(argv)
     if args.ab is not None:
-        from bench import ab_gate
+        from bench.gate import ab as ab_gate
 
         return ab_gate.main(args.ab or None, args.out, args.rounds, args.thresholds, args.slow_pct, args.entries,
                             args.mode)

@@ -14,16 +14,16 @@ Timing
 FLOPs utilisation
 - ``mfu`` = train_flops_per_token * tokens_per_sec_per_device / peak_flops   [fraction 0..1]
   with train_flops_per_token from models/flops.py (3 x forward matmul FLOPs) and
-  ``peak_flops`` the per-device peak for the run's compute dtype (bench/peak_flops.py).
+  ``peak_flops`` the per-device peak for the run's compute dtype (bench/measure/peak_flops.py).
 - ``hfu`` = (train_flops_per_token + recompute_flops_per_token) * tokens_per_sec_per_device
   / peak_flops: hardware FLOPs, counting activation-checkpoint recomputation.
 
 Plausibility: a row whose ``mfu`` or ``hfu`` exceeds 1 reports more FLOP/s than the peak, which cannot
 be true (the peak was measured too low, e.g. a contended probe, or the FLOP count is wrong): such a run
-gets status ``suspect`` with the reason (``implausible``), never ``ok``.
+gets status ``suspect`` with the reason (``reports.record.implausible``), never ``ok``.
 
-Memory (bench/memory.py), GPU telemetry (bench/nvml.py) and contention (bench/contention.py) are defined
-in their modules.
+Memory (memory.py), GPU telemetry (nvml.py) and contention (contention.py) are defined in their modules
+of bench/measure/.
 """
 
 from __future__ import annotations
@@ -102,13 +102,3 @@ def flops_utilisation(flops_per_token: float, tokens_per_sec_per_device: float,
     if not peak_flops:
         return None
     return flops_per_token * tokens_per_sec_per_device / peak_flops
-
-
-def implausible(m: dict) -> str | None:
-    """Why these metrics cannot be true (mfu or hfu above 1), or None."""
-    for key in ("mfu", "hfu"):
-        v = m.get(key)
-        if v is not None and v > 1:
-            return (f"{key}={v:.3f} > 1 cannot be true: the peak {m.get('peak_flops') or 0:.3g} FLOP/s "
-                    f"({m.get('peak_flops_source')}) is too low for this run (a contended probe?)")
-    return None

@@ -16,8 +16,9 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from bench.results import RUNS_FILE, run_ids
+from bench.harness.table import run_ids
 from models.config import PRESETS, GPTConfig
+from reports.record import RUNS_FILE
 from strategies.config import StrategyConfig
 
 
@@ -45,7 +46,7 @@ def _writable_folder_problem(path: str) -> str | None:
 
 
 def _data_problem(data: str, seq_len: int, micro_batch: int, vocab_size: int) -> str | None:
-    """Why the text at ``data`` cannot feed one micro-batch (bench/data.py's byte-level windows), or None."""
+    """Why the text at ``data`` cannot feed one micro-batch (bench/harness/data.py's byte-level windows), or None."""
     p = Path(data)
     if p.is_file():
         size = p.stat().st_size
@@ -83,7 +84,7 @@ class RunConfig:
     seq_len: int = 0
     """Tokens per sequence; 0 = the model's context length (block_size)."""
     seed: int = 0
-    """Seeds weights (models/gpt.py init_weights) and data (bench/data.py)."""
+    """Seeds weights (models/gpt.py init_weights) and data (bench/harness/data.py)."""
     data: str = "synthetic"
     """'synthetic' (random tokens) or a path to a local text file/folder (byte-level tokens)."""
     results_dir: str = "results"
@@ -104,10 +105,11 @@ class RunConfig:
     """If set: rank 0 records a torch.profiler trace of timed steps 2-4 into this folder (``<run_id>.json.gz``
     and ``<run_id>.txt``, the top ops). Profiling slows those steps: don't compare a profiled row's speed."""
     measure_comm: bool = True
-    """After the timed window, run one extra step observing every collective (bench/comm.py) to record
+    """After the timed window, run one extra step observing every collective (bench/measure/comm.py) to record
     comm_bytes_per_step (data-parallel runs only; never timed)."""
     run_id: str = ""
-    """Row identifier; empty = generated (timestamp + random). Launchers (bench/sweep.py) set it to find the row."""
+    """Row identifier; empty = generated (timestamp + random). Launchers (bench/launch/sweep.py) set it to
+    find the row."""
     debug_hang_step: int = -1
     """DEBUG (fault tests): at this step, rank ``debug_fail_rank`` (-1: every rank) stops answering for
     ``timeout_s``: the others wait in a collective until it times out; the hung rank gives up then too."""
@@ -115,7 +117,7 @@ class RunConfig:
     """DEBUG (regression-gate tests): sleep this long inside every timed step."""
     debug_slow_pct: float = 0.0
     """DEBUG (gate study): after every timed step, busy-wait for this percentage of the step's own duration,
-    i.e. a slowdown of exactly this size that uses the CPU like real work (bench/ab_gate.py's study)."""
+    i.e. a slowdown of exactly this size that uses the CPU like real work (bench/gate/ab.py's study)."""
     debug_fail_step: int = -1
     """DEBUG (failure tests): raise an error at this step (-1 = never)."""
     debug_fail_rank: int = -1
@@ -179,7 +181,7 @@ class RunConfig:
 
 @dataclass
 class SweepSettings:
-    """How bench/sweep.py launches each job of a sweep (everything else is the RunConfig)."""
+    """How bench/launch/sweep.py launches each job of a sweep (everything else is the RunConfig)."""
 
     nproc_per_node: int = 2
     """Processes per node for each job's torchrun; 0 = one plain `python bench/run.py` process.
@@ -204,7 +206,7 @@ class SweepSettings:
 
 @dataclass
 class SweepConfig(RunConfig):
-    """A RunConfig plus how to launch it; bench/sweep.py's schema."""
+    """A RunConfig plus how to launch it; bench/launch/sweep.py's schema."""
 
     sweep: SweepSettings = field(default_factory=SweepSettings)
 

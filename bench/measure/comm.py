@@ -3,7 +3,7 @@
 ``CommCounter`` is a TorchDispatchMode: every c10d collective (DDP's bucket all-reduces, FSDP2's
 all-gathers and reduce-scatters, ours) reaches the dispatcher as a ``c10d::*`` op, whose tensor
 arguments give the size. ``comm_bytes`` per op is the full tensor the collective operates on (the
-same convention as bench/costmodel.py's prediction): all-reduce and broadcast: the tensors; all-gather:
+same convention as bench/plan/costmodel.py's prediction): all-reduce and broadcast: the tensors; all-gather:
 the gathered output; reduce-scatter: the full input.
 
 The harness measures one extra training step after the timed window (a dispatch mode slows every op,

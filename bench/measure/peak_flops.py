@@ -14,7 +14,7 @@ seconds / (wall seconds x threads). A probe that was itself contended (CPU share
 > 0.15: a neighbour took the core during some trials, so even the best may be low) is used for
 this run but never cached; a clean one is cached per machine/threads/dtype/torch version in
 ``$N00BGPT_CACHE_DIR`` (default ``~/.cache/n00bgpt``); ``N00BGPT_PEAK_CACHE=0`` probes in every run
-instead. A peak that came out too low shows as mfu > 1, which bench/train.py turns into status
+instead. A peak that came out too low shows as mfu > 1, which bench/harness/loop.py turns into status
 ``suspect``. Never a silent fallback to another GPU's numbers.
 """
 

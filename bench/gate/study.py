@@ -1,8 +1,8 @@
 """Measure the same-run A/B gate's false-alarm and detection rates on this machine, the hard way.
 
-    python -m bench.gate_study --gates 2 --out results/noise/$(date +%F)   # 8 gates, ~35 min; nothing else may run
+    python -m bench.gate.study --gates 2 --out results/noise/$(date +%F)   # 8 gates, ~35 min; nothing else may run
 
-Runs whole gates (``python -m bench.regress --ab HEAD``: every CI entry, the two jobs taking turns step
+Runs whole gates (``python -m bench.gate --ab HEAD``: every CI entry, the two jobs taking turns step
 by step, default rounds) again and
 again: unchanged code against itself (A/A) and the same code with the candidate slowed by exactly
 ``--slow-pct`` (default 10) of each entry's step time (``debug_slow_pct``, a busy-wait), each both on
@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.ab_gate import ROOT
+from bench.gate.ab import ROOT
 
 
 def spin_forever() -> subprocess.Popen:
@@ -32,7 +32,7 @@ def spin_forever() -> subprocess.Popen:
 
 def run_gate(out: Path, name: str, slow_pct: float, rounds: int | None) -> dict:
     tmp = out / f".{name}"
-    cmd = [sys.executable, "-m", "bench.regress", "--ab", "HEAD", "--out", str(tmp)]
+    cmd = [sys.executable, "-m", "bench.gate.regress", "--ab", "HEAD", "--out", str(tmp)]
     if rounds:
         cmd += ["--rounds", str(rounds)]
     if slow_pct:

@@ -1,6 +1,6 @@
 """Run a declarative matrix of benchmark entries, one process (group) per entry, one after another.
 
-Shared by bench/gpu_suite.py and bench/ci_suite.py. An entry is (label, model, strategy preset,
+Shared by bench/launch/gpu_suite.py and bench/gate/ci_suite.py. An entry is (label, model, strategy preset,
 extra overrides, nproc): nproc 0 runs ``python bench/run.py``, nproc >= 1 runs
 ``torchrun --standalone --nproc_per_node=nproc bench/run.py``. Each entry has a timeout; a failing
 entry never stops the rest (its row, with its status, lands in the results folder anyway).
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def command(entry: tuple, results: Path, common: list[str], tag_prefix: str, extra: list[str] = (),

@@ -1,9 +1,9 @@
 """The GPU validation suite: one declarative run matrix, one process (group) per entry.
 
-    bash bench/gpu_suite.sh OUT_DIR             # on a GPU machine (installs carried wheels if needed)
-    python bench/gpu_suite.py --out OUT_DIR     # the same, without the wheel step
-    python bench/gpu_suite.py --cpu --out DIR   # dry run on CPU: same matrix, model tiny, fp32-sized steps
-    python bench/gpu_suite.py --list            # print the commands only
+    bash bench/launch/gpu_suite.sh OUT_DIR             # on a GPU machine (installs carried wheels if needed)
+    python bench/launch/gpu_suite.py --out OUT_DIR     # the same, without the wheel step
+    python bench/launch/gpu_suite.py --cpu --out DIR   # dry run on CPU: same matrix, model tiny, fp32-sized steps
+    python bench/launch/gpu_suite.py --list            # print the commands only
 
 Each entry runs ``bench/run.py`` (under ``torchrun --standalone --nproc_per_node=1`` when the strategy
 is distributed), bounded by a per-entry timeout, so one failure never stops the suite; its row
@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench import suite  # noqa: E402
+from bench.launch import suite  # noqa: E402
 
 ROOT = suite.ROOT
 

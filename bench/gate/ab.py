@@ -1,17 +1,17 @@
 """Same-run A/B regression gate: the baseline *code* and the candidate *code*, measured on this
 machine, in this job, judged on paired ratios.
 
-    python -m bench.regress --ab                      # baseline = the revision in results/baselines/BASE_REV
-    python -m bench.regress --ab 6910f6a --out ab_out # any revision
-    python -m bench.regress --ab HEAD --slow-pct 10   # study: the candidate is HEAD slowed by exactly 10%
+    python -m bench.gate --ab                      # baseline = the revision in results/baselines/BASE_REV
+    python -m bench.gate --ab 6910f6a --out ab_out # any revision
+    python -m bench.gate --ab HEAD --slow-pct 10   # study: the candidate is HEAD slowed by exactly 10%
 
 Why: numbers recorded on another machine (another CPU model, another neighbour) do not compare with
 this one's, and on a shared machine even two runs a few seconds apart differ by +-10%. So the baseline
 revision is exported (``git archive``) into ``<out>/trees/base`` and both trees run the CI matrix
-(bench/ci_suite.py) with the same interpreter:
+(bench/gate/ci_suite.py) with the same interpreter:
 
-- ``turns`` (default when the baseline revision has bench/turn.py): for each entry both versions' jobs
-  start together and take turns step by step (bench/turn.py), 60 timed steps each; a pair's ratios are
+- ``turns`` (default when the baseline revision has bench/harness/turn.py): for each entry both versions' jobs
+  start together and take turns step by step (bench/harness/turn.py), 60 timed steps each; a pair's ratios are
   ``candidate step k / baseline step k`` for every timed step k; 2 rounds, the first mover swapped;
 - ``runs`` (older baselines): in round r, entry i runs base then candidate when r + i is even, the other
   way round otherwise (ABBA); a pair's ratio is ``candidate / baseline step_time_median_s``; 4 rounds. Each
@@ -19,7 +19,7 @@ revision is exported (``git archive``) into ``<out>/trees/base`` and both trees 
   processes); a pair whose runs' cpu_util differ by more than ``contention_mismatch`` (relative) saw
   different contention and is measured again (up to ``max_remeasure`` times per entry).
 
-Verdict per entry (bench/thresholds_ab.yaml), on the median ratio (turns: of all paired steps pooled):
+Verdict per entry (bench/gate/thresholds_ab.yaml), on the median ratio (turns: of all paired steps pooled):
 - speed: FAIL when it exceeds 1 + ``max_slowdown_pct``/100. While it lies within ``gray_pct`` of that
   line, another round is measured (up to ``max_pairs`` rounds): a borderline result is re-measured;
 - memory: FAIL when the median paired ratio of ``peak_mem_bytes`` exceeds 1 + ``max_rise_pct``/100;
@@ -28,7 +28,7 @@ Verdict per entry (bench/thresholds_ab.yaml), on the median ratio (turns: of all
   (a preset it does not have yet) is SKIP: new, nothing to compare.
 
 Exit codes: 0 every check holds; 1 a regression; 2 unusable input (unknown revision, bad thresholds).
-The false-alarm and detection rates of this rule are measured by ``python -m bench.gate_study``
+The false-alarm and detection rates of this rule are measured by ``python -m bench.gate.study``
 (results/noise/).
 """
 
@@ -50,9 +50,10 @@ from pathlib import Path
 
 import yaml
 
-from bench import ci_suite, suite
-from bench.results import read_rows
-from bench.turn import ENV_FILE, ENV_SIDE, FREE, write_turn
+from bench.gate import ci_suite
+from bench.harness.table import read_rows
+from bench.harness.turn import ENV_FILE, ENV_SIDE, FREE, write_turn
+from bench.launch import suite
 
 ROOT = suite.ROOT
 BASE_REV_FILE = ROOT / "results" / "baselines" / "BASE_REV"
@@ -169,8 +170,9 @@ def _timed_steps(results: Path, run_id: str) -> list[float]:
 
 
 def supports_turns(tree: Path) -> bool:
-    """Revisions from the one that added bench/turn.py on can take turns step by step."""
-    return (tree / "bench" / "turn.py").is_file()
+    """Revisions from the one that added the turnstile (bench/turn.py, now bench/harness/turn.py) on can take
+    turns step by step."""
+    return (tree / "bench" / "turn.py").is_file() or (tree / "bench" / "harness" / "turn.py").is_file()
 
 
 def _read_row(results: Path, run_id: str) -> dict | None:
@@ -224,7 +226,7 @@ class Runner:
                    wall, util, row.get("error"))
 
     def run_together(self, entry: tuple, first: str) -> tuple[Run, Run, list[float]]:
-        """Both sides' jobs at once, taking turns step by step (bench/turn.py), ``first`` starting each step.
+        """Both sides' jobs at once, taking turns step by step (bench/harness/turn.py), ``first`` starting each step.
         Returns both runs and the candidate/baseline ratio of every timed step."""
         self.count += 1
         turn = self.out / f"turn-{self.count:04d}"
@@ -411,7 +413,8 @@ def main(rev: str | None, out: str, rounds: int | None, thresholds: str | None, 
     base_tree = export_tree(sha, outp / "trees" / "base")
     together = mode == "turns" or (mode == "auto" and supports_turns(base_tree))
     if mode == "turns" and not supports_turns(base_tree):
-        print(f"regress --ab: error: revision {sha[:12]} predates bench/turn.py: use --mode runs", file=sys.stderr)
+        print(f"regress --ab: error: revision {sha[:12]} predates the turnstile (bench/turn.py): use --mode runs",
+              file=sys.stderr)
         return 2
     rounds = rounds or (2 if together else 4)
     cand_extra = [f"debug_slow_pct={slow_pct:g}"] if slow_pct else []

@@ -1,8 +1,8 @@
 """Sweeps: a Hydra multirun in which every job is launched as its own torchrun process group.
 
-    python bench/sweep.py -m strategy=ddp,fsdp model=tiny,mini                 # 4 jobs, 2 processes each
-    python bench/sweep.py -m strategy=single,compile model=tiny sweep.nproc_per_node=0
-    python bench/sweep.py -m strategy=fsdp,fsdp_ac model=gpt2-large,gpt2-xl \\
+    python bench/launch/sweep.py -m strategy=ddp,fsdp model=tiny,mini                 # 4 jobs, 2 processes each
+    python bench/launch/sweep.py -m strategy=single,compile model=tiny sweep.nproc_per_node=0
+    python bench/launch/sweep.py -m strategy=fsdp,fsdp_ac model=gpt2-large,gpt2-xl \\
         sweep.launcher=slurm sweep.nnodes=4 sweep.gpus_per_node=8 sweep.partition=gpu sweep.submit=true
 
 Hydra expands the grid (its BasicLauncher runs jobs one after another in this process, which never
@@ -12,7 +12,7 @@ that fails (crash, OOM, bad combination, timeout) never stops the sweep, and whe
 not write the job's row (invalid configuration, killed process) this wrapper writes it, with status
 ``invalid``, ``error`` or ``timeout``. At the end: a summary table (also ``<sweep dir>/summary.md``);
 the rows are in ``results_dir`` for ``python -m reports``. With ``sweep.launcher=slurm`` each job
-becomes an sbatch script in the sweep folder (bench/slurm.py), submitted when ``sweep.submit=true``.
+becomes an sbatch script in the sweep folder (bench/launch/slurm.py), submitted when ``sweep.submit=true``.
 """
 
 from __future__ import annotations
@@ -25,20 +25,21 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from bench.config import register_configs  # noqa: E402
-from bench.env import git_sha  # noqa: E402
-from bench.results import REQUIRED_COLUMNS, RUNS_FILE, append_row, claim_run, read_rows, run_ids  # noqa: E402
-from bench.slurm import SlurmJob, submit  # noqa: E402
+from bench.harness.config import register_configs  # noqa: E402
+from bench.harness.env import git_sha  # noqa: E402
+from bench.harness.table import append_row, claim_run, read_rows, run_ids  # noqa: E402
+from bench.launch.slurm import SlurmJob, submit  # noqa: E402
 from reports.aggregate import format_value  # noqa: E402
+from reports.record import REQUIRED_COLUMNS, RUNS_FILE  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 register_configs()
 
 
@@ -84,7 +85,7 @@ def _launch_local(cfg: DictConfig, run_args: list[str], run_id: str, tag: str) -
     return status
 
 
-@hydra.main(version_base=None, config_path="conf", config_name="sweep")
+@hydra.main(version_base=None, config_path="../conf", config_name="sweep")
 def job(cfg: DictConfig) -> str:
     """One sweep job. Never raises: a failure is a row, not the end of the sweep."""
     hc = HydraConfig.get()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from bench.config import ConfigError
+from bench.harness.config import ConfigError
 
 
 @dataclass

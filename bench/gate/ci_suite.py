@@ -1,13 +1,13 @@
 """The CI benchmark matrix: small fixed CPU runs. CI gates with it through the same-run A/B gate
-(``python -m bench.regress --ab``, bench/ab_gate.py), which runs these entries with two revisions'
+(``python -m bench.gate --ab``, bench/gate/ab.py), which runs these entries with two revisions'
 code alternately. This script runs them with this tree's code alone:
 
-    python bench/ci_suite.py --out ci_out                     # run the matrix (3 repeats, round-robin)
-    python bench/ci_suite.py --out ci_out --gate              # ... then gate against results/baselines/ci-cpu
-    python bench/ci_suite.py --out ci_out --update-baseline   # run and accept the result as that baseline
-    python bench/ci_suite.py --list
+    python bench/gate/ci_suite.py --out ci_out                     # run the matrix (3 repeats, round-robin)
+    python bench/gate/ci_suite.py --out ci_out --gate              # ... then gate against results/baselines/ci-cpu
+    python bench/gate/ci_suite.py --out ci_out --update-baseline   # run and accept the result as that baseline
+    python bench/gate/ci_suite.py --list
 
-``--gate`` compares with numbers recorded earlier (bench/thresholds.yaml): meaningful only against a
+``--gate`` compares with numbers recorded earlier (bench/gate/thresholds.yaml): meaningful only against a
 baseline recorded on this same host; against another machine's it stops and names the fields that
 differ (device_name, ...).
 
@@ -27,9 +27,10 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench import regress, suite  # noqa: E402
+from bench.gate import regress  # noqa: E402
+from bench.launch import suite  # noqa: E402
 
 BASELINE = suite.ROOT / "results" / "baselines" / "ci-cpu"
 COMMON = ["seq_len=128", "micro_batch=4", "steps=30", "warmup=5", "log_every=0", "device=cpu"]
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gate", action="store_true", help=f"gate the results against {BASELINE}")
     ap.add_argument("--update-baseline", action="store_true", help=f"replace {BASELINE} with these results")
     ap.add_argument("--thresholds", default=str(suite.ROOT / "bench" / "thresholds.yaml"),
-                    help="thresholds for --gate (default bench/thresholds.yaml)")
+                    help="thresholds for --gate (default bench/gate/thresholds.yaml)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--budget", type=int, default=900)
     ap.add_argument("--extra", nargs="*", default=[], help="overrides added to every entry (e.g. debug_delay_s=0.01)")

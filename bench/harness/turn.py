@@ -3,7 +3,7 @@
 On a shared machine the speed changes from one second to the next (measured on this project's 2-core
 host: the median step time of back-to-back 2-second runs of the same code varied by +-10 %, and within
 one run it moved in blocks of a few steps). Two versions compared run after run see different moments;
-compared *step after step* they see the same one. So bench/ab_gate.py starts the baseline's and the
+compared *step after step* they see the same one. So bench/gate/ab.py starts the baseline's and the
 candidate's job together and they take turns, one training step each: job F runs step k, then job S
 runs step k, then F runs step k+1, ... Every rank of the waiting job sleeps (polling a small file every
 millisecond, outside the timed step), so the running job has the machine to itself, and step k of the

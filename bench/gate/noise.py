@@ -1,13 +1,13 @@
 """Measure the regression gate's false-alarm and detection rates on this machine.
 
-    python bench/noise.py --rounds 12 --out noise_out        # ~15 min on 2 cores; nothing else may run
+    python bench/gate/noise.py --rounds 12 --out noise_out        # ~15 min on 2 cores; nothing else may run
 
-Alternates, round by round, the unchanged CI suite (bench/ci_suite.py entries) with the same suite
+Alternates, round by round, the unchanged CI suite (bench/gate/ci_suite.py entries) with the same suite
 slowed by 10 % (``debug_delay_s`` = 10 % of each entry's median step time in the first round).
 Then, with runs grouped in threes as the CI gate uses them (median of 3 repeats per side):
 - run-to-run noise: coefficient of variation of tokens/s, MFU and peak memory per entry;
 - false-alarm rate: share of (baseline group, candidate group) pairs of *unchanged* runs that the
-  gate (bench/regress.py, default thresholds) fails;
+  gate (bench/gate/regress.py, default thresholds) fails;
 - detection rate: share of (unchanged baseline group, slowed candidate group) pairs in which the
   gate fails the slowed entry's throughput/MFU check.
 Writes noise_out/noise.md and prints it.
@@ -21,11 +21,15 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import pandas as pd  # noqa: E402
 
-from bench import ci_suite, regress, suite  # noqa: E402
+from bench.gate import (
+    ci_suite,  # noqa: E402
+    regress,  # noqa: E402
+)
+from bench.launch import suite  # noqa: E402
 from reports.load import load  # noqa: E402
 
 
@@ -85,7 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--out", default="noise_out")
     ap.add_argument("--analyse-only", action="store_true", help="re-analyse the runs already in --out")
-    ap.add_argument("--thresholds", help="thresholds YAML to evaluate (default bench/thresholds.yaml)")
+    ap.add_argument("--thresholds", help="thresholds YAML to evaluate (default bench/gate/thresholds.yaml)")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     if not args.analyse_only:

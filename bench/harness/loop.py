@@ -21,17 +21,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bench import memory, metrics
-from bench.comm import CommCounter
-from bench.config import ConfigError, RunConfig
-from bench.contention import ContentionMeter, combine_contention
-from bench.costmodel import predict_comm, predict_memory
-from bench.data import build_data
-from bench.dist import DistInfo, broadcast_object, gather_objects
-from bench.nvml import NvmlSampler, combine_nvml
-from bench.peak_flops import get_peak_flops
-from bench.turn import get_turnstile
+from bench.harness.config import ConfigError, RunConfig
+from bench.harness.data import build_data
+from bench.harness.dist import DistInfo, broadcast_object, gather_objects
+from bench.harness.turn import get_turnstile
+from bench.measure import memory, metrics
+from bench.measure.comm import CommCounter
+from bench.measure.contention import ContentionMeter, combine_contention
+from bench.measure.nvml import NvmlSampler, combine_nvml
+from bench.measure.peak_flops import get_peak_flops
+from bench.plan.costmodel import predict_comm, predict_memory
 from models import build_model, count_params, recompute_flops_per_token, train_flops_per_token
+from reports.record import implausible
 from strategies import apply_strategies, get_autocast, get_grad_scaler, maybe_no_sync
 from strategies.config import StrategyError
 
@@ -193,7 +194,7 @@ def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None
                 sampler.start()
                 meter.start()
                 profiler.start()
-            turn.wait(step)  # A/B gate only (bench/turn.py): the other version's step first; untimed
+            turn.wait(step)  # A/B gate only (bench/harness/turn.py): the other version's step first; untimed
             timer.start()
             t_step = time.perf_counter() if cfg.debug_slow_pct else 0.0
             step_loss = run_step(step)
@@ -277,7 +278,7 @@ def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None
                                                out["tokens_per_sec_per_device"], peak)
         out.update(combine_nvml([r["nvml"] for r in ranks], len(times) * batch["global_batch_tokens"]))
         out.update(combine_contention([r["contention"] for r in ranks]))
-        reason = metrics.implausible(out)
+        reason = implausible(out)
         if reason and status == "ok":
             status, out["suspect_reason"] = "suspect", reason
     out["loss"] = losses[-1] if losses else None

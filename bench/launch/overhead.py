@@ -1,11 +1,11 @@
 """Does the harness slow what it measures? Harness step time vs a bare hand-written loop.
 
-    python bench/overhead.py                       # mini, micro_batch 4, seq 256, 5 rounds
-    python bench/overhead.py --model tiny --rounds 3
+    python bench/launch/overhead.py                       # mini, micro_batch 4, seq 256, 5 rounds
+    python bench/launch/overhead.py --model tiny --rounds 3
 
 Both run in this one process, alternated A/B/A/B (so machine drift hits both), on the same model,
 batch and optimizer: the bare loop is the minimum a training step needs (forward, backward, AdamW
-step, zero_grad) timed with perf_counter; the harness is ``bench.train.train`` as ``bench/run.py``
+step, zero_grad) timed with perf_counter; the harness is ``bench.harness.loop.train`` as ``bench/run.py``
 runs it (per-step timers, per-sequence seeded data, progress checks). Prints the median step time of
 each round and the overall ratio harness/bare. CPU only (single process).
 """
@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from bench.config import RunConfig  # noqa: E402
-from bench.dist import DistInfo  # noqa: E402
-from bench.train import train  # noqa: E402
+from bench.harness.config import RunConfig  # noqa: E402
+from bench.harness.dist import DistInfo  # noqa: E402
+from bench.harness.loop import train  # noqa: E402
 from models import build_model, get_config  # noqa: E402
 from strategies import StrategyConfig  # noqa: E402
 

@@ -4,12 +4,12 @@
   a fraction. 1.0: every compute thread ran the whole window. Less: the process waited -- for a core (a
   neighbour, the CPU contention this column is for), for a peer in a collective, or for the GPU -- so
   compare it between runs of the same setup, not across setups. Across ranks: **min** (the most starved
-  rank sets a synchronous step's pace). In the A/B gate's turn-taking runs (bench/turn.py) the window
+  rank sets a synchronous step's pace). In the A/B gate's turn-taking runs (bench/harness/turn.py) the window
   includes the waits for the other job's steps, so there it is about half and says nothing.
 - ``host_load_per_core``: /proc/loadavg's 1-minute load at the window's end / logical CPUs. Across ranks: max.
 - ``steal_pct``: CPU time the hypervisor gave to other guests over the window, percent of all CPU time
   (/proc/stat ``steal`` jiffies delta / total jiffies delta x 100). Across ranks: max.
-Values that cannot be read (not Linux) are None. GPU clocks and throttling: bench/nvml.py.
+Values that cannot be read (not Linux) are None. GPU clocks and throttling: bench/measure/nvml.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU validation suite (bench/gpu_suite.py) on a machine without network access:
-#   bash bench/gpu_suite.sh OUT_DIR [gpu_suite.py options]
+# GPU validation suite (bench/launch/gpu_suite.py) on a machine without network access:
+#   bash bench/launch/gpu_suite.sh OUT_DIR [gpu_suite.py options]
 # If hydra-core is missing there, wheels in .whl/ (hydra-core, omegaconf, antlr4-python3-runtime)
 # are installed into /tmp/site first (see README, "GPU validation").
 set -uo pipefail
@@ -14,4 +14,4 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
-python3 bench/gpu_suite.py --out "$out" "$@"
+python3 bench/launch/gpu_suite.py --out "$out" "$@"

@@ -1,0 +1,161 @@
+"""The run record: one row of a result table, typed, with each column's unit and cross-rank rule.
+
+This is a leaf module (standard library only). The writer (bench/run.py) builds a ``RunRecord`` and
+appends ``record.to_row()``; every reader (reports/, the gate in bench/gate/) takes its column lists
+from here: ``REQUIRED_COLUMNS`` (what a table must have to be read), ``SETUP_KEYS`` (what must be equal
+for two rows to be compared side by side), ``variant_label`` (the name of a row within a setup).
+
+Every field carries metadata:
+- ``kind``: identity, setup, metric, telemetry, prediction, outcome, provenance, config;
+- ``unit``: s, tokens/s, bytes, FLOP/s, fraction, ... ('' for names and counts);
+- ``rule`` for values measured on every rank, how ranks combine into the one row (executed by
+  bench/measure/combine.py): ``max`` (a synchronous step is as slow as its slowest rank; memory is the
+  worst rank's), ``min``, ``sum`` (energy), ``mean`` (losses, utilisation), ``union`` (sets of names),
+  ``rank0`` (identical on every rank or rank 0's view), ``per_rank`` (the list, rank order);
+  ``derived`` means computed from already-combined values (formula in the docstring);
+- ``doc``: the definition. Formulas of the metrics: bench/measure/metrics.py.
+
+Rows written by older versions may lack optional columns (they load as null) or carry extra ones
+(kept as read).
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+RUNS_FILE = "runs.jsonl"
+
+
+def col(kind: str, unit: str = "", rule: str | None = None, doc: str = "", required: bool = False,
+        setup: bool = False):
+    """A record field (default None) with its metadata."""
+    return field(default=None, metadata={"kind": kind, "unit": unit, "rule": rule, "doc": doc,
+                                         "required": required, "setup": setup})
+
+
+@dataclass
+class RunRecord:
+    """One benchmark run. Metrics are None when the run failed before measuring them."""
+
+    # identity
+    run_id: str = col("identity", doc="unique per run; the per-step log is steps/<run_id>.jsonl", required=True)
+    timestamp: str = col("identity", "ISO 8601 UTC", doc="when the row was written", required=True)
+    # setup: what was run
+    model: str = col("setup", doc="model preset name", required=True, setup=True)
+    arch: str = col("setup", doc="'gpt2' or 'llama'")
+    strategy: str = col("setup", doc="canonical strategy name, e.g. fsdp+ac(full)+bf16", required=True)
+    strategy_preset: str = col("setup", doc="the strategy preset chosen on the command line")
+    world_size: int = col("setup", "processes", required=True, setup=True)
+    nnodes: int = col("setup", "hosts", required=True)
+    dp_size: int = col("setup", "processes", doc="data-parallel degree")
+    device: str = col("setup", doc="'cpu' or 'cuda'", required=True)
+    dtype: str = col("setup", doc="the dtype matmuls run in: fp32, tf32, bf16, fp16", required=True)
+    seq_len: int = col("setup", "tokens", required=True, setup=True)
+    micro_batch: int = col("setup", "sequences per rank", required=True, setup=True)
+    grad_accum: int = col("setup", "micro-batches per step", required=True, setup=True)
+    global_batch_tokens: int = col("setup", "tokens", doc="micro_batch x grad_accum x dp_size x seq_len",
+                                   required=True)
+    global_batch_seqs: int = col("setup", "sequences", doc="micro_batch x grad_accum x dp_size")
+    steps: int = col("setup", "steps", doc="timed steps", required=True)
+    warmup: int = col("setup", "steps", doc="untimed steps first", required=True)
+    data: str = col("setup", doc="'synthetic' or a path to text")
+    seed: int = col("setup")
+    tag: str = col("setup", doc="free label (suites: <suite>:<entry>)")
+    # the headline metrics
+    tokens_per_sec: float = col("metric", "tokens/s", "derived", "timed_steps x global_batch_tokens / "
+                                "sum(step_time_s), global", required=True)
+    tokens_per_sec_per_device: float = col("metric", "tokens/s/device", "derived", "tokens_per_sec / world_size",
+                                           required=True)
+    step_time_median_s: float = col("metric", "s", "derived", "median of the per-step max over ranks",
+                                    required=True)
+    step_time_p10_s: float = col("metric", "s", "derived", "10th percentile, as the median", required=True)
+    step_time_p90_s: float = col("metric", "s", "derived", "90th percentile, as the median", required=True)
+    step_time_mean_s: float = col("metric", "s", "derived", "mean of the per-step max over ranks")
+    mfu: float = col("metric", "fraction", "derived", "flops_per_token x tokens_per_sec_per_device / "
+                     "peak_flops; above 1 cannot be true (status suspect)", required=True)
+    hfu: float = col("metric", "fraction", "derived", "as mfu, counting recomputation FLOPs", required=True)
+    peak_flops: float = col("metric", "FLOP/s per device", "rank0", "table value or measured probe",
+                            required=True)
+    peak_flops_source: str = col("metric", rule="rank0", doc="'table:<gpu>' or 'probe:...'", required=True)
+    peak_probe_spread: float = col("metric", "fraction", "rank0", "(max - min) / max of the probe's repeats")
+    peak_probe_cpu_util: float = col("metric", "fraction", "rank0", "CPU share the probe got (1 = uncontended)")
+    peak_mem_bytes: int = col("metric", "bytes", "max", "allocator peak (CUDA) or RSS high-water mark (CPU) "
+                              "during the timed steps", required=True)
+    peak_reserved_bytes: int = col("metric", "bytes", "max", "CUDA caching allocator reserved peak",
+                                   required=True)
+    peak_mem_bytes_per_rank: list = col("metric", "bytes", "per_rank", "peak_mem_bytes of each rank")
+    loss: float = col("metric", "nats/token", "mean", "last step's loss, mean over data-parallel ranks",
+                      required=True)
+    first_step_time_s: float = col("metric", "s", "max", "first (warm-up) step; includes compilation")
+    timed_steps: int = col("metric", "steps", "rank0")
+    params: int = col("metric", "parameters", "rank0", "parameter count of the unsharded model")
+    flops_per_token: float = col("metric", "FLOP/token", "rank0", "6 x matmul params + attention (models/flops)")
+    recompute_flops_per_token: float = col("metric", "FLOP/token", "rank0", "forward FLOPs re-run by checkpointing")
+    # telemetry (bench/measure/nvml.py, contention.py)
+    gpu_util_pct: float = col("telemetry", "%", "mean", "NVML utilisation, mean over samples and ranks")
+    gpu_power_w: float = col("telemetry", "W", "mean", "NVML power draw, mean")
+    gpu_energy_j: float = col("telemetry", "J", "sum", "energy over the timed steps, all GPUs")
+    gpu_mem_used_bytes: int = col("telemetry", "bytes", "max", "NVML used memory (all processes)")
+    gpu_sm_clock_mhz: float = col("telemetry", "MHz", "mean", "SM clock, mean over samples")
+    gpu_sm_clock_min_mhz: float = col("telemetry", "MHz", "min", "lowest SM clock seen")
+    gpu_throttle_reasons: list = col("telemetry", rule="union", doc="clock throttle reasons seen")
+    energy_per_token_j: float = col("telemetry", "J/token", "derived", "gpu_energy_j / timed tokens")
+    cpu_util: float = col("telemetry", "fraction", "min", "process CPU time / (wall x threads): 1 = no contention")
+    host_load_per_core: float = col("telemetry", "load/core", "max", "1-minute load average / cores")
+    steal_pct: float = col("telemetry", "%", "max", "hypervisor steal time share")
+    # predictions next to measurements (bench/plan/costmodel.py)
+    mem_baseline_bytes: int = col("prediction", "bytes", "max", "memory held before the model exists")
+    pred_peak_mem_bytes: int = col("prediction", "bytes", "rank0", "predicted peak, above the baseline")
+    pred_mem_breakdown: dict = col("prediction", "bytes", "rank0", "predicted peak by part")
+    pred_comm_bytes_per_step: int = col("prediction", "bytes/step", "rank0", "predicted bytes sent per rank")
+    pred_comm_breakdown: dict = col("prediction", "bytes/step", "rank0", "predicted bytes by collective")
+    comm_bytes_per_step: int = col("prediction", "bytes/step", "max", "observed collective bytes per rank")
+    comm_breakdown: dict = col("prediction", "bytes/step", "rank0", "observed bytes by collective")
+    comm_calls_per_step: dict = col("prediction", "calls/step", "rank0", "observed calls by collective")
+    # outcome
+    status: str = col("outcome", doc="ok, nan, oom, timeout, error, suspect", required=True)
+    error: str = col("outcome", doc="why the run is not ok (None when ok)", required=True)
+    suspect_reason: str = col("outcome", doc="why a number cannot be true (status suspect)")
+    # provenance (bench/harness/env.py)
+    git_sha: str = col("provenance", doc="HEAD, '-dirty' with local changes", required=True)
+    torch_version: str = col("provenance", required=True)
+    cuda_version: str = col("provenance")
+    nccl_version: str = col("provenance")
+    python_version: str = col("provenance")
+    hostname: str = col("provenance", required=True)
+    device_name: str = col("provenance", doc="GPU or CPU model", setup=True)
+    device_count: int = col("provenance", "devices")
+    cpu_threads: int = col("provenance", "threads", doc="torch intra-op threads")
+    config: dict = col("config", doc="the resolved Hydra configuration")
+
+    def to_row(self) -> dict:
+        """The JSON-ready row (every column, None where unknown)."""
+        return asdict(self)
+
+
+COLUMNS = [f.name for f in fields(RunRecord)]
+META = {f.name: f.metadata for f in fields(RunRecord)}
+REQUIRED_COLUMNS = [f.name for f in fields(RunRecord) if f.metadata["required"]]
+# One definition of a setup: what must be equal for two rows to be compared (reports' tables, the gate).
+SETUP_KEYS = ["model", "device_name", "world_size", "seq_len", "micro_batch", "grad_accum"]
+assert set(SETUP_KEYS) == {f.name for f in fields(RunRecord) if f.metadata["setup"]}
+# Within a setup a row is named by its strategy and dtype (variant_label).
+VARIANT_KEYS = ["strategy", "dtype"]
+assert all(f.default is None or f.default is MISSING for f in fields(RunRecord))
+
+
+def variant_label(strategy: str, dtype: str | None) -> str:
+    """The strategy name, plus the dtype where the name does not imply it (``single (tf32)``)."""
+    named = next((d for d in ("bf16", "fp16") if d in str(strategy).split("+")), "fp32")
+    return strategy if dtype in (None, named) or dtype != dtype else f"{strategy} ({dtype})"
+
+
+def implausible(row: dict) -> str | None:
+    """Why a row's numbers cannot be true (mfu or hfu above 1: the peak was measured too low, e.g. a contended
+    probe, or the FLOP count is wrong), or None. Such a row has status ``suspect``, never ``ok``."""
+    for key in ("mfu", "hfu"):
+        v = row.get(key)
+        if v is not None and v == v and v > 1:
+            return (f"{key}={v:.3f} > 1 cannot be true: the peak {row.get('peak_flops') or 0:.3g} FLOP/s "
+                    f"({row.get('peak_flops_source')}) is too low for this run (a contended probe?)")
+    return None
