@@ -40,15 +40,10 @@ from bench.harness.dist import DistInfo, broadcast_object, init_distributed  # n
 from bench.harness.env import environment  # noqa: E402
 from bench.harness.loop import TrainOutcome, plan_batch, train  # noqa: E402
 from bench.harness.table import append_row, claim_run, dead_ranks, register_rank, write_steps  # noqa: E402
+from reports.record import RunRecord  # noqa: E402
 from strategies.config import StrategyError  # noqa: E402
 
 register_configs()
-
-METRIC_COLUMNS = [
-    "tokens_per_sec", "tokens_per_sec_per_device", "step_time_median_s", "step_time_p10_s", "step_time_p90_s",
-    "mfu", "hfu", "peak_flops", "peak_flops_source", "peak_mem_bytes", "peak_reserved_bytes", "loss",
-]
-
 
 def say(info: DistInfo | None, msg: str) -> None:
     if info is None or info.is_main:
@@ -56,42 +51,22 @@ def say(info: DistInfo | None, msg: str) -> None:
 
 
 def build_row(cfg: RunConfig, raw: DictConfig, info: DistInfo, run_id: str, status: str, error: str | None,
-              outcome: TrainOutcome | None, preset: str | None) -> dict:
-    """One result row: identity, setup, metrics (None when the run failed before measuring), provenance."""
-    try:
-        batch = plan_batch(cfg, info)
-    except ConfigError:
-        batch = {"grad_accum": cfg.grad_accum, "global_batch_tokens": None, "dp_size": None}
-    row = {
+              outcome: TrainOutcome | None, preset: str | None, batch: dict) -> RunRecord:
+    """The run's record: identity, setup, metrics (None when the run failed before measuring), provenance."""
+    setup = {
         "run_id": run_id,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": cfg.model.name,
-        "arch": cfg.model.arch,
-        "strategy": cfg.strategy.canonical_name,
-        "strategy_preset": preset,
-        "world_size": info.world_size,
-        "nnodes": info.nnodes,
-        "dp_size": batch["dp_size"],
-        "device": info.device.type,
+        "model": cfg.model.name, "arch": cfg.model.arch,
+        "strategy": cfg.strategy.canonical_name, "strategy_preset": preset,
+        "world_size": info.world_size, "nnodes": info.nnodes, "device": info.device.type,
         "dtype": cfg.strategy.compute_dtype_name(info.device.type),
-        "seq_len": cfg.seq_len,
-        "micro_batch": cfg.micro_batch,
-        "grad_accum": batch["grad_accum"],
-        "global_batch_tokens": batch["global_batch_tokens"],
-        "steps": cfg.steps,
-        "warmup": cfg.warmup,
-        "data": cfg.data,
-        "seed": cfg.seed,
-        "tag": cfg.tag,
-        **{c: None for c in METRIC_COLUMNS},
-        "status": status,
-        "error": error,
+        "seq_len": cfg.seq_len, "micro_batch": cfg.micro_batch, **batch,
+        "steps": cfg.steps, "warmup": cfg.warmup, "data": cfg.data, "seed": cfg.seed, "tag": cfg.tag,
+        "status": status, "error": error,
     }
-    if outcome is not None:
-        row.update(outcome.metrics)
-    row.update(environment(info.device))
-    row["config"] = OmegaConf.to_container(raw, resolve=True)
-    return row
+    metrics = outcome.metrics if outcome is not None else {}
+    return RunRecord(**{**setup, **metrics, **environment(info.device),
+                        "config": OmegaConf.to_container(raw, resolve=True)})
 
 
 class Terminated(BaseException):
@@ -118,7 +93,7 @@ def main(raw: DictConfig) -> None:
         cfg = to_run_config(raw)
         info = init_distributed(cfg.device, cfg.backend, cfg.timeout_s)
         cfg.strategy.validate_for(info.device.type, info.world_size)  # checks that need the world size ...
-        plan_batch(cfg, info)  # ... and the batch arithmetic: before anything is printed or run
+        batch = plan_batch(cfg, info)  # ... and the batch arithmetic (once): before anything is printed or run
     except (ConfigError, StrategyError) as exc:
         stop_invalid(str(exc))
     preset = HydraConfig.get().runtime.choices.get("strategy")
@@ -134,7 +109,7 @@ def main(raw: DictConfig) -> None:
 
     outcome, error = None, None
     try:
-        outcome = train(cfg, info, progress=lambda m: say(info, m), run_id=run_id)
+        outcome = train(cfg, info, progress=lambda m: say(info, m), run_id=run_id, batch=batch)
         status = outcome.status
         if status == "nan":
             error = "non-finite loss: " + ", ".join(f"{v}" for v in outcome.losses[-3:])
@@ -158,7 +133,7 @@ def main(raw: DictConfig) -> None:
         traceback.print_exc()
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the run is over: nothing may cut the row in half
-    row = build_row(cfg, raw, info, run_id, status, error, outcome, preset)
+    row = build_row(cfg, raw, info, run_id, status, error, outcome, preset, batch)
     collective = status in ("ok", "nan", "suspect")  # decided together on every rank: rank 0 writes
     if (collective and info.is_main) or (not collective and claim_run(cfg.results_dir, run_id)):
         path = append_row(cfg.results_dir, row)
@@ -204,9 +179,6 @@ def precheck(argv: list[str]) -> str | None:
     type, a RunConfig check), or None. Hydra itself would exit 1 with a multi-line report."""
     if any(a.split("=", 1)[0] in _HYDRA_FLAGS for a in argv):
         return None  # --help, --cfg, multirun ...: Hydra's own business
-    problem = check_override_keys(argv)
-    if problem:
-        return problem
     from hydra import compose, initialize_config_dir
     from hydra.errors import MissingConfigException
 
@@ -233,6 +205,10 @@ def precheck(argv: list[str]) -> str | None:
         root = exc
         while root.__cause__ is not None:
             root = root.__cause__
+        with initialize_config_dir(config_dir=str(Path(__file__).with_name("conf")), version_base=None):
+            unknown = _unknown_key(root, compose(config_name="config"))
+        if unknown:
+            return unknown
         first = " ".join(str(exc).split("\n")[0].split())
         why = " ".join(str(root).split("\n")[0].split())
         return f"{first}: {why}" if root is not exc else first
@@ -243,27 +219,19 @@ def precheck(argv: list[str]) -> str | None:
     return None
 
 
-def check_override_keys(argv: list[str]) -> str | None:
-    """An error message naming an unknown ``key=value`` override and the valid keys, or None.
-    (Hydra would also refuse it, but without saying what is valid.)"""
-    import dataclasses
+def _unknown_key(exc: BaseException, raw_default) -> str | None:
+    """Hydra's "Could not override 'x'" for a key that is not in the schema, as one line naming the valid keys."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-    from models.config import GPTConfig
-    from strategies.config import StrategyConfig
-
-    fields = {"": {f.name for f in dataclasses.fields(RunConfig)},
-              "model.": {f.name for f in dataclasses.fields(GPTConfig)},
-              "strategy.": {f.name for f in dataclasses.fields(StrategyConfig)}}
-    for arg in argv:
-        if arg.startswith(("-", "+", "~", "hydra.", "hydra/")) or "=" not in arg:
-            continue
-        key = arg.split("=", 1)[0]
-        prefix = next((p for p in ("model.", "strategy.") if key.startswith(p)), "")
-        name = key[len(prefix):]
-        if name not in fields[prefix]:
-            scope = f"{prefix[:-1]} " if prefix else "top-level "
-            return f"unknown key {key!r}; valid {scope}keys: {', '.join(sorted(fields[prefix]))}"
-    return None
+    if not isinstance(exc, ConfigAttributeError | ConfigKeyError) or not getattr(exc, "full_key", None):
+        return None
+    key = exc.full_key
+    prefix, _, _ = key.rpartition(".")
+    node = OmegaConf.select(raw_default, prefix) if prefix else raw_default
+    if not isinstance(node, DictConfig):
+        return None
+    scope = f"{prefix} " if prefix else "top-level "
+    return f"unknown key {key!r}; valid {scope}keys: {', '.join(sorted(node.keys()))}"
 
 
 def stop_invalid(problem: str) -> None:

@@ -1,10 +1,13 @@
 """Group result rows into comparable setups and summarise repeated runs.
 
-A **setup** is what must be equal for two strategies to be compared side by side:
-``SETUP_KEYS`` = model, device name, world size, sequence length, micro-batch, grad-accum.
-Rows from different setups are never averaged together.
+A **setup** is what must be equal for two strategies to be compared side by side
+(``SETUP_KEYS`` in reports/record.py: model, device name, world size, sequence length, micro-batch,
+grad-accum); within a setup a row is a **variant**: its strategy and dtype (``variant_label``: the
+strategy name, plus the dtype where the name does not imply it, e.g. ``single (tf32)``). Rows from
+different setups or variants are never averaged together. The reports' tables, ``reports.compare`` and
+the regression gate (bench/gate/) all group this way.
 
-Per (setup, strategy), over the runs with status ``ok``:
+Per (setup, variant), over the runs with status ``ok``:
 - every metric is the **median** over runs;
 - ``tokens_per_sec_lo`` / ``_hi``: with several runs, the min / max of the runs' tokens/s; with one
   run, global_batch_tokens / step_time_p90_s and / step_time_p10_s (the step-to-step spread);
@@ -16,7 +19,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-SETUP_KEYS = ["model", "device_name", "world_size", "seq_len", "micro_batch", "grad_accum"]
+from reports.record import SETUP_KEYS, VARIANT_KEYS, variant_label
+
 GIB = 2**30
 
 # column -> (label, unit/format, which direction is better)
@@ -30,6 +34,9 @@ COLUMNS = {
     "step_time_spread_pct": ("step spread p10-p90 (%)", "{:.1f}", "min"),
     "loss": ("loss", "{:.4f}", None),
 }
+# Every column a comparison reports: the table's columns plus the raw ones the gate's thresholds name.
+MEDIANS = [*COLUMNS, "peak_mem_bytes"]
+_FORMATS = {**{c: v[1] for c, v in COLUMNS.items()}, "peak_mem_bytes": "GiB"}
 
 
 def _prepare(df: pd.DataFrame) -> pd.DataFrame:
@@ -53,11 +60,12 @@ def summarise(df: pd.DataFrame) -> list[dict]:
     out = []
     for key, group in df.groupby(SETUP_KEYS, sort=True, dropna=False):
         rows = []
-        for strategy, runs in group.groupby("strategy", sort=False):
+        for (strategy, dtype), runs in group.groupby(VARIANT_KEYS, sort=False, dropna=False):
             ok = runs[runs.status == "ok"]
-            rec = {"strategy": strategy, "runs": f"{len(ok)}/{len(runs)}", "n_ok": len(ok),
-                   "status": ",".join(sorted(set(runs.status)))}
-            for col in COLUMNS:
+            rec = {"strategy": variant_label(strategy, dtype), "runs": f"{len(ok)}/{len(runs)}", "n_ok": len(ok),
+                   "n_runs": len(runs), "status": ",".join(sorted(set(runs.status))),
+                   "hosts": ",".join(sorted({str(h) for h in ok.hostname})) if "hostname" in ok else ""}
+            for col in MEDIANS:
                 rec[col] = ok[col].median() if len(ok) else float("nan")
             if len(ok) > 1:
                 rec["tokens_per_sec_lo"], rec["tokens_per_sec_hi"] = ok.tokens_per_sec.min(), ok.tokens_per_sec.max()
@@ -108,9 +116,14 @@ def best_strategies(table: pd.DataFrame) -> dict[str, str]:
 
 
 def format_value(col: str, value) -> str:
+    """A value as the reports print it (``–`` for none); columns without a format as ``{:.4g}``."""
     if value is None or value != value:
         return "–"
-    fmt = COLUMNS[col][1]
+    fmt = _FORMATS.get(col)
     if fmt == "ms":
         return f"{value * 1e3:.1f}"
+    if fmt == "GiB":
+        return f"{value / GIB:.2f} GiB"
+    if fmt is None:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
     return fmt.format(value)

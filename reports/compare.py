@@ -1,8 +1,10 @@
-"""Baseline vs candidate: the same setups and strategies side by side with % deltas.
+"""Baseline vs candidate: the one comparison engine (the reports' comparison page and the regression gate,
+bench/gate/regress.py, which adds thresholds to it).
 
-Rows are matched on SETUP_KEYS + strategy; each side is the median over its ok runs
-(reports/aggregate.py). ``delta_pct`` = (candidate - baseline) / baseline x 100; a delta is
-*better* or *worse* by the metric's direction (more tokens/s and MFU, less memory and step time).
+Rows are matched on the setup (SETUP_KEYS) and the variant (strategy + dtype), as reports/aggregate.py
+groups them; each side is the median over its ok runs. ``delta_pct`` = (candidate - baseline) / baseline
+x 100; a delta is *better* or *worse* by the metric's direction (more tokens/s and MFU, less memory and
+step time).
 """
 
 from __future__ import annotations
@@ -12,32 +14,39 @@ import html
 import pandas as pd
 
 from reports import plots
-from reports.aggregate import COLUMNS, SETUP_KEYS, format_value, setup_label, summarise
+from reports.aggregate import COLUMNS, MEDIANS, format_value, setup_label, summarise
 from reports.build import CSS, Report, figure_html
 from reports.load import ResultsError
+from reports.record import SETUP_KEYS, VARIANT_KEYS
 
 METRICS = ["tokens_per_sec", "tokens_per_sec_per_device", "mfu", "peak_mem_gib", "step_time_median_s", "loss"]
 
 
-def _medians(df: pd.DataFrame) -> pd.DataFrame:
+def medians(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (setup, variant): its key, label, ok/all run counts, status set, hosts and metric medians."""
     rows = []
     for s in summarise(df):
         for strategy, r in s["table"].iterrows():
-            rows.append({"setup": setup_label(s["key"]), "strategy": strategy, "n_ok": r.n_ok, "status": r.status,
-                         **{m: r[m] for m in METRICS}})
+            rows.append({"setup": setup_label(s["key"]), "key": s["key"], "strategy": strategy, "n_ok": r.n_ok,
+                         "n_runs": r.n_runs, "status": r.status, "hosts": r.hosts, **{m: r[m] for m in MEDIANS}})
     return pd.DataFrame(rows)
 
 
-def compare(baseline: pd.DataFrame, candidate: pd.DataFrame) -> pd.DataFrame:
-    """One row per matched (setup, strategy): ``<metric>_baseline``, ``_candidate``, ``_delta_pct``, ``_verdict``."""
-    b, c = _medians(baseline), _medians(candidate)
-    merged = b.merge(c, on=["setup", "strategy"], suffixes=("_baseline", "_candidate"))
-    if merged.empty:
-        raise ResultsError("baseline and candidate share no setup (" + ", ".join(SETUP_KEYS) + ", strategy)")
-    for m in METRICS:
+def compare(baseline: pd.DataFrame, candidate: pd.DataFrame, keep_unmatched: bool = False) -> pd.DataFrame:
+    """One row per matched (setup, variant): ``<col>_baseline``, ``_candidate`` for the counts, hosts and
+    medians, ``<metric>_delta_pct`` and ``_verdict`` (better/worse/same). ``keep_unmatched``: baseline rows
+    without a candidate are kept (candidate side NaN, ``matched`` False) -- the gate fails them.
+    Raises ResultsError when nothing matches."""
+    b, c = medians(baseline), medians(candidate).drop(columns="key")
+    merged = b.merge(c, on=["setup", "strategy"], how="left" if keep_unmatched else "inner",
+                     suffixes=("_baseline", "_candidate"), indicator=True)
+    merged["matched"] = merged.pop("_merge") == "both"
+    if not merged.matched.any():
+        raise ResultsError("baseline and candidate share no setup (" + ", ".join(SETUP_KEYS + VARIANT_KEYS) + ")")
+    for m in MEDIANS:
         base, cand = merged[f"{m}_baseline"], merged[f"{m}_candidate"]
-        merged[f"{m}_delta_pct"] = (cand - base) / base * 100
-        direction = COLUMNS[m][2]
+        merged[f"{m}_delta_pct"] = (cand - base) / base.abs() * 100
+        direction = COLUMNS.get(m, ("", "", "min"))[2]
         sign = 1 if direction == "max" else -1
 
         def verdict(d, sign=sign, direction=direction):

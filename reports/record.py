@@ -87,7 +87,7 @@ class RunRecord:
     loss: float = col("metric", "nats/token", "mean", "last step's loss, mean over data-parallel ranks",
                       required=True)
     first_step_time_s: float = col("metric", "s", "max", "first (warm-up) step; includes compilation")
-    timed_steps: int = col("metric", "steps", "rank0")
+    timed_steps: int = col("metric", "steps", "rank0", "timed steps that ran (fewer than steps after a NaN)")
     params: int = col("metric", "parameters", "rank0", "parameter count of the unsharded model")
     flops_per_token: float = col("metric", "FLOP/token", "rank0", "6 x matmul params + attention (models/flops)")
     recompute_flops_per_token: float = col("metric", "FLOP/token", "rank0", "forward FLOPs re-run by checkpointing")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bench.measure import memory, metrics, nvml, peak_flops
+from bench.measure.combine import combine_ranks, rule_of
 
 
 def test_percentile_matches_numpy():
@@ -255,9 +256,13 @@ def test_nvml_sampler_with_fake_driver(monkeypatch, energy_counter):
     assert stats["gpu_sm_clock_mhz"] == pytest.approx(sum(clocks) / len(clocks))
     assert stats["gpu_sm_clock_min_mhz"] == min(clocks)
     assert stats["gpu_throttle_reasons"] == ["SwPowerCap"]  # idle left out; the one power-cap sample kept
-    combined = nvml.combine_nvml([stats, stats], tokens=1000)
+    other = {**stats, "gpu_util_pct": 40, "gpu_sm_clock_min_mhz": 1000, "gpu_throttle_reasons": ["HwSlowdown"]}
+    combined = combine_ranks([stats, other])  # the record's rules: energy summed, util mean, clock min, union
     assert combined["gpu_energy_j"] == pytest.approx(2 * expected)
-    assert combined["energy_per_token_j"] == pytest.approx(2 * expected / 1000)
+    assert combined["gpu_util_pct"] == 60 and combined["gpu_sm_clock_min_mhz"] == 1000
+    assert combined["gpu_mem_used_bytes"] == 5 * 2**30
+    assert combined["gpu_throttle_reasons"] == ["HwSlowdown", "SwPowerCap"]
+    assert nvml.energy_per_token(combined["gpu_energy_j"], 1000) == pytest.approx(2 * expected / 1000)
 
 
 def test_nvml_absent_on_cpu_is_not_an_error():
@@ -265,4 +270,19 @@ def test_nvml_absent_on_cpu_is_not_an_error():
     sampler.start()
     assert not sampler.available
     assert all(v is None for v in sampler.stop().values())
-    assert nvml.combine_nvml([sampler.stop()], tokens=10)["energy_per_token_j"] is None
+    assert combine_ranks([sampler.stop()])["gpu_energy_j"] is None
+    assert nvml.energy_per_token(None, 10) is None
+
+
+def test_every_rank_measured_column_has_a_rule_and_combining_follows_it():
+    """The cross-rank rules come from the record: the worst rank's memory and step time, the most starved
+    rank's cpu_util, a list for per-rank memory, rank 0 for what every rank shares."""
+    ranks = [{"peak_mem_bytes": 5, "cpu_util": 0.9, "steal_pct": None, "peak_mem_bytes_per_rank": 5, "params": 7},
+             {"peak_mem_bytes": 9, "cpu_util": 0.4, "steal_pct": 2.0, "peak_mem_bytes_per_rank": 9, "params": 7}]
+    assert combine_ranks(ranks) == {"peak_mem_bytes": 9, "cpu_util": 0.4, "steal_pct": 2.0,
+                                    "peak_mem_bytes_per_rank": [5, 9], "params": 7}
+    assert rule_of("first_step_time_s") == "max" and rule_of("loss") == "mean"
+    with pytest.raises(ValueError, match="not combined from ranks"):
+        rule_of("model")  # a setup column
+    with pytest.raises(KeyError):
+        rule_of("no_such_column")

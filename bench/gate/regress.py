@@ -3,8 +3,8 @@
     python -m bench.gate --baseline results/baselines/ci-cpu --candidate ci_out/results
     python -m bench.gate --baseline B --candidate C --thresholds bench/gate/thresholds.yaml
 
-Setups are matched on SETUP_KEYS (model, strategy, world size, device, dtype, batch shape); each
-metric compares medians over a setup's ok runs (so repeats damp the noise) against the thresholds
+This is the reports' comparison (reports.compare: setups and variants matched as the report tables group
+them, medians over each side's ok runs, so repeats damp the noise) plus thresholds
 (bench/gate/thresholds.yaml, documented there and in the README):
 
 - ``tokens_per_sec`` may drop at most ``max_drop_pct`` -- only when both sides ran on the same
@@ -28,9 +28,11 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from reports.aggregate import format_value
+from reports.compare import compare
 from reports.load import ResultsError, load
+from reports.record import SETUP_KEYS, VARIANT_KEYS
 
-SETUP_KEYS = ["model", "strategy", "world_size", "device_name", "dtype", "seq_len", "micro_batch", "grad_accum"]
 DEFAULT_THRESHOLDS = Path(__file__).with_name("thresholds.yaml")
 _KNOWN = {
     "tokens_per_sec": {"max_drop_pct", "same_machine_only"},
@@ -69,92 +71,79 @@ def _load(paths, side: str) -> pd.DataFrame:
         raise GateInputError(f"{side}: {exc}") from None
 
 
-def _median(rows: pd.DataFrame, col: str) -> float:
-    vals = pd.to_numeric(rows[col], errors="coerce").dropna()
-    return float(vals.median()) if len(vals) else math.nan
-
-
 def gate(baseline: pd.DataFrame, candidate: pd.DataFrame, thresholds: dict) -> pd.DataFrame:
-    """One row per (setup, metric): baseline, candidate, delta_pct, threshold, verdict (PASS/FAIL/SKIP)."""
+    """The reports' comparison (reports.compare) plus thresholds: one row per (setup, metric) with baseline,
+    candidate, delta_pct, threshold and verdict (PASS/FAIL/SKIP)."""
+    try:
+        cmp = compare(baseline, candidate, keep_unmatched=True)
+    except ResultsError:
+        raise GateInputError("no setup of the baseline appears in the candidate (matched on "
+                             + ", ".join(SETUP_KEYS + VARIANT_KEYS) + "); " + nearest_setups(baseline, candidate)
+                             ) from None
+    must_stay_ok = thresholds.get("status", {}).get("ok_must_stay_ok", True)
     out = []
-    cand_groups = {k: g for k, g in candidate.groupby(SETUP_KEYS, dropna=False)}
-    matched = 0
-    for key, base in baseline.groupby(SETUP_KEYS, dropna=False):
-        setup = f"{key[0]} {key[1]} ws={key[2]} {key[4]} mb={key[6]} seq={key[5]}"
-        cand = cand_groups.get(key)
-        base_ok = base[base.status == "ok"]
-        if cand is None:
-            if len(base_ok) and thresholds.get("status", {}).get("ok_must_stay_ok", True):
-                out.append({"setup": setup, "metric": "status", "baseline": "ok", "candidate": "missing",
-                            "delta_pct": math.nan, "threshold": "present and ok", "verdict": "FAIL"})
+    for r in cmp.itertuples():
+        model, device, ws, seq, mb, ga = r.key
+        setup = f"{model} {r.strategy} ws={ws} mb={mb} seq={seq}"
+
+        def add(metric, b, c, delta, threshold, verdict, setup=setup):
+            out.append({"setup": setup, "metric": metric, "baseline": b, "candidate": c, "delta_pct": delta,
+                        "threshold": threshold, "verdict": verdict})
+
+        if not r.matched:
+            if r.n_ok_baseline and must_stay_ok:
+                add("status", "ok", "missing", math.nan, "present and ok", "FAIL")
             continue
-        matched += 1
-        cand_ok = cand[cand.status == "ok"]
-        if "status" in thresholds and thresholds["status"].get("ok_must_stay_ok", True) and len(base_ok):
-            failed = not len(cand_ok)
-            out.append({"setup": setup, "metric": "status", "baseline": f"{len(base_ok)}/{len(base)} ok",
-                        "candidate": f"{len(cand_ok)}/{len(cand)} ok", "delta_pct": math.nan,
-                        "threshold": "ok stays ok", "verdict": "FAIL" if failed else "PASS"})
-        if not len(base_ok) or not len(cand_ok):
+        if "status" in thresholds and must_stay_ok and r.n_ok_baseline:
+            add("status", f"{r.n_ok_baseline}/{r.n_runs_baseline} ok", f"{r.n_ok_candidate}/{r.n_runs_candidate} ok",
+                math.nan, "ok stays ok", "FAIL" if not r.n_ok_candidate else "PASS")
+        if not r.n_ok_baseline or not r.n_ok_candidate:
             continue
-        same_machine = (set(base_ok.hostname) == set(cand_ok.hostname) and len(set(base_ok.hostname)) == 1)
+        same_machine = r.hosts_baseline == r.hosts_candidate and "," not in r.hosts_baseline
         for metric, rule in thresholds.items():
             if metric == "status":
                 continue
-            b, c = _median(base_ok, metric), _median(cand_ok, metric)
-            delta = (c - b) / abs(b) * 100 if b else math.nan
-            if math.isnan(b) or math.isnan(c):
-                verdict, threshold = "SKIP", "no value"
+            b, c = getattr(r, f"{metric}_baseline"), getattr(r, f"{metric}_candidate")
+            delta = getattr(r, f"{metric}_delta_pct") if b else math.nan
+            if b != b or c != c:
+                add(metric, b, c, delta, "no value", "SKIP")
             elif metric in ("tokens_per_sec", "mfu"):
-                threshold = f"drop <= {rule['max_drop_pct']}%"
                 if metric == "tokens_per_sec" and rule.get("same_machine_only", True) and not same_machine:
-                    verdict, threshold = "SKIP", "different machines"
+                    add(metric, b, c, delta, "different machines", "SKIP")
                 else:
-                    verdict = "FAIL" if -delta > rule["max_drop_pct"] else "PASS"
+                    add(metric, b, c, delta, f"drop <= {rule['max_drop_pct']}%",
+                        "FAIL" if -delta > rule["max_drop_pct"] else "PASS")
             elif metric == "peak_mem_bytes":
-                threshold = f"rise <= {rule['max_rise_pct']}%"
-                verdict = "FAIL" if delta > rule["max_rise_pct"] else "PASS"
+                add(metric, b, c, delta, f"rise <= {rule['max_rise_pct']}%",
+                    "FAIL" if delta > rule["max_rise_pct"] else "PASS")
             else:  # loss
-                threshold = f"|rel diff| <= {rule['max_rel_diff']:g}"
-                verdict = "FAIL" if abs(delta) / 100 > rule["max_rel_diff"] else "PASS"
-            out.append({"setup": setup, "metric": metric, "baseline": b, "candidate": c, "delta_pct": delta,
-                        "threshold": threshold, "verdict": verdict})
-    if not matched:
-        raise GateInputError("no setup of the baseline appears in the candidate (matched on "
-                             + ", ".join(SETUP_KEYS) + "); " + nearest_setups(baseline, candidate))
+                add(metric, b, c, delta, f"|rel diff| <= {rule['max_rel_diff']:g}",
+                    "FAIL" if abs(delta) / 100 > rule["max_rel_diff"] else "PASS")
     return pd.DataFrame(out)
 
 
 def nearest_setups(baseline: pd.DataFrame, candidate: pd.DataFrame, limit: int = 3) -> str:
-    """For the first baseline setups, the candidate setup sharing the most SETUP_KEYS and the fields that differ."""
-    cands = [dict(zip(SETUP_KEYS, k)) for k in candidate.groupby(SETUP_KEYS, dropna=False).groups]
+    """For the first baseline setups, the candidate setup sharing the most key fields and the fields that differ."""
+    keys = SETUP_KEYS + VARIANT_KEYS
+    cands = [dict(zip(keys, k)) for k in candidate.groupby(keys, dropna=False).groups]
     notes = []
-    for key in list(baseline.groupby(SETUP_KEYS, dropna=False).groups)[:limit]:
-        b = dict(zip(SETUP_KEYS, key))
-        best = max(cands, key=lambda c: sum(str(c[k]) == str(b[k]) for k in SETUP_KEYS))
-        diff = ", ".join(f"{k} {b[k]!r} vs {best[k]!r}" for k in SETUP_KEYS if str(best[k]) != str(b[k]))
+    for key in list(baseline.groupby(keys, dropna=False).groups)[:limit]:
+        b = dict(zip(keys, key))
+        best = max(cands, key=lambda c: sum(str(c[k]) == str(b[k]) for k in keys))
+        diff = ", ".join(f"{k} {b[k]!r} vs {best[k]!r}" for k in keys if str(best[k]) != str(b[k]))
         notes.append(f"baseline {b['model']} {b['strategy']} ws={b['world_size']}: nearest candidate differs in {diff}")
     return "; ".join(notes) + (" (raw numbers from another machine do not compare: use --ab)"
                                if any("device_name" in n for n in notes) else "")
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "-"
-        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
-    return str(v)
-
-
 def render(table: pd.DataFrame) -> str:
-    cols = ["setup", "metric", "baseline", "candidate", "delta", "threshold", "verdict"]
-    rows = [[r.setup, r.metric, _fmt(r.baseline), _fmt(r.candidate),
-             "-" if r.delta_pct != r.delta_pct else f"{r.delta_pct:+.2f}%", r.threshold, r.verdict]
-            for r in table.itertuples()]
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-    line = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
-    body = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
-    return "\n".join([line, "-" * len(line), *body])
+    """The verdict table as text (pandas), values formatted as the reports format them."""
+    shown = table.assign(
+        baseline=[format_value(m, v) if isinstance(v, float) else str(v) for m, v in zip(table.metric, table.baseline)],
+        candidate=[format_value(m, v) if isinstance(v, float) else str(v)
+                   for m, v in zip(table.metric, table.candidate)],
+        delta=["-" if d != d else f"{d:+.2f}%" for d in table.delta_pct])
+    return shown[["setup", "metric", "baseline", "candidate", "delta", "threshold", "verdict"]].to_string(index=False)
 
 
 def main(argv: list[str] | None = None) -> int:

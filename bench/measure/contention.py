@@ -56,13 +56,3 @@ class ContentionMeter:
             steal = 100.0 * (stat[0] - self._stat[0]) / (stat[1] - self._stat[1])
         return {"cpu_util": cpu / (wall * torch.get_num_threads()) if wall > 0 else None,
                 "host_load_per_core": _load_per_core(), "steal_pct": steal}
-
-
-def combine_contention(per_rank: list[dict]) -> dict:
-    """min cpu_util, max host load and steal over ranks (None where no rank could read it)."""
-    def vals(k):
-        return [r[k] for r in per_rank if r and r.get(k) is not None]
-
-    util, load, steal = vals("cpu_util"), vals("host_load_per_core"), vals("steal_pct")
-    return {"cpu_util": min(util) if util else None, "host_load_per_core": max(load) if load else None,
-            "steal_pct": max(steal) if steal else None}

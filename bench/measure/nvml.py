@@ -134,23 +134,6 @@ def throttle_names(nvml, mask: int) -> list[str]:
                   and isinstance(getattr(nvml, n), int) and mask & getattr(nvml, n))
 
 
-def combine_nvml(per_rank: list[dict], tokens: int) -> dict:
-    """Combine ranks' windows: mean util/power, summed energy, max memory; energy per token in J."""
-    def vals(k):
-        return [r[k] for r in per_rank if r.get(k) is not None]
-
-    util, power = vals("gpu_util_pct"), vals("gpu_power_w")
-    energy, mem = vals("gpu_energy_j"), vals("gpu_mem_used_bytes")
-    total_energy = sum(energy) if energy else None
-    return {
-        "gpu_util_pct": sum(util) / len(util) if util else None,
-        "gpu_power_w": sum(power) / len(power) if power else None,
-        "gpu_energy_j": total_energy,
-        "gpu_mem_used_bytes": max(mem) if mem else None,
-        "gpu_sm_clock_mhz": sum(vals("gpu_sm_clock_mhz")) / len(vals("gpu_sm_clock_mhz"))
-        if vals("gpu_sm_clock_mhz") else None,
-        "gpu_sm_clock_min_mhz": min(vals("gpu_sm_clock_min_mhz")) if vals("gpu_sm_clock_min_mhz") else None,
-        "gpu_throttle_reasons": sorted({n for r in vals("gpu_throttle_reasons") for n in r})
-        if vals("gpu_throttle_reasons") else None,
-        "energy_per_token_j": total_energy / tokens if (total_energy is not None and tokens) else None,
-    }
+def energy_per_token(energy_j: float | None, tokens: int) -> float | None:
+    """GPU energy over the timed steps (all GPUs, J) / tokens trained in them, J/token; None without energy."""
+    return energy_j / tokens if (energy_j is not None and tokens) else None

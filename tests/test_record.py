@@ -1,0 +1,112 @@
+"""The typed run record and the house's walls: one schema (reports/record.py) that the writer builds and every
+reader takes its columns from; committed tables read the same with the new code as with the code before it;
+imports flow one way."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from reports import load
+from reports.record import COLUMNS, META, REQUIRED_COLUMNS, SETUP_KEYS, RunRecord, implausible, variant_label
+from tests.helpers import ROOT
+
+RULES = {"max", "min", "sum", "mean", "union", "rank0", "per_rank", "derived"}
+# The last revision before the record existed (its reports/load.py read bench/results.py's column list).
+OLD_REV = "f79f9f59d74affc8f5714c215bca882e4c8a0ebd"
+
+
+def test_every_column_is_documented_and_every_metric_has_a_cross_rank_rule():
+    for f in fields(RunRecord):
+        m = f.metadata
+        assert m["kind"] in {"identity", "setup", "metric", "telemetry", "prediction", "outcome", "provenance",
+                             "config"}, f.name
+        if m["kind"] in ("metric", "telemetry", "prediction"):
+            assert m["rule"] in RULES and m["unit"] is not None and m["doc"], f.name
+        else:
+            assert m["rule"] is None, f.name
+    assert set(REQUIRED_COLUMNS) <= set(COLUMNS) and set(SETUP_KEYS) <= set(COLUMNS)
+    assert META["peak_mem_bytes"]["rule"] == "max" and META["peak_mem_bytes"]["unit"] == "bytes"
+
+
+def test_a_record_refuses_an_unknown_column():
+    with pytest.raises(TypeError, match="tokens_per_second"):
+        RunRecord(run_id="r", tokens_per_second=1.0)
+    row = RunRecord(run_id="r", mfu=0.5).to_row()
+    assert list(row) == COLUMNS and row["mfu"] == 0.5 and row["loss"] is None
+
+
+def test_implausible_and_variant_label():
+    assert implausible({"mfu": 0.4, "hfu": 0.6}) is None
+    assert "hfu=1.200 > 1 cannot be true" in implausible({"mfu": 0.9, "hfu": 1.2, "peak_flops": 1e9})
+    assert implausible({"mfu": float("nan"), "hfu": None}) is None
+    assert variant_label("single", "fp32") == "single" and variant_label("fsdp+bf16", "bf16") == "fsdp+bf16"
+    assert variant_label("single", "tf32") == "single (tf32)"
+
+
+def _tables() -> list[Path]:
+    return sorted({p.parent for p in (ROOT / "results").rglob("*.jsonl") if p.parent.name != "steps"})
+
+
+def test_committed_results_load_the_same_as_with_the_code_before_the_record(tmp_path):
+    """Every committed table, read by this code and by OLD_REV's reader (exported with git archive): the same
+    columns in the same order and the same values."""
+    if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{OLD_REV}^{{commit}}"]).returncode:
+        pytest.skip(f"{OLD_REV[:12]} is not in this checkout (a shallow clone)")
+    old = tmp_path / "old"
+    old.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", OLD_REV, "reports", "bench"], capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+    tables = _tables()
+    assert len(tables) >= 4  # the CI baseline, the GPU suite, the noise study ...
+    script = ("import json, sys, warnings; sys.path.insert(0, sys.argv[1]); warnings.simplefilter('ignore');"
+              "from reports.load import load;"
+              "print(json.dumps({p: [list(d.columns), d.to_json()] for p in sys.argv[2:] for d in [load(p)]}))")
+    res = subprocess.run([sys.executable, "-c", script, str(old), *map(str, tables)], capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    before = json.loads(res.stdout)
+    for path in tables:
+        df = load(path)
+        assert list(df.columns) == before[str(path)][0], path
+        assert json.loads(df.to_json()) == json.loads(before[str(path)][1]), path
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return out
+
+
+WALLS = {  # room -> the project packages it must not import
+    "reports": ("bench", "strategies", "models"),
+    "models": ("bench", "strategies", "reports"),
+    "strategies": ("bench", "reports"),
+    "bench/measure": ("bench.harness", "bench.gate", "bench.launch", "bench.plan", "bench.run", "strategies"),
+    "bench/plan": ("bench.harness", "bench.gate", "bench.launch", "bench.measure", "bench.run"),
+    "bench/gate": ("bench.harness.loop", "bench.measure", "bench.plan", "strategies", "models"),
+}
+
+
+@pytest.mark.parametrize("room", list(WALLS))
+def test_imports_flow_one_way(room):
+    bad = []
+    for path in sorted((ROOT / room).rglob("*.py")):
+        for mod in _imports(path):
+            if any(mod == w or mod.startswith(w + ".") for w in WALLS[room]):
+                bad.append(f"{path.relative_to(ROOT)} imports {mod}")
+    assert not bad
+    if room == "reports":  # the record is a leaf: standard library only
+        assert {m.split(".")[0] for m in _imports(ROOT / "reports" / "record.py")} <= {"__future__", "dataclasses"}
