@@ -9,7 +9,6 @@ from models.flops import (
     forward_flops_per_token,
     non_embedding_param_count,
     param_count,
-    recompute_flops_per_token,
     train_flops_per_token,
 )
 from models.gpt import GPT, Block, build_model, count_params
@@ -17,5 +16,5 @@ from models.gpt import GPT, Block, build_model, count_params
 __all__ = [
     "ARCHS", "PRESETS", "GPTConfig", "get_config", "GPT", "Block", "build_model", "count_params",
     "param_count", "non_embedding_param_count", "forward_flops_per_token", "train_flops_per_token",
-    "recompute_flops_per_token", "adamw_fp32_state_bytes",
+    "adamw_fp32_state_bytes",
 ]

@@ -43,32 +43,6 @@ def train_flops_per_token(cfg: GPTConfig, seq_len: int) -> int:
     return 3 * forward_flops_per_token(cfg, seq_len)
 
 
-def recompute_flops_per_token(cfg: GPTConfig, seq_len: int, ac: str = "none", ac_every: int = 1) -> int:
-    """Extra forward FLOPs per token that activation checkpointing re-runs in backward (for HFU).
-
-    A checkpointed block re-runs its forward in backward, but PyTorch's non-reentrant
-    checkpoint stops recomputing once every tensor backward needs is back ("early stop"):
-    the block's last matmul (the MLP down projection) only produces the block output, which
-    backward never needs, so it is not re-run. Per checkpointed block that is
-    ``block_forward - 2*d*h``; tests/test_models.py checks this against FlopCounterMode.
-
-    - ``none``: 0.
-    - ``full``: every block is checkpointed.
-    - ``selective``: every ``ac_every``-th block (blocks i with i % ac_every == 0) is checkpointed.
-    - ``op``: op-level selective checkpointing that saves every matmul and attention output and
-      recomputes only cheap elementwise ops -> 0 matmul FLOPs.
-    """
-    if ac in ("none", "op"):
-        return 0
-    if ac == "full":
-        n = cfg.n_layer
-    elif ac == "selective":
-        n = len(range(0, cfg.n_layer, ac_every))
-    else:
-        raise ValueError(f"unknown ac mode {ac!r}; valid: none, full, selective, op")
-    return n * (block_forward_flops_per_token(cfg, seq_len) - 2 * cfg.n_embd * cfg.hidden_dim)
-
-
 def param_count(cfg: GPTConfig) -> int:
     """Parameters of the model built from ``cfg`` (tied head counted once), without building it."""
     d, h, V = cfg.n_embd, cfg.hidden_dim, cfg.padded_vocab_size

@@ -1,6 +1,7 @@
 """Strategies: plain functions over a model, applied by ``apply_strategies`` in one fixed order.
 
-Order (torchtitan's, and why):
+Each technique is a module with a ``TECHNIQUE`` (strategies/base.py) whose ``order`` places it
+(torchtitan's order, and why):
 
 1. **activation checkpointing** wraps blocks first, so that compile sees (and can optimise
    around) the checkpoint boundary and FSDP shards the wrapped block as one unit;
@@ -11,6 +12,9 @@ Order (torchtitan's, and why):
    rank 0's at construction), so the model is materialised and initialised just before it;
 4. **mixed precision** is not a wrapper: FSDP takes a MixedPrecisionPolicy in step 3, otherwise
    the training step enters ``get_autocast`` (and a GradScaler for fp16).
+
+(``order`` 10, 20, 30, 40; a new technique picks the slot its reasons give it.) The model is
+materialised and initialised once: when a technique asks (DDP), else after the last one.
 
 Every step is deterministic and keeps no module-level state, so applying the same strategy in
 a fresh process twice gives the same model.
@@ -25,37 +29,40 @@ from torch import nn
 
 from strategies.ac import apply_ac
 from strategies.amp import get_autocast, get_grad_scaler, get_mp_policy
+from strategies.base import ApplyContext
 from strategies.compile import apply_compile
-from strategies.config import StrategyConfig, StrategyError
+from strategies.config import TECHNIQUES, StrategyConfig, StrategyError
 from strategies.ddp import apply_ddp
 from strategies.fsdp import apply_fsdp
 
 __all__ = [
-    "StrategyConfig", "StrategyError", "apply_strategies", "apply_ac", "apply_compile", "apply_ddp", "apply_fsdp",
-    "get_autocast", "get_grad_scaler", "get_mp_policy", "maybe_no_sync", "unwrap",
+    "StrategyConfig", "StrategyError", "TECHNIQUES", "apply_strategies", "apply_ac", "apply_compile", "apply_ddp",
+    "apply_fsdp", "get_autocast", "get_grad_scaler", "get_mp_policy", "maybe_no_sync", "recompute_flops_per_token",
+    "unwrap",
 ]
 
 
-def _materialise(model: nn.Module, device: torch.device, seed: int) -> None:
-    model.to_empty(device=device)
-    unwrap(model).init_weights(seed)
-
-
 def apply_strategies(model: nn.Module, cfg: StrategyConfig, device: torch.device, seed: int) -> nn.Module:
-    """Turn a meta-device model into the trained module: AC -> compile -> FSDP/DDP, materialised and
+    """Turn a meta-device model into the trained module: every technique in order, materialised and
     initialised from ``seed``. Returns the module to call and to give to the optimizer."""
-    if cfg.ac != "none":
-        apply_ac(model, cfg.ac, cfg.ac_every)
-    if cfg.compile:
-        apply_compile(model, cfg.compile_mode)
-    if cfg.dp == "fsdp":
-        apply_fsdp(model, device.type, cfg.reshard_after_forward, cfg.amp)
-        _materialise(model, device, seed)
-        return model
-    _materialise(model, device, seed)
-    if cfg.dp == "ddp":
-        return apply_ddp(model, device)
+    base, done = model, []
+
+    def materialise() -> None:
+        if not done:
+            base.to_empty(device=device)
+            base.init_weights(seed)
+            done.append(True)
+
+    ctx = ApplyContext(device=device, seed=seed, materialise=materialise)
+    for technique in TECHNIQUES:
+        model = technique.apply(model, cfg, ctx)
+    materialise()
     return model
+
+
+def recompute_flops_per_token(model_cfg, seq_len: int, cfg: StrategyConfig) -> int:
+    """Forward FLOPs per token that the strategy re-runs in backward (every technique's FLOP effect; HFU)."""
+    return sum(t.recompute_flops(model_cfg, seq_len, cfg) for t in TECHNIQUES)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -13,6 +13,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from models.flops import block_forward_flops_per_token
+from strategies.base import Field, StrategyError, Technique
+
+MODES = ("none", "full", "selective", "op")
+
 _aten = torch.ops.aten
 # Outputs worth keeping under op-level selective checkpointing: the expensive ops.
 _SAVE_OPS = {
@@ -59,3 +64,60 @@ def apply_ac(model: nn.Module, mode: str, every: int = 2) -> nn.Module:
     for i in checkpointed_block_ids(len(model.blocks), mode, every):
         model.blocks[i] = CheckpointWrapper(model.blocks[i], op_level=(mode == "op"))
     return model
+
+
+def recompute_flops_per_token(cfg, seq_len: int, ac: str = "none", ac_every: int = 1) -> int:
+    """Extra forward FLOPs per token that activation checkpointing re-runs in backward (for HFU).
+
+    A checkpointed block re-runs its forward in backward, but PyTorch's non-reentrant
+    checkpoint stops recomputing once every tensor backward needs is back ("early stop"):
+    the block's last matmul (the MLP down projection) only produces the block output, which
+    backward never needs, so it is not re-run. Per checkpointed block that is
+    ``block_forward - 2*d*h``; tests/test_models.py checks this against FlopCounterMode.
+
+    - ``none``: 0.
+    - ``full``: every block is checkpointed.
+    - ``selective``: every ``ac_every``-th block (blocks i with i % ac_every == 0) is checkpointed.
+    - ``op``: op-level selective checkpointing that saves every matmul and attention output and
+      recomputes only cheap elementwise ops -> 0 matmul FLOPs.
+    """
+    if ac not in MODES:
+        raise ValueError(f"unknown ac mode {ac!r}; valid: {', '.join(MODES)}")
+    if ac == "op":
+        return 0
+    n = len(checkpointed_block_ids(cfg.n_layer, ac, ac_every))
+    return n * (block_forward_flops_per_token(cfg, seq_len) - 2 * cfg.n_embd * cfg.hidden_dim)
+
+
+def _validate(s) -> None:
+    if s.ac_every < 1:
+        raise StrategyError(f"strategy.ac_every={s.ac_every} is invalid; must be >= 1")
+
+
+def _name(s) -> str | None:
+    if s.ac == "selective":
+        return f"ac(selective/{s.ac_every})"
+    return None if s.ac == "none" else f"ac({s.ac})"
+
+
+def _memory(parts: dict, ctx) -> None:
+    """Full/selective checkpointing keeps each checkpointed block's input instead of its activations, plus one
+    block's activations recomputed at a time in backward. Op-level is predicted as none (an upper bound)."""
+    if ctx.s.ac not in ("full", "selective"):
+        return
+    ck = len(checkpointed_block_ids(ctx.L, ctx.s.ac, ctx.s.ac_every))
+    block, resid = ctx.block_bytes(ctx.mode), ctx.resid_bytes(ctx.mode)
+    parts["activations"] = ck * resid + (ctx.L - ck) * block + block
+
+
+TECHNIQUE = Technique(
+    name="ac", order=10, name_order=10,
+    fields=(Field("ac", str, "none", "Activation checkpointing: 'none', 'full' (every block), 'selective' (every "
+                  "ac_every-th block) or 'op' (op-level: keep matmul/attention outputs, recompute elementwise ops).",
+                  MODES),
+            Field("ac_every", int, 2, "For ac='selective': checkpoint blocks 0, k, 2k, ... with k = ac_every.")),
+    apply=lambda model, s, ctx: apply_ac(model, s.ac, s.ac_every) if s.ac != "none" else model,
+    validate=_validate, name_part=_name, memory=_memory,
+    recompute_flops=lambda cfg, seq_len, s: recompute_flops_per_token(cfg, seq_len, s.ac, s.ac_every),
+    plan_axes=lambda world: {"ac": ["none", "full"]},
+)

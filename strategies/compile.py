@@ -9,6 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from strategies.base import Field, StrategyError, Technique
+
+MODES = ("block", "model")
+
 
 def apply_compile(model: nn.Module, mode: str = "block") -> nn.Module:
     """Compile each block (``mode='block'``: repeated blocks share one compiled graph) and the output
@@ -23,3 +27,21 @@ def apply_compile(model: nn.Module, mode: str = "block") -> nn.Module:
     else:
         raise ValueError(f"unknown compile mode {mode!r}; valid: block, model")
     return model
+
+
+def _validate(s) -> None:
+    if s.dp == "fsdp" and s.compile and s.compile_mode == "model":
+        raise StrategyError("strategy.compile_mode='model' with dp=fsdp is not supported: FSDP2 hooks would sit "
+                            "inside the compiled graph; use compile_mode=block (per-block compile, as torchtitan)")
+
+
+TECHNIQUE = Technique(
+    name="compile", order=20, name_order=30,
+    fields=(Field("compile", bool, False, "torch.compile the model."),
+            Field("compile_mode", str, "block", "'block' compiles each transformer block (torchtitan's choice), "
+                  "'model' the whole model.", MODES)),
+    apply=lambda model, s, ctx: apply_compile(model, s.compile_mode) if s.compile else model,
+    validate=_validate,
+    name_part=lambda s: ("compile" if s.compile_mode == "block" else "compile(model)") if s.compile else None,
+    # not in the cost model: compiled blocks fuse and free differently (bench/plan/costmodel.py)
+)

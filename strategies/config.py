@@ -1,92 +1,84 @@
-"""Strategy configuration: which techniques to apply, their canonical name, and validation.
+"""Strategy configuration, built from the techniques: every module of this package that defines
+``TECHNIQUE`` (strategies/base.py) contributes its fields, checks and canonical-name part.
 
-A strategy is a combination along orthogonal axes: data parallelism (none/ddp/fsdp),
-activation checkpointing, mixed precision and compilation. ``canonical_name`` gives the
-one string every result row carries, e.g. ``fsdp+ac(full)+bf16+compile``.
+A strategy is a combination along orthogonal axes -- data parallelism (none/ddp/fsdp), activation
+checkpointing, mixed precision, compilation, and whatever module is added next. ``StrategyConfig`` is a
+real dataclass (Hydra's ``strategy`` group schema, bench/conf/strategy/*.yaml its presets) whose
+``__post_init__`` checks every field's choices and runs every technique's ``validate``;
+``canonical_name`` gives the one string every result row carries, e.g. ``fsdp+ac(full)+bf16+compile``.
 """
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass
+import dataclasses
+import importlib
+import pkgutil
 
-DP_MODES = ("none", "ddp", "fsdp")
-AC_MODES = ("none", "full", "selective", "op")
-AMP_DTYPES = ("fp32", "bf16", "fp16")
-COMPILE_MODES = ("block", "model")
+from strategies.base import StrategyError, Technique
 
+__all__ = ["TECHNIQUES", "StrategyConfig", "StrategyError"]
 
-class StrategyError(ValueError):
-    """An invalid strategy or an invalid combination; raised before any training starts."""
+_NOT_TECHNIQUES = {"base", "config"}
 
 
-@dataclass
-class StrategyConfig:
-    """One point in the strategy space. Presets live in bench/conf/strategy/*.yaml."""
+def discover() -> list[Technique]:
+    """The ``TECHNIQUE`` of every module in this package, in apply order."""
+    import strategies
 
-    dp: str = "none"
-    """Data parallelism: 'none' (single process), 'ddp' (DistributedDataParallel) or 'fsdp' (FSDP2 fully_shard)."""
-    reshard_after_forward: bool = True
-    """FSDP only: free unsharded params after forward (ZeRO-3) or keep them until backward (ZeRO-2-like)."""
-    ac: str = "none"
-    """Activation checkpointing: 'none', 'full' (every block), 'selective' (every ac_every-th block) or
-    'op' (op-level: keep matmul/attention outputs, recompute elementwise ops)."""
-    ac_every: int = 2
-    """For ac='selective': checkpoint blocks 0, k, 2k, ... with k = ac_every."""
-    amp: str = "fp32"
-    """Compute dtype: 'fp32', 'bf16' or 'fp16' (fp16 adds a GradScaler; GPU only)."""
-    compile: bool = False
-    """torch.compile the model."""
-    compile_mode: str = "block"
-    """'block' compiles each transformer block (torchtitan's choice), 'model' the whole model."""
-    tf32: bool = True
-    """CUDA fp32 runs: allow TF32 tensor-core matmuls (torch.backends.cuda.matmul.allow_tf32)."""
+    found = []
+    for info in pkgutil.iter_modules(strategies.__path__):
+        if info.name in _NOT_TECHNIQUES or info.name.startswith("_"):
+            continue
+        technique = getattr(importlib.import_module(f"strategies.{info.name}"), "TECHNIQUE", None)
+        if technique is not None:
+            found.append(technique)
+    names = [f.name for t in found for f in t.fields]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise RuntimeError(f"strategy fields declared by two techniques: {dupes}")
+    return sorted(found, key=lambda t: t.order)
 
-    def __post_init__(self) -> None:
-        for field, valid in (("dp", DP_MODES), ("ac", AC_MODES), ("amp", AMP_DTYPES),
-                             ("compile_mode", COMPILE_MODES)):
-            value = getattr(self, field)
-            if value not in valid:
-                raise StrategyError(f"strategy.{field}={value!r} is invalid; valid values: {', '.join(valid)}")
-        if self.ac_every < 1:
-            raise StrategyError(f"strategy.ac_every={self.ac_every} is invalid; must be >= 1")
-        if self.dp == "fsdp" and self.compile and self.compile_mode == "model":
-            raise StrategyError("strategy.compile_mode='model' with dp=fsdp is not supported: FSDP2 hooks would sit "
-                                "inside the compiled graph; use compile_mode=block (per-block compile, as torchtitan)")
-        if self.dp == "fsdp" and self.amp == "fp16":
-            raise StrategyError("strategy amp=fp16 with dp=fsdp is not supported (FSDP2 has no sharded gradient "
-                                "scaler here); use amp=bf16")
 
-    def validate_for(self, device_type: str, world_size: int) -> None:
-        """Checks that depend on where the run happens. Raises StrategyError; warns for slow-but-valid."""
-        if self.dp == "none" and world_size > 1:
-            raise StrategyError(f"strategy dp='none' (single) runs one process but world_size={world_size}; "
-                                "use strategy=ddp or strategy=fsdp, or launch one process")
-        if device_type == "cpu" and self.amp == "fp16":
-            raise StrategyError("strategy amp=fp16 needs a CUDA device (fp16 autocast + GradScaler); "
-                                "on CPU use amp=fp32 or amp=bf16")
-        if device_type == "cpu" and self.amp == "bf16":
-            warnings.warn("amp=bf16 on a CPU without native bf16 can be ~250x slower than fp32; "
-                          "CPU benchmarks should use fp32", stacklevel=2)
+TECHNIQUES: list[Technique] = discover()
+_FIELDS = [f for t in TECHNIQUES for f in t.fields]
 
-    @property
-    def canonical_name(self) -> str:
-        """'single' | 'ddp' | 'fsdp' | 'fsdp(no-reshard)', then '+ac(...)', '+bf16'/'+fp16', '+compile[(model)]'."""
-        parts = ["single" if self.dp == "none" else self.dp]
-        if self.dp == "fsdp" and not self.reshard_after_forward:
-            parts[0] = "fsdp(no-reshard)"
-        if self.ac == "selective":
-            parts.append(f"ac(selective/{self.ac_every})")
-        elif self.ac != "none":
-            parts.append(f"ac({self.ac})")
-        if self.amp != "fp32":
-            parts.append(self.amp)
-        if self.compile:
-            parts.append("compile" if self.compile_mode == "block" else "compile(model)")
-        return "+".join(parts)
 
-    def compute_dtype_name(self, device_type: str) -> str:
-        """The dtype matmuls run in: 'bf16', 'fp16', 'tf32' (CUDA fp32 with TF32 allowed) or 'fp32'."""
-        if self.amp != "fp32":
-            return self.amp
-        return "tf32" if (device_type == "cuda" and self.tf32) else "fp32"
+def _post_init(self) -> None:
+    for f in _FIELDS:
+        value = getattr(self, f.name)
+        if f.choices and value not in f.choices:
+            raise StrategyError(f"strategy.{f.name}={value!r} is invalid; valid values: {', '.join(f.choices)}")
+    for t in TECHNIQUES:
+        t.validate(self)
+
+
+def _validate_for(self, device_type: str, world_size: int) -> None:
+    """Checks that depend on where the run happens. Raises StrategyError; warns for slow-but-valid."""
+    for t in TECHNIQUES:
+        t.validate_for(self, device_type, world_size)
+
+
+def _canonical_name(self) -> str:
+    """Each technique's part in name order, joined with '+': 'single' | 'ddp' | 'fsdp' | 'fsdp(no-reshard)',
+    then '+ac(...)', '+bf16'/'+fp16', '+compile[(model)]', ..."""
+    parts = (t.name_part(self) for t in sorted(TECHNIQUES, key=lambda t: t.name_order))
+    return "+".join(p for p in parts if p)
+
+
+def _compute_dtype_name(self, device_type: str) -> str:
+    from strategies.amp import compute_dtype_name
+
+    return compute_dtype_name(self, device_type)
+
+
+StrategyConfig = dataclasses.make_dataclass(
+    "StrategyConfig",
+    [(f.name, f.type, dataclasses.field(default=f.default, metadata={"doc": f.doc, "choices": f.choices}))
+     for f in _FIELDS],
+    namespace={"__post_init__": _post_init, "validate_for": _validate_for,
+               "canonical_name": property(_canonical_name), "compute_dtype_name": _compute_dtype_name},
+)
+StrategyConfig.__module__ = __name__
+StrategyConfig.__doc__ = ("One point in the strategy space (presets: bench/conf/strategy/*.yaml). Fields:\n"
+                          + "\n".join(f"- {f.name} ({f.type.__name__}, default {f.default!r}): {f.doc}"
+                                      for f in _FIELDS))

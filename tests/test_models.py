@@ -21,9 +21,9 @@ from models import (
     get_config,
     non_embedding_param_count,
     param_count,
-    recompute_flops_per_token,
     train_flops_per_token,
 )
+from strategies.ac import recompute_flops_per_token
 
 ARCH_TINY = ["tiny", "llama-tiny"]
 

@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from models import get_config, recompute_flops_per_token, train_flops_per_token
+from models import get_config, train_flops_per_token
 from reports import load, load_steps
 from reports.record import REQUIRED_COLUMNS
+from strategies.ac import recompute_flops_per_token
 from tests.helpers import run_cli
 
 FAST = ["model=tiny", "steps=4", "warmup=1", "micro_batch=2", "seq_len=32", "log_every=2"]

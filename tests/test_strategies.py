@@ -10,9 +10,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.harness.config import ConfigError
 from bench.harness.dist import resolve_backend, resolve_device
-from models import build_model, get_config, recompute_flops_per_token
+from models import build_model, get_config
 from strategies import StrategyConfig, StrategyError, apply_ac, apply_strategies, get_autocast, unwrap
-from strategies.ac import CheckpointWrapper
+from strategies.ac import CheckpointWrapper, recompute_flops_per_token
 
 
 def fresh(name="tiny", seed=0):

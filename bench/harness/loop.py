@@ -33,9 +33,9 @@ from bench.measure.nvml import NvmlSampler, energy_per_token
 from bench.measure.peak_flops import get_peak_flops
 from bench.measure.profile import StepProfiler
 from bench.plan.costmodel import predict_comm, predict_memory
-from models import build_model, count_params, recompute_flops_per_token, train_flops_per_token
+from models import build_model, count_params, train_flops_per_token
 from reports.record import implausible
-from strategies import apply_strategies, get_autocast, get_grad_scaler, maybe_no_sync
+from strategies import apply_strategies, get_autocast, get_grad_scaler, maybe_no_sync, recompute_flops_per_token
 from strategies.config import StrategyError
 
 
@@ -98,7 +98,7 @@ def build(cfg: RunConfig, info: DistInfo, batch: dict) -> Built:
     static = {
         "params": n_params,
         "flops_per_token": train_flops_per_token(cfg.model, cfg.seq_len),
-        "recompute_flops_per_token": recompute_flops_per_token(cfg.model, cfg.seq_len, s.ac, s.ac_every),
+        "recompute_flops_per_token": recompute_flops_per_token(cfg.model, cfg.seq_len, s),
         "peak_flops": peak, "peak_flops_source": peak_source, **probe_stats,
         "dtype": dtype_name,
         "pred_peak_mem_bytes": pred_mem["total"],

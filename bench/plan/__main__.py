@@ -23,7 +23,7 @@ if __package__ in (None, ""):
 
 from bench.plan.costmodel import param_groups, predict_comm, predict_memory  # noqa: E402
 from models.config import PRESETS, get_config  # noqa: E402
-from strategies.config import StrategyConfig  # noqa: E402
+from strategies.config import TECHNIQUES, StrategyConfig, StrategyError  # noqa: E402
 
 GIB = 2**30
 KEYS = {"model": str, "world_size": int, "device_memory_gib": float, "micro_batch": int, "seq_len": int,
@@ -59,12 +59,18 @@ def parse(argv: list[str]) -> dict:
 
 
 def combinations(world: int) -> list[StrategyConfig]:
-    dps = [("none", True)] if world == 1 else []
-    dps += [("ddp", True), ("fsdp", True), ("fsdp", False)]
-    out = []
-    for (dp, reshard), ac, amp in itertools.product(dps, ("none", "full"), ("fp32", "bf16")):
-        out.append(StrategyConfig(dp=dp, reshard_after_forward=reshard, ac=ac, amp=amp))
-    return out
+    """Every valid combination of the techniques' plan axes (strategies/*.py: ``plan_axes``) on ``world`` GPUs,
+    one per canonical name."""
+    axes = {k: v for t in TECHNIQUES for k, v in t.plan_axes(world).items()}
+    out: dict[str, StrategyConfig] = {}
+    for values in itertools.product(*axes.values()):
+        try:
+            s = StrategyConfig(**dict(zip(axes, values)))
+            s.validate_for("cuda", world)
+        except StrategyError:
+            continue
+        out.setdefault(s.canonical_name, s)
+    return list(out.values())
 
 
 def plan(args: dict) -> list[dict]:

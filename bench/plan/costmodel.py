@@ -5,6 +5,9 @@ Everything is per rank, in bytes, for one optimizer step of ``grad_accum`` micro
 P is the parameter count (tied head once); W the data-parallel size; "sharded" sizes follow FSDP2,
 which pads each parameter's dim 0 up to a multiple of W (``padded_numel``).
 
+The model's parts are computed here; each strategy's terms live in its module (strategies/*.py, the
+``cost_setup``/``memory``/``comm`` hooks of its TECHNIQUE) and are summarised below.
+
 Memory parts (``predict_memory``):
 - ``params``: fp32 master weights, 4 P (single, DDP) or 4 P_shard (FSDP). ZeRO (Rajbhandari et al.
   2020, sec. 5.1): stage 3 shards parameters, gradients and optimizer state.
@@ -46,9 +49,8 @@ from dataclasses import dataclass
 
 from models.config import GPTConfig
 from models.gpt import build_model
-from strategies.config import StrategyConfig
-
-BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+from strategies.base import CostContext
+from strategies.config import TECHNIQUES, StrategyConfig
 
 
 def padded_numel(shape: tuple[int, ...], world: int) -> int:
@@ -138,63 +140,49 @@ def head_bytes(cfg: GPTConfig, tokens: int, mode: str) -> dict[str, int]:
     return {"saved": saved, "transient": transient}
 
 
-def activation_mode(s: StrategyConfig) -> str:
-    if s.amp == "fp32":
-        return "fp32"
-    return "half" if s.dp == "fsdp" else "autocast"
+def cost_context(cfg: GPTConfig, s: StrategyConfig, world: int, micro_batch: int, seq_len: int,
+                 grad_accum: int = 1, groups: ParamGroups | None = None) -> CostContext:
+    """The techniques' view of one run, after every technique's ``cost_setup`` (precision, sharding)."""
+    g = groups or param_groups(cfg)
+    ctx = CostContext(
+        model=cfg, s=s, world=world, micro_batch=micro_batch, seq_len=seq_len, grad_accum=grad_accum,
+        P=g.total, n_mm=g.n_mm, L=cfg.n_layer, padded=g.padded,
+        root_padded=lambda w: sum(padded_numel(x, w) for x in g.root), block_padded=g.block_padded,
+        block_bytes=lambda mode: block_activation_bytes(cfg, micro_batch * seq_len, mode, seq_len),
+        resid_bytes=lambda mode: micro_batch * seq_len * cfg.n_embd * (4 if mode != "half" else 2))
+    for t in TECHNIQUES:
+        t.cost_setup(ctx)
+    return ctx
 
 
 def predict_memory(cfg: GPTConfig, s: StrategyConfig, world: int, micro_batch: int, seq_len: int,
                    groups: ParamGroups | None = None) -> dict[str, int]:
-    """Per-rank bytes by part (see the module docstring); ``total`` is the predicted peak."""
-    g = groups or param_groups(cfg)
-    P, W = g.total, (world if s.dp == "fsdp" else 1)
-    n = micro_batch * seq_len
-    mode = activation_mode(s)
-    L = cfg.n_layer
-    parts = {}
-    shard = g.padded(W) // W if s.dp == "fsdp" else P
-    parts["params"] = 4 * shard
-    parts["optimizer"] = 8 * shard
-    parts["autocast_weights"] = 2 * g.n_mm if mode == "autocast" else 0
-    pbytes = BYTES[s.amp] if s.dp == "fsdp" else 4
-    if s.dp == "fsdp":  # FSDP2 keeps unsharded copies even on one rank
-        root = sum(padded_numel(x, W) for x in g.root)
-        inflight = L if not s.reshard_after_forward else min(2, L)
-        parts["fsdp_unsharded"] = pbytes * (root + sum(g.block_padded(i, W) for i in range(inflight)))
-    else:
-        parts["fsdp_unsharded"] = 0
-    block = block_activation_bytes(cfg, n, mode, seq_len)
-    resid = n * cfg.n_embd * (4 if mode != "half" else 2)
-    if s.ac in ("full", "selective"):
-        ck = L if s.ac == "full" else len(range(0, L, s.ac_every))
-        acts = ck * resid + (L - ck) * block + block  # one block recomputed at a time in backward
-    else:
-        acts = L * block
-    parts["activations"] = acts
-    hb = head_bytes(cfg, n, mode)
-    parts["head"] = hb["saved"] + hb["transient"]
-    if s.dp == "ddp":
-        parts["grads"] = 4 * P  # bucket views, alive all run
-    elif s.dp == "fsdp":
-        parts["grads"] = 0  # sharded grads appear after reduce-scatter, when activations are gone
-    else:
-        parts["grads"] = max(0, 4 * P - acts)
+    """Per-rank bytes by part (see the module docstring); ``total`` is the predicted peak. The model's parts
+    here, each technique's terms from its own ``memory`` hook (strategies/*.py)."""
+    ctx = cost_context(cfg, s, world, micro_batch, seq_len, groups=groups)
+    W = ctx.shard_world
+    shard = ctx.padded(W) // W if W > 1 else ctx.P
+    hb = head_bytes(cfg, ctx.tokens, ctx.mode)
+    parts = {"params": 4 * shard, "optimizer": 8 * shard, "autocast_weights": 0, "fsdp_unsharded": 0,
+             "activations": ctx.L * ctx.block_bytes(ctx.mode), "head": hb["saved"] + hb["transient"],
+             "grads": None}
+    for t in TECHNIQUES:
+        t.memory(parts, ctx)
+    if parts["grads"] is None:  # single process: freed by zero_grad(set_to_none), grow as activations free
+        parts["grads"] = max(0, 4 * ctx.P - parts["activations"])
     parts["total"] = sum(parts.values())
     return parts
 
 
 def predict_comm(cfg: GPTConfig, s: StrategyConfig, world: int, grad_accum: int = 1,
                  groups: ParamGroups | None = None) -> dict[str, int]:
-    """Bytes per step per rank by collective (full-tensor sizes), and ``total``."""
-    if world <= 1 or s.dp == "none":
+    """Bytes per step per rank by collective (full-tensor sizes; each technique's ``comm`` hook), and ``total``."""
+    if world <= 1:
         return {"total": 0}
-    g = groups or param_groups(cfg)
-    if s.dp == "ddp":
-        return {"all_reduce": 4 * g.total, "total": 4 * g.total}
-    pbytes = BYTES[s.amp]
-    padded = g.padded(world)
-    blocks = sum(g.block_padded(i, world) for i in range(cfg.n_layer))
-    gather = grad_accum * pbytes * (padded + (blocks if s.reshard_after_forward else 0))
-    scatter = 4 * padded  # reduce dtype fp32
-    return {"all_gather": gather, "reduce_scatter": scatter, "total": gather + scatter}
+    ctx = cost_context(cfg, s, world, 1, 1, grad_accum, groups)
+    out: dict[str, int] = {}
+    for t in TECHNIQUES:
+        for name, nbytes in t.comm(ctx).items():
+            out[name] = out.get(name, 0) + nbytes
+    out["total"] = sum(out.values())
+    return out
