@@ -90,21 +90,21 @@ def plan(args: dict) -> list[dict]:
 
 
 def render(rows: list[dict], device_gib: float) -> str:
-    parts = ["params", "grads", "optimizer", "autocast_weights", "fsdp_unsharded", "activations", "head"]
-    head = (f"{'strategy':<34}" + "".join(f"{p[:11]:>12}" for p in parts)
-            + f"{'total GiB':>11}{'fits':>6}{'comm GB/step':>14}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        m = r["pred_mem_bytes"]
-        lines.append(f"{r['strategy']:<34}" + "".join(f"{m[p] / GIB:>12.2f}" for p in parts)
-                     + f"{m['total'] / GIB:>11.2f}{'yes' if r['fits'] else 'NO':>6}"
-                     + f"{r['pred_comm_bytes_per_step']['total'] / 1e9:>14.2f}")
-    r0 = rows[0]
-    lines.append(f"\n{r0['model']}, world size {r0['world_size']}, micro-batch {r0['micro_batch']}, "
-                 f"seq {r0['seq_len']}; "
-                 f"per-rank GiB against {device_gib:g} GiB; comm = full-tensor bytes per step per rank "
-                 "(bench/plan/costmodel.py).")
-    return "\n".join(lines)
+    """The plan as a text table (pandas): GiB per predicted part per rank, total, fits, comm GB per step."""
+    import pandas as pd
+
+    first = ["params", "grads", "optimizer", "autocast_weights", "fsdp_unsharded", "activations", "head"]
+    parts = list(dict.fromkeys(first + [k for r in rows for k in r["pred_mem_bytes"] if k != "total"]))
+    table = pd.DataFrame([{"strategy": r["strategy"], **{p: r["pred_mem_bytes"].get(p, 0) / GIB for p in parts},
+                           "total GiB": r["pred_mem_bytes"]["total"] / GIB, "fits": "yes" if r["fits"] else "NO",
+                           "comm GB/step": r["pred_comm_bytes_per_step"]["total"] / 1e9} for r in rows])
+    r0, width = rows[0], max(len(r["strategy"]) for r in rows)
+    text = table.to_string(index=False, float_format=lambda v: f"{v:.2f}",
+                           formatters={"strategy": lambda v: f"{v:<{width}}"})
+    return (text + f"\n\n{r0['model']}, world size {r0['world_size']}, micro-batch {r0['micro_batch']}, "
+            f"seq {r0['seq_len']}; "
+            f"per-rank GiB against {device_gib:g} GiB; comm = full-tensor bytes per step per rank "
+            "(bench/plan/costmodel.py and each strategy's terms in strategies/*.py).")
 
 
 def main(argv: list[str] | None = None) -> int:
