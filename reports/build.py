@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import base64
-import html
 import io
 import re
 from dataclasses import dataclass, field
@@ -108,6 +107,7 @@ def _scaling(rep: Report) -> None:
 
 
 def _table_rows(table: pd.DataFrame, best: dict) -> list[list[tuple[str, bool]]]:
+    """Per strategy: (text, is the best in its column) cells in HEADER order."""
     rows = []
     for name, r in table.iterrows():
         cells = [(name, False), (r.runs, False)]
@@ -118,15 +118,40 @@ def _table_rows(table: pd.DataFrame, best: dict) -> list[list[tuple[str, bool]]]
 
 
 HEADER = ["strategy", "runs ok"] + [COLUMNS[c][0] for c in COLUMNS] + ["status"]
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1300px}table{border-collapse:collapse;
+margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,
+th:first-child{text-align:left}td.best{font-weight:bold;background:#dff5df}td.better{color:#11772b;
+font-weight:bold}td.worse{color:#b3261e;font-weight:bold}img{max-width:100%;border:1px solid #eee}
+.failed{color:#b3261e}"""
+_TEMPLATES = Path(__file__).with_name("templates")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A GitHub markdown table (pandas' to_markdown)."""
+    return pd.DataFrame(rows, columns=header).to_markdown(index=False)
+
+
+def render_page(title: str, intro: str, sections: list[dict]) -> str:
+    """The one HTML page template (reports/templates/page.html.j2, autoescaped). A section may have
+    heading, header + rows (cells: {text, cls}), failed (run dicts), figures ({key, caption, png}), bullets."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(_TEMPLATES), autoescape=True,
+                             trim_blocks=True, lstrip_blocks=True)
+    return env.get_template("page.html.j2").render(title=title, intro=intro, css=CSS, sections=sections)
+
+
+def figures_for(rep: Report, keys: list[str]) -> list[dict]:
+    return [{"key": k, "caption": rep.captions[k], "png": _png_b64(rep.figures[k])} for k in keys]
 
 
 def to_markdown(rep: Report, image_ext: str = "png") -> str:
     out = ["# n00bGPT report", "", "Best value per column in **bold**. Medians over repeated runs; "
            "definitions in bench/measure/metrics.py and reports/aggregate.py.", ""]
     for s in rep.setups:
-        out += [f"## {s['label']}", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-        for cells in _table_rows(s["table"], best_strategies(s["table"])):
-            out.append("| " + " | ".join(f"**{v}**" if b else str(v) for v, b in cells) + " |")
+        cells = _table_rows(s["table"], best_strategies(s["table"]))
+        out += [f"## {s['label']}", "", markdown_table(HEADER, [[f"**{v}**" if b else v for v, b in row]
+                                                                  for row in cells])]
         if s["failed"]:
             out += ["", "Runs left out (failed, or suspect: a number that cannot be true):", ""]
             out += [f"- `{f['strategy']}` ({f['status']}, run {f['run_id']}): {f['error']}" for f in s["failed"]]
@@ -147,45 +172,19 @@ def _png_b64(fig: Figure) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1300px}table{border-collapse:collapse;
-margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,
-th:first-child{text-align:left}td.best{font-weight:bold;background:#dff5df}td.better{color:#11772b;
-font-weight:bold}td.worse{color:#b3261e;font-weight:bold}img{max-width:100%;border:1px solid #eee}
-.failed{color:#b3261e}"""
-
-
 def to_html(rep: Report, title: str = "n00bGPT report") -> str:
-    esc = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{CSS}</style>"
-             f"</head><body><h1>{esc(title)}</h1><p>Best value per column highlighted. Medians over repeated runs."
-             "</p>"]
+    sections = []
     for s in rep.setups:
-        parts.append(f"<h2>{esc(s['label'])}</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in HEADER)
-                     + "</tr>")
-        for cells in _table_rows(s["table"], best_strategies(s["table"])):
-            parts.append("<tr>" + "".join(f"<td class='best'>{esc(str(v))}</td>" if b else f"<td>{esc(str(v))}</td>"
-                                          for v, b in cells) + "</tr>")
-        parts.append("</table>")
-        if s["failed"]:
-            parts.append("<p class='failed'>Runs left out (failed, or suspect: a number that cannot be true):</p>"
-                         "<ul class='failed'>" + "".join(
-                f"<li><code>{esc(f['strategy'])}</code> ({esc(str(f['status']))}, run {esc(str(f['run_id']))}): "
-                f"{esc(str(f['error']))}</li>" for f in s["failed"]) + "</ul>")
-        for k in [k for k in rep.figures if k.startswith(s.get("stem", "\0"))]:
-            parts.append(figure_html(rep, k))
+        rows = [[{"text": v, "cls": "best" if b else ""} for v, b in row]
+                for row in _table_rows(s["table"], best_strategies(s["table"]))]
+        sections.append({"heading": s["label"], "header": HEADER, "rows": rows, "failed": s["failed"],
+                         "figures": figures_for(rep, [k for k in rep.figures if k.startswith(s.get("stem", "\0"))])})
     scaling = [k for k in rep.figures if k.startswith("scaling-")]
     if scaling:
-        parts.append("<h2>Scaling</h2>" + "".join(figure_html(rep, k) for k in scaling))
+        sections.append({"heading": "Scaling", "figures": figures_for(rep, scaling)})
     if rep.notes:
-        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in rep.notes) + "</ul>")
-    parts.append("</body></html>")
-    return "".join(parts)
-
-
-def figure_html(rep: Report, key: str) -> str:
-    cap = html.escape(rep.captions[key])
-    return (f"<figure id='{key}'><img alt='{cap}' src='data:image/png;base64,{_png_b64(rep.figures[key])}'>"
-            f"<figcaption>{cap} (<a href='{key}.png'>PNG</a>, <a href='{key}.svg'>SVG</a>)</figcaption></figure>")
+        sections.append({"heading": "Notes", "bullets": rep.notes})
+    return render_page(title, "Best value per column highlighted. Medians over repeated runs.", sections)
 
 
 def write(rep: Report, out_dir: str | Path, html_text: str | None = None, markdown: str | None = None) -> Path:

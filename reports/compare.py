@@ -9,13 +9,11 @@ step time).
 
 from __future__ import annotations
 
-import html
-
 import pandas as pd
 
 from reports import plots
 from reports.aggregate import COLUMNS, MEDIANS, format_value, setup_label, summarise
-from reports.build import CSS, Report, figure_html
+from reports.build import Report, figures_for, markdown_table, render_page
 from reports.load import ResultsError
 from reports.record import SETUP_KEYS, VARIANT_KEYS
 
@@ -70,24 +68,20 @@ def report(baseline: pd.DataFrame, candidate: pd.DataFrame) -> tuple[Report, str
                                                        "Peak memory: baseline vs candidate")
     rep.captions["compare-peak-mem"] = "Peak memory, baseline vs candidate (label: % delta)"
     header = ["setup", "strategy"] + [f"{COLUMNS[m][0]} {k}" for m in METRICS for k in ("base", "cand", "Δ%")]
-    md = ["# n00bGPT: baseline vs candidate", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    rows_html = []
+    rows_md, rows_html = [], []
     for _, r in cmp.iterrows():
-        cells_md, cells_html = [r.setup, r.strategy], [f"<td>{html.escape(r.setup)}</td>",
-                                                      f"<td>{html.escape(r.strategy)}</td>"]
+        cells_md, cells_html = [r.setup, r.strategy], [{"text": r.setup}, {"text": r.strategy}]
         for m in METRICS:
             d, v = r[f"{m}_delta_pct"], r[f"{m}_verdict"]
             dtxt = f"{d:+.1f}%" if d == d else "–"
-            cells_md += [format_value(m, r[f"{m}_baseline"]), format_value(m, r[f"{m}_candidate"]),
-                         f"{dtxt} {'▲' if v == 'better' else '▼' if v == 'worse' else ''}".strip()]
-            cells_html += [f"<td>{format_value(m, r[f'{m}_baseline'])}</td>",
-                           f"<td>{format_value(m, r[f'{m}_candidate'])}</td>", f"<td class='{v}'>{dtxt}</td>"]
-        md.append("| " + " | ".join(cells_md) + " |")
-        rows_html.append("<tr>" + "".join(cells_html) + "</tr>")
-    md += ["", "▲ better, ▼ worse (by each metric's direction).", ""]
+            b, c = format_value(m, r[f"{m}_baseline"]), format_value(m, r[f"{m}_candidate"])
+            cells_md += [b, c, f"{dtxt} {'▲' if v == 'better' else '▼' if v == 'worse' else ''}".strip()]
+            cells_html += [{"text": b}, {"text": c}, {"text": dtxt, "cls": v}]
+        rows_md.append(cells_md)
+        rows_html.append(cells_html)
+    md = ["# n00bGPT: baseline vs candidate", "", markdown_table(header, rows_md), "",
+          "▲ better, ▼ worse (by each metric's direction).", ""]
     md += [f"![{rep.captions[k]}]({k}.png)" for k in rep.figures]
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>baseline vs candidate</title><style>{CSS}"
-            "</style></head><body><h1>Baseline vs candidate</h1><p>Green: better, red: worse.</p><table><tr>"
-            + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" + "".join(rows_html) + "</table>"
-            + "".join(figure_html(rep, k) for k in rep.figures) + "</body></html>")
+    page = render_page("Baseline vs candidate", "Green: better, red: worse.",
+                       [{"header": header, "rows": rows_html, "figures": figures_for(rep, list(rep.figures))}])
     return rep, page, "\n".join(md)

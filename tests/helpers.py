@@ -20,3 +20,9 @@ def run_cli(args: list[str], nproc: int = 0, timeout: int = 300,
         cmd = [sys.executable, "bench/run.py", *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def md_rows(text: str) -> list[list[str]]:
+    """The body rows of every markdown table in ``text``, as stripped cell strings."""
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
+            if line.lstrip().startswith("|") and not set(line.strip()) <= set("|-: ")]

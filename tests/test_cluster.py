@@ -15,7 +15,7 @@ import pytest
 
 from bench.launch.slurm import SlurmJob
 from reports import load
-from tests.helpers import ROOT, run_cli
+from tests.helpers import ROOT, md_rows, run_cli
 
 FAST = ["model=tiny", "steps=4", "warmup=1", "micro_batch=2", "seq_len=32", "log_every=2"]
 
@@ -107,7 +107,7 @@ def test_sweep_runs_each_job_as_its_own_process_group_and_survives_failures(tmp_
     # single on 2 processes is an invalid combination: run.py refuses it, the launcher records it
     assert by["single"].status == "invalid" and "use strategy=ddp or strategy=fsdp" in by["single"].error
     summary = (tmp_path / "sweep" / "summary.md").read_text()
-    assert summary.count("| tiny |") == 3 and "invalid" in summary
+    assert [r[1] for r in md_rows(summary)].count("tiny") == 3 and "invalid" in summary
     assert "[sweep] summary" in res.stdout
 
 

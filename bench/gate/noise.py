@@ -30,6 +30,7 @@ from bench.gate import (
     regress,  # noqa: E402
 )
 from bench.launch import suite  # noqa: E402
+from reports.build import markdown_table  # noqa: E402
 from reports.load import load  # noqa: E402
 
 
@@ -55,15 +56,16 @@ def analyse(out: Path, size: int = 3, thresholds_path: str | None = None) -> str
     same = load(out / "unchanged")
     slow = load(out / "slowed")
     lines = ["# Regression-gate noise on this machine", ""]
-    lines += ["| entry | runs | tokens/s CV | MFU CV | peak mem CV | max MFU drop between groups of 3 |",
-              "|---|---:|---:|---:|---:|---:|"]
+    cells = []
     g_same, g_slow = groups(same, size), groups(slow, size)
     for tag, d in same.groupby("tag"):
         cv = {c: d[c].std() / d[c].mean() * 100 for c in ("tokens_per_sec", "mfu", "peak_mem_bytes")}
         meds = [g[g.tag == tag].mfu.median() for g in g_same]
         drop = max((a - b) / a * 100 for a, b in itertools.permutations(meds, 2)) if len(meds) > 1 else float("nan")
-        lines.append(f"| {tag} | {len(d)} | {cv['tokens_per_sec']:.1f}% | {cv['mfu']:.1f}% | "
-                     f"{cv['peak_mem_bytes']:.2f}% | {drop:.1f}% |")
+        cells.append([tag, len(d), f"{cv['tokens_per_sec']:.1f}%", f"{cv['mfu']:.1f}%",
+                      f"{cv['peak_mem_bytes']:.2f}%", f"{drop:.1f}%"])
+    lines.append(markdown_table(["entry", "runs", "tokens/s CV", "MFU CV", "peak mem CV",
+                                 "max MFU drop between groups of 3"], cells))
     false_alarms, pairs = 0, 0
     for b, c in itertools.permutations(range(len(g_same)), 2):
         table = regress.gate(g_same[b], g_same[c], thresholds)

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from bench.gate.ab import ROOT
+from reports.build import markdown_table
 
 
 def spin_forever() -> subprocess.Popen:
@@ -53,9 +54,7 @@ def summarise(out: Path) -> str:
         g = json.loads(f.read_text())
         kind = "slow" if g["slow_pct"] else "aa"
         rows[kind]["loaded" if "loaded" in g["condition"] else "quiet"].append(g)
-    lines = ["# Same-run A/B gate: false alarms and detection on this machine", "",
-             "| gates | machine | entries judged | entry FAILs | whole-gate FAILs | median ratios | min/gate |",
-             "|---|---|---:|---:|---:|---|---:|"]
+    lines, cells = ["# Same-run A/B gate: false alarms and detection on this machine", ""], []
     for kind, label in (("aa", "unchanged (A/A)"), ("slow", "slowed by exactly +{p}%")):
         for load in ("quiet", "loaded"):
             gates = rows[kind][load]
@@ -71,9 +70,11 @@ def summarise(out: Path) -> str:
             gate_fails = sum(any(v["verdict"] == "FAIL" for v in g["verdicts"]) for g in gates)
             ratios = [c["ratio"] for v in judged for c in v["checks"] if c["metric"] == "step_time"]
             minutes = sum(g["wall_s"] for g in gates) / len(gates) / 60
-            lines.append(f"| {label.format(p=gates[0]['slow_pct'])} x{len(gates)} | {load} | {len(judged)} | "
-                         f"{len(fails)}/{len(ents)} | {gate_fails}/{len(gates)} | "
-                         f"{min(ratios):.3f}-{max(ratios):.3f} | {minutes:.1f} |")
+            cells.append([f"{label.format(p=gates[0]['slow_pct'])} x{len(gates)}", load, len(judged),
+                          f"{len(fails)}/{len(ents)}", f"{gate_fails}/{len(gates)}",
+                          f"{min(ratios):.3f}-{max(ratios):.3f}", f"{minutes:.1f}"])
+    lines.append(markdown_table(["gates", "machine", "entries judged", "entry FAILs", "whole-gate FAILs",
+                                 "median ratios", "min/gate"], cells))
     lines += ["", "Per entry (median paired step-time ratio, candidate / baseline, per gate):", ""]
     for f in sorted(out.glob("*.json")):
         g = json.loads(f.read_text())

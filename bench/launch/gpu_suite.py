@@ -66,17 +66,14 @@ def summary_table(results: Path) -> str:
     sys.path.insert(0, str(ROOT))
     from reports import load
     from reports.aggregate import format_value
+    from reports.build import markdown_table
 
-    df = load(results)
-    lines = ["| device | model | strategy | entry | micro_batch | tokens/s | MFU | peak mem (GiB) | status |",
-             "|---|---|---|---|---:|---:|---:|---:|---|"]
-    for _, r in df.iterrows():
-        mfu, tps = format_value("mfu", r["mfu"]), format_value("tokens_per_sec", r["tokens_per_sec"])
-        mem = format_value("peak_mem_gib", None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2**30)
-        entry = str(r["tag"]).removeprefix("gpu_suite:")
-        lines.append(f"| {r['device_name']} | {r['model']} | {r['strategy']} | {entry} | {r['micro_batch']} | "
-                     f"{tps} | {mfu} | {mem} | {r['status']} |")
-    return "\n".join(lines) + "\n"
+    rows = [[r["device_name"], r["model"], r["strategy"], str(r["tag"]).removeprefix("gpu_suite:"), r["micro_batch"],
+             format_value("tokens_per_sec", r["tokens_per_sec"]), format_value("mfu", r["mfu"]),
+             format_value("peak_mem_gib", None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2**30),
+             r["status"]] for _, r in load(results).iterrows()]
+    return markdown_table(["device", "model", "strategy", "entry", "micro_batch", "tokens/s", "MFU",
+                           "peak mem (GiB)", "status"], rows) + "\n"
 
 
 def main(argv=None) -> int:

@@ -37,6 +37,7 @@ from bench.harness.env import git_sha  # noqa: E402
 from bench.harness.table import append_row, claim_run, read_rows, run_ids  # noqa: E402
 from bench.launch.slurm import SlurmJob, submit  # noqa: E402
 from reports.aggregate import format_value  # noqa: E402
+from reports.build import markdown_table  # noqa: E402
 from reports.record import REQUIRED_COLUMNS, RUNS_FILE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,15 +121,13 @@ class SweepSummary(Callback):
         path = results / RUNS_FILE
         rows = [r for r in read_rows(results) if r.get("tag") == f"sweep:{sid}"]
         rows.sort(key=lambda r: int(str(r["run_id"]).rsplit("-", 1)[-1]))
-        lines = ["| job | model | strategy | world | status | tokens/s | MFU | peak mem (GiB) | error |",
-                 "|---|---|---|---:|---|---:|---:|---:|---|"]
-        for r in rows:
-            tps, mfu = format_value("tokens_per_sec", r.get("tokens_per_sec")), format_value("mfu", r.get("mfu"))
-            mem = format_value("peak_mem_gib", r["peak_mem_bytes"] / 2**30 if r.get("peak_mem_bytes") else None)
-            err = (r.get("error") or "").splitlines()[-1][:80] if r.get("error") else ""
-            lines.append(f"| {r['run_id'].rsplit('-', 1)[-1]} | {r['model']} | {r['strategy']} | {r['world_size']} | "
-                         f"{r['status']} | {tps} | {mfu} | {mem} | {err} |")
-        text = "\n".join(lines) + f"\n\n{len(rows)} rows in {path} (tag sweep:{sid})\n"
+        cells = [[r["run_id"].rsplit("-", 1)[-1], r["model"], r["strategy"], r["world_size"], r["status"],
+                  format_value("tokens_per_sec", r.get("tokens_per_sec")), format_value("mfu", r.get("mfu")),
+                  format_value("peak_mem_gib", r["peak_mem_bytes"] / 2**30 if r.get("peak_mem_bytes") else None),
+                  (r.get("error") or "").splitlines()[-1][:80] if r.get("error") else ""] for r in rows]
+        table = markdown_table(["job", "model", "strategy", "world", "status", "tokens/s", "MFU", "peak mem (GiB)",
+                                "error"], cells)
+        text = table + f"\n\n{len(rows)} rows in {path} (tag sweep:{sid})\n"
         if config.sweep.launcher == "local":
             Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
             (Path(config.hydra.sweep.dir) / "summary.md").write_text(text)
