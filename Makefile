@@ -28,10 +28,10 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 report: setup
-	$(PY) -m reports results --out reports_out
+	$(PY) -m reports results=results out=reports_out
 
 gate: setup
-	$(PY) -m bench.gate --ab --out ab_out
+	$(PY) -m bench.gate ab=true out=ab_out
 
 clean:
 	rm -rf $(VENV) .pytest_cache reports_out ab_out ci_out

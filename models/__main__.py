@@ -1,4 +1,4 @@
-"""List the model family: ``python -m models`` (table) or ``python -m models --json``.
+"""List the model family: ``python -m models`` (table) or ``python -m models format=json``.
 
 Counts come from the config and are checked against a model built on the meta
 device, so even gpt2-xl is listed without allocating its weights.
@@ -6,12 +6,13 @@ device, so even gpt2-xl is listed without allocating its weights.
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
 
 from models.config import PRESETS
 from models.flops import adamw_fp32_state_bytes, non_embedding_param_count, param_count, train_flops_per_token
 from models.gpt import build_model, count_params
+from reports.cli import opt, parse  # the one CLI style (a leaf module)
 
 
 def family_rows() -> list[dict]:
@@ -32,12 +33,19 @@ def family_rows() -> list[dict]:
     return rows
 
 
+@dataclass
+class FamilyArgs:
+    format: str = opt("table", "table | json")
+
+    def __post_init__(self) -> None:
+        if self.format not in ("table", "json"):
+            raise ValueError(f"format={self.format!r}; valid: table, json")
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m models", description=__doc__.splitlines()[0])
-    ap.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    args = ap.parse_args(argv)
+    args = parse(FamilyArgs, argv, "python -m models", __doc__)
     rows = family_rows()
-    if args.json:
+    if args.format == "json":
         print(json.dumps(rows, indent=1))
         return
     head = (f"{'name':<12} {'arch':<6} {'params':>14} {'non-emb params':>15} {'train GFLOP/tok':>16} "

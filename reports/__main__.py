@@ -1,43 +1,47 @@
 """Build a report from result tables.
 
-    python -m reports results/ --out report/                       # tables + plots + index.html + summary.md
-    python -m reports results/gpu results/*.jsonl --out report/    # files, folders and globs, many at once
-    python -m reports --baseline old/ --candidate new/ --out cmp/  # side by side with % deltas
+    python -m reports results=results out=report                        # tables, plots, index.html, summary.md
+    python -m reports "results=[results/gpu,results/*.jsonl]" out=report  # files, folders and globs, many at once
+    python -m reports baseline=old candidate=new out=cmp                 # side by side with % deltas
 
 Exit codes: 0 written; 2 unusable input (the message names the file and the problem). A torn or
-unparsable line is skipped with a warning naming file:line; ``--strict`` makes it an error (exit 2).
+unparsable line is skipped with a warning naming file:line; ``strict=true`` makes it an error (exit 2).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import warnings
+from dataclasses import dataclass
 
 from reports import build, compare
+from reports.cli import opt, parse
 from reports.load import ResultsError, TornLineWarning, load
 
 
+@dataclass
+class ReportArgs:
+    out: str = opt(help="output folder")
+    results: list[str] = opt([], "result files, folders or globs")
+    baseline: list[str] = opt([], "baseline results (with candidate=)")
+    candidate: list[str] = opt([], "candidate results (with baseline=)")
+    strict: bool = opt(False, "a torn/unparsable line is an error, not skipped")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m reports", description=__doc__.splitlines()[0])
-    ap.add_argument("results", nargs="*", help="result files, folders or globs")
-    ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--baseline", nargs="+", help="baseline results (with --candidate)")
-    ap.add_argument("--candidate", nargs="+", help="candidate results (with --baseline)")
-    ap.add_argument("--strict", action="store_true", help="a torn/unparsable line is an error, not skipped")
-    args = ap.parse_args(argv)
+    args = parse(ReportArgs, argv, "python -m reports", __doc__)
     warnings.simplefilter("always", TornLineWarning)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     strict = args.strict
     try:
         if args.baseline or args.candidate:
             if not (args.baseline and args.candidate):
-                raise ResultsError("--baseline and --candidate go together")
+                raise ResultsError("baseline= and candidate= go together")
             rep, page, md = compare.report(load(args.baseline, strict=strict), load(args.candidate, strict=strict))
             index = build.write(rep, args.out, html_text=page, markdown=md)
         else:
             if not args.results:
-                raise ResultsError("give result files/folders, or --baseline and --candidate")
+                raise ResultsError("give results= (files/folders/globs), or baseline= and candidate=")
             rep = build.build(load(args.results, strict=strict))
             index = build.write(rep, args.out)
     except ResultsError as exc:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
+
+from bench.launch.suite import launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,11 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_cli(args: list[str], nproc: int = 0, timeout: int = 300,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """``python bench/run.py ARGS`` (nproc=0) or ``torchrun --standalone --nproc_per_node=N bench/run.py ARGS``."""
-    if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "bench/run.py", *args]
-    else:
-        cmd = [sys.executable, "bench/run.py", *args]
+    cmd = [*launcher(nproc), "bench/run.py", *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
 

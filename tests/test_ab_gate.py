@@ -67,14 +67,14 @@ def test_contention_mismatch_marks_a_pair():
 
 
 def test_bad_input_exits_2(tmp_path):
-    cmd = [sys.executable, "-m", "bench.gate", "--out", str(tmp_path / "o")]
-    res = subprocess.run([*cmd, "--ab", "no-such-rev"], cwd=ROOT, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "bench.gate", f"out={tmp_path / 'o'}", "ab=true"]
+    res = subprocess.run([*cmd, "rev=no-such-rev"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and "revision 'no-such-rev' is not a commit" in res.stderr
-    res = subprocess.run([*cmd, "--ab", "HEAD", "--entries", "nope"], cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run([*cmd, "rev=HEAD", "entries=nope"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and "unknown entries ['nope']; valid: single, ddp" in res.stderr
     bad = tmp_path / "th.yaml"
     bad.write_text("max_slowdown_pct: -1\n")
-    res = subprocess.run([*cmd, "--ab", "HEAD", "--thresholds", str(bad)], cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run([*cmd, "rev=HEAD", f"thresholds={bad}"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and "expected exactly the keys" in res.stderr
     assert not (tmp_path / "o").exists()
 
@@ -95,8 +95,8 @@ def slow_clone(tmp_path_factory):
 
 
 def ab(clone, rev, out):
-    return subprocess.run([sys.executable, "-m", "bench.gate", "--ab", rev, "--entries", "single",
-                           "--rounds", "2", "--out", str(out)], cwd=clone, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "bench.gate", "ab=true", f"rev={rev}", "entries=single",
+                           "rounds=2", f"out={out}"], cwd=clone, capture_output=True, text=True, timeout=600)
 
 
 def test_a_committed_slowdown_fails_against_its_parent(slow_clone, tmp_path):

@@ -75,7 +75,7 @@ def test_a_toy_strategy_runs_end_to_end_from_two_files(tree, tmp_path):
 
     # the report shows it beside the others
     out = tmp_path / "report"
-    rep = subprocess.run([sys.executable, "-m", "reports", str(results), "--out", str(out)], cwd=tree,
+    rep = subprocess.run([sys.executable, "-m", "reports", f"results={results}", f"out={out}"], cwd=tree,
                          capture_output=True, text=True)
     assert rep.returncode == 0, rep.stderr[-2000:]
     summary = (out / "summary.md").read_text()

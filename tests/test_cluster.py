@@ -146,10 +146,10 @@ def test_sbatch_script_runs_torchrun_with_slurm_variables(tmp_path):
     assert json.loads(json.dumps(row.config))["strategy"]["dp"] == "fsdp"
 
 
-@pytest.mark.parametrize("bad", [["--nodes", "2", "--submit", "--", "strategy=fsdp"]])
+@pytest.mark.parametrize("bad", [["nodes=2", "submit=true", "--", "strategy=fsdp"]])
 def test_slurm_cli_dry_run_and_clear_submit_error(tmp_path, bad):
     out = tmp_path / "j.sbatch"
-    res = subprocess.run([sys.executable, "-m", "bench.launch.slurm", "--out", str(out), *bad], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "bench.launch.slurm", f"out={out}", *bad], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.exists() and "#SBATCH --nodes=2" in res.stdout
     assert res.returncode == 1 and "sbatch not found" in res.stderr

@@ -151,5 +151,6 @@ def test_under_torchrun_one_rank_prints_one_line_and_no_row_is_written(tmp_path,
 def test_planner_refuses_invalid_values(args, expect):
     res = subprocess.run([sys.executable, "-m", "bench.plan", *args], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and res.stdout == ""
-    assert res.stderr.strip().splitlines() == [f"plan: error: {res.stderr.split('plan: error: ')[1].strip()}"]
+    prefix = "python -m bench.plan: error: "
+    assert res.stderr.strip().splitlines() == [f"{prefix}{res.stderr.split(prefix)[1].strip()}"]
     assert expect in res.stderr

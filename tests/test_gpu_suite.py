@@ -11,7 +11,8 @@ from tests.helpers import ROOT
 
 
 def test_list_prints_every_entry_with_the_right_launcher():
-    out = subprocess.run([sys.executable, "-m", "bench.launch.gpu_suite", "--list"], cwd=ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "bench.launch.gpu_suite", "dry_run=true"], cwd=ROOT,
+                         capture_output=True,
                          text=True, check=True).stdout.strip().splitlines()
     assert len(out) == len(gpu_suite.MATRIX) + 1  # + the profiled entry
     for (label, model, strategy, _, distributed), line in zip(gpu_suite.MATRIX, out[:6] + out[7:]):
@@ -22,8 +23,8 @@ def test_list_prints_every_entry_with_the_right_launcher():
 
 
 def test_cpu_dry_run_writes_rows_and_summary(tmp_path):
-    res = subprocess.run([sys.executable, "bench/launch/gpu_suite.py", "--cpu", "--out", str(tmp_path), "--only",
-                          "small-tf32,small-fsdp-ac-bf16"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "bench.launch.gpu_suite", "cpu=true", f"out={tmp_path}",
+                          "only=small-tf32,small-fsdp-ac-bf16"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     df = load(tmp_path / "results")
     assert sorted(df.tag) == ["gpu_suite:small-fsdp-ac-bf16", "gpu_suite:small-tf32"]

@@ -227,7 +227,7 @@ def test_sequence_longer_than_context_is_rejected():
 
 
 def test_cli_json_lists_family():
-    out = subprocess.run([sys.executable, "-m", "models", "--json"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "models", "format=json"], capture_output=True, text=True, check=True)
     rows = {r["name"]: r for r in json.loads(out.stdout)}
     assert set(rows) == set(PRESETS)
     small = rows["gpt2-small"]

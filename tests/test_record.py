@@ -105,6 +105,8 @@ def test_imports_flow_one_way(room):
     bad = []
     for path in sorted((ROOT / room).rglob("*.py")):
         for mod in _imports(path):
+            if path.name == "__main__.py" and mod == "reports.cli":
+                continue  # an entry point may use the one CLI style (a leaf)
             if any(mod == w or mod.startswith(w + ".") for w in WALLS[room]):
                 bad.append(f"{path.relative_to(ROOT)} imports {mod}")
     assert not bad

@@ -85,18 +85,18 @@ def test_cli_exit_codes(tmp_path):
     base = write(tmp_path / "b", [row(0)])
     slow = write(tmp_path / "s", [row(1, tps=500, mfu=0.05)])
     cmd = [sys.executable, "-m", "bench.gate"]
-    same = subprocess.run([*cmd, "--baseline", str(base), "--candidate", str(base)], cwd=ROOT, capture_output=True,
+    same = subprocess.run([*cmd, f"baseline={base}", f"candidate={base}"], cwd=ROOT, capture_output=True,
                           text=True)
     assert same.returncode == 0 and "all" in same.stdout and "verdict" in same.stdout
-    res = subprocess.run([*cmd, "--baseline", str(base), "--candidate", str(slow)], cwd=ROOT, capture_output=True,
+    res = subprocess.run([*cmd, f"baseline={base}", f"candidate={slow}"], cwd=ROOT, capture_output=True,
                          text=True)
     assert res.returncode == 1 and "FAIL" in res.stdout and "-50.00%" in res.stdout
-    missing = subprocess.run([*cmd, "--baseline", str(tmp_path / "nope"), "--candidate", str(base)], cwd=ROOT,
+    missing = subprocess.run([*cmd, f"baseline={tmp_path / 'nope'}", f"candidate={base}"], cwd=ROOT,
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "nope" in missing.stderr
     bad = tmp_path / "t.yaml"
     bad.write_text("mfu:\n  max_drop: 5\n")
-    res = subprocess.run([*cmd, "--baseline", str(base), "--candidate", str(base), "--thresholds", str(bad)],
+    res = subprocess.run([*cmd, f"baseline={base}", f"candidate={base}", f"thresholds={bad}"],
                          cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and "unknown keys ['max_drop']" in res.stderr
 
@@ -119,9 +119,9 @@ def test_injected_slowdown_is_caught_and_unchanged_rerun_passes(tmp_path):
     th = tmp_path / "th.yaml"
     th.write_text("mfu:\n  max_drop_pct: 20.0\npeak_mem_bytes:\n  max_rise_pct: 10.0\nloss:\n  max_rel_diff: 1.0e-4\n"
                   "status:\n  ok_must_stay_ok: true\n")
-    cmd = [sys.executable, "-m", "bench.gate", "--thresholds", str(th), "--baseline", str(tmp_path / "base")]
-    same = subprocess.run([*cmd, "--candidate", str(tmp_path / "same")], cwd=ROOT, capture_output=True, text=True)
-    slow = subprocess.run([*cmd, "--candidate", str(tmp_path / "slow")], cwd=ROOT, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "bench.gate", f"thresholds={th}", f"baseline={tmp_path / 'base'}"]
+    same = subprocess.run([*cmd, f"candidate={tmp_path / 'same'}"], cwd=ROOT, capture_output=True, text=True)
+    slow = subprocess.run([*cmd, f"candidate={tmp_path / 'slow'}"], cwd=ROOT, capture_output=True, text=True)
     assert slow.returncode == 1, slow.stdout
     assert any("mfu" in ln and "FAIL" in ln for ln in slow.stdout.splitlines())
     assert same.returncode == 0, same.stdout
@@ -156,7 +156,7 @@ def test_no_common_setup_names_the_fields_that_differ(tmp_path):
     with pytest.raises(regress.GateInputError) as err:
         regress.gate(regress._load([base], "b"), regress._load([cand], "c"), th)
     msg = str(err.value)
-    assert "nearest candidate differs in device_name 'Intel(R) Xeon(R)' vs 'AMD EPYC'" in msg and "--ab" in msg
+    assert "nearest candidate differs in device_name 'Intel(R) Xeon(R)' vs 'AMD EPYC'" in msg and "ab=true" in msg
 
 
 def test_suspect_rows_are_not_compared(tmp_path):

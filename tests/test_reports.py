@@ -121,7 +121,7 @@ def test_many_strategies_do_not_overlap(tmp_path):
 
 def test_cli_writes_self_contained_html_png_svg_and_markdown(results, tmp_path):
     out = tmp_path / "report"
-    res = subprocess.run([sys.executable, "-m", "reports", str(results), "--out", str(out)], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "reports", f"results={results}", f"out={out}"], cwd=ROOT,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     page = (out / "index.html").read_text()
@@ -150,8 +150,8 @@ def test_baseline_vs_candidate(results, tmp_path):
     assert fsdp.tokens_per_sec_verdict == "worse" and fsdp.peak_mem_gib_verdict == "better"
     assert cmp[cmp.strategy == "ddp"].iloc[0].tokens_per_sec_delta_pct == pytest.approx(0.0)
     out = tmp_path / "cmpout"
-    res = subprocess.run([sys.executable, "-m", "reports", "--baseline", str(results), "--candidate", str(cand),
-                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "reports", f"baseline={results}", f"candidate={cand}",
+                          f"out={out}"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     page = (out / "index.html").read_text()
     assert '<td class="worse">-10.0%</td>' in page and '<td class="better">-50.0%</td>' in page
@@ -162,8 +162,8 @@ def test_baseline_vs_candidate(results, tmp_path):
 def test_comparison_without_common_setups_is_an_error(results, tmp_path):
     other = tmp_path / "other"
     append_row(other, row("x", "ddp", 1, 10.0, 1.0, 0.1, model="mini"))
-    res = subprocess.run([sys.executable, "-m", "reports", "--baseline", str(results), "--candidate", str(other),
-                          "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "reports", f"baseline={results}", f"candidate={other}",
+                          f"out={tmp_path / 'o'}"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and "share no setup" in res.stderr
 
 
@@ -171,12 +171,12 @@ def test_torn_line_is_skipped_with_a_warning_or_refused_when_strict(tmp_path):
     d = tmp_path / "torn"
     d.mkdir()
     (d / "runs.jsonl").write_text(json.dumps(row("a", "ddp", 1, 1.0, 1.0, 0.1)) + "\n{\"run_id\": \"b\", \"mo")
-    res = subprocess.run([sys.executable, "-m", "reports", str(d), "--out", str(tmp_path / "o")], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "reports", f"results={d}", f"out={tmp_path / 'o'}"], cwd=ROOT,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert f"warning: {d / 'runs.jsonl'}:2: skipped: malformed JSON (truncated" in res.stderr
     assert "ddp" in [r[0] for r in md_rows((tmp_path / "o" / "summary.md").read_text())]  # the complete row
-    res = subprocess.run([sys.executable, "-m", "reports", str(d), "--out", str(tmp_path / "s"), "--strict"],
+    res = subprocess.run([sys.executable, "-m", "reports", f"results={d}", f"out={tmp_path / 's'}", "strict=true"],
                          cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and "runs.jsonl:2: malformed JSON (truncated" in res.stderr
     assert not (tmp_path / "s").exists()
@@ -196,7 +196,7 @@ def test_bad_input_is_a_clear_error(tmp_path, problem):
         expect = "missing required columns ['peak_mem_bytes']"
     else:
         expect = "holds no result tables"
-    res = subprocess.run([sys.executable, "-m", "reports", str(d), "--out", str(tmp_path / "o")], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "reports", f"results={d}", f"out={tmp_path / 'o'}"], cwd=ROOT,
                          capture_output=True, text=True)
     assert res.returncode == 2 and expect in res.stderr and str(d) in res.stderr
     assert not (tmp_path / "o").exists()

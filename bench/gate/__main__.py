@@ -1,5 +1,5 @@
-"""The regression gate's command line: ``python -m bench.gate --ab`` (same-run A/B, what CI runs) or
-``python -m bench.gate --baseline B --candidate C`` (committed numbers). See bench/gate/regress.py."""
+"""The regression gate's command line: ``python -m bench.gate ab=true`` (same-run A/B, what CI runs) or
+``python -m bench.gate baseline=B candidate=C`` (committed numbers). See bench/gate/regress.py."""
 
 import sys
 

@@ -1,9 +1,9 @@
 """Same-run A/B regression gate: the baseline *code* and the candidate *code*, measured on this
 machine, in this job, judged on paired ratios.
 
-    python -m bench.gate --ab                      # baseline = the revision in results/baselines/BASE_REV
-    python -m bench.gate --ab 6910f6a --out ab_out # any revision
-    python -m bench.gate --ab HEAD --slow-pct 10   # study: the candidate is HEAD slowed by exactly 10%
+    python -m bench.gate ab=true                          # baseline = the revision in results/baselines/BASE_REV
+    python -m bench.gate ab=true rev=6910f6a out=ab_out   # any revision
+    python -m bench.gate ab=true rev=HEAD slow_pct=10     # study: the candidate is HEAD slowed by exactly 10%
 
 Why: numbers recorded on another machine (another CPU model, another neighbour) do not compare with
 this one's, and on a shared machine even two runs a few seconds apart differ by +-10%. So the baseline
@@ -54,6 +54,7 @@ from bench.gate import ci_suite
 from bench.harness.table import read_rows
 from bench.harness.turn import ENV_FILE, ENV_SIDE, FREE, write_turn
 from bench.launch import suite
+from bench.launch.suite import Entry
 
 ROOT = suite.ROOT
 BASE_REV_FILE = ROOT / "results" / "baselines" / "BASE_REV"
@@ -146,7 +147,7 @@ def resolve_rev(rev: str | None) -> str:
                          capture_output=True, text=True)
     if res.returncode or not res.stdout.strip():
         raise ABInputError(f"revision {rev!r} is not a commit of this repository (a shallow clone? "
-                           f"`git fetch --unshallow`, or name another with --ab REV)")
+                           f"`git fetch --unshallow`, or name another with rev=REV)")
     return res.stdout.strip()
 
 
@@ -200,7 +201,7 @@ class Runner:
 
     def run(self, side: str, entry: tuple) -> Run:
         self.count += 1
-        run_id = f"{side}-{entry[0]}-{self.count:04d}"
+        run_id = f"{side}-{entry.label}-{self.count:04d}"
         cmd = self._cmd(side, entry, run_id)
         env = {**self.env, "PYTHONPATH": str(self.trees[side])}
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -214,7 +215,7 @@ class Runner:
         wall = time.perf_counter() - t0
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-        nproc = max(1, entry[4])
+        nproc = max(1, entry.nproc)
         util = cpu / (wall * min(nproc, os.cpu_count() or 1))
         return self._result(side, run_id, wall, util, rc, tail)
 
@@ -231,7 +232,7 @@ class Runner:
         self.count += 1
         turn = self.out / f"turn-{self.count:04d}"
         write_turn(turn, "F 0")
-        ids = {side: f"{side}-{entry[0]}-{self.count:04d}" for side in ("base", "cand")}
+        ids = {side: f"{side}-{entry.label}-{self.count:04d}" for side in ("base", "cand")}
         procs, logs = {}, {}
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
@@ -337,18 +338,18 @@ def needs_more(pairs: list[Pair], th: dict) -> bool:
     return abs(entry_ratio(ok) - (1 + th["max_slowdown_pct"] / 100)) < th["gray_pct"] / 100
 
 
-def run_ab(out: Path, base_tree: Path, rounds: int, th: dict, matrix: list[tuple] = ci_suite.MATRIX,
+def run_ab(out: Path, base_tree: Path, rounds: int, th: dict, matrix: list[Entry] = ci_suite.MATRIX,
            cand_extra: list[str] = (), base_extra: list[str] = (), log=print, together: bool = True,
            steps: int | None = None) -> list[Verdict]:
     """Measure every entry of ``matrix`` in ``rounds`` interleaved rounds (plus re-measurements) and judge."""
     runner = Runner(out, {"base": base_tree, "cand": ROOT}, {"base": list(base_extra), "cand": list(cand_extra)},
                     steps=steps)
-    pairs: dict[str, list[Pair]] = {e[0]: [] for e in matrix}
-    remeasured = {e[0]: 0 for e in matrix}
+    pairs: dict[str, list[Pair]] = {e.label: [] for e in matrix}
+    remeasured = {e.label: 0 for e in matrix}
 
     def add(entry, rnd, i):
         p = measure_pair(runner, entry, rnd, i, together)
-        log(f"[ab] {entry[0]} round {rnd} {p.order}: base {_ms(p.base)} cand {_ms(p.cand)} "
+        log(f"[ab] {entry.label} round {rnd} {p.order}: base {_ms(p.base)} cand {_ms(p.cand)} "
             + (f"{len(p.step_ratios)} paired steps" if p.step_ratios else
                f"cpu_util {p.base.cpu_util:.2f}/{p.cand.cpu_util:.2f}")
             + (f" ratio {p.ratio:.3f}" if p.ok else ""))
@@ -357,19 +358,19 @@ def run_ab(out: Path, base_tree: Path, rounds: int, th: dict, matrix: list[tuple
     for rnd in range(rounds):
         for i, entry in enumerate(matrix):
             p = add(entry, rnd, i)
-            while p.ok and p.contended(th["contention_mismatch"]) and remeasured[entry[0]] < th["max_remeasure"]:
-                remeasured[entry[0]] += 1
-                log(f"[ab] {entry[0]} round {rnd}: contention differed between the two runs: measuring again")
+            while p.ok and p.contended(th["contention_mismatch"]) and remeasured[entry.label] < th["max_remeasure"]:
+                remeasured[entry.label] += 1
+                log(f"[ab] {entry.label} round {rnd}: contention differed between the two runs: measuring again")
                 p = add(entry, rnd, i + 1)
-                p.remeasured = remeasured[entry[0]]
-            pairs[entry[0]].append(p)
+                p.remeasured = remeasured[entry.label]
+            pairs[entry.label].append(p)
     for i, entry in enumerate(matrix):
         extra = rounds
-        while needs_more(pairs[entry[0]], th):
-            log(f"[ab] {entry[0]}: median ratio near the limit: one more pair")
-            pairs[entry[0]].append(add(entry, extra, i))
+        while needs_more(pairs[entry.label], th):
+            log(f"[ab] {entry.label}: median ratio near the limit: one more pair")
+            pairs[entry.label].append(add(entry, extra, i))
             extra += 1
-    return [judge(e[0], pairs[e[0]], th) for e in matrix]
+    return [judge(e.label, pairs[e.label], th) for e in matrix]
 
 
 def _ms(run: Run) -> str:
@@ -394,17 +395,17 @@ def main(rev: str | None, out: str, rounds: int | None, thresholds: str | None, 
         sha = resolve_rev(rev)
         matrix = ci_suite.MATRIX
         if entries:
-            names = [e[0] for e in matrix]
+            names = [e.label for e in matrix]
             bad = [x for x in entries if x not in names]
             if bad:
                 raise ABInputError(f"unknown entries {bad}; valid: {', '.join(names)}")
-            matrix = [e for e in matrix if e[0] in entries]
+            matrix = [e for e in matrix if e.label in entries]
         if rounds is not None and rounds < 1:
-            raise ABInputError(f"--rounds={rounds} must be >= 1")
+            raise ABInputError(f"rounds={rounds} must be >= 1")
         if not slow_pct >= 0:
-            raise ABInputError(f"--slow-pct={slow_pct} must be >= 0")
+            raise ABInputError(f"slow_pct={slow_pct} must be >= 0")
         if mode not in ("auto", "turns", "runs"):
-            raise ABInputError(f"--mode={mode!r}; valid: auto, turns, runs")
+            raise ABInputError(f"mode={mode!r}; valid: auto, turns, runs")
     except ABInputError as exc:
         print(f"regress --ab: error: {exc}", file=sys.stderr)
         return 2
@@ -413,7 +414,7 @@ def main(rev: str | None, out: str, rounds: int | None, thresholds: str | None, 
     base_tree = export_tree(sha, outp / "trees" / "base")
     together = mode == "turns" or (mode == "auto" and supports_turns(base_tree))
     if mode == "turns" and not supports_turns(base_tree):
-        print(f"regress --ab: error: revision {sha[:12]} predates the turnstile (bench/turn.py): use --mode runs",
+        print(f"regress --ab: error: revision {sha[:12]} predates the turnstile (bench/turn.py): use mode=runs",
               file=sys.stderr)
         return 2
     rounds = rounds or (2 if together else 4)

@@ -1,11 +1,11 @@
 """The CI benchmark matrix: small fixed CPU runs. CI gates with it through the same-run A/B gate
-(``python -m bench.gate --ab``, bench/gate/ab.py), which runs these entries with two revisions'
+(``python -m bench.gate ab=true``, bench/gate/ab.py), which runs these entries with two revisions'
 code alternately. This script runs them with this tree's code alone:
 
-    python bench/gate/ci_suite.py --out ci_out                     # run the matrix (3 repeats, round-robin)
-    python bench/gate/ci_suite.py --out ci_out --gate              # ... then gate against results/baselines/ci-cpu
-    python bench/gate/ci_suite.py --out ci_out --update-baseline   # run and accept the result as that baseline
-    python bench/gate/ci_suite.py --list
+    python -m bench.gate.ci_suite out=ci_out                        # run the matrix (3 repeats, round-robin)
+    python -m bench.gate.ci_suite out=ci_out gate=true              # ... then gate against results/baselines/ci-cpu
+    python -m bench.gate.ci_suite out=ci_out update_baseline=true   # run and accept the result as that baseline
+    python -m bench.gate.ci_suite dry_run=true
 
 ``--gate`` compares with numbers recorded earlier (bench/gate/thresholds.yaml): meaningful only against a
 baseline recorded on this same host; against another machine's it stops and names the fields that
@@ -20,10 +20,10 @@ The baseline lives in results/baselines/ci-cpu/.
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -31,39 +31,42 @@ if __package__ in (None, ""):
 
 from bench.gate import regress  # noqa: E402
 from bench.launch import suite  # noqa: E402
+from bench.launch.suite import Entry  # noqa: E402
+from reports.cli import opt, parse  # noqa: E402
 
 BASELINE = suite.ROOT / "results" / "baselines" / "ci-cpu"
 COMMON = ["seq_len=128", "micro_batch=4", "steps=30", "warmup=5", "log_every=0", "device=cpu"]
 MATRIX = [
-    ("single", "tiny", "single", [], 0),
-    ("ddp", "tiny", "ddp", [], 2),
-    ("fsdp", "tiny", "fsdp", [], 2),
-    ("fsdp-ac", "tiny", "fsdp_ac", [], 2),
-    ("compile", "tiny", "compile", [], 0),
+    Entry("single", "tiny", "single", [], 0),
+    Entry("ddp", "tiny", "ddp", [], 2),
+    Entry("fsdp", "tiny", "fsdp", [], 2),
+    Entry("fsdp-ac", "tiny", "fsdp_ac", [], 2),
+    Entry("compile", "tiny", "compile", [], 0),
 ]
 ENV = {"N00BGPT_PEAK_CACHE": "0", "OMP_NUM_THREADS": "1"}
 
 
 def plan(results: Path, repeats: int, extra: list[str] = ()) -> list[tuple[str, list[str]]]:
-    return [(f"{e[0]}#{r}", suite.command((e[0], e[1], e[2], [*e[3], *extra], e[4]), results, COMMON, "ci_suite"))
+    return [(f"{e.label}#{r}", suite.command(e._replace(overrides=[*e.overrides, *extra]), results, COMMON, "ci_suite"))
             for r in range(repeats) for e in MATRIX]
 
 
+@dataclass
+class SuiteArgs:
+    out: str = opt("ci_out", "output folder (results/ under it)")
+    repeats: int = opt(3, "runs of every entry, round-robin")
+    gate: bool = opt(False, f"gate the results against {BASELINE.relative_to(suite.ROOT)} (same host only)")
+    update_baseline: bool = opt(False, "replace that baseline with these results")
+    thresholds: str = opt(str(suite.ROOT / "bench" / "gate" / "thresholds.yaml"), "thresholds for gate=true")
+    dry_run: bool = opt(False, "print the commands and exit")
+    budget: int = opt(900, "total seconds; later entries are skipped past it")
+    extra: list[str] = opt([], "overrides added to every entry (e.g. extra=[debug_delay_s=0.01])")
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="ci_out")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--gate", action="store_true", help=f"gate the results against {BASELINE}")
-    ap.add_argument("--update-baseline", action="store_true", help=f"replace {BASELINE} with these results")
-    ap.add_argument("--thresholds", default=str(suite.ROOT / "bench" / "thresholds.yaml"),
-                    help="thresholds for --gate (default bench/gate/thresholds.yaml)")
-    ap.add_argument("--list", action="store_true")
-    ap.add_argument("--budget", type=int, default=900)
-    ap.add_argument("--extra", nargs="*", default=[], help="overrides added to every entry (e.g. debug_delay_s=0.01)")
-    args = ap.parse_args(argv)
+    args = parse(SuiteArgs, argv, "python -m bench.gate.ci_suite", __doc__)
     results = Path(args.out).resolve() / "results"
     runs = plan(results, args.repeats, args.extra)
-    if args.list:
+    if args.dry_run:
         for _, cmd in runs:
             print(shlex.join(cmd))
         return 0
@@ -76,8 +79,7 @@ def main(argv=None) -> int:
         shutil.copytree(results, BASELINE, ignore=shutil.ignore_patterns(".claims"))
         print(f"ci_suite: baseline replaced: {BASELINE}")
     if args.gate:
-        return regress.main(["--baseline", str(BASELINE), "--candidate", str(results), "--thresholds",
-                             args.thresholds])
+        return regress.main([f"baseline={BASELINE}", f"candidate={results}", f"thresholds={args.thresholds}"])
     return 1 if failed else 0
 
 

@@ -1,6 +1,6 @@
 """Measure the regression gate's false-alarm and detection rates on this machine.
 
-    python bench/gate/noise.py --rounds 12 --out noise_out        # ~15 min on 2 cores; nothing else may run
+    python -m bench.gate.noise rounds=12 out=noise_out          # ~15 min on 2 cores; nothing else may run
 
 Alternates, round by round, the unchanged CI suite (bench/gate/ci_suite.py entries) with the same suite
 slowed by 10 % (``debug_delay_s`` = 10 % of each entry's median step time in the first round).
@@ -15,9 +15,9 @@ Writes noise_out/noise.md and prints it.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -31,6 +31,7 @@ from bench.gate import (
 )
 from bench.launch import suite  # noqa: E402
 from reports.build import markdown_table  # noqa: E402
+from reports.cli import opt, parse  # noqa: E402
 from reports.load import load  # noqa: E402
 
 
@@ -38,9 +39,9 @@ def run_round(out: Path, delays: dict[str, float] | None) -> None:
     results = out / ("slowed" if delays else "unchanged")
     plan = []
     for e in ci_suite.MATRIX:
-        extra = [f"debug_delay_s={delays[e[0]]:.6f}"] if delays else []
-        plan.append((e[0], suite.command((e[0], e[1], e[2], [*e[3], *extra], e[4]), results, ci_suite.COMMON,
-                                         "ci_suite")))
+        extra = [f"debug_delay_s={delays[e.label]:.6f}"] if delays else []
+        plan.append((e.label, suite.command(e._replace(overrides=[*e.overrides, *extra]), results, ci_suite.COMMON,
+                                            "ci_suite")))
     suite.run_plan(plan, timeout_s=300, budget_s=3600, env=ci_suite.ENV, quiet=True)
 
 
@@ -86,13 +87,15 @@ def analyse(out: Path, size: int = 3, thresholds_path: str | None = None) -> str
     return "\n".join(lines)
 
 
+@dataclass
+class NoiseArgs:
+    rounds: int = opt(12, "rounds of (unchanged, slowed) runs")
+    out: str = opt("noise_out", "output folder")
+    analyse_only: bool = opt(False, "re-analyse the runs already in out")
+    thresholds: str = opt("", "thresholds YAML to evaluate (default bench/gate/thresholds.yaml)")
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=12)
-    ap.add_argument("--out", default="noise_out")
-    ap.add_argument("--analyse-only", action="store_true", help="re-analyse the runs already in --out")
-    ap.add_argument("--thresholds", help="thresholds YAML to evaluate (default bench/gate/thresholds.yaml)")
-    args = ap.parse_args(argv)
+    args = parse(NoiseArgs, argv, "python -m bench.gate.noise", __doc__)
     out = Path(args.out).resolve()
     if not args.analyse_only:
         run_round(out, None)
@@ -103,7 +106,7 @@ def main(argv=None) -> int:
             run_round(out, delays)
             if r + 1 < args.rounds:
                 run_round(out, None)
-    text = analyse(out, thresholds_path=args.thresholds)
+    text = analyse(out, thresholds_path=args.thresholds or None)
     (out / "noise.md").write_text(text)
     print(text)
     return 0

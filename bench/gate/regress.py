@@ -1,7 +1,8 @@
 """The regression gate: compare a candidate result set with a baseline, setup by setup.
 
-    python -m bench.gate --baseline results/baselines/ci-cpu --candidate ci_out/results
-    python -m bench.gate --baseline B --candidate C --thresholds bench/gate/thresholds.yaml
+    python -m bench.gate ab=true                       # same-run A/B against BASE_REV (bench/gate/ab.py; CI)
+    python -m bench.gate baseline=results/baselines/ci-cpu candidate=ci_out/results
+    python -m bench.gate baseline=B candidate=C thresholds=bench/gate/thresholds.yaml
 
 This is the reports' comparison (reports.compare: setups and variants matched as the report tables group
 them, medians over each side's ok runs, so repeats damp the noise) plus thresholds
@@ -20,15 +21,16 @@ threshold key, no setup in common) -- never a silent pass.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
 from reports.aggregate import format_value
+from reports.cli import UsageError, opt, parse
 from reports.compare import compare
 from reports.load import ResultsError, load
 from reports.record import SETUP_KEYS, VARIANT_KEYS
@@ -132,7 +134,7 @@ def nearest_setups(baseline: pd.DataFrame, candidate: pd.DataFrame, limit: int =
         best = max(cands, key=lambda c: sum(str(c[k]) == str(b[k]) for k in keys))
         diff = ", ".join(f"{k} {b[k]!r} vs {best[k]!r}" for k in keys if str(best[k]) != str(b[k]))
         notes.append(f"baseline {b['model']} {b['strategy']} ws={b['world_size']}: nearest candidate differs in {diff}")
-    return "; ".join(notes) + (" (raw numbers from another machine do not compare: use --ab)"
+    return "; ".join(notes) + (" (raw numbers from another machine do not compare: use ab=true)"
                                if any("device_name" in n for n in notes) else "")
 
 
@@ -146,32 +148,33 @@ def render(table: pd.DataFrame) -> str:
     return shown[["setup", "metric", "baseline", "candidate", "delta", "threshold", "verdict"]].to_string(index=False)
 
 
+@dataclass
+class GateArgs:
+    ab: bool = opt(False, "same-run A/B gate (what CI runs): the CI matrix with this tree and with rev's code")
+    rev: str = opt("", "ab: the baseline revision (default: results/baselines/BASE_REV)")
+    rounds: int = opt(0, "ab: rounds, i.e. pairs per entry (0: 2 taking turns, 4 run by run)")
+    mode: str = opt("auto", "ab: turns (step by step), runs (run after run), or auto (turns when rev can)")
+    out: str = opt("ab_out", "ab: folder for both sides' rows and ab.json")
+    slow_pct: float = opt(0.0, "ab: slow the candidate by exactly this percentage (the gate study)")
+    entries: list[str] = opt([], "ab: only these CI matrix entries")
+    baseline: list[str] = opt([], "committed numbers: baseline result files/folders/globs")
+    candidate: list[str] = opt([], "committed numbers: candidate result files/folders/globs")
+    thresholds: str = opt("", f"YAML thresholds (default {DEFAULT_THRESHOLDS.name}; ab: thresholds_ab.yaml)")
+
+    def __post_init__(self) -> None:
+        if not self.ab and not (self.baseline and self.candidate):
+            raise UsageError("baseline= and candidate= are required (or ab=true)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.gate", description=__doc__.splitlines()[0])
-    ap.add_argument("--ab", nargs="?", const="", metavar="REV",
-                    help="same-run A/B gate against the code of REV (default: results/baselines/BASE_REV), "
-                         "see bench/gate/ab.py")
-    ap.add_argument("--baseline", nargs="+", help="baseline result files/folders/globs")
-    ap.add_argument("--candidate", nargs="+", help="candidate result files/folders/globs")
-    ap.add_argument("--thresholds", help=f"YAML thresholds (default {DEFAULT_THRESHOLDS}; "
-                                         "with --ab bench/gate/thresholds_ab.yaml)")
-    ap.add_argument("--rounds", type=int, help="--ab: rounds (pairs per entry; default 2 taking turns, 4 run by run)")
-    ap.add_argument("--mode", default="auto", help="--ab: turns (step by step), runs (run after run), or auto "
-                                                    "(turns when the baseline revision can)")
-    ap.add_argument("--out", default="ab_out", help="--ab: folder for both sides' rows and ab.json")
-    ap.add_argument("--slow-pct", type=float, default=0.0,
-                    help="--ab: slow the candidate by exactly this percentage (the gate study)")
-    ap.add_argument("--entries", nargs="*", help="--ab: only these CI matrix entries")
-    args = ap.parse_args(argv)
-    if args.ab is not None:
+    args = parse(GateArgs, argv, "python -m bench.gate", __doc__)
+    if args.ab:
         from bench.gate import ab as ab_gate
 
-        return ab_gate.main(args.ab or None, args.out, args.rounds, args.thresholds, args.slow_pct, args.entries,
-                            args.mode)
-    if not (args.baseline and args.candidate):
-        ap.error("--baseline and --candidate are required (or --ab)")
+        return ab_gate.main(args.rev or None, args.out, args.rounds or None, args.thresholds or None, args.slow_pct,
+                            args.entries or None, args.mode)
     try:
-        thresholds = load_thresholds(args.thresholds)
+        thresholds = load_thresholds(args.thresholds or None)
         table = gate(_load(args.baseline, "baseline"), _load(args.candidate, "candidate"), thresholds)
     except GateInputError as exc:
         print(f"regress: error: {exc}", file=sys.stderr)

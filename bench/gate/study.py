@@ -1,11 +1,11 @@
 """Measure the same-run A/B gate's false-alarm and detection rates on this machine, the hard way.
 
-    python -m bench.gate.study --gates 2 --out results/noise/$(date +%F)   # 8 gates, ~35 min; nothing else may run
+    python -m bench.gate.study gates=2 out=results/noise/$(date +%F)   # 8 gates, ~35 min; nothing else may run
 
-Runs whole gates (``python -m bench.gate --ab HEAD``: every CI entry, the two jobs taking turns step
+Runs whole gates (``python -m bench.gate ab=true rev=HEAD``: every CI entry, the two jobs taking turns step
 by step, default rounds) again and
 again: unchanged code against itself (A/A) and the same code with the candidate slowed by exactly
-``--slow-pct`` (default 10) of each entry's step time (``debug_slow_pct``, a busy-wait), each both on
+``slow_pct`` (default 10) of each entry's step time (``debug_slow_pct``, a busy-wait), each both on
 a quiet machine and while another process keeps one core busy (``--load``: a spinning child). Order:
 for each repetition, quiet A/A, quiet slowed, loaded A/A, loaded slowed. Every gate's ``ab.json`` is
 kept as ``<out>/<condition>-<i>.json``; ``study.md`` counts, per entry and per whole gate:
@@ -15,15 +15,16 @@ kept as ``<out>/<condition>-<i>.json``; ``study.md`` counts, per entry and per w
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.gate.ab import ROOT
 from reports.build import markdown_table
+from reports.cli import opt, parse
 
 
 def spin_forever() -> subprocess.Popen:
@@ -33,11 +34,11 @@ def spin_forever() -> subprocess.Popen:
 
 def run_gate(out: Path, name: str, slow_pct: float, rounds: int | None) -> dict:
     tmp = out / f".{name}"
-    cmd = [sys.executable, "-m", "bench.gate.regress", "--ab", "HEAD", "--out", str(tmp)]
+    cmd = [sys.executable, "-m", "bench.gate", "ab=true", "rev=HEAD", f"out={tmp}"]
     if rounds:
-        cmd += ["--rounds", str(rounds)]
+        cmd += [f"rounds={rounds}"]
     if slow_pct:
-        cmd += ["--slow-pct", str(slow_pct)]
+        cmd += [f"slow_pct={slow_pct}"]
     t0 = time.perf_counter()
     rc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL).returncode
     summary = json.loads((tmp / "ab.json").read_text())
@@ -87,14 +88,17 @@ def summarise(out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class StudyArgs:
+    out: str = opt(help="folder for the gates' JSON files and study.md")
+    gates: int = opt(2, "repetitions of the four conditions")
+    rounds: int = opt(0, "rounds per gate (0: the gate's own default)")
+    slow_pct: float = opt(10.0, "the exact slowdown the detection gates inject, percent")
+    summarise: bool = opt(False, "only rewrite study.md from the JSON files")
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--gates", type=int, default=2, help="repetitions of the four conditions")
-    ap.add_argument("--rounds", type=int, help="default: the gate's own default")
-    ap.add_argument("--slow-pct", type=float, default=10.0)
-    ap.add_argument("--summarise", action="store_true", help="only rewrite study.md from the JSON files")
-    args = ap.parse_args(argv)
+    args = parse(StudyArgs, argv, "python -m bench.gate.study", __doc__)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if not args.summarise:
@@ -104,7 +108,7 @@ def main(argv=None) -> int:
                     name = f"{'loaded' if load else 'quiet'}-{'slow' if slow else 'aa'}-{i}"
                     spinner = spin_forever() if load else None
                     try:
-                        g = run_gate(out, name, slow, args.rounds)
+                        g = run_gate(out, name, slow, args.rounds or None)
                     finally:
                         if spinner:
                             spinner.kill()

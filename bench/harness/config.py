@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -179,46 +179,10 @@ class RunConfig:
         return self.global_batch // per_step
 
 
-@dataclass
-class SweepSettings:
-    """How bench/launch/sweep.py launches each job of a sweep (everything else is the RunConfig)."""
-
-    nproc_per_node: int = 2
-    """Processes per node for each job's torchrun; 0 = one plain `python bench/run.py` process.
-    (slurm with gpus_per_node > 0: one process per GPU.)"""
-    nnodes: int = 1
-    """Nodes per job (local launcher: must be 1; slurm: the job's --nodes)."""
-    launcher: str = "local"
-    """'local' (torchrun here, one job after another) or 'slurm' (an sbatch script per job)."""
-    timeout_s: int = 3600
-    """Local launcher: a job running longer is killed and recorded with status 'timeout'."""
-    gpus_per_node: int = 0
-    """slurm: --gpus-per-node (0 for CPU nodes)."""
-    partition: str = ""
-    """slurm: --partition."""
-    account: str = ""
-    """slurm: --account."""
-    time: str = "01:00:00"
-    """slurm: --time."""
-    submit: bool = False
-    """slurm: submit with sbatch; false = write the scripts only (a dry run)."""
-
-
-@dataclass
-class SweepConfig(RunConfig):
-    """A RunConfig plus how to launch it; bench/launch/sweep.py's schema."""
-
-    sweep: SweepSettings = field(default_factory=SweepSettings)
-
-    def __post_init__(self) -> None:  # the jobs validate themselves (bench/run.py); a sweep only launches
-        pass
-
-
 def register_configs() -> None:
     """Register the schema and the model presets with Hydra's ConfigStore."""
     cs = ConfigStore.instance()
     cs.store(name="base_run", node=RunConfig)
-    cs.store(name="base_sweep", node=SweepConfig)
     for name, cfg in PRESETS.items():
         cs.store(group="model", name=name, node=cfg)
     cs.store(group="strategy", name="base_strategy", node=StrategyConfig)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from bench.measure.host import cpu_model
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -24,16 +26,6 @@ def git_sha() -> str | None:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment(device: torch.device) -> dict:

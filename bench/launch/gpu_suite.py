@@ -1,9 +1,9 @@
 """The GPU validation suite: one declarative run matrix, one process (group) per entry.
 
     bash bench/launch/gpu_suite.sh OUT_DIR             # on a GPU machine (installs carried wheels if needed)
-    python bench/launch/gpu_suite.py --out OUT_DIR     # the same, without the wheel step
-    python bench/launch/gpu_suite.py --cpu --out DIR   # dry run on CPU: same matrix, model tiny, fp32-sized steps
-    python bench/launch/gpu_suite.py --list            # print the commands only
+    python -m bench.launch.gpu_suite out=OUT_DIR          # the same, without the wheel step
+    python -m bench.launch.gpu_suite cpu=true out=DIR     # dry run on CPU: same matrix, model tiny, fp32-sized steps
+    python -m bench.launch.gpu_suite dry_run=true         # print the commands only
 
 Each entry runs ``bench/run.py`` (under ``torchrun --standalone --nproc_per_node=1`` when the strategy
 is distributed), bounded by a per-entry timeout, so one failure never stops the suite; its row
@@ -14,39 +14,41 @@ lands in ``OUT_DIR/results/`` either way. At the end: a markdown summary table, 
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.launch import suite  # noqa: E402
+from bench.launch.suite import Entry  # noqa: E402
+from reports.cli import opt, parse  # noqa: E402
 
 ROOT = suite.ROOT
 
 # gpt2 models pad the vocabulary to 50304 (a multiple of 64) as nanoGPT/llm.c do for speed.
 COMMON = ["seq_len=1024", "model.pad_vocab_to=64", "steps=20", "warmup=5", "log_every=10"]
 
-# (label, model, strategy preset, extra overrides, distributed?)
+# suite.Entry(label, model, strategy preset, extra overrides, nproc)
 MATRIX = [
-    ("small-bf16-compile", "gpt2-small", "bf16_compile", ["micro_batch=16"], False),
-    ("small-tf32", "gpt2-small", "single", ["micro_batch=16"], False),
-    ("small-bf16", "gpt2-small", "bf16", ["micro_batch=16"], False),
-    ("small-fsdp-bf16-compile", "gpt2-small", "fsdp_bf16_compile", ["micro_batch=16"], True),
-    ("small-ddp-bf16-compile", "gpt2-small", "ddp_bf16_compile", ["micro_batch=16"], True),
-    ("small-fsdp-ac-bf16", "gpt2-small", "fsdp_ac_bf16", ["micro_batch=16"], True),
-    ("small-fsdp-bf16", "gpt2-small", "fsdp_bf16", ["micro_batch=16"], True),  # the pair without AC
-    ("small-bf16-compile-model", "gpt2-small", "bf16_compile", ["micro_batch=16", "strategy.compile_mode=model"],
-     False),
-    ("small-bf16-compile-model-mb32", "gpt2-small", "bf16_compile",
-     ["micro_batch=32", "strategy.compile_mode=model"], False),
-    ("medium-fsdp-bf16-compile", "gpt2-medium", "fsdp_bf16_compile", ["micro_batch=8"], True),
-    ("large-fsdp-ac-bf16", "gpt2-large", "fsdp_ac_bf16", ["micro_batch=8"], True),
+    Entry("small-bf16-compile", "gpt2-small", "bf16_compile", ["micro_batch=16"], 0),
+    Entry("small-tf32", "gpt2-small", "single", ["micro_batch=16"], 0),
+    Entry("small-bf16", "gpt2-small", "bf16", ["micro_batch=16"], 0),
+    Entry("small-fsdp-bf16-compile", "gpt2-small", "fsdp_bf16_compile", ["micro_batch=16"], 1),
+    Entry("small-ddp-bf16-compile", "gpt2-small", "ddp_bf16_compile", ["micro_batch=16"], 1),
+    Entry("small-fsdp-ac-bf16", "gpt2-small", "fsdp_ac_bf16", ["micro_batch=16"], 1),
+    Entry("small-fsdp-bf16", "gpt2-small", "fsdp_bf16", ["micro_batch=16"], 1),  # the pair without AC
+    Entry("small-bf16-compile-model", "gpt2-small", "bf16_compile",
+          ["micro_batch=16", "strategy.compile_mode=model"], 0),
+    Entry("small-bf16-compile-model-mb32", "gpt2-small", "bf16_compile",
+          ["micro_batch=32", "strategy.compile_mode=model"], 0),
+    Entry("medium-fsdp-bf16-compile", "gpt2-medium", "fsdp_bf16_compile", ["micro_batch=8"], 1),
+    Entry("large-fsdp-ac-bf16", "gpt2-large", "fsdp_ac_bf16", ["micro_batch=8"], 1),
 ]
-PROFILE = ("small-bf16-compile-profiled", "gpt2-small", "bf16_compile", ["micro_batch=16", "steps=6", "warmup=3"],
-           False)
+PROFILE = Entry("small-bf16-compile-profiled", "gpt2-small", "bf16_compile",
+                ["micro_batch=16", "steps=6", "warmup=3"], 0)
 
 # CPU dry run: same entries, sized for a laptop core (fp32 stands in for bf16, which CPUs here lack).
 CPU_OVERRIDES = ["model=tiny", "model.n_layer=2", "seq_len=32", "micro_batch=1", "steps=2", "warmup=1",
@@ -54,12 +56,11 @@ CPU_OVERRIDES = ["model=tiny", "model.n_layer=2", "seq_len=32", "micro_batch=1",
 
 
 def command(entry, results: Path, cpu: bool, profile_dir: Path | None = None) -> list[str]:
-    label, model, strategy, extra, distributed = entry
-    common = COMMON + list(extra)
+    common = COMMON + list(entry.overrides)
     if cpu:
         common = [a for a in common if not a.startswith(("micro_batch=", "steps=", "warmup="))] + CPU_OVERRIDES
     more = [f"profile_dir={profile_dir}"] if profile_dir is not None else []
-    return suite.command((label, model, strategy, [], 1 if distributed else 0), results, common, "gpu_suite", more)
+    return suite.command(entry._replace(overrides=[]), results, common, "gpu_suite", more)
 
 
 def summary_table(results: Path) -> str:
@@ -76,28 +77,30 @@ def summary_table(results: Path) -> str:
                            "peak mem (GiB)", "status"], rows) + "\n"
 
 
+@dataclass
+class GpuSuiteArgs:
+    out: str = opt("gpu_suite_out", "output folder (results/, summary.md, report/, trace)")
+    cpu: bool = opt(False, "dry run on CPU with a tiny model")
+    dry_run: bool = opt(False, "print the commands and exit")
+    timeout: int = opt(120, "seconds per entry")
+    budget: int = opt(450, "total seconds; later entries are skipped past it")
+    only: list[str] = opt([], "labels to run (default: all)")
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="gpu_suite_out", help="output folder (results/, summary.md, trace)")
-    ap.add_argument("--cpu", action="store_true", help="dry run on CPU with a tiny model")
-    ap.add_argument("--list", action="store_true", help="print the commands and exit")
-    ap.add_argument("--timeout", type=int, default=120, help="seconds per entry")
-    ap.add_argument("--budget", type=int, default=450, help="total seconds; later entries are skipped past it")
-    ap.add_argument("--only", default="", help="comma-separated labels to run (default: all)")
-    args = ap.parse_args(argv)
+    args = parse(GpuSuiteArgs, argv, "python -m bench.launch.gpu_suite", __doc__)
     out = Path(args.out).resolve()
     results = out / "results"
-    entries = [e for e in MATRIX if not args.only or e[0] in args.only.split(",")]
+    entries = [e for e in MATRIX if not args.only or e.label in args.only]
     plan = [(e, command(e, results, args.cpu)) for e in entries]
-    if not args.only or PROFILE[0] in args.only.split(","):
+    if not args.only or PROFILE.label in args.only:
         # after the single-GPU strategies, before the larger models: the trace is a deliverable
         plan.insert(min(6, len(plan)), (PROFILE, command(PROFILE, out / "profile", args.cpu, profile_dir=out)))
-    if args.list:
+    if args.dry_run:
         for _, cmd in plan:
             print(shlex.join(cmd))
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    failures = suite.run_plan([(e[0], cmd) for e, cmd in plan], args.timeout, args.budget)
+    failures = suite.run_plan([(e.label, cmd) for e, cmd in plan], args.timeout, args.budget)
     if (results / "runs.jsonl").exists():
         table = summary_table(results)
         (out / "summary.md").write_text(table)

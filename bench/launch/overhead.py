@@ -1,7 +1,7 @@
 """Does the harness slow what it measures? Harness step time vs a bare hand-written loop.
 
-    python bench/launch/overhead.py                       # mini, micro_batch 4, seq 256, 5 rounds
-    python bench/launch/overhead.py --model tiny --rounds 3
+    python -m bench.launch.overhead                       # mini, micro_batch 4, seq 256, 5 rounds
+    python -m bench.launch.overhead model=tiny rounds=3
 
 Both run in this one process, alternated A/B/A/B (so machine drift hits both), on the same model,
 batch and optimizer: the bare loop is the minimum a training step needs (forward, backward, AdamW
@@ -12,10 +12,10 @@ each round and the overall ratio harness/bare. CPU only (single process).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -27,6 +27,7 @@ from bench.harness.config import RunConfig  # noqa: E402
 from bench.harness.dist import DistInfo  # noqa: E402
 from bench.harness.loop import train  # noqa: E402
 from models import build_model, get_config  # noqa: E402
+from reports.cli import opt, parse  # noqa: E402
 from strategies import StrategyConfig  # noqa: E402
 
 
@@ -56,15 +57,17 @@ def harness(model_name: str, micro_batch: int, seq_len: int, steps: int, warmup:
     return out.step_times_s
 
 
+@dataclass
+class OverheadArgs:
+    model: str = opt("mini", "model preset")
+    micro_batch: int = opt(4, "sequences per step")
+    seq_len: int = opt(256, "tokens per sequence")
+    steps: int = opt(20, "timed steps per round and side")
+    warmup: int = opt(5, "untimed steps first")
+    rounds: int = opt(5, "alternated rounds (bare loop, harness)")
+
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="mini")
-    ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=5)
-    args = ap.parse_args(argv)
+    args = parse(OverheadArgs, argv, "python -m bench.launch.overhead", __doc__)
     bare_med, harness_med = [], []
     for r in range(args.rounds):
         b = statistics.median(bare_loop(args.model, args.micro_batch, args.seq_len, args.steps, args.warmup))

@@ -1,17 +1,16 @@
 """SLURM: write (and optionally submit) an sbatch script that runs bench/run.py under torchrun on N nodes.
 
-    python bench/launch/slurm.py --nodes 2 --gpus-per-node 8 --partition gpu -- strategy=fsdp model=gpt2-xl
-    python bench/launch/slurm.py --nodes 4 --gpus-per-node 8 --submit -- strategy=fsdp_bf16_compile model=gpt2-large
+    python -m bench.launch.slurm nodes=2 gpus_per_node=8 partition=gpu -- strategy=fsdp model=gpt2-xl
+    python -m bench.launch.slurm nodes=4 gpus_per_node=8 submit=true -- strategy=fsdp_bf16_compile model=gpt2-large
 
 The script runs one torchrun per node (``srun --ntasks-per-node=1``); torchrun's c10d rendezvous meets
 at the first node of the allocation (``scontrol show hostnames``), with the job id as rendezvous id,
-so every node computes the same world. Without ``--submit`` the script is only written and printed
+so every node computes the same world. Without ``submit=true`` the script is only written and printed
 (a dry run): no cluster is needed to check it.
 """
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import shutil
 import subprocess
@@ -19,25 +18,41 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from reports.cli import UsageError, opt, parse
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
-class SlurmJob:
+class SlurmSettings:
+    """The SLURM settings, written once: this tool's options and bench/launch/sweep.py's ``sweep.*`` both
+    inherit them."""
+
+    gpus_per_node: int = opt(8, "--gpus-per-node (0 for CPU nodes)")
+    partition: str = opt("", "--partition")
+    account: str = opt("", "--account")
+    time: str = opt("01:00:00", "--time")
+    cpus_per_task: int = opt(16, "--cpus-per-task (OMP threads per rank = this / ranks per node)")
+    submit: bool = opt(False, "submit with sbatch; false = write (and print) the script only, a dry run")
+
+
+@dataclass
+class SlurmJob(SlurmSettings):
     """One sbatch job; fields map to #SBATCH lines and torchrun arguments."""
 
-    run_args: list[str]
-    nodes: int = 1
-    nproc_per_node: int = 8
-    gpus_per_node: int = 8
-    partition: str = ""
-    account: str = ""
-    time: str = "01:00:00"
-    cpus_per_task: int = 16
-    job_name: str = "n00bgpt"
-    port: int = 29500
-    out_dir: str = "slurm_jobs"
-    python: str = "python3"
+    nodes: int = opt(1, "--nodes")
+    nproc_per_node: int = opt(0, "ranks per node (0: gpus_per_node, or 1 on CPU nodes)")
+    job_name: str = opt("n00bgpt", "--job-name")
+    port: int = opt(29500, "rendezvous port on the first node")
+    out_dir: str = opt("slurm_jobs", "folder for the script and SLURM's output")
+    out: str = opt("", "script path (default <out_dir>/<job_name>.sbatch)")
+    python: str = opt("python3", "interpreter on the nodes")
+    run_args: list[str] = opt([], "overrides for bench/run.py (everything after --)", passthrough=True)
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise UsageError(f"nodes={self.nodes} is invalid; must be >= 1")
+        self.nproc_per_node = self.nproc_per_node or self.gpus_per_node or 1
 
     def render(self) -> str:
         sb = [f"--job-name={self.job_name}", f"--nodes={self.nodes}", "--ntasks-per-node=1",
@@ -66,7 +81,7 @@ class SlurmJob:
         ])
 
     def write(self, path: str | Path | None = None) -> Path:
-        path = Path(path) if path else ROOT / self.out_dir / f"{self.job_name}.sbatch"
+        path = Path(path or self.out or ROOT / self.out_dir / f"{self.job_name}.sbatch")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.render())
         path.chmod(0o755)
@@ -82,25 +97,11 @@ def submit(path: Path) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--nodes", type=int, default=1)
-    ap.add_argument("--gpus-per-node", type=int, default=8, help="0 for CPU nodes")
-    ap.add_argument("--nproc-per-node", type=int, default=0, help="default: gpus-per-node (or 1 on CPU nodes)")
-    ap.add_argument("--partition", default="")
-    ap.add_argument("--account", default="")
-    ap.add_argument("--time", default="01:00:00")
-    ap.add_argument("--job-name", default="n00bgpt")
-    ap.add_argument("--out", help="script path (default slurm_jobs/<job-name>.sbatch)")
-    ap.add_argument("--submit", action="store_true", help="submit with sbatch (default: write and print only)")
-    ap.add_argument("run_args", nargs="*", help="overrides for bench/run.py (after --)")
-    args = ap.parse_args(argv)
-    job = SlurmJob(run_args=args.run_args, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                   nproc_per_node=args.nproc_per_node or args.gpus_per_node or 1, partition=args.partition,
-                   account=args.account, time=args.time, job_name=args.job_name)
-    path = job.write(args.out)
+    job = parse(SlurmJob, argv, "python -m bench.launch.slurm", __doc__)
+    path = job.write()
     print(path.read_text())
     print(f"# written: {path}")
-    if args.submit:
+    if job.submit:
         try:
             print(submit(path))
         except (RuntimeError, subprocess.CalledProcessError) as exc:

@@ -1,8 +1,9 @@
 """Run a declarative matrix of benchmark entries, one process (group) per entry, one after another.
 
-Shared by bench/launch/gpu_suite.py and bench/gate/ci_suite.py. An entry is (label, model, strategy preset,
-extra overrides, nproc): nproc 0 runs ``python bench/run.py``, nproc >= 1 runs
-``torchrun --standalone --nproc_per_node=nproc bench/run.py``. Each entry has a timeout; a failing
+Shared by bench/launch/gpu_suite.py, bench/gate/ci_suite.py and bench/gate/ab.py. An ``Entry`` is (label,
+model, strategy preset, extra overrides, nproc): nproc 0 runs ``python bench/run.py``, nproc >= 1 runs
+``torchrun --standalone --nproc_per_node=nproc bench/run.py`` (``launcher``: the one place that command line
+is built; the sweep and the tests use it too). Each entry has a timeout; a failing
 entry never stops the rest (its row, with its status, lands in the results folder anyway).
 """
 
@@ -14,19 +15,34 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def command(entry: tuple, results: Path, common: list[str], tag_prefix: str, extra: list[str] = (),
+class Entry(NamedTuple):
+    """One benchmark of a suite: ``nproc`` 0 = one plain process, N = torchrun with N local ranks."""
+
+    label: str
+    model: str
+    strategy: str
+    overrides: list[str] = []
+    nproc: int = 0
+
+
+def launcher(nproc: int) -> list[str]:
+    """How bench/run.py is started: this interpreter alone (nproc 0) or torchrun on this host with nproc ranks."""
+    if not nproc:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
+def command(entry: Entry, results: Path, common: list[str], tag_prefix: str, extra: list[str] = (),
             root: Path = ROOT) -> list[str]:
     """The command line of one entry, running ``root``'s bench/run.py (another tree for the A/B gate)."""
-    label, model, strategy, overrides, nproc = entry
-    args = [f"model={model}", f"strategy={strategy}", *common, *overrides, f"results_dir={results}",
-            f"tag={tag_prefix}:{label}", *extra]
-    launcher = [sys.executable] if not nproc else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return [*launcher, str(Path(root) / "bench" / "run.py"), *args]
+    args = [f"model={entry.model}", f"strategy={entry.strategy}", *common, *entry.overrides,
+            f"results_dir={results}", f"tag={tag_prefix}:{entry.label}", *extra]
+    return [*launcher(entry.nproc), str(Path(root) / "bench" / "run.py"), *args]
 
 
 def run_plan(plan: list[tuple[str, list[str]]], timeout_s: float, budget_s: float, env: dict | None = None,

@@ -22,26 +22,57 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import hydra  # noqa: E402
+from hydra.core.config_store import ConfigStore  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from bench.harness.config import register_configs  # noqa: E402
+from bench.harness.config import RunConfig, register_configs  # noqa: E402
 from bench.harness.env import git_sha  # noqa: E402
 from bench.harness.table import append_row, claim_run, read_rows, run_ids  # noqa: E402
-from bench.launch.slurm import SlurmJob, submit  # noqa: E402
+from bench.launch.slurm import SlurmJob, SlurmSettings, submit  # noqa: E402
+from bench.launch.suite import launcher  # noqa: E402
 from reports.aggregate import format_value  # noqa: E402
 from reports.build import markdown_table  # noqa: E402
+from reports.cli import opt  # noqa: E402
 from reports.record import REQUIRED_COLUMNS, RUNS_FILE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class SweepSettings(SlurmSettings):
+    """How each job of a sweep is launched (``sweep.*``); everything else is the RunConfig. The SLURM
+    settings are bench/launch/slurm.py's (inherited), for ``launcher=slurm``."""
+
+    launcher: str = opt("local", "'local' (torchrun here, one job after another) or 'slurm' (an sbatch script "
+                        "per job)")
+    nproc_per_node: int = opt(2, "processes per node for each job's torchrun; 0 = one plain `python bench/run.py` "
+                              "process (slurm with gpus_per_node > 0: one process per GPU)")
+    nnodes: int = opt(1, "nodes per job (local: must be 1; slurm: the job's --nodes)")
+    timeout_s: int = opt(3600, "local: a job running longer is killed and recorded with status 'timeout'")
+    gpus_per_node: int = opt(0, "slurm: --gpus-per-node (0 for CPU nodes)")
+
+
+@dataclass
+class SweepConfig(RunConfig):
+    """A RunConfig plus how to launch it: this sweep's Hydra schema (bench/conf/sweep.yaml)."""
+
+    sweep: SweepSettings = field(default_factory=SweepSettings)
+
+    def __post_init__(self) -> None:  # the jobs validate themselves (bench/run.py); a sweep only launches
+        pass
+
+
 register_configs()
+ConfigStore.instance().store(name="base_sweep", node=SweepConfig)
 
 
 def sweep_id(sweep_dir: str) -> str:
@@ -58,9 +89,7 @@ def _launch_local(cfg: DictConfig, run_args: list[str], run_id: str, tag: str) -
     s = cfg.sweep
     if s.nnodes != 1:
         return f"invalid: sweep.nnodes={s.nnodes} needs sweep.launcher=slurm (the local launcher runs one node)"
-    launcher = [sys.executable] if s.nproc_per_node == 0 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={s.nproc_per_node}"]
-    cmd = [*launcher, str(ROOT / "bench" / "run.py"), *run_args]
+    cmd = [*launcher(s.nproc_per_node), str(ROOT / "bench" / "run.py"), *run_args]
     print(f"[sweep] {run_id}: {' '.join(run_args)}", flush=True)
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=s.timeout_s)
@@ -98,9 +127,10 @@ def job(cfg: DictConfig) -> str:
     try:
         if cfg.sweep.launcher == "slurm":
             s = cfg.sweep
-            sbatch = SlurmJob(run_args=run_args, nodes=s.nnodes, gpus_per_node=s.gpus_per_node,
-                              nproc_per_node=s.gpus_per_node or max(1, s.nproc_per_node), partition=s.partition,
-                              account=s.account, time=s.time, job_name=run_id, out_dir=str(Path(hc.sweep.dir)))
+            common = {f.name: s[f.name] for f in fields(SlurmSettings)}
+            sbatch = SlurmJob(**common, run_args=run_args, nodes=s.nnodes, job_name=run_id,
+                              nproc_per_node=s.gpus_per_node or max(1, s.nproc_per_node),
+                              out_dir=str(Path(hc.sweep.dir)))
             path = sbatch.write(Path(hc.sweep.dir) / f"{run_id}.sbatch")
             print(f"[sweep] {run_id}: wrote {path}" + (f"; {submit(path)}" if s.submit else " (dry run)"), flush=True)
             return "submitted" if s.submit else "written"

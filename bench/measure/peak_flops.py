@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from bench.measure.host import cpu_model
+
 T = 1e12
 # (substring of torch.cuda.get_device_name(), label, {dtype: dense FLOP/s}, source). First match wins,
 # so more specific names (NVL, PCIe, A10G) come before the generic ones.
@@ -123,15 +125,7 @@ def _cache_path() -> Path:
 
 
 def _probe_key(device: torch.device, dtype: str) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-    if device.type == "cpu":
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     return f"{platform.node()}|{device.type}|{name}|{dtype}|threads={torch.get_num_threads()}|torch={torch.__version__}"
 
 

@@ -3,59 +3,60 @@
     python -m bench.plan model=gpt2-xl world_size=64 device_memory_gib=80
     python -m bench.plan model=llama-125m world_size=8 device_memory_gib=24 micro_batch=8 seq_len=1024
     python -m bench.plan model=gpt2-xl world_size=4096 device_memory_gib=80 format=json
+    python -m bench.plan model=gpt2-xl model.n_layer=24 world_size=64     # any model field, as bench/run.py
 
-Keys: model (a preset), world_size (data-parallel ranks), device_memory_gib, micro_batch (default 1),
-seq_len (default: the model's context), grad_accum (default 1), pad_vocab_to (default 1), format
+Keys (``--help`` lists them with defaults): model (a preset), world_size (data-parallel ranks),
+device_memory_gib, micro_batch, seq_len (0: the model's context), grad_accum, pad_vocab_to, format
 (table | json). Formulas: bench/plan/costmodel.py. Nothing is allocated (shapes come from a meta model),
 so any family size and thousands of ranks answer in about a second.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from omegaconf import OmegaConf  # noqa: E402
+
 from bench.plan.costmodel import param_groups, predict_comm, predict_memory  # noqa: E402
-from models.config import PRESETS, get_config  # noqa: E402
+from models.config import PRESETS, GPTConfig, get_config  # noqa: E402
+from reports.cli import UsageError, fail, opt, parse  # noqa: E402
 from strategies.config import TECHNIQUES, StrategyConfig, StrategyError  # noqa: E402
 
 GIB = 2**30
-KEYS = {"model": str, "world_size": int, "device_memory_gib": float, "micro_batch": int, "seq_len": int,
-        "grad_accum": int, "pad_vocab_to": int, "format": str}
 
 
-def parse(argv: list[str]) -> dict:
-    args = {"world_size": 1, "device_memory_gib": 80.0, "micro_batch": 1, "seq_len": 0, "grad_accum": 1,
-            "pad_vocab_to": 1, "format": "table"}
-    for item in argv:
-        key, sep, value = item.partition("=")
-        if not sep or key not in KEYS:
-            raise ValueError(f"bad argument {item!r}; use key=value with keys: {', '.join(KEYS)}")
-        try:
-            args[key] = KEYS[key](value)
-        except ValueError:
-            raise ValueError(f"{key}={value!r} is not a valid {KEYS[key].__name__}") from None
-    if "model" not in args:
-        raise ValueError(f"model= is required; valid names: {', '.join(PRESETS)}")
-    if args["format"] not in ("table", "json"):
-        raise ValueError(f"format={args['format']!r}; valid: table, json")
-    for key in ("world_size", "micro_batch", "grad_accum", "pad_vocab_to"):
-        if args[key] < 1:
-            raise ValueError(f"{key}={args[key]} is invalid; must be >= 1")
-    if args["seq_len"] < 0:
-        raise ValueError(f"seq_len={args['seq_len']} is invalid; must be >= 0 (0 = the model's context)")
-    gib = args["device_memory_gib"]
-    if not (math.isfinite(gib) and gib > 0):
-        raise ValueError(f"device_memory_gib={gib} is invalid; must be a finite number > 0")
-    if args["model"] not in PRESETS:
-        raise ValueError(f"model={args['model']!r} is not a preset; valid: {', '.join(PRESETS)}")
-    return args
+@dataclass
+class PlanArgs:
+    model: str = opt(help="a model preset: " + ", ".join(PRESETS))
+    world_size: int = opt(1, "data-parallel ranks (GPUs)")
+    device_memory_gib: float = opt(80.0, "memory per device, GiB")
+    micro_batch: int = opt(1, "sequences per micro-batch per rank")
+    seq_len: int = opt(0, "tokens per sequence (0 = the model's context)")
+    grad_accum: int = opt(1, "micro-batches per step")
+    pad_vocab_to: int = opt(1, "pad the vocabulary to a multiple of this")
+    format: str = opt("table", "table | json")
+
+    def __post_init__(self) -> None:
+        if self.format not in ("table", "json"):
+            raise UsageError(f"format={self.format!r}; valid: table, json")
+        for key in ("world_size", "micro_batch", "grad_accum", "pad_vocab_to"):
+            if getattr(self, key) < 1:
+                raise UsageError(f"{key}={getattr(self, key)} is invalid; must be >= 1")
+        if self.seq_len < 0:
+            raise UsageError(f"seq_len={self.seq_len} is invalid; must be >= 0 (0 = the model's context)")
+        if not (math.isfinite(self.device_memory_gib) and self.device_memory_gib > 0):
+            raise UsageError(f"device_memory_gib={self.device_memory_gib} is invalid; must be a finite number > 0")
+        if self.model not in PRESETS:
+            raise UsageError(f"model={self.model!r} is not a preset; valid: {', '.join(PRESETS)}")
 
 
 def combinations(world: int) -> list[StrategyConfig]:
@@ -73,19 +74,34 @@ def combinations(world: int) -> list[StrategyConfig]:
     return list(out.values())
 
 
-def plan(args: dict) -> list[dict]:
-    cfg = get_config(args["model"], pad_vocab_to=args["pad_vocab_to"])
-    seq = args["seq_len"] or cfg.block_size
+def model_config(args: PlanArgs, overrides: list[str]) -> GPTConfig:
+    """The preset with ``model.<field>=value`` overrides applied (as bench/run.py takes them), validated."""
+    cfg = get_config(args.model, pad_vocab_to=args.pad_vocab_to)
+    if not overrides:
+        return cfg
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(overrides)))
+    except Exception as exc:
+        cause = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        fields = ", ".join(f.name for f in dataclasses.fields(GPTConfig))
+        fail("python -m bench.plan", f"{' '.join(str(cause).split()[:30])} (model keys: {fields})")
+
+
+def plan(args: PlanArgs, model_overrides: list[str] = ()) -> list[dict]:
+    cfg = model_config(args, list(model_overrides))
+    seq = args.seq_len or cfg.block_size
     if seq > cfg.block_size:
         raise ValueError(f"seq_len={seq} exceeds {cfg.name}'s context block_size={cfg.block_size}")
     groups = param_groups(cfg)
     rows = []
-    for s in combinations(args["world_size"]):
-        mem = predict_memory(cfg, s, args["world_size"], args["micro_batch"], seq, groups)
-        comm = predict_comm(cfg, s, args["world_size"], args["grad_accum"], groups)
-        rows.append({"strategy": s.canonical_name, "model": cfg.name, "world_size": args["world_size"],
-                     "micro_batch": args["micro_batch"], "seq_len": seq, "pred_mem_bytes": mem,
-                     "fits": mem["total"] <= args["device_memory_gib"] * GIB, "pred_comm_bytes_per_step": comm})
+    for s in combinations(args.world_size):
+        mem = predict_memory(cfg, s, args.world_size, args.micro_batch, seq, groups)
+        comm = predict_comm(cfg, s, args.world_size, args.grad_accum, groups)
+        rows.append({"strategy": s.canonical_name, "model": cfg.name, "world_size": args.world_size,
+                     "micro_batch": args.micro_batch, "seq_len": seq, "pred_mem_bytes": mem,
+                     "fits": mem["total"] <= args.device_memory_gib * GIB, "pred_comm_bytes_per_step": comm})
     return rows
 
 
@@ -109,16 +125,13 @@ def render(rows: list[dict], device_gib: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
+    model_overrides = [a.removeprefix("model.") for a in argv if a.startswith("model.")]
+    args = parse(PlanArgs, [a for a in argv if not a.startswith("model.")], "python -m bench.plan", __doc__)
     try:
-        args = parse(argv)
-        rows = plan(args)
+        rows = plan(args, model_overrides)
     except ValueError as exc:
-        print(f"plan: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(rows, indent=1) if args["format"] == "json" else render(rows, args["device_memory_gib"]))
+        fail("plan", str(exc))
+    print(json.dumps(rows, indent=1) if args.format == "json" else render(rows, args.device_memory_gib))
     return 0
 
 
