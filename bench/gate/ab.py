@@ -407,14 +407,14 @@ def main(rev: str | None, out: str, rounds: int | None, thresholds: str | None, 
         if mode not in ("auto", "turns", "runs"):
             raise ABInputError(f"mode={mode!r}; valid: auto, turns, runs")
     except ABInputError as exc:
-        print(f"regress --ab: error: {exc}", file=sys.stderr)
+        print(f"gate ab: error: {exc}", file=sys.stderr)
         return 2
     outp = Path(out).resolve()
     shutil.rmtree(outp, ignore_errors=True)
     base_tree = export_tree(sha, outp / "trees" / "base")
     together = mode == "turns" or (mode == "auto" and supports_turns(base_tree))
     if mode == "turns" and not supports_turns(base_tree):
-        print(f"regress --ab: error: revision {sha[:12]} predates the turnstile (bench/turn.py): use mode=runs",
+        print(f"gate ab: error: revision {sha[:12]} predates the turnstile (bench/turn.py): use mode=runs",
               file=sys.stderr)
         return 2
     rounds = rounds or (2 if together else 4)
@@ -433,6 +433,6 @@ def main(rev: str | None, out: str, rounds: int | None, thresholds: str | None, 
     (outp / "ab.json").write_text(json.dumps(summary, indent=1, default=str))
     print(render(verdicts))
     fails = [v.entry for v in verdicts if v.verdict == "FAIL"]
-    print(f"\nregress --ab: {'REGRESSION in ' + ', '.join(fails) if fails else 'no regression'} "
+    print(f"\ngate ab: {'REGRESSION in ' + ', '.join(fails) if fails else 'no regression'} "
           f"({len(verdicts)} entries, {summary['seconds']:.0f}s) -> {outp / 'ab.json'}")
     return 1 if fails else 0

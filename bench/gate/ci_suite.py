@@ -7,7 +7,7 @@ code alternately. This script runs them with this tree's code alone:
     python -m bench.gate.ci_suite out=ci_out update_baseline=true   # run and accept the result as that baseline
     python -m bench.gate.ci_suite dry_run=true
 
-``--gate`` compares with numbers recorded earlier (bench/gate/thresholds.yaml): meaningful only against a
+``gate=true`` compares with numbers recorded earlier (bench/gate/thresholds.yaml): meaningful only against a
 baseline recorded on this same host; against another machine's it stops and names the fields that
 differ (device_name, ...).
 
