@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import types
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,12 +12,14 @@ from bench.measure import memory, metrics, nvml, peak_flops
 from bench.measure.combine import combine_ranks, rule_of
 
 
-def test_percentile_matches_numpy():
-    rng = np.random.default_rng(0)
-    for n in (1, 2, 7, 50):
-        xs = rng.random(n).tolist()
-        for q in (10, 50, 90):
-            assert metrics.percentile(xs, q) == pytest.approx(np.percentile(xs, q))
+def test_step_time_statistics_by_hand():
+    """Linear interpolation between order statistics, worked by hand: 11 steps of 1..11 s (shuffled), and
+    2 steps where p10 lies a tenth of the way from the first to the second."""
+    stats = metrics.step_time_stats([5.0, 1.0, 11.0, 3.0, 2.0, 9.0, 4.0, 10.0, 6.0, 8.0, 7.0])
+    assert (stats["step_time_p10_s"], stats["step_time_median_s"], stats["step_time_p90_s"]) == (2.0, 6.0, 10.0)
+    assert stats["step_time_mean_s"] == 6.0
+    two = metrics.step_time_stats([1.0, 2.0])
+    assert two["step_time_p10_s"] == pytest.approx(1.1) and two["step_time_p90_s"] == pytest.approx(1.9)
 
 
 def test_step_times_combine_by_max_and_throughput_by_elapsed_time():

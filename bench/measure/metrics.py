@@ -7,7 +7,7 @@ Timing
   synchronous). Warm-up steps are excluded. Across ranks: per step, the **max** over ranks (a
   synchronous step is as slow as its slowest rank).
 - ``step_time_median_s``, ``step_time_p10_s``, ``step_time_p90_s``: percentiles of those
-  (linear interpolation), seconds.
+  (numpy.percentile, linear interpolation between order statistics), seconds.
 - ``tokens_per_sec`` = timed_steps * global_batch_tokens / sum(step_time_s)   [tokens/s, global]
 - ``tokens_per_sec_per_device`` = tokens_per_sec / world_size                  [tokens/s/device]
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 
@@ -63,17 +64,6 @@ class StepTimer:
         return [e - s for s, e in zip(self._starts, self._ends)]
 
 
-def percentile(values: list[float], q: float) -> float:
-    """q-th percentile (0..100) with linear interpolation between order statistics (numpy's default)."""
-    if not values:
-        raise ValueError("percentile of an empty list")
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def combine_step_times(per_rank: list[list[float]]) -> list[float]:
     """Per-step max over ranks: ``per_rank[r][i]`` -> ``[max_r per_rank[r][i] for i]``."""
     return [max(ts) for ts in zip(*per_rank)]
@@ -89,9 +79,9 @@ def throughput(step_times_s: list[float], global_batch_tokens: int, world_size: 
 def step_time_stats(step_times_s: list[float]) -> dict:
     """Median, p10, p90 and mean of the combined step times, seconds."""
     return {
-        "step_time_median_s": percentile(step_times_s, 50),
-        "step_time_p10_s": percentile(step_times_s, 10),
-        "step_time_p90_s": percentile(step_times_s, 90),
+        "step_time_median_s": float(np.percentile(step_times_s, 50)),
+        "step_time_p10_s": float(np.percentile(step_times_s, 10)),
+        "step_time_p90_s": float(np.percentile(step_times_s, 90)),
         "step_time_mean_s": sum(step_times_s) / len(step_times_s),
     }
 
