@@ -86,7 +86,7 @@ def slow_clone(tmp_path_factory):
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     train = clone / "bench" / "harness" / "loop.py"
     text = train.read_text()
-    marker = "        opt.zero_grad(set_to_none=True)\n"
+    marker = "        b.opt.zero_grad(set_to_none=True)\n"
     assert marker in text
     train.write_text(text.replace(marker, marker + "        time.sleep(0.05)  # the regression under test\n"))
     git = ["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@t"]
