@@ -51,6 +51,9 @@ def test_status_memory_and_loss_checks():
     assert checks(judge("e", pairs([1.0, 1.0], mem=1.03e9), TH))["peak_mem"] == "PASS"
     assert checks(judge("e", pairs([1.0, 1.0], loss=5.5 * (1 + 3e-4)), TH))["loss"] == "FAIL"
     assert checks(judge("e", pairs([1.0, 1.0], loss=5.5 * (1 + 3e-5)), TH))["loss"] == "PASS"
+    # a loss change is a FAIL in either direction (a lower loss is a different computation, not a win)
+    assert checks(judge("e", pairs([1.0, 1.0], loss=5.5 * (1 - 3e-4)), TH))["loss"] == "FAIL"
+    assert checks(judge("e", pairs([1.0, 1.0], loss=5.5 * (1 - 3e-5)), TH))["loss"] == "PASS"
 
 
 def test_borderline_medians_are_measured_again_up_to_a_limit():

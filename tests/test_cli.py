@@ -31,6 +31,7 @@ def run_in_process(module: str, argv: list[str], capsys, monkeypatch) -> tuple[i
     return exit_.value.code or 0, out.out, out.err
 
 
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy of an imported module
 @pytest.mark.parametrize("module", list(ENTRY_POINTS))
 def test_help_lists_the_keys_and_an_unknown_key_is_one_line(module, capsys, monkeypatch):
     code, out, err = run_in_process(module, ["--help"], capsys, monkeypatch)

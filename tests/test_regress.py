@@ -68,6 +68,9 @@ def test_memory_loss_and_status(tmp_path):
     assert v[("ddp", "peak_mem_bytes")] == "FAIL" and v[("ddp", "loss")] == "PASS"
     assert v[("fsdp", "loss")] == "FAIL" and v[("fsdp", "peak_mem_bytes")] == "PASS"
     assert v[("single", "status")] == "FAIL"
+    lower = write(tmp_path / "l", [row(6, strategy="fsdp", loss=2.5 * (1 - 2e-4))])  # either direction fails
+    assert verdicts(regress.gate(regress._load([base], "b"), regress._load([lower], "l"), th))[("fsdp", "loss")] \
+        == "FAIL"
 
 
 def test_missing_setup_fails_and_nothing_in_common_is_unusable(tmp_path):

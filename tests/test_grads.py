@@ -1,0 +1,157 @@
+"""Strategies proven on gradients and parameters, not only on losses.
+
+Every case runs the harness's own build and step (bench/harness/loop.py: ``build``, ``make_step``: the
+strategies, gradient accumulation, no_sync, autocast wiring) on real text whose loss falls, with the
+optimizer swapped for one that records. After one **SGD** step (no adaptive normalisation, so a gradient
+2x too large, a missing micro-batch or a wrong shard moves the parameters by as much) the full gradients
+(gathered from FSDP's shards) and the full parameters equal the single-process ones; after several
+**AdamW** steps the parameters still do (its state is sharded and stepped correctly).
+
+Tolerance: relative L2 error per tensor ``||x - ref|| / ||ref||`` below ``RTOL`` = 1e-4 for SGD's gradients
+and parameters; fp32 reduction order gives ~1e-7, and the smallest error the deliberate breakages make
+(one micro-batch of four missing) is above 0.1, so a pass cannot hide a factor-2 or a lost shard. After
+AdamW, ``RTOL_ADAMW`` = 1e-2: Adam divides by the gradient's own scale, so elements whose gradient is
+reduction-order noise move by up to the learning rate either way (measured: 3e-4 on a zero-initialised
+bias); a wrong or mis-sharded optimizer state moves whole tensors (relative error near 1).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from bench.harness.dist import DistInfo
+from bench.harness.loop import build, make_step, plan_batch
+from tests.test_parity import TEXT, run_cfg
+
+RTOL = 1e-4
+RTOL_ADAMW = 1e-2
+LR = 0.5  # SGD: large enough that parameters move visibly in one step
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that keeps a full (unsharded) copy of every gradient it applies, by parameter name."""
+
+    def __init__(self, named):
+        self.names = {id(p): n for n, p in named}
+        super().__init__([p for _, p in named], lr=LR)
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.grads.append({self.names[id(p)]: _full(p.grad) for g in self.param_groups for p in g["params"]
+                           if p.grad is not None})
+        return super().step(closure)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone().float()
+
+
+def canonical(name: str) -> str:
+    """The parameter's name in the plain model: without DDP's 'module.' and the checkpoint wrapper's 'block.'."""
+    return re.sub(r"\.block\.", ".", name.removeprefix("module."))
+
+
+def run_case(rank: int, world_size: int, fields: dict, micro_batch: int, grad_accum: int, opt: str, steps: int,
+             data: str) -> dict:
+    cfg = run_cfg(fields, micro_batch, grad_accum, data=data, steps=steps, seq_len=32)
+    info = DistInfo(rank, rank, world_size, 1, torch.device("cpu"), "gloo" if world_size > 1 else None)
+    cfg.strategy.validate_for("cpu", world_size)
+    b = build(cfg, info, plan_batch(cfg, info))
+    named = [(canonical(n), p) for n, p in b.model.named_parameters()]
+    b.opt = RecordingSGD(named) if opt == "sgd" else torch.optim.AdamW(
+        [p for _, p in named], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+    step = make_step(cfg, info, b)
+    losses = [float(step(i)) for i in range(steps)]
+    return {"grads": b.opt.grads[0] if opt == "sgd" else None,
+            "params": {n: _full(p) for n, p in named}, "losses": losses}
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
+def assert_same(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], what: str, rtol: float = RTOL) -> None:
+    assert set(got) == set(ref), f"{what}: parameter names differ: {sorted(set(got) ^ set(ref))[:5]}"
+    worst = max(((_rel(got[n], ref[n]), n) for n in ref), key=lambda t: t[0])
+    assert worst[0] < rtol, f"{what}: {worst[1]} differs from single by {worst[0]:.2e} (relative L2)"
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("grads") / "corpus.txt"
+    path.write_text(TEXT)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reference(text) -> dict:
+    """Single process, 4 sequences per step as 2 micro-batches of 2: SGD (1 step) and AdamW (3 steps)."""
+    return {"sgd": run_case(0, 1, {}, 2, 2, "sgd", 1, text), "adamw": run_case(0, 1, {}, 2, 2, "adamw", 3, text)}
+
+
+# (strategy fields, micro_batch, grad_accum) per rank on 2 ranks: always 4 sequences per step.
+CASES = {
+    "ddp": ({"dp": "ddp"}, 2, 1),
+    "ddp_grad_accum": ({"dp": "ddp"}, 1, 2),
+    "fsdp": ({"dp": "fsdp"}, 2, 1),
+    "fsdp_grad_accum": ({"dp": "fsdp"}, 1, 2),
+    "fsdp_noreshard": ({"dp": "fsdp", "reshard_after_forward": False}, 2, 1),
+    "ddp_ac_full": ({"dp": "ddp", "ac": "full"}, 2, 1),
+    "fsdp_ac_selective": ({"dp": "fsdp", "ac": "selective"}, 1, 2),
+    "fsdp_ac_op": ({"dp": "fsdp", "ac": "op"}, 2, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradients_and_parameters_equal_single_process(ranks, text, reference, name):
+    fields, mb, ga = CASES[name]
+    sgd = ranks(run_case, fields, mb, ga, "sgd", 1, text)
+    adamw = ranks(run_case, fields, mb, ga, "adamw", 3, text)
+    for rank in range(2):  # every rank holds the same full model after the step
+        assert_same(sgd[rank]["grads"], reference["sgd"]["grads"], f"{name} rank {rank} SGD gradients")
+        assert_same(sgd[rank]["params"], reference["sgd"]["params"], f"{name} rank {rank} params after SGD")
+        assert_same(adamw[rank]["params"], reference["adamw"]["params"], f"{name} rank {rank} params after AdamW",
+                    RTOL_ADAMW)
+
+
+@pytest.mark.parametrize("fields", [{"ac": "full"}, {"ac": "selective", "ac_every": 3}, {"ac": "op"},
+                                    {"compile": True}])
+def test_single_process_techniques_keep_the_gradients(text, reference, fields):
+    """Checkpointing (every mode) and per-block compile on one process: the same gradients as plain eager."""
+    got = run_case(0, 1, fields, 2, 2, "sgd", 1, text)
+    assert_same(got["grads"], reference["sgd"]["grads"], f"{fields} SGD gradients")
+    assert_same(got["params"], reference["sgd"]["params"], f"{fields} params after SGD")
+
+
+def test_the_check_would_see_a_factor_of_two_and_a_missing_micro_batch(text, reference):
+    """The tolerance is far below what the classic wiring mistakes produce."""
+    ref = reference["sgd"]["grads"]
+    doubled = {n: 2 * g for n, g in ref.items()}
+    with pytest.raises(AssertionError, match="differs from single"):
+        assert_same(doubled, ref, "doubled")
+    half_batch = run_case(0, 1, {}, 2, 1, "sgd", 1, text)["grads"]  # one micro-batch of the two
+    worst = max(_rel(half_batch[n], ref[n]) for n in ref)
+    assert worst > 1000 * RTOL
+
+
+def test_the_reference_learns(reference):
+    """On this text the loss falls clearly within three steps, so a wrong update shows in the parameters."""
+    losses = reference["adamw"]["losses"]
+    assert losses[-1] < losses[0] - 0.05
+
+
+@pytest.mark.parametrize("world_size, micro_batch, global_batch, expect", [
+    (1, 2, 8, (1, 4, 8)), (2, 2, 8, (2, 2, 8)), (4, 2, 8, (4, 1, 8)), (4, 1, 8, (4, 2, 8)), (3, 2, 12, (3, 2, 12)),
+])
+def test_global_batch_divides_by_the_data_parallel_size(world_size, micro_batch, global_batch, expect):
+    """grad_accum = global_batch / (micro_batch x dp size), for several dp sizes; (dp, grad_accum, sequences)."""
+    cfg = run_cfg({"dp": "ddp" if world_size > 1 else "none"}, micro_batch, 1)
+    cfg.global_batch = global_batch
+    info = DistInfo(0, 0, world_size, 1, torch.device("cpu"), None)
+    b = plan_batch(cfg, info)
+    assert (b["dp_size"], b["grad_accum"], b["global_batch_seqs"]) == expect
+    assert b["global_batch_tokens"] == global_batch * cfg.seq_len

@@ -1,0 +1,104 @@
+"""The wiring from each rank's measurements to the row, against what the test observes itself.
+
+Two real gloo ranks train with DDP through ``train`` (the harness's loop). The test wraps the step function
+to take its own clock per step on each rank, to make rank 1 sleep 60 ms after every even step (so the
+per-step maximum over ranks differs from either rank's own times), and to hold 256 MiB on rank 1 only
+during the timed steps; it also makes the *prediction* of communication deliberately wrong. Then:
+
+- step times: the row's median/p10/p90 are those of the per-step max over ranks of the test's clock, and
+  tokens/s is timed steps x global batch tokens / the sum of those maxima -- not rank 0's own times;
+- memory: the row's peak is rank 1's (the larger), not rank 0's;
+- communication: the measured column equals the bytes DDP must all-reduce, 4 x parameters, counted by the
+  test from the model, while the prediction column carries the wrong prediction: the two never mix.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import bench.harness.loop as loop
+from bench.harness.dist import DistInfo
+from tests.test_parity import run_cfg
+
+SLEEP = 0.06
+BALLAST = 256 * 2**20
+
+
+def _vm_hwm() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")
+
+
+def _worker(rank: int, world_size: int) -> dict:
+    cfg = run_cfg({"dp": "ddp"}, 2, 1, steps=8, seq_len=32)
+    cfg.warmup, cfg.log_every, cfg.measure_comm = 2, 0, True
+    info = DistInfo(rank, rank, world_size, 1, torch.device("cpu"), "gloo")
+    seen: list[float] = []
+    held: list[torch.Tensor] = []
+    params: list[int] = []
+    real_make_step = loop.make_step
+
+    def make_step(cfg_, info_, b):
+        params.append(sum(p.numel() for p in b.model.parameters()))
+        step_fn = real_make_step(cfg_, info_, b)
+
+        def observed(step: int):
+            t0 = time.perf_counter()
+            out = step_fn(step)
+            if rank == 1 and step == cfg.warmup:
+                held.append(torch.ones(BALLAST // 4))  # touched: resident on rank 1 only
+            if rank == 1 and step % 2 == 0:
+                time.sleep(SLEEP)
+            seen.append(time.perf_counter() - t0)
+            return out
+        return observed
+
+    loop.make_step = make_step
+    loop.predict_comm = lambda *a, **k: {"all_reduce": 1, "total": 1}  # a wrong prediction, on purpose
+    out = loop.train(cfg, info)
+    return {"metrics": out.metrics, "status": out.status, "seen": seen[cfg.warmup:cfg.warmup + cfg.steps],
+            "hwm": _vm_hwm(), "params": params[0]}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from conftest import run_ranks
+
+    return run_ranks(_worker, 2, tmp_path_factory.mktemp("wiring"))
+
+
+def test_step_times_are_the_per_step_max_over_ranks(run):
+    m = run[0]["metrics"]
+    assert run[0]["status"] == "ok" and m == run[1]["metrics"]  # every rank returns the same row
+    worst = [max(a, b) for a, b in zip(run[0]["seen"], run[1]["seen"])]
+    own = [run[0]["seen"], run[1]["seen"]]
+    # the test's clock sits just inside the harness's: equal within a millisecond per step
+    assert m["step_time_median_s"] == pytest.approx(float(np.median(worst)), abs=2e-3)
+    assert m["step_time_p90_s"] == pytest.approx(float(np.percentile(worst, 90)), abs=2e-3)
+    assert m["tokens_per_sec"] == pytest.approx(len(worst) * m["global_batch_tokens"] / sum(worst), rel=0.03)
+    # and not either rank's own: each rank had fast steps, the max over ranks has none
+    assert all(float(np.median(o)) < m["step_time_median_s"] - SLEEP / 3 or
+               float(np.percentile(o, 10)) < m["step_time_p10_s"] - SLEEP / 3 for o in own)
+    assert m["step_time_p10_s"] > SLEEP  # every combined step contains rank 1's sleep
+
+
+def test_peak_memory_is_the_worst_rank(run):
+    m = run[0]["metrics"]
+    per_rank = m["peak_mem_bytes_per_rank"]
+    assert per_rank[1] - per_rank[0] > 0.8 * BALLAST
+    assert m["peak_mem_bytes"] == max(per_rank) == per_rank[1]
+    assert m["peak_mem_bytes"] > run[0]["hwm"] + 0.5 * BALLAST  # above anything rank 0 ever held
+    assert per_rank[1] <= run[1]["hwm"]  # a high-water mark since the window began, within the process's
+
+
+def test_measured_communication_is_observed_not_predicted(run):
+    m = run[0]["metrics"]
+    assert m["comm_bytes_per_step"] == 4 * run[0]["params"]  # DDP all-reduces every fp32 gradient once
+    assert m["comm_breakdown"] == {"all_reduce": 4 * run[0]["params"]}
+    assert m["pred_comm_bytes_per_step"] == 1 and m["pred_comm_breakdown"] == {"all_reduce": 1}
