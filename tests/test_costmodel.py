@@ -174,3 +174,24 @@ def test_predicted_peak_matches_cpu_runs(tmp_path, strategy, nproc):
     assert set(row.pred_mem_breakdown) >= {"params", "optimizer", "activations", "head"}
     if nproc:
         assert row.comm_bytes_per_step == row.pred_comm_bytes_per_step > 0
+
+
+@pytest.mark.parametrize("name", ["tiny", "llama-tiny"])
+def test_autocast_weight_copies_equal_the_predicted_term(name):
+    """The smallest memory term on its own: under bf16 autocast, the 16-bit copies of the weights that the
+    model's matmuls save for backward (casts of parameters, distinct storages) are ``autocast_weights``."""
+    cfg = get_config(name)
+    model = build_model(cfg, "cpu")
+    model.init_weights(0)
+    copies = {}
+
+    def pack(t):
+        if t.dtype == torch.bfloat16 and _from_parameter(t) and not isinstance(t, torch.nn.Parameter):
+            copies[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    idx = torch.randint(0, cfg.vocab_size, (2, 16))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx, idx)
+    pred = predict_memory(cfg, StrategyConfig(amp="bf16"), 1, 2, 16)
+    assert sum(copies.values()) == pred["autocast_weights"] == 2 * param_groups(cfg).n_mm > 0

@@ -287,3 +287,27 @@ def test_every_rank_measured_column_has_a_rule_and_combining_follows_it():
         rule_of("model")  # a setup column
     with pytest.raises(KeyError):
         rule_of("no_such_column")
+
+
+def test_the_probe_reports_its_best_trial_and_their_spread(monkeypatch):
+    """A scripted clock: warm-up and sizing take 1 s, then seven trials of 1, 2, 1, 4, 1, 1.25, 1 s. The peak
+    is the fastest trial (2 n^3 / 1 s), never an average that lets a contended trial in; spread = 1 - 1/4."""
+    durations = [1, 1, 1, 2, 1, 4, 1, 1.25, 1]
+    clock = {"t": 0.0, "calls": 0}
+    steps = []
+    for d in durations[:2]:
+        steps += [0.0, d]
+    steps.append(0.0)  # the wall-clock mark before the trials
+    for d in durations[2:]:
+        steps += [0.0, d]
+    steps.append(0.0)
+
+    def perf_counter():
+        clock["t"] += steps[clock["calls"]] if clock["calls"] < len(steps) else 0.0
+        clock["calls"] += 1
+        return clock["t"]
+
+    monkeypatch.setattr(peak_flops.time, "perf_counter", perf_counter)
+    p = peak_flops.probe_peak_flops(torch.device("cpu"), "fp32", n=8, repeats=7, min_time_s=0.5)
+    assert p.flops == pytest.approx(2 * 8**3 / 1.0)
+    assert p.spread == pytest.approx(0.75)

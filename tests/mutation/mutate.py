@@ -1,0 +1,204 @@
+"""Mutation check: does the test suite catch broken wiring? Each mutation below is a deliberate, realistic
+breakage of measurement, strategy, cost-model, table or gate code. One at a time, it is applied to a
+temporary copy of this tree and the tests that guard it are run; every mutation must make them fail.
+
+    python -m tests.mutation.mutate                      # all (about 15 minutes on 2 cores); exit 1 if any survives
+    python -m tests.mutation.mutate only=ddp_never_syncs,fsdp_sums_grad_accum
+    python -m tests.mutation.mutate check=true           # only check that every mutation still applies
+
+Writes ``mutation.md`` (a table: mutation, guarding tests, caught or SURVIVED, seconds) into ``out``.
+Not collected by pytest (no ``test_`` prefix): it runs the suite, it is not part of it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from reports.build import markdown_table  # noqa: E402
+from reports.cli import fail, opt, parse  # noqa: E402
+
+
+class Mutation(NamedTuple):
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: list[str]
+    what: str
+
+
+GRADS = "tests/test_grads.py"
+WIRING = "tests/test_row_wiring.py"
+MUTATIONS = [
+    # measurement
+    Mutation("step_time_min_over_ranks", "bench/measure/metrics.py", "return [max(ts) for ts in zip(*per_rank)]",
+             "return [min(ts) for ts in zip(*per_rank)]", ["tests/test_metrics.py", WIRING],
+             "a synchronous step's time taken from the fastest rank"),
+    Mutation("step_time_rank0_only", "bench/measure/metrics.py", "return [max(ts) for ts in zip(*per_rank)]",
+             "return list(per_rank[0])", ["tests/test_metrics.py", WIRING], "rank 0's own step times in the row"),
+    Mutation("throughput_by_slowest_step", "bench/measure/metrics.py",
+             "tps = len(step_times_s) * global_batch_tokens / total",
+             "tps = global_batch_tokens / max(step_times_s)", ["tests/test_metrics.py"],
+             "tokens/s from one step instead of the elapsed time"),
+    Mutation("per_device_not_divided", "bench/measure/metrics.py", '"tokens_per_sec_per_device": tps / world_size',
+             '"tokens_per_sec_per_device": tps', ["tests/test_metrics.py"], "per-device throughput = global"),
+    Mutation("mfu_doubled", "bench/measure/metrics.py",
+             "return flops_per_token * tokens_per_sec_per_device / peak_flops",
+             "return 2 * flops_per_token * tokens_per_sec_per_device / peak_flops", ["tests/test_run_e2e.py"],
+             "MFU counting forward+backward twice"),
+    Mutation("timer_measures_from_first_start", "bench/measure/metrics.py",
+             "return [e - s for s, e in zip(self._starts, self._ends)]",
+             "return [e - self._starts[0] for e in self._ends]", ["tests/test_metrics.py", "tests/test_run_e2e.py"],
+             "step durations measured from the first step's start (timestamps, not elapsed)"),
+    Mutation("peak_memory_rank0", "reports/record.py", '"bytes", "max", "allocator peak',
+             '"bytes", "rank0", "allocator peak', [WIRING], "one rank's peak memory in the row"),
+    Mutation("cpu_util_best_rank", "reports/record.py", 'col("telemetry", "fraction", "min", "process CPU time',
+             'col("telemetry", "fraction", "max", "process CPU time', ["tests/test_metrics.py"],
+             "contention taken from the least starved rank"),
+    Mutation("measured_comm_is_the_prediction", "bench/harness/loop.py",
+             'out = {**static, **combine_ranks(per_rank), "timed_steps": len(times)}',
+             'out = {**static, **combine_ranks(per_rank), "timed_steps": len(times),\n'
+             '           "comm_bytes_per_step": static["pred_comm_bytes_per_step"]}', [WIRING],
+             "the predicted communication written into the measured column"),
+    Mutation("implausible_above_two", "reports/record.py", "if v is not None and v == v and v > 1:",
+             "if v is not None and v == v and v > 2:", ["tests/test_record.py", "tests/test_regress.py"],
+             "MFU 1.5 reported as ok"),
+    # strategies and the loop
+    Mutation("grad_accum_sums", "bench/harness/loop.py", "scaled = loss / ga", "scaled = loss", [GRADS],
+             "micro-batch losses summed instead of averaged"),
+    Mutation("every_rank_reads_the_same_data", "bench/harness/loop.py",
+             'dp_rank = info.rank if b.batch["dp_size"] > 1 else 0', "dp_rank = 0", [GRADS],
+             "data-parallel ranks reading the same shard"),
+    Mutation("ddp_never_syncs", "strategies/__init__.py", 'if cfg.dp == "ddp" and not is_last_micro_step:',
+             'if cfg.dp == "ddp":', [GRADS], "DDP gradients never all-reduced"),
+    Mutation("fsdp_sums_gradients", "strategies/fsdp.py", "    if dist.get_backend() == \"gloo\":\n"
+             "        _use_sum_then_divide(model)", "    for m in model.modules():\n"
+             "        if hasattr(m, 'set_gradient_divide_factor'):\n            m.set_gradient_divide_factor(1.0)",
+             [GRADS], "FSDP summing gradients over ranks instead of averaging (pytorch/pytorch#162338)"),
+    Mutation("selective_ac_wrong_blocks", "strategies/ac.py", "return list(range(0, n_layer, every))",
+             "return list(range(1, n_layer, every))", ["tests/test_models.py", "tests/test_strategies.py"],
+             "selective checkpointing of other blocks than the cost model and HFU assume"),
+    Mutation("recompute_without_early_stop", "strategies/ac.py",
+             "return n * (block_forward_flops_per_token(cfg, seq_len) - 2 * cfg.n_embd * cfg.hidden_dim)",
+             "return n * block_forward_flops_per_token(cfg, seq_len)", ["tests/test_models.py"],
+             "HFU counting the MLP down projection as recomputed"),
+    Mutation("batch_ignores_dp", "bench/harness/config.py", "per_step = self.micro_batch * dp_size",
+             "per_step = self.micro_batch", [GRADS], "global_batch ignoring the data-parallel size"),
+    # the cost model
+    Mutation("no_autocast_weight_copies", "strategies/amp.py", 'parts["autocast_weights"] = 2 * ctx.n_mm',
+             'parts["autocast_weights"] = 0', ["tests/test_costmodel.py"], "autocast's 16-bit weight copies dropped"),
+    Mutation("no_recomputed_block", "strategies/ac.py",
+             'parts["activations"] = ck * resid + (ctx.L - ck) * block + block',
+             'parts["activations"] = ck * resid + (ctx.L - ck) * block', ["tests/test_costmodel.py"],
+             "the block recomputed in backward left out of the checkpointed peak"),
+    Mutation("reduce_scatter_half", "strategies/dp.py", 'return {"all_gather": gather, "reduce_scatter": 4 * padded}',
+             'return {"all_gather": gather, "reduce_scatter": 2 * padded}', ["tests/test_costmodel.py"],
+             "FSDP gradients predicted as reduced in 16 bits"),
+    Mutation("ddp_grads_free", "strategies/dp.py", 'parts["grads"] = 4 * ctx.P  # bucket views, alive all run',
+             'parts["grads"] = 0', ["tests/test_costmodel.py"], "DDP's gradient buckets left out"),
+    # tables
+    Mutation("torn_line_not_ended", "bench/harness/table.py",
+             'if size and os.pread(fd, 1, size - 1) != b"\\n":', "if False:", ["tests/test_results.py"],
+             "a new row glued to a torn last line"),
+    Mutation("aggregate_mean", "reports/aggregate.py", "rec[col] = ok[col].median() if len(ok)",
+             "rec[col] = ok[col].mean() if len(ok)", ["tests/test_reports.py"], "repeats averaged, not medians"),
+    Mutation("compare_direction_flipped", "reports/compare.py",
+             'return "better" if d * sign > 0 else ("worse" if d * sign < 0 else "same")',
+             'return "better" if d * sign < 0 else ("worse" if d * sign > 0 else "same")', ["tests/test_reports.py"],
+             "a slowdown shown as better"),
+    # gates and exit codes
+    Mutation("gate_loss_one_direction", "bench/gate/regress.py",
+             '"FAIL" if abs(delta) / 100 > rule["max_rel_diff"] else "PASS"',
+             '"FAIL" if delta / 100 > rule["max_rel_diff"] else "PASS"', ["tests/test_regress.py"],
+             "a lower loss passing the committed-numbers gate"),
+    Mutation("ab_loss_one_direction", "bench/gate/ab.py",
+             "diffs = [abs(p.cand.loss - p.base.loss) / abs(p.base.loss)",
+             "diffs = [(p.cand.loss - p.base.loss) / abs(p.base.loss)",
+             ["tests/test_ab_gate.py::test_status_memory_and_loss_checks"], "a lower loss passing the A/B gate"),
+    Mutation("tokens_compared_across_machines", "bench/gate/regress.py",
+             'same_machine = r.hosts_baseline == r.hosts_candidate and "," not in r.hosts_baseline',
+             "same_machine = True", ["tests/test_regress.py"], "raw tokens/s compared between two hosts"),
+    Mutation("invalid_config_exit_1", "bench/run.py", "    os._exit(2)", "    os._exit(1)",
+             ["tests/test_exit_codes.py::test_every_invalid_configuration_exits_2_with_one_line_and_no_row"],
+             "an invalid configuration reported as a failed run"),
+    Mutation("peak_probe_mean", "bench/measure/peak_flops.py", "best = max(rates)", "best = sum(rates) / len(rates)",
+             ["tests/test_metrics.py"], "the peak probe averaging contended trials in"),
+]
+
+
+@dataclass
+class MutateArgs:
+    only: list[str] = opt([], "mutation names to run (default: all)")
+    check: bool = opt(False, "only check that every mutation's text is found exactly once")
+    out: str = opt("mutation_out", "folder for mutation.md")
+    timeout: int = opt(600, "seconds per mutation's test run")
+
+
+def copy_tree(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file() and not f.startswith("results/"):
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dest / f)
+    shutil.copytree(ROOT / "results" / "baselines", dest / "results" / "baselines")
+
+
+def main(argv=None) -> int:
+    args = parse(MutateArgs, argv, "python -m tests.mutation.mutate", __doc__)
+    chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
+    unknown = sorted(set(args.only) - {m.name for m in MUTATIONS})
+    if unknown:
+        fail("python -m tests.mutation.mutate", f"unknown mutations {unknown}; valid: "
+             + ", ".join(m.name for m in MUTATIONS))
+    for m in chosen:
+        n = (ROOT / m.path).read_text().count(m.old)
+        if n != 1:
+            fail("python -m tests.mutation.mutate", f"{m.name}: its text occurs {n} times in {m.path} (must be 1)")
+    if args.check:
+        print(f"{len(chosen)} mutations apply")
+        return 0
+    rows, survived = [], []
+    with tempfile.TemporaryDirectory(prefix="n00bgpt-mutation-") as tmp:
+        tree = Path(tmp) / "repo"
+        copy_tree(tree)
+        for m in chosen:
+            target = tree / m.path
+            original = target.read_text()
+            target.write_text(original.replace(m.old, m.new))
+            t0 = time.perf_counter()
+            try:
+                res = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests],
+                                     cwd=tree, capture_output=True, text=True, timeout=args.timeout)
+                caught, how = res.returncode != 0, (res.stdout.strip().splitlines() or ["?"])[-1]
+            except subprocess.TimeoutExpired:
+                caught, how = False, f"tests timed out after {args.timeout}s"
+            finally:
+                target.write_text(original)
+            seconds = time.perf_counter() - t0
+            rows.append([m.name, m.what, " ".join(m.tests), "caught" if caught else "SURVIVED", how[:80],
+                         f"{seconds:.0f}"])
+            survived += [] if caught else [m.name]
+            print(f"[mutation] {m.name}: {'caught' if caught else 'SURVIVED'} ({seconds:.0f}s) {how[:100]}",
+                  flush=True)
+    text = (f"# Mutation check: {len(chosen) - len(survived)}/{len(chosen)} caught\n\n"
+            + markdown_table(["mutation", "breakage", "tests", "verdict", "pytest said", "s"], rows) + "\n")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "mutation.md").write_text(text)
+    print(text)
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
