@@ -23,3 +23,19 @@ def md_rows(text: str) -> list[list[str]]:
     """The body rows of every markdown table in ``text``, as stripped cell strings."""
     return [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
             if line.lstrip().startswith("|") and not set(line.strip()) <= set("|-: ")]
+
+
+def copy_tree(dest: Path, with_results: tuple[str, ...] = ()) -> Path:
+    """This tree's files as git sees them (uncommitted edits included) copied to ``dest``, without results/
+    except the named sub-folders: a scratch copy to add or break files in."""
+    import shutil
+
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file() and not f.startswith("results/"):
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dest / f)
+    for sub in with_results:
+        shutil.copytree(ROOT / "results" / sub, dest / "results" / sub)
+    return dest

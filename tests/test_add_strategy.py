@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, md_rows
+from tests.helpers import ROOT, copy_tree, md_rows
 
 MIB = 2**20
 TOY = ROOT / "tests" / "data" / "toy_strategy"
@@ -21,13 +21,7 @@ FAST = ["model=tiny", "steps=3", "warmup=1", "micro_batch=2", "seq_len=32", "log
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     """This tree's files (as git sees them, uncommitted edits included) plus the toy's two files."""
-    dest = tmp_path_factory.mktemp("toy") / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file() and not f.startswith("results/"):
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dest / f)
+    dest = copy_tree(tmp_path_factory.mktemp("toy") / "repo")
     shutil.copy(TOY / "ballast.py", dest / "strategies" / "ballast.py")
     shutil.copy(TOY / "ballast.yaml", dest / "bench" / "conf" / "strategy" / "ballast.yaml")
     return dest

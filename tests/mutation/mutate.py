@@ -12,7 +12,6 @@ Not collected by pytest (no ``test_`` prefix): it runs the suite, it is not part
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from reports.build import markdown_table  # noqa: E402
 from reports.cli import fail, opt, parse  # noqa: E402
+from tests.helpers import copy_tree  # noqa: E402
 
 
 class Mutation(NamedTuple):
@@ -144,16 +144,6 @@ class MutateArgs:
     timeout: int = opt(600, "seconds per mutation's test run")
 
 
-def copy_tree(dest: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file() and not f.startswith("results/"):
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dest / f)
-    shutil.copytree(ROOT / "results" / "baselines", dest / "results" / "baselines")
-
-
 def main(argv=None) -> int:
     args = parse(MutateArgs, argv, "python -m tests.mutation.mutate", __doc__)
     chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
@@ -171,7 +161,7 @@ def main(argv=None) -> int:
     rows, survived = [], []
     with tempfile.TemporaryDirectory(prefix="n00bgpt-mutation-") as tmp:
         tree = Path(tmp) / "repo"
-        copy_tree(tree)
+        copy_tree(tree, with_results=("baselines",))
         for m in chosen:
             target = tree / m.path
             original = target.read_text()
