@@ -78,9 +78,10 @@ def test_step_times_are_the_per_step_max_over_ranks(run):
     assert run[0]["status"] == "ok" and m == run[1]["metrics"]  # every rank returns the same row
     worst = [max(a, b) for a, b in zip(run[0]["seen"], run[1]["seen"])]
     own = [run[0]["seen"], run[1]["seen"]]
-    # the test's clock sits just inside the harness's: equal within a millisecond per step
-    assert m["step_time_median_s"] == pytest.approx(float(np.median(worst)), abs=2e-3)
-    assert m["step_time_p90_s"] == pytest.approx(float(np.percentile(worst, 90)), abs=2e-3)
+    # the test's clock sits just inside the harness's: equal within a few ms per step even when a busy
+    # neighbour preempts between the two clocks (the distinction below is the 60 ms sleep)
+    assert m["step_time_median_s"] == pytest.approx(float(np.median(worst)), abs=5e-3)
+    assert m["step_time_p90_s"] == pytest.approx(float(np.percentile(worst, 90)), abs=5e-3)
     assert m["tokens_per_sec"] == pytest.approx(len(worst) * m["global_batch_tokens"] / sum(worst), rel=0.03)
     # and not either rank's own: each rank had fast steps, the max over ranks has none
     assert all(float(np.median(o)) < m["step_time_median_s"] - SLEEP / 3 or
