@@ -55,25 +55,45 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def qkv_to_head_major(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Rows of a fused q/k/v projection from GPT-2's (3, H, hd) order to the model's (H, 3, hd) order.
+
+    The model keeps each head's q, k and v rows together (Megatron-LM's layout) so that tensor parallelism
+    can split the fused projection by rows and give every rank whole heads; ``qkv_from_head_major`` is
+    the inverse (the documented mapping to and from GPT-2 checkpoints)."""
+    rest = w.shape[1:]
+    return w.reshape(3, n_head, -1, *rest).transpose(0, 1).reshape(w.shape)
+
+
+def qkv_from_head_major(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Inverse of ``qkv_to_head_major``: (H, 3, hd) rows back to (3, H, hd)."""
+    rest = w.shape[1:]
+    return w.reshape(n_head, 3, -1, *rest).transpose(0, 1).reshape(w.shape)
+
+
 class CausalSelfAttention(nn.Module):
+    """Causal self-attention with a fused q/k/v projection whose rows are head-major, (H, 3, hd): a
+    row-split of ``qkv`` (tensor parallelism) leaves whole heads on each rank, so the forward reads the
+    number of local heads from the projection's output width."""
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.n_head = cfg.n_head
+        self.head_dim = cfg.head_dim
         self.dropout = cfg.dropout
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.use_bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.use_bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, d)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        B, T, _ = x.shape
+        qkv = self.qkv(x).view(B, T, -1, 3, self.head_dim)  # (B, T, H, 3, hd); H local under TP
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(3))  # 3 x (B, H, T, hd), views of qkv
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, T, hd)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, d)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, d); d/tp under TP
         return self.resid_dropout(self.proj(y))
 
 
@@ -165,6 +185,8 @@ class GPT(nn.Module):
             else:
                 std = std_resid if name.endswith(_RESIDUAL_SUFFIXES) else 0.02
                 full.normal_(0.0, std, generator=gen)
+                if name.endswith("attn.qkv.weight"):  # drawn in GPT-2's (3, H, hd) order, kept head-major
+                    full = qkv_to_head_major(full, self.cfg.n_head)
             _copy_full_into(p, full)
         if self.cfg.arch == "llama":
             cos, sin = rope_tables(self.cfg, device=device)

@@ -34,17 +34,23 @@ from strategies.compile import apply_compile
 from strategies.config import TECHNIQUES, StrategyConfig, StrategyError
 from strategies.ddp import apply_ddp
 from strategies.fsdp import apply_fsdp
+from strategies.mesh import build_mesh
+from strategies.tp import maybe_loss_parallel
 
 __all__ = [
     "StrategyConfig", "StrategyError", "TECHNIQUES", "apply_strategies", "apply_ac", "apply_compile", "apply_ddp",
-    "apply_fsdp", "get_autocast", "get_grad_scaler", "get_mp_policy", "maybe_no_sync", "recompute_flops_per_token",
+    "apply_fsdp", "get_autocast", "get_grad_scaler", "get_mp_policy", "maybe_loss_parallel", "maybe_no_sync", "recompute_flops_per_token",
     "unwrap",
 ]
 
 
-def apply_strategies(model: nn.Module, cfg: StrategyConfig, device: torch.device, seed: int) -> nn.Module:
+def apply_strategies(model: nn.Module, cfg: StrategyConfig, device: torch.device, seed: int,
+                     mesh=None) -> nn.Module:
     """Turn a meta-device model into the trained module: every technique in order, materialised and
-    initialised from ``seed``. Returns the module to call and to give to the optimizer."""
+    initialised from ``seed``. ``mesh``: the (dp, tp) DeviceMesh (strategies/mesh.py; built from the
+    process group when omitted). Returns the module to call and to give to the optimizer."""
+    if mesh is None:
+        mesh = build_mesh(cfg, device.type)
     base, done = model, []
 
     def materialise() -> None:
@@ -53,7 +59,7 @@ def apply_strategies(model: nn.Module, cfg: StrategyConfig, device: torch.device
             base.init_weights(seed)
             done.append(True)
 
-    ctx = ApplyContext(device=device, seed=seed, materialise=materialise)
+    ctx = ApplyContext(device=device, seed=seed, materialise=materialise, mesh=mesh)
     for technique in TECHNIQUES:
         model = technique.apply(model, cfg, ctx)
     materialise()

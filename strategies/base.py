@@ -64,12 +64,14 @@ class Technique:
 
 @dataclass
 class ApplyContext:
-    """What ``apply`` may use: the device, the seed, and ``materialise()`` (allocate on the device and
-    initialise from the seed, once; the composer calls it at the end if no technique needed it earlier)."""
+    """What ``apply`` may use: the device, the seed, ``materialise()`` (allocate on the device and
+    initialise from the seed, once; the composer calls it at the end if no technique needed it earlier)
+    and the device mesh (strategies/mesh.py; None in a single process)."""
 
     device: Any
     seed: int
     materialise: Callable[[], None]
+    mesh: Any = None
 
 
 @dataclass

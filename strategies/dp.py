@@ -25,23 +25,25 @@ def _validate(s) -> None:
 
 
 def _validate_for(s, device_type: str, world_size: int) -> None:
-    if s.dp == "none" and world_size > 1:
-        raise StrategyError(f"strategy dp='none' (single) runs one process but world_size={world_size}; "
-                            "use strategy=ddp or strategy=fsdp, or launch one process")
+    if s.dp == "none" and world_size > s.tp:
+        model_par = f" x tp={s.tp}" if s.tp > 1 else ""
+        raise StrategyError(f"strategy dp='none' runs one data-parallel replica{model_par} but world_size="
+                            f"{world_size}; use strategy=ddp or strategy=fsdp, or launch {s.tp} process(es)")
 
 
-def _name(s) -> str:
+def _name(s) -> str | None:
     if s.dp == "none":
-        return "single"
+        return None if s.tp > 1 else "single"
     return "fsdp(no-reshard)" if s.dp == "fsdp" and not s.reshard_after_forward else s.dp
 
 
 def _apply(model, s, ctx):
+    dp_mesh = ctx.mesh["dp"] if ctx.mesh is not None else None
     if s.dp == "fsdp":  # shards the still-meta model; the composer materialises the shards afterwards
-        return apply_fsdp(model, ctx.device.type, s.reshard_after_forward, s.amp)
+        return apply_fsdp(model, ctx.device.type, s.reshard_after_forward, s.amp, dp_mesh)
     if s.dp == "ddp":  # DDP broadcasts rank 0's weights at construction: materialise first
         ctx.materialise()
-        return apply_ddp(model, ctx.device)
+        return apply_ddp(model, ctx.device, dp_mesh)
     return model
 
 

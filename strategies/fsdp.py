@@ -22,9 +22,12 @@ from torch.distributed.fsdp import fully_shard
 from strategies.amp import get_mp_policy
 
 
-def apply_fsdp(model: nn.Module, device_type: str, reshard_after_forward: bool = True, amp: str = "fp32") -> nn.Module:
-    """Shard ``model`` in place (blocks first, then root) over all ranks; works on meta-device models."""
-    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+def apply_fsdp(model: nn.Module, device_type: str, reshard_after_forward: bool = True, amp: str = "fp32",
+               mesh=None) -> nn.Module:
+    """Shard ``model`` in place (blocks first, then root) over ``mesh`` (the data-parallel dimension of the
+    run's mesh; all ranks when omitted); works on meta-device models. Parameters that tensor parallelism
+    already made DTensors on the ``tp`` dimension are sharded on top of it (2-D, FSDP x TP)."""
+    mesh = mesh if mesh is not None else init_device_mesh(device_type, (dist.get_world_size(),))
     mp = get_mp_policy(amp)
     for block in model.blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)

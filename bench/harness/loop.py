@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from bench.harness.config import ConfigError, RunConfig
 from bench.harness.data import build_data
@@ -35,7 +36,9 @@ from bench.measure.profile import StepProfiler
 from bench.plan.costmodel import predict_comm, predict_memory
 from models import build_model, count_params, train_flops_per_token
 from reports.record import implausible
-from strategies import apply_strategies, get_autocast, get_grad_scaler, maybe_no_sync, recompute_flops_per_token
+from strategies import (apply_strategies, get_autocast, get_grad_scaler, maybe_loss_parallel, maybe_no_sync,
+                        recompute_flops_per_token)
+from strategies.mesh import build_mesh, dp_coordinate, mesh_shape
 from strategies.config import StrategyError
 
 
@@ -48,8 +51,9 @@ class TrainOutcome:
 
 
 def plan_batch(cfg: RunConfig, info: DistInfo) -> dict:
-    """Batch arithmetic, once: dp size, grad_accum, global batch in sequences and tokens."""
-    dp = info.world_size if cfg.strategy.dp != "none" else 1
+    """Batch arithmetic, once: dp size (world / tp: ranks of one tensor-parallel group share their
+    micro-batches), grad_accum, global batch in sequences and tokens."""
+    dp = mesh_shape(cfg.strategy, info.world_size).dp if cfg.strategy.dp != "none" else 1
     ga = cfg.resolve_grad_accum(dp)
     seqs = cfg.micro_batch * ga * dp
     return {"dp_size": dp, "grad_accum": ga, "global_batch_seqs": seqs, "global_batch_tokens": seqs * cfg.seq_len}
@@ -60,6 +64,7 @@ class Built:
     """What ``build`` made: the wrapped model, its optimizer and data, and the numbers known before step 0."""
 
     model: torch.nn.Module
+    mesh: object  # the (dp, tp) DeviceMesh, None in one process
     opt: torch.optim.Optimizer
     scaler: object
     data: object
@@ -87,11 +92,13 @@ def build(cfg: RunConfig, info: DistInfo, batch: dict) -> Built:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, "meta")
     n_params = count_params(model)
-    model = apply_strategies(model, s, device, cfg.seed)
+    mesh = build_mesh(s, device.type)
+    model = apply_strategies(model, s, device, cfg.seed, mesh)
     # Fused AdamW on CUDA (one kernel for all params; a GPT-2-small step spends ~10% in foreach AdamW);
-    # foreach on CPU and for FSDP's DTensor shards (torchtitan's default there).
-    fused = device.type == "cuda" and s.dp != "fsdp"
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1,
+    # foreach on CPU and for DTensor parameters (FSDP shards, TP splits: torchtitan's default there).
+    has_dtensor = any(isinstance(p, DTensor) for p in model.parameters())
+    fused = device.type == "cuda" and not has_dtensor
+    opt = torch.optim.AdamW(param_groups(model), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=fused or None, foreach=None if fused else True)
     data = build_data(cfg.data, cfg.model.vocab_size, cfg.micro_batch, cfg.seq_len, cfg.seed, device,
                       batch["dp_size"] * batch["grad_accum"])
@@ -107,24 +114,37 @@ def build(cfg: RunConfig, info: DistInfo, batch: dict) -> Built:
         "pred_comm_breakdown": {k: v for k, v in pred_comm.items() if k != "total"},
         **batch,
     }
-    return Built(model, opt, get_grad_scaler(s.amp, device.type), data, batch, static, baseline)
+    return Built(model, mesh, opt, get_grad_scaler(s.amp, device.type), data, batch, static, baseline)
+
+
+def param_groups(model: torch.nn.Module) -> list[dict]:
+    """The parameters in one group per kind (plain tensors, DTensors): a foreach optimizer step cannot mix
+    the two, which tensor parallelism alone (split matrices beside replicated norms) would."""
+    plain = [p for p in model.parameters() if not isinstance(p, DTensor)]
+    dtensors = [p for p in model.parameters() if isinstance(p, DTensor)]
+    return [{"params": group} for group in (plain, dtensors) if group]
+
+
+def _local(loss: torch.Tensor) -> torch.Tensor:
+    """The loss as a plain tensor (under loss_parallel it is a replicated DTensor)."""
+    return loss.to_local() if isinstance(loss, DTensor) else loss
 
 
 def make_step(cfg: RunConfig, info: DistInfo, b: Built) -> Callable[[int], torch.Tensor]:
     """One optimizer step over ``grad_accum`` micro-batches; returns the step's mean loss (on the device)."""
     s, ga = cfg.strategy, b.batch["grad_accum"]
-    dp_rank = info.rank if b.batch["dp_size"] > 1 else 0
+    dp_rank = dp_coordinate(b.mesh) if b.batch["dp_size"] > 1 else 0
 
     def step_fn(step: int) -> torch.Tensor:
         step_loss = None
         for micro in range(ga):
             x, y = b.data.batch(step, dp_rank * ga + micro)
-            with maybe_no_sync(b.model, s, micro == ga - 1):
+            with maybe_no_sync(b.model, s, micro == ga - 1), maybe_loss_parallel(s):
                 with get_autocast(s.amp, s.dp, info.device.type):
                     loss = b.model(x, y)
                 scaled = loss / ga
                 (b.scaler.scale(scaled) if b.scaler else scaled).backward()
-            part = loss.detach() / ga
+            part = _local(loss.detach()) / ga
             step_loss = part if step_loss is None else step_loss + part
         if b.scaler:
             b.scaler.step(b.opt)
@@ -228,7 +248,7 @@ def combine(per_rank: list[dict], static: dict, losses: list[float], world_size:
     times = metrics.combine_step_times([r.pop("times") for r in per_rank]) if per_rank[0]["times"] else []
     out = {**static, **combine_ranks(per_rank), "timed_steps": len(times)}
     out["peak_mem_bytes"] = out.get("peak_mem_bytes") or 0
-    if static["dp_size"] == 1 and out.get("comm_bytes_per_step") is None:
+    if world_size == 1 and out.get("comm_bytes_per_step") is None:
         out.update(comm_bytes_per_step=0, comm_breakdown={}, comm_calls_per_step={})  # nothing to communicate
     if times:
         out.update(metrics.step_time_stats(times))
@@ -255,7 +275,7 @@ def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None
     step_fn = make_step(cfg, info, b)
     status, losses, mine = run_steps(cfg, info, b, step_fn, progress, run_id)
     mine["mem_baseline_bytes"] = b.mem_baseline_bytes
-    if status == "ok" and cfg.measure_comm and batch["dp_size"] > 1:
+    if status == "ok" and cfg.measure_comm and info.world_size > 1:
         mine.update(measure_comm(step_fn, cfg.warmup + cfg.steps))
     out, times = combine(gather_objects(mine, info), b.static, losses, info.world_size)
     reason = implausible(out) if times else None

@@ -1,0 +1,52 @@
+"""The device mesh: the world's ranks arranged as (dp, tp), built once and handed to every strategy.
+
+Dimension names and order follow torchtitan: ``dp`` (data parallel: DDP or FSDP shard over it) outer,
+``tp`` (tensor parallel) innermost, so the ranks of one tensor-parallel group are consecutive (on a GPU
+node: the same host, on the fastest links). Global rank r sits at dp coordinate r // tp and tp
+coordinate r % tp. ``dp`` = world / tp; the data loader gives every rank of one dp coordinate the same
+micro-batches.
+
+The mesh exists only with a process group; a single process runs without one (``None``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+class MeshShape(NamedTuple):
+    """Sizes of the mesh's dimensions (1 when a dimension is unused)."""
+
+    dp: int
+    tp: int
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.tp
+
+    def describe(self) -> str:
+        """The row's ``mesh`` column: 'dp2xtp2' style, dimensions of size 1 left out ('1' for one rank)."""
+        parts = [f"{name}{size}" for name, size in zip(self._fields, self) if size > 1]
+        return "x".join(parts) or "1"
+
+
+def mesh_shape(s, world_size: int) -> MeshShape:
+    """(dp, tp) for ``world_size`` ranks under strategy ``s`` (validated elsewhere: tp divides the world)."""
+    tp = getattr(s, "tp", 1)
+    return MeshShape(dp=max(1, world_size // tp), tp=tp)
+
+
+def build_mesh(s, device_type: str) -> DeviceMesh | None:
+    """The (dp, tp) DeviceMesh over every rank of the initialised process group, or None without one."""
+    if not dist.is_initialized():
+        return None
+    shape = mesh_shape(s, dist.get_world_size())
+    return init_device_mesh(device_type, tuple(shape), mesh_dim_names=MeshShape._fields)
+
+
+def dp_coordinate(mesh: DeviceMesh | None) -> int:
+    """This rank's index along the data-parallel dimension (0 without a mesh)."""
+    return 0 if mesh is None else mesh["dp"].get_local_rank()
