@@ -138,10 +138,13 @@ _RESIDUAL_SUFFIXES = ("attn.proj.weight", "mlp.proj.weight")
 
 
 class GPT(nn.Module):
-    """The family's model. ``blocks`` is the ModuleList strategies iterate over.
+    """The family's model. ``blocks`` is the ModuleDict strategies iterate over, keyed by the global
+    block index ("0", "1", ...), so a pipeline stage that keeps only some blocks keeps their names.
 
     ``forward(idx)`` returns logits (B, T, V); ``forward(idx, targets)`` returns the
-    mean next-token cross-entropy (fp32 scalar).
+    mean next-token cross-entropy (fp32 scalar). A pipeline stage (strategies/pp.py) is this model
+    with the parts it does not own set to None: without ``tok_emb`` its input is the previous
+    stage's hidden states (B, T, d), without ``norm_f`` it returns its hidden states.
     """
 
     def __init__(self, cfg: GPTConfig):
@@ -151,7 +154,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(V, d)
         self.pos_emb = nn.Embedding(cfg.block_size, d) if cfg.arch == "gpt2" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
         self.norm_f = make_norm(cfg)
         # Tied: the head *is* tok_emb.weight (used through F.linear), so there is no
         # second module holding the shared tensor for wrappers or sharding to untie.
@@ -170,43 +173,51 @@ class GPT(nn.Module):
         """Deterministic GPT-2 init: N(0, 0.02) weights, residual projections N(0, 0.02/sqrt(2L)),
         zero biases, unit norm weights. Each full-shape tensor is drawn on the parameter's device
         from one generator seeded with ``seed``; a DTensor (FSDP) keeps only its local shard, so
-        only one parameter is ever materialised whole."""
-        device = self.tok_emb.weight.device
+        only one parameter is ever materialised whole.
+
+        The draws follow the *whole* model's parameter order, so a pipeline stage draws (and drops)
+        the parameters it does not own and gets exactly the values the whole model has."""
+        device = next(self.parameters()).device
         if device.type == "meta":
             raise RuntimeError("init_weights: materialise the model first (model.to_empty(device=...))")
         gen = torch.Generator(device=device).manual_seed(seed)
         std_resid = 0.02 / math.sqrt(2 * self.cfg.n_layer)
-        for name, p in self.named_parameters():
-            full = torch.empty(p.shape, dtype=p.dtype, device=device)
+        own = dict(self.named_parameters())
+        for name, meta in build_model(self.cfg, "meta").named_parameters():
+            p = own.get(name)
+            full = torch.empty(meta.shape, dtype=meta.dtype if p is None else p.dtype, device=device)
             if name.endswith("bias"):
                 full.zero_()
-            elif p.ndim == 1:  # LayerNorm / RMSNorm scale
+            elif meta.ndim == 1:  # LayerNorm / RMSNorm scale
                 full.fill_(1.0)
             else:
                 std = std_resid if name.endswith(_RESIDUAL_SUFFIXES) else 0.02
                 full.normal_(0.0, std, generator=gen)
                 if name.endswith("attn.qkv.weight"):  # drawn in GPT-2's (3, H, hd) order, kept head-major
                     full = qkv_to_head_major(full, self.cfg.n_head)
-            _copy_full_into(p, full)
+            if p is not None:
+                _copy_full_into(p, full)
         if self.cfg.arch == "llama":
             cos, sin = rope_tables(self.cfg, device=device)
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        B, T = idx.shape
+        T = idx.shape[1]
         if T > self.cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds the model's context block_size={self.cfg.block_size}")
-        x = self.tok_emb(idx)  # (B, T, d)
-        rope = None
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(T, device=idx.device))
-        else:
-            rope = (self.rope_cos, self.rope_sin)
-        x = self.drop(x)
-        for block in self.blocks:
+        rope = (self.rope_cos, self.rope_sin) if self.cfg.arch == "llama" else None
+        x = self.embed(idx) if self.tok_emb is not None else idx  # (B, T, d)
+        for block in self.blocks.values():
             x = block(x, rope)
-        return self.head_loss(x, targets)
+        return self.head_loss(x, targets) if self.norm_f is not None else x
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token (+ learned position, gpt2) embeddings of (B, T) token ids -> (B, T, d)."""
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
+        return self.drop(x)
 
     def head_loss(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm, LM head and (with targets) the fp32 cross-entropy: a separate method so that
@@ -216,7 +227,12 @@ class GPT(nn.Module):
         logits = F.linear(x, self.head_weight)  # (B, T, V)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return lm_loss(logits, targets)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32 of (B, T, V) logits against (B, T) targets."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
 
 def _copy_full_into(p: torch.Tensor, full: torch.Tensor) -> None:

@@ -35,6 +35,7 @@ from strategies.config import TECHNIQUES, StrategyConfig, StrategyError
 from strategies.ddp import apply_ddp
 from strategies.fsdp import apply_fsdp
 from strategies.mesh import build_mesh
+from strategies.pp import Pipeline
 from strategies.tp import maybe_loss_parallel
 
 __all__ = [
@@ -45,24 +46,35 @@ __all__ = [
 
 
 def apply_strategies(model: nn.Module, cfg: StrategyConfig, device: torch.device, seed: int,
-                     mesh=None) -> nn.Module:
+                     mesh=None, grad_accum: int = 1) -> nn.Module:
     """Turn a meta-device model into the trained module: every technique in order, materialised and
-    initialised from ``seed``. ``mesh``: the (dp, tp) DeviceMesh (strategies/mesh.py; built from the
-    process group when omitted). Returns the module to call and to give to the optimizer."""
+    initialised from ``seed``. ``mesh``: the (pp, dp, tp) DeviceMesh (strategies/mesh.py; built from the
+    process group when omitted). Once the pipeline split has made a ``Pipeline``, every later technique
+    is applied to each of its stage modules, and the schedule is built last (``grad_accum`` scales its
+    loss). Returns the module to train (its ``parameters()`` go to the optimizer)."""
     if mesh is None:
         mesh = build_mesh(cfg, device.type)
-    base, done = model, []
+    bases, done = [model], []  # the bare GPT modules to materialise (a pipeline's stages once split)
 
     def materialise() -> None:
         if not done:
-            base.to_empty(device=device)
-            base.init_weights(seed)
+            for base in bases:
+                base.to_empty(device=device)
+                base.init_weights(seed)
             done.append(True)
 
     ctx = ApplyContext(device=device, seed=seed, materialise=materialise, mesh=mesh)
     for technique in TECHNIQUES:
-        model = technique.apply(model, cfg, ctx)
+        if isinstance(model, Pipeline):
+            for i, stage in enumerate(model.stages):
+                model.stages[i] = technique.apply(stage, cfg, ctx)
+        else:
+            model = technique.apply(model, cfg, ctx)
+            if isinstance(model, Pipeline):
+                bases[:] = list(model.stages)
     materialise()
+    if isinstance(model, Pipeline):
+        model.finish(cfg, mesh["pp"].get_group(), device, 1.0 / grad_accum)
     return model
 
 
@@ -77,7 +89,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def maybe_no_sync(model: nn.Module, cfg: StrategyConfig, is_last_micro_step: bool):
-    """Skip gradient communication on all but the last gradient-accumulation micro-step."""
+    """Skip gradient communication on all but the last gradient-accumulation micro-step (a pipeline's
+    schedule manages its stages' gradient synchronisation itself)."""
+    if isinstance(model, Pipeline):
+        return contextlib.nullcontext()
     if cfg.dp == "ddp" and not is_last_micro_step:
         return model.no_sync()
     if cfg.dp == "fsdp":

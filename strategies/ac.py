@@ -60,9 +60,12 @@ def checkpointed_block_ids(n_layer: int, mode: str, every: int) -> list[int]:
 
 
 def apply_ac(model: nn.Module, mode: str, every: int = 2) -> nn.Module:
-    """Wrap ``model.blocks[i]`` in place for the blocks ``mode`` selects; returns ``model``."""
-    for i in checkpointed_block_ids(len(model.blocks), mode, every):
-        model.blocks[i] = CheckpointWrapper(model.blocks[i], op_level=(mode == "op"))
+    """Wrap ``model.blocks[key]`` in place for the blocks ``mode`` selects (by global block index, so a
+    pipeline stage checkpoints the same blocks the whole model would); returns ``model``."""
+    chosen = set(checkpointed_block_ids(model.cfg.n_layer, mode, every))
+    for key in list(model.blocks.keys()):
+        if int(key) in chosen:
+            model.blocks[key] = CheckpointWrapper(model.blocks[key], op_level=(mode == "op"))
     return model
 
 

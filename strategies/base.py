@@ -8,8 +8,8 @@ Adding a strategy is therefore its module plus a preset YAML (README: "Add a str
 Hooks (all optional except ``apply``), called with the strategy configuration ``s``:
 
 - ``fields``: the configuration fields it owns, ``Field(name, type, default, doc, choices)``;
-- ``validate(s)`` / ``validate_for(s, device_type, world_size)``: raise StrategyError (one line naming the
-  bad value and the valid ones) or warn;
+- ``validate(s)`` / ``validate_for(s, device_type, world_size)`` / ``validate_run(s, model_cfg, seq_len,
+  micro_batch)``: raise StrategyError (one line naming the bad value and the valid ones) or warn;
 - ``name_part(s)``: its part of the canonical name (``None``/``""`` when off), joined with '+' in
   ``name_order``;
 - ``apply(model, s, ctx)``: change the meta-device model (``ApplyContext``); returns the model to train;
@@ -54,6 +54,7 @@ class Technique:
     fields: tuple[Field, ...] = ()
     validate: Callable = _none
     validate_for: Callable = _none
+    validate_run: Callable = _none
     name_part: Callable = _none
     cost_setup: Callable = _none
     memory: Callable = _none

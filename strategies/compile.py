@@ -18,7 +18,7 @@ def apply_compile(model: nn.Module, mode: str = "block") -> nn.Module:
     """Compile each block (``mode='block'``: repeated blocks share one compiled graph) and the output
     stage (``model.head_loss``: final norm, head, loss), or the whole model (``mode='model'``)."""
     if mode == "block":
-        for block in model.blocks:
+        for block in model.blocks.values():
             block.compile()
         if hasattr(model, "head_loss"):
             model.head_loss = torch.compile(model.head_loss)  # instance attribute shadows the method

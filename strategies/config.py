@@ -58,6 +58,12 @@ def _validate_for(self, device_type: str, world_size: int) -> None:
         t.validate_for(self, device_type, world_size)
 
 
+def _validate_run(self, model_cfg, seq_len: int, micro_batch: int) -> None:
+    """Checks against the model's shape and the batch (tp against the heads, pp against the blocks, ...)."""
+    for t in TECHNIQUES:
+        t.validate_run(self, model_cfg, seq_len, micro_batch)
+
+
 def _canonical_name(self) -> str:
     """Each technique's part in name order, joined with '+': 'single' | 'ddp' | 'fsdp' | 'fsdp(no-reshard)',
     then '+ac(...)', '+bf16'/'+fp16', '+compile[(model)]', ..."""
@@ -75,7 +81,7 @@ StrategyConfig = dataclasses.make_dataclass(
     "StrategyConfig",
     [(f.name, f.type, dataclasses.field(default=f.default, metadata={"doc": f.doc, "choices": f.choices}))
      for f in _FIELDS],
-    namespace={"__post_init__": _post_init, "validate_for": _validate_for,
+    namespace={"__post_init__": _post_init, "validate_for": _validate_for, "validate_run": _validate_run,
                "canonical_name": property(_canonical_name), "compute_dtype_name": _compute_dtype_name},
 )
 StrategyConfig.__module__ = __name__

@@ -25,15 +25,16 @@ def _validate(s) -> None:
 
 
 def _validate_for(s, device_type: str, world_size: int) -> None:
-    if s.dp == "none" and world_size > s.tp:
-        model_par = f" x tp={s.tp}" if s.tp > 1 else ""
-        raise StrategyError(f"strategy dp='none' runs one data-parallel replica{model_par} but world_size="
-                            f"{world_size}; use strategy=ddp or strategy=fsdp, or launch {s.tp} process(es)")
+    model_par = s.tp * s.pp
+    if s.dp == "none" and world_size > model_par:
+        what = f" of tp={s.tp} x pp={s.pp} ranks" if model_par > 1 else " (one process)"
+        raise StrategyError(f"strategy dp='none' runs one model replica{what} but world_size={world_size}; "
+                            f"use strategy=ddp or strategy=fsdp, or launch {model_par} process(es)")
 
 
 def _name(s) -> str | None:
     if s.dp == "none":
-        return None if s.tp > 1 else "single"
+        return None if s.tp * s.pp > 1 else "single"
     return "fsdp(no-reshard)" if s.dp == "fsdp" and not s.reshard_after_forward else s.dp
 
 

@@ -29,7 +29,7 @@ def apply_fsdp(model: nn.Module, device_type: str, reshard_after_forward: bool =
     already made DTensors on the ``tp`` dimension are sharded on top of it (2-D, FSDP x TP)."""
     mesh = mesh if mesh is not None else init_device_mesh(device_type, (dist.get_world_size(),))
     mp = get_mp_policy(amp)
-    for block in model.blocks:
+    for block in model.blocks.values():
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     # The root (embeddings, final norm, head) stays unsharded from forward to backward: backward starts
     # with the head, so resharding it would only buy a second all-gather of the largest matrix.

@@ -1,10 +1,11 @@
-"""The device mesh: the world's ranks arranged as (dp, tp), built once and handed to every strategy.
+"""The device mesh: the world's ranks arranged as (pp, dp, tp), built once and handed to every strategy.
 
-Dimension names and order follow torchtitan: ``dp`` (data parallel: DDP or FSDP shard over it) outer,
-``tp`` (tensor parallel) innermost, so the ranks of one tensor-parallel group are consecutive (on a GPU
-node: the same host, on the fastest links). Global rank r sits at dp coordinate r // tp and tp
-coordinate r % tp. ``dp`` = world / tp; the data loader gives every rank of one dp coordinate the same
-micro-batches.
+Dimension names and order follow torchtitan: ``pp`` (pipeline stages) outermost, ``dp`` (data parallel:
+DDP or FSDP over it) next, ``tp`` (tensor parallel) innermost, so the ranks of one tensor-parallel
+group are consecutive (on a GPU node: the same host, the fastest links) and pipeline neighbours are
+furthest apart (point-to-point traffic only). Global rank r sits at pp = r // (dp tp),
+dp = (r // tp) % dp, tp = r % tp. ``dp`` = world / (pp tp); the data loader gives every rank of one dp
+coordinate the same micro-batches.
 
 The mesh exists only with a process group; a single process runs without one (``None``).
 """
@@ -20,27 +21,28 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 class MeshShape(NamedTuple):
     """Sizes of the mesh's dimensions (1 when a dimension is unused)."""
 
+    pp: int
     dp: int
     tp: int
 
     @property
     def world(self) -> int:
-        return self.dp * self.tp
+        return self.pp * self.dp * self.tp
 
     def describe(self) -> str:
-        """The row's ``mesh`` column: 'dp2xtp2' style, dimensions of size 1 left out ('1' for one rank)."""
+        """The row's ``mesh`` column: 'pp2xdp2' style, dimensions of size 1 left out ('1' for one rank)."""
         parts = [f"{name}{size}" for name, size in zip(self._fields, self) if size > 1]
         return "x".join(parts) or "1"
 
 
 def mesh_shape(s, world_size: int) -> MeshShape:
-    """(dp, tp) for ``world_size`` ranks under strategy ``s`` (validated elsewhere: tp divides the world)."""
-    tp = getattr(s, "tp", 1)
-    return MeshShape(dp=max(1, world_size // tp), tp=tp)
+    """(pp, dp, tp) for ``world_size`` ranks under strategy ``s`` (validated elsewhere: pp x tp divides it)."""
+    tp, pp = getattr(s, "tp", 1), getattr(s, "pp", 1)
+    return MeshShape(pp=pp, dp=max(1, world_size // (tp * pp)), tp=tp)
 
 
 def build_mesh(s, device_type: str) -> DeviceMesh | None:
-    """The (dp, tp) DeviceMesh over every rank of the initialised process group, or None without one."""
+    """The (pp, dp, tp) DeviceMesh over every rank of the initialised process group, or None without one."""
     if not dist.is_initialized():
         return None
     shape = mesh_shape(s, dist.get_world_size())

@@ -78,20 +78,24 @@ def _replicate_output(mesh):
 
 def apply_tp(model: nn.Module, tp_mesh, sp: bool) -> nn.Module:
     """Parallelize the (meta-device) model in place over ``tp_mesh``; see the module docstring."""
-    learned_positions = getattr(model, "pos_emb", None) is not None
-    emb_out = Shard(1) if sp and not learned_positions else Replicate()
-    top = {"tok_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=emb_out)}
-    if getattr(model, "lm_head", None) is not None:
-        top["lm_head"] = ColwiseParallel()  # only its weight's layout matters: head_loss uses it functionally
-    if sp:
-        top["norm_f"] = SequenceParallel()
-        if learned_positions:  # positions added to the full sequence, then each rank keeps its shard
+    top = {}
+    if model.tok_emb is not None:  # a pipeline stage may own neither end (strategies/pp.py)
+        learned_positions = model.pos_emb is not None
+        emb_out = Shard(1) if sp and not learned_positions else Replicate()
+        top["tok_emb"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=emb_out)
+        if sp and learned_positions:  # positions added to the full sequence, then each rank keeps its shard
             top["drop"] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
                                              use_local_output=True)
-    parallelize_module(model, tp_mesh, top)
-    for block in model.blocks:
+    if model.lm_head is not None:
+        top["lm_head"] = ColwiseParallel()  # only its weight's layout matters: head_loss uses it functionally
+    if model.norm_f is not None and sp:
+        top["norm_f"] = SequenceParallel()
+    if top:
+        parallelize_module(model, tp_mesh, top)
+    for block in model.blocks.values():
         parallelize_module(block, tp_mesh, _block_plan(block, sp))
-    model.norm_f.register_forward_hook(_replicate_output(tp_mesh))
+    if model.norm_f is not None:
+        model.norm_f.register_forward_hook(_replicate_output(tp_mesh))
     return model
 
 
@@ -109,7 +113,7 @@ def _validate(s) -> None:
                             "across the tensor-parallel ranks)")
 
 
-def validate_model(s, model_cfg, seq_len: int) -> None:
+def validate_run(s, model_cfg, seq_len: int, micro_batch: int) -> None:
     """Shape checks: tp must divide the heads, the MLP width and the padded vocabulary, and (with sp) the
     sequence; dropout must be 0 (TP would need a per-rank RNG tracker)."""
     if s.tp == 1:
@@ -127,7 +131,7 @@ def validate_model(s, model_cfg, seq_len: int) -> None:
 
 
 def _validate_for(s, device_type: str, world_size: int) -> None:
-    if world_size % s.tp:
+    if s.tp > 1 and world_size % s.tp:
         raise StrategyError(f"strategy.tp={s.tp} does not divide the world size {world_size}; "
                             f"launch a multiple of {s.tp} processes")
 
@@ -150,5 +154,5 @@ TECHNIQUE = Technique(
                   "data-parallel degree is world_size / tp."),
             Field("sp", bool, False, "With tp >= 2: sequence parallelism (norms on a sequence shard; "
                   "all-gather + reduce-scatter instead of all-reduce).")),
-    apply=_apply, validate=_validate, validate_for=_validate_for, name_part=_name,
+    apply=_apply, validate=_validate, validate_for=_validate_for, validate_run=validate_run, name_part=_name,
 )

@@ -56,7 +56,7 @@ def test_block_activation_bytes_equal_autograds_saved_tensors(name, mode):
     cfg = get_config(name)
     model = build_model(cfg, "cpu")
     model.init_weights(0)
-    block = model.blocks[0]
+    block = model.blocks["0"]
     B, T = 2, 32
     dtype = torch.bfloat16 if mode == "half" else torch.float32
     if mode == "half":

@@ -164,7 +164,7 @@ def test_recompute_flops_count_what_checkpointing_reruns():
 
     cfg = get_config("tiny")
     model = make("tiny")
-    blocks = list(model.blocks)
+    blocks = list(model.blocks.values())
 
     class Ckpt(torch.nn.Module):
         def __init__(self, block):
@@ -176,7 +176,7 @@ def test_recompute_flops_count_what_checkpointing_reruns():
 
     plain = counted_train_flops(model, 2, 64)
     for i in range(0, cfg.n_layer, 2):
-        model.blocks[i] = Ckpt(blocks[i])
+        model.blocks[str(i)] = Ckpt(blocks[i])
     ckpt = counted_train_flops(model, 2, 64)
     assert ckpt - plain == recompute_flops_per_token(cfg, 64, "selective", 2) * 2 * 64
     blocks_fwd = forward_flops_per_token(cfg, 64) - 2 * cfg.n_embd * cfg.padded_vocab_size

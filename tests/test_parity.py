@@ -8,6 +8,8 @@ gradients where it should average them (pytorch/pytorch#162338).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -24,9 +26,16 @@ STEPS = 10
 TEXT = ("the quick brown fox jumps over the lazy dog. " * 40 + "pack my box with five dozen liquor jugs! " * 40) * 4
 
 
+def model_cfg(model: str):
+    """A preset by name; 'NAME:untied' is the preset with an untied head (pipeline parallelism needs one)."""
+    name, _, variant = model.partition(":")
+    cfg = get_config(name)
+    return dataclasses.replace(cfg, tie_embeddings=False) if variant == "untied" else cfg
+
+
 def run_cfg(strategy: dict, micro_batch: int, grad_accum: int, model: str = "tiny", data: str = "",
             steps: int = STEPS, seq_len: int = 64) -> RunConfig:
-    return RunConfig(model=get_config(model), strategy=StrategyConfig(**strategy), steps=steps, warmup=0,
+    return RunConfig(model=model_cfg(model), strategy=StrategyConfig(**strategy), steps=steps, warmup=0,
                      micro_batch=micro_batch, grad_accum=grad_accum, seq_len=seq_len, log_every=0, lr=1e-3,
                      data=data or "synthetic", measure_comm=False)
 

@@ -40,7 +40,7 @@ def test_checkpointing_trades_flops_for_saved_activations(mode):
     idx = torch.randint(0, 256, (2, 128))
     plain = fresh()
     ckpt = apply_ac(fresh(), mode)
-    assert all(isinstance(b, CheckpointWrapper) for b in ckpt.blocks)
+    assert all(isinstance(b, CheckpointWrapper) for b in ckpt.blocks.values())
     bytes_plain, flops_plain = saved_bytes_and_flops(plain, idx)
     bytes_ckpt, flops_ckpt = saved_bytes_and_flops(ckpt, idx)
     assert bytes_ckpt < 0.7 * bytes_plain if mode == "full" else bytes_ckpt < bytes_plain
@@ -53,13 +53,13 @@ def test_checkpointing_trades_flops_for_saved_activations(mode):
 
 def test_selective_wraps_every_kth_block():
     model = apply_ac(fresh(), "selective", every=3)
-    assert [isinstance(b, CheckpointWrapper) for b in model.blocks] == [True, False, False, True]
+    assert [isinstance(b, CheckpointWrapper) for b in model.blocks.values()] == [True, False, False, True]
 
 
 def test_autocast_runs_matmuls_in_bf16_and_keeps_fp32_params():
     model = fresh()
     seen = []
-    model.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    model.blocks["0"].attn.qkv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     with get_autocast("bf16", "none", "cpu"):
         loss = model(torch.randint(0, 256, (1, 8)), torch.randint(0, 256, (1, 8)))
     assert seen == [torch.bfloat16] and loss.dtype == torch.float32
@@ -77,7 +77,7 @@ def _fsdp_worker(rank, world, amp):
     qkv = params["blocks.0.attn.qkv.weight"]
     local_rows = qkv.to_local().shape[0]
     seen = []
-    model.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: seen.append((m.weight.dtype, o.dtype)))
+    model.blocks["0"].attn.qkv.register_forward_hook(lambda m, i, o: seen.append((m.weight.dtype, o.dtype)))
     model(torch.randint(0, 256, (1, 8)), torch.randint(0, 256, (1, 8))).backward()
     full = qkv.full_tensor()
     return {"local_rows": local_rows, "global_rows": qkv.shape[0], "dtypes": seen, "full": full,
@@ -87,7 +87,7 @@ def _fsdp_worker(rank, world, amp):
 def test_fsdp_shards_parameters_and_applies_mixed_precision_policy(ranks):
     out = ranks(_fsdp_worker, "fp32")
     assert [o["local_rows"] for o in out] == [192, 192] and out[0]["global_rows"] == 384
-    torch.testing.assert_close(out[0]["full"], fresh().blocks[0].attn.qkv.weight.detach())  # same init as single
+    torch.testing.assert_close(out[0]["full"], fresh().blocks["0"].attn.qkv.weight.detach())  # same init as single
     out16 = ranks(_fsdp_worker, "bf16")
     assert out16[0]["dtypes"] == [(torch.bfloat16, torch.bfloat16)]  # unsharded params cast for compute
     assert out16[0]["grad_dtype"] == torch.float32 and out16[0]["grad_is_dtensor"]  # sharded fp32 grads
@@ -116,7 +116,7 @@ def test_ddp_gradients_equal_single_process_on_concatenated_batch(ranks):
 def test_compiled_block_matches_eager():
     eager = fresh(seed=4)
     compiled = fresh(seed=4)
-    compiled.blocks[0].compile()
+    compiled.blocks["0"].compile()
     idx = torch.randint(0, 256, (2, 16))
     torch.testing.assert_close(compiled(idx, idx), eager(idx, idx), rtol=1e-5, atol=1e-5)
 

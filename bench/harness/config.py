@@ -19,7 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from bench.harness.table import run_ids
 from models.config import PRESETS, GPTConfig
 from reports.record import RUNS_FILE
-from strategies.config import StrategyConfig
+from strategies.config import StrategyConfig, StrategyError
 
 
 class ConfigError(ValueError):
@@ -139,6 +139,10 @@ class RunConfig:
             raise bad("seq_len", f"longer than model {self.model.name!r}'s context block_size={self.model.block_size}")
         if self.seq_len == 0:
             self.seq_len = self.model.block_size
+        try:
+            self.strategy.validate_run(self.model, self.seq_len, self.micro_batch)
+        except StrategyError as exc:
+            raise ConfigError(str(exc)) from exc
         if self.device not in ("auto", "cpu", "cuda"):
             raise bad("device", "valid values: auto, cpu, cuda")
         if self.backend not in ("auto", "nccl", "gloo"):

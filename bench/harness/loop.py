@@ -39,6 +39,7 @@ from reports.record import implausible
 from strategies import (apply_strategies, get_autocast, get_grad_scaler, maybe_loss_parallel, maybe_no_sync,
                         recompute_flops_per_token)
 from strategies.mesh import build_mesh, dp_coordinate, mesh_shape
+from strategies.pp import Pipeline
 from strategies.config import StrategyError
 
 
@@ -93,7 +94,7 @@ def build(cfg: RunConfig, info: DistInfo, batch: dict) -> Built:
     model = build_model(cfg.model, "meta")
     n_params = count_params(model)
     mesh = build_mesh(s, device.type)
-    model = apply_strategies(model, s, device, cfg.seed, mesh)
+    model = apply_strategies(model, s, device, cfg.seed, mesh, batch["grad_accum"])
     # Fused AdamW on CUDA (one kernel for all params; a GPT-2-small step spends ~10% in foreach AdamW);
     # foreach on CPU and for DTensor parameters (FSDP shards, TP splits: torchtitan's default there).
     has_dtensor = any(isinstance(p, DTensor) for p in model.parameters())
@@ -134,17 +135,22 @@ def make_step(cfg: RunConfig, info: DistInfo, b: Built) -> Callable[[int], torch
     """One optimizer step over ``grad_accum`` micro-batches; returns the step's mean loss (on the device)."""
     s, ga = cfg.strategy, b.batch["grad_accum"]
     dp_rank = dp_coordinate(b.mesh) if b.batch["dp_size"] > 1 else 0
+    pipelined = isinstance(b.model, Pipeline)
 
     def step_fn(step: int) -> torch.Tensor:
         step_loss = None
         for micro in range(ga):
             x, y = b.data.batch(step, dp_rank * ga + micro)
-            with maybe_no_sync(b.model, s, micro == ga - 1), maybe_loss_parallel(s):
-                with get_autocast(s.amp, s.dp, info.device.type):
-                    loss = b.model(x, y)
-                scaled = loss / ga
-                (b.scaler.scale(scaled) if b.scaler else scaled).backward()
-            part = _local(loss.detach()) / ga
+            if pipelined:  # the schedule runs forward and backward; its loss is already scaled by 1/ga
+                with maybe_loss_parallel(s), get_autocast(s.amp, s.dp, info.device.type):
+                    part = b.model.step(x, y)
+            else:
+                with maybe_no_sync(b.model, s, micro == ga - 1), maybe_loss_parallel(s):
+                    with get_autocast(s.amp, s.dp, info.device.type):
+                        loss = b.model(x, y)
+                    scaled = loss / ga
+                    (b.scaler.scale(scaled) if b.scaler else scaled).backward()
+                part = _local(loss.detach()) / ga
             step_loss = part if step_loss is None else step_loss + part
         if b.scaler:
             b.scaler.step(b.opt)
@@ -157,11 +163,13 @@ def make_step(cfg: RunConfig, info: DistInfo, b: Built) -> Callable[[int], torch
     return step_fn
 
 
-def _mean_over_ranks(values: list[torch.Tensor], dp_size: int) -> list[float]:
+def _mean_over_ranks(values: list[torch.Tensor], holders: int) -> list[float]:
+    """The global mean loss per step: the sum over ranks divided by the ``holders`` ranks that hold a loss
+    (all of them, except under pipelining, where only the last stage's ranks do and the others hold 0)."""
     stacked = torch.stack(values)
-    if dist.is_initialized() and dp_size > 1:
+    if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
-        stacked = stacked / dist.get_world_size()
+        stacked = stacked / holders
     return stacked.cpu().tolist()
 
 
@@ -198,7 +206,7 @@ def run_steps(cfg: RunConfig, info: DistInfo, b: Built, step_fn: Callable[[int],
             step_losses.append(step_loss)
             faults.after_step(step)
             if (cfg.log_every and (step + 1) % cfg.log_every == 0) or step == total - 1:
-                new = _mean_over_ranks(step_losses[len(losses):], b.batch["dp_size"])
+                new = _mean_over_ranks(step_losses[len(losses):], info.world_size // cfg.strategy.pp)
                 losses.extend(new)
                 if not all(math.isfinite(v) for v in new):
                     status = "nan"

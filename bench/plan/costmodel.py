@@ -82,8 +82,8 @@ class ParamGroups:
 def param_groups(cfg: GPTConfig) -> ParamGroups:
     """Shapes from a meta-device model (no allocation, any size)."""
     model = build_model(cfg, "meta")
-    blocks = [[tuple(p.shape) for p in b.parameters()] for b in model.blocks]
-    block_ids = {id(p) for b in model.blocks for p in b.parameters()}
+    blocks = [[tuple(p.shape) for p in b.parameters()] for b in model.blocks.values()]
+    block_ids = {id(p) for b in model.blocks.values() for p in b.parameters()}
     root = [tuple(p.shape) for p in model.parameters() if id(p) not in block_ids]
     lookup_only = ["pos_emb"] + ([] if cfg.tie_embeddings else ["tok_emb"])
     n_mm = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and n.split(".")[0] not in lookup_only)

@@ -1,0 +1,183 @@
+"""Pipeline parallelism on the mesh's ``pp`` dimension, with ``torch.distributed.pipelining``'s schedules.
+
+The split comes first (torchtitan's order): the meta-device model is cut into ``pp x pp_virtual``
+stages of consecutive blocks, each stage the same GPT with the parts it does not own removed (the
+first keeps the embeddings, the last the final norm and head; block names stay global, so every stage
+initialises to exactly the whole model's values). Every later strategy (TP, checkpointing, compile,
+FSDP/DDP) is then applied to each stage module, and ``Pipeline.finish`` wraps them in ``PipelineStage``s
+and the schedule:
+
+- ``gpipe``: all forwards, then all backwards (activations of every micro-batch alive at once);
+- ``1f1b``: one forward, one backward in the steady state (at most ``pp`` micro-batches in flight);
+- ``interleaved1f1b``: ``pp_virtual`` stages per rank, looped placement (rank r holds stages r, r + pp,
+  ...), a bubble ``pp_virtual`` times smaller (Narayanan et al. 2021).
+
+The training step's batch (``micro_batch`` sequences) is cut into ``pp_microbatches`` pipeline
+micro-batches; gradients are averaged over them (``scale_grads``) so the update equals one over the
+whole batch. Bubble fraction (idle share of a rank's step): (p - 1) / (m + p - 1) for gpipe and 1f1b,
+(p - 1) / (v m + p - 1) interleaved, for p = pp, m = micro-batches, v = virtual stages; the bubble counts
+against MFU (FLOPs per token are the model's, time is the step's).
+
+Between stages, each micro-batch sends its hidden states (mb x T x d in the activation dtype) forward
+and their gradient backward: point-to-point ``send``/``recv``. A tied head would need the embedding's
+gradient summed across the first and last stage, which pipelining does not do: pp needs
+``model.tie_embeddings=false``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+from models.gpt import lm_loss
+from strategies.base import Field, StrategyError, Technique
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved1f1b": ScheduleInterleaved1F1B}
+
+
+def virtual_stages(s) -> int:
+    """Stages per pipeline rank: ``pp_virtual`` for the interleaved schedule, else 1."""
+    return s.pp_virtual if s.pp_schedule == "interleaved1f1b" else 1
+
+
+def n_microbatches(s) -> int:
+    """Pipeline micro-batches per training micro-batch (``pp_microbatches``; 0 = pp)."""
+    return s.pp_microbatches or s.pp
+
+
+def stage_blocks(n_layer: int, n_stages: int) -> list[range]:
+    """Consecutive block indices of each stage: as even as possible, the first stages one longer."""
+    base, extra = divmod(n_layer, n_stages)
+    out, start = [], 0
+    for i in range(n_stages):
+        size = base + (1 if i < extra else 0)
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+def stage_ids(pp_rank: int, pp: int, virtual: int) -> list[int]:
+    """Stages this pipeline rank holds (looped placement): pp_rank, pp_rank + pp, ..."""
+    return [pp_rank + k * pp for k in range(virtual)]
+
+
+def split_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
+    """The (meta-device) stage module: a copy of ``model`` keeping only stage ``stage``'s parts."""
+    part = copy.deepcopy(model)
+    keep = {str(i) for i in stage_blocks(model.cfg.n_layer, n_stages)[stage]}
+    for key in [k for k in part.blocks.keys() if k not in keep]:
+        del part.blocks[key]
+    if stage > 0:
+        part.tok_emb = part.pos_emb = None
+    if stage < n_stages - 1:
+        part.norm_f = part.lm_head = None
+    return part
+
+
+class Pipeline(nn.Module):
+    """This rank's stage modules (``stages``: what the optimizer trains) and, after ``finish``, the
+    schedule that runs one training micro-batch through the whole pipeline (forward and backward)."""
+
+    def __init__(self, stages: list[nn.Module], ids: list[int], n_stages: int):
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.ids, self.n_stages = ids, n_stages
+        self.schedule = None
+        self._has_last = n_stages - 1 in ids
+
+    def finish(self, s, pp_group, device: torch.device, loss_scale: float) -> None:
+        """Wrap the (fully strategised) stage modules in PipelineStages and build the schedule; the
+        loss of each pipeline micro-batch is multiplied by ``loss_scale`` (1 / grad_accum)."""
+        stages = [PipelineStage(m, i, self.n_stages, device, group=pp_group) for m, i in zip(self.stages, self.ids)]
+        cls = SCHEDULES[s.pp_schedule]
+        loss_fn = (lambda logits, y: lm_loss(logits, y) * loss_scale) if loss_scale != 1 else lm_loss
+        self.schedule = cls(stages if cls is ScheduleInterleaved1F1B else stages[0], n_microbatches=n_microbatches(s),
+                            loss_fn=loss_fn, scale_grads=True)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of one training micro-batch; returns the mean (scaled) loss over the
+        pipeline micro-batches on ranks holding the last stage, 0 on the others."""
+        losses: list[torch.Tensor] = []
+        self.schedule.step(x, target=y, losses=losses)
+        if not self._has_last:
+            return torch.zeros((), device=x.device)
+        # under loss_parallel (pp x tp) each loss is a replicated DTensor: its local value is the loss
+        return torch.stack([getattr(loss, "to_local", lambda: loss)().detach() for loss in losses]).mean()
+
+    def forward(self, *_args):
+        raise RuntimeError("a Pipeline trains through step(x, y) (its schedule runs forward and backward)")
+
+
+def _validate(s) -> None:
+    if s.pp < 1:
+        raise StrategyError(f"strategy.pp={s.pp} is invalid; must be >= 1 (1 = no pipeline parallelism)")
+    if s.pp > 1 and s.dp == "ddp":
+        # torch 2.13: DDP's reducer asserts when a pipeline runs several backwards per step ("rebuilt
+        # parameter indices size is not same as original model parameters size"); torchtitan pairs PP with
+        # FSDP too.
+        raise StrategyError(f"strategy.pp={s.pp} with dp=ddp is not supported (DDP's gradient buckets break under "
+                            "a pipeline schedule in this torch release); use dp=fsdp or dp=none")
+    if s.pp_microbatches < 0:
+        raise StrategyError(f"strategy.pp_microbatches={s.pp_microbatches} is invalid; must be >= 0 (0 = pp)")
+    if s.pp_virtual < 2 and s.pp_schedule == "interleaved1f1b" and s.pp > 1:
+        raise StrategyError(f"strategy.pp_virtual={s.pp_virtual} is invalid for pp_schedule=interleaved1f1b; "
+                            "must be >= 2 (stages per rank)")
+    if s.pp > 1 and s.pp_schedule in ("1f1b", "interleaved1f1b") and n_microbatches(s) < s.pp:
+        raise StrategyError(f"strategy.pp_microbatches={s.pp_microbatches} is too few for pp_schedule="
+                            f"{s.pp_schedule} with pp={s.pp}; needs >= {s.pp} (or 0 = pp)")
+
+
+def validate_run(s, model_cfg, seq_len: int, micro_batch: int) -> None:
+    """Checks against the model and batch: enough blocks for every stage, micro_batch divisible by the
+    pipeline micro-batches, an untied head."""
+    if s.pp == 1:
+        return
+    stages = s.pp * virtual_stages(s)
+    if model_cfg.n_layer < stages:
+        raise StrategyError(f"strategy.pp={s.pp} x {virtual_stages(s)} stage(s) per rank needs at least {stages} "
+                            f"blocks but model.n_layer={model_cfg.n_layer}; lower pp or pp_virtual")
+    m = n_microbatches(s)
+    if micro_batch % m:
+        raise StrategyError(f"micro_batch={micro_batch} is not divisible by strategy.pp_microbatches={m} "
+                            "(each pipeline micro-batch gets micro_batch / pp_microbatches sequences)")
+    if model_cfg.tie_embeddings:
+        raise StrategyError(f"strategy.pp={s.pp} with a tied head: the embedding (first stage) and the head "
+                            "(last stage) cannot share one matrix; use model.tie_embeddings=false")
+
+
+def _validate_for(s, device_type: str, world_size: int) -> None:
+    if s.pp > 1 and world_size % (s.pp * s.tp):
+        raise StrategyError(f"strategy.pp={s.pp} x tp={s.tp} does not divide the world size {world_size}; "
+                            f"launch a multiple of {s.pp * s.tp} processes")
+
+
+def _name(s) -> str | None:
+    if s.pp == 1:
+        return None
+    v = virtual_stages(s)
+    return f"pp{s.pp}({s.pp_schedule}" + (f"/v{v}" if v > 1 else "") + ")"
+
+
+def _apply(model, s, ctx):
+    if s.pp == 1:
+        return model
+    pp_rank = ctx.mesh["pp"].get_local_rank()
+    n_stages = s.pp * virtual_stages(s)
+    ids = stage_ids(pp_rank, s.pp, virtual_stages(s))
+    return Pipeline([split_stage(model, i, n_stages) for i in ids], ids, n_stages)
+
+
+TECHNIQUE = Technique(
+    name="pp", order=1, name_order=4,
+    fields=(Field("pp", int, 1, "Pipeline-parallel degree (stages across ranks; 1 = off). The data-parallel "
+                  "degree is world_size / (tp x pp)."),
+            Field("pp_schedule", str, "1f1b", "Pipeline schedule: 'gpipe', '1f1b' or 'interleaved1f1b' "
+                  "(pp_virtual stages per rank).", tuple(SCHEDULES)),
+            Field("pp_microbatches", int, 0, "Pipeline micro-batches per training micro-batch (0 = pp); must "
+                  "divide micro_batch."),
+            Field("pp_virtual", int, 2, "Stages per rank for pp_schedule=interleaved1f1b.")),
+    apply=_apply, validate=_validate, validate_for=_validate_for, validate_run=validate_run, name_part=_name,
+)
