@@ -42,6 +42,7 @@ from bench.harness.loop import TrainOutcome, plan_batch, train  # noqa: E402
 from bench.harness.table import append_row, claim_run, dead_ranks, register_rank, write_steps  # noqa: E402
 from reports.record import RunRecord  # noqa: E402
 from strategies.config import StrategyError  # noqa: E402
+from strategies.mesh import layout_columns  # noqa: E402
 
 register_configs()
 
@@ -61,6 +62,7 @@ def build_row(cfg: RunConfig, raw: DictConfig, info: DistInfo, run_id: str, stat
         "world_size": info.world_size, "nnodes": info.nnodes, "device": info.device.type,
         "dtype": cfg.strategy.compute_dtype_name(info.device.type),
         "seq_len": cfg.seq_len, "micro_batch": cfg.micro_batch, **batch,
+        **layout_columns(cfg.strategy, info.world_size),
         "steps": cfg.steps, "warmup": cfg.warmup, "data": cfg.data, "seed": cfg.seed, "tag": cfg.tag,
         "status": status, "error": error,
     }

@@ -47,7 +47,16 @@ class RunRecord:
     strategy_preset: str = col("setup", doc="the strategy preset chosen on the command line")
     world_size: int = col("setup", "processes", required=True, setup=True)
     nnodes: int = col("setup", "hosts", required=True)
-    dp_size: int = col("setup", "processes", doc="data-parallel degree")
+    dp_size: int = col("setup", "processes", doc="data-parallel degree: world_size / (tp x pp)")
+    tp: int = col("setup", "processes", doc="tensor-parallel degree (1 = off)")
+    pp: int = col("setup", "processes", doc="pipeline-parallel degree: stages across ranks (1 = off)")
+    dp_shard: int = col("setup", "processes", doc="ranks parameters are sharded over (FSDP's dp_size, else 1)")
+    dp_replicate: int = col("setup", "processes", doc="ranks holding whole replicas that all-reduce gradients "
+                            "(DDP's dp_size, else 1)")
+    pp_schedule: str = col("setup", doc="pipeline schedule: gpipe, 1f1b, interleaved1f1b (null without pp)")
+    pp_microbatches: int = col("setup", "micro-batches", doc="pipeline micro-batches per training micro-batch "
+                               "(null without pp)")
+    mesh: str = col("setup", doc="device mesh shape, dimensions of size 1 left out: 'dp2xtp2', 'pp2xdp2', '1'")
     device: str = col("setup", doc="'cpu' or 'cuda'", required=True)
     dtype: str = col("setup", doc="the dtype matmuls run in: fp32, tf32, bf16, fp16", required=True)
     seq_len: int = col("setup", "tokens", required=True, setup=True)

@@ -36,11 +36,11 @@ from strategies.ddp import apply_ddp
 from strategies.fsdp import apply_fsdp
 from strategies.mesh import build_mesh
 from strategies.pp import Pipeline
-from strategies.tp import maybe_loss_parallel
+from strategies.tp import finalize_grads, maybe_loss_parallel
 
 __all__ = [
     "StrategyConfig", "StrategyError", "TECHNIQUES", "apply_strategies", "apply_ac", "apply_compile", "apply_ddp",
-    "apply_fsdp", "get_autocast", "get_grad_scaler", "get_mp_policy", "maybe_loss_parallel", "maybe_no_sync", "recompute_flops_per_token",
+    "apply_fsdp", "finalize_grads", "get_autocast", "get_grad_scaler", "get_mp_policy", "maybe_loss_parallel", "maybe_no_sync", "recompute_flops_per_token",
     "unwrap",
 ]
 

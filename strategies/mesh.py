@@ -41,6 +41,16 @@ def mesh_shape(s, world_size: int) -> MeshShape:
     return MeshShape(pp=pp, dp=max(1, world_size // (tp * pp)), tp=tp)
 
 
+def layout_columns(s, world_size: int) -> dict:
+    """The record's parallel-layout columns (reports/record.py) for strategy ``s`` on ``world_size`` ranks."""
+    shape = mesh_shape(s, world_size)
+    dp = shape.dp if s.dp != "none" else 1
+    pp = shape.pp > 1
+    return {"tp": shape.tp, "pp": shape.pp, "dp_shard": dp if s.dp == "fsdp" else 1,
+            "dp_replicate": dp if s.dp == "ddp" else 1, "pp_schedule": s.pp_schedule if pp else None,
+            "pp_microbatches": (s.pp_microbatches or s.pp) if pp else None, "mesh": shape.describe()}
+
+
 def build_mesh(s, device_type: str) -> DeviceMesh | None:
     """The (pp, dp, tp) DeviceMesh over every rank of the initialised process group, or None without one."""
     if not dist.is_initialized():

@@ -99,6 +99,17 @@ def apply_tp(model: nn.Module, tp_mesh, sp: bool) -> nn.Module:
     return model
 
 
+def finalize_grads(model: nn.Module) -> None:
+    """All-reduce, once per step, the partial gradients of replicated parameters used on a sequence shard
+    (SP norms, row-parallel biases): left Partial, every optimizer op that reads one would redistribute
+    it again (AdamW reads each twice). Megatron-LM's ``finalize_model_grads`` does the same for its
+    sequence-parallel norms. Under FSDP this is a no-op: its reduce-scatter resolves them."""
+    for p in model.parameters():
+        g = p.grad
+        if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
+            p.grad = g.redistribute(placements=[Replicate()] * len(g.placements))
+
+
 def maybe_loss_parallel(s):
     """The context the training step's forward *and* backward run in: ``loss_parallel`` under TP (cross
     entropy over vocabulary-sharded logits), else nothing."""

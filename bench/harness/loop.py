@@ -36,7 +36,7 @@ from bench.measure.profile import StepProfiler
 from bench.plan.costmodel import predict_comm, predict_memory
 from models import build_model, count_params, train_flops_per_token
 from reports.record import implausible
-from strategies import (apply_strategies, get_autocast, get_grad_scaler, maybe_loss_parallel, maybe_no_sync,
+from strategies import (apply_strategies, finalize_grads, get_autocast, get_grad_scaler, maybe_loss_parallel, maybe_no_sync,
                         recompute_flops_per_token)
 from strategies.mesh import build_mesh, dp_coordinate, mesh_shape
 from strategies.pp import Pipeline
@@ -152,6 +152,8 @@ def make_step(cfg: RunConfig, info: DistInfo, b: Built) -> Callable[[int], torch
                     (b.scaler.scale(scaled) if b.scaler else scaled).backward()
                 part = _local(loss.detach()) / ga
             step_loss = part if step_loss is None else step_loss + part
+        if s.tp > 1:
+            finalize_grads(b.model)
         if b.scaler:
             b.scaler.step(b.opt)
             b.scaler.update()

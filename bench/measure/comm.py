@@ -4,7 +4,8 @@
 all-gathers and reduce-scatters, ours) reaches the dispatcher as a ``c10d::*`` op, whose tensor
 arguments give the size. ``comm_bytes`` per op is the full tensor the collective operates on (the
 same convention as bench/plan/costmodel.py's prediction): all-reduce and broadcast: the tensors; all-gather:
-the gathered output; reduce-scatter: the full input.
+the gathered output; reduce-scatter: the full input; send / recv (pipeline stages): the tensor sent or
+received. DTensor's own collectives (tensor parallelism, the vocabulary-parallel loss) are counted too.
 
 The harness measures one extra training step after the timed window (a dispatch mode slows every op,
 so it never runs while timing), on every rank.
@@ -15,6 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -40,6 +42,8 @@ _OPS = {
     "all_reduce": ("all_reduce", 0),  # _c10d_functional (compiled code)
     "all_gather_into_tensor": ("all_gather", -1),
     "reduce_scatter_tensor": ("reduce_scatter", 0),
+    "send": ("send", 0),  # point-to-point (pipeline stages): the tensor sent ...
+    "recv_": ("recv", 0),  # ... or received
 }
 
 
@@ -52,6 +56,11 @@ class CommCounter(TorchDispatchMode):
         self.calls_by_kind: dict[str, int] = defaultdict(int)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(issubclass(t, DTensor) for t in types):
+            # A mode runs before tensor subclasses; declining here lets DTensor run its op and desugar it
+            # into the collectives it needs (tensor parallelism, loss_parallel), which then reach this mode
+            # as plain c10d ops (the approach of PyTorch's CommDebugMode).
+            return NotImplemented
         out = func(*args, **(kwargs or {}))
         ns = func.namespace
         name = func.__name__.split(".")[0]
