@@ -182,7 +182,7 @@ class GPT(nn.Module):
             raise RuntimeError("init_weights: materialise the model first (model.to_empty(device=...))")
         gen = torch.Generator(device=device).manual_seed(seed)
         std_resid = 0.02 / math.sqrt(2 * self.cfg.n_layer)
-        own = dict(self.named_parameters())
+        own = {_canonical(name): p for name, p in self.named_parameters()}
         for name, meta in build_model(self.cfg, "meta").named_parameters():
             p = own.get(name)
             full = torch.empty(meta.shape, dtype=meta.dtype if p is None else p.dtype, device=device)
@@ -233,6 +233,16 @@ class GPT(nn.Module):
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in fp32 of (B, T, V) logits against (B, T) targets."""
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+# Attribute names under which strategies hold a wrapped block (strategies/ac.py's CheckpointWrapper keeps it
+# as ``.block``; torch's own wrappers use the other two): not part of a parameter's model name.
+_WRAPPER_SEGMENTS = {"block", "_checkpoint_wrapped_module", "_orig_mod"}
+
+
+def _canonical(name: str) -> str:
+    """A parameter's name in the bare model: ``blocks.0.block.attn.qkv.weight`` -> ``blocks.0.attn.qkv.weight``."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
 
 
 def _copy_full_into(p: torch.Tensor, full: torch.Tensor) -> None:

@@ -169,3 +169,18 @@ def test_applying_twice_in_one_process_gives_the_same_model():
     a, b = fresh(seed=9), fresh(seed=9)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("ac", ["full", "selective", "op"])
+def test_wrapped_blocks_get_the_bare_models_initial_weights(ac):
+    """init_weights draws in the whole model's order by bare parameter names; a checkpoint wrapper's extra path
+    segment must not hide a parameter from it (it would stay uninitialised memory)."""
+    from models.gpt import _canonical
+
+    bare = fresh()
+    wrapped = apply_strategies(build_model(get_config("tiny"), "meta"), StrategyConfig(ac=ac), torch.device("cpu"), 0)
+    names = {_canonical(n): p for n, p in wrapped.named_parameters()}
+    assert any(n != _canonical(n) for n, _ in wrapped.named_parameters())  # the wrapper does rename
+    assert names.keys() == dict(bare.named_parameters()).keys()
+    for name, p in bare.named_parameters():
+        assert torch.equal(names[name], p), name
