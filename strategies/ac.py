@@ -108,7 +108,7 @@ def _memory(parts: dict, ctx) -> None:
     block's activations recomputed at a time in backward. Op-level is predicted as none (an upper bound)."""
     if ctx.s.ac not in ("full", "selective"):
         return
-    ck = len(checkpointed_block_ids(ctx.L, ctx.s.ac, ctx.s.ac_every))
+    ck = len(set(checkpointed_block_ids(ctx.model.n_layer, ctx.s.ac, ctx.s.ac_every)) & set(ctx.block_ids))
     block, resid = ctx.block_bytes(ctx.mode), ctx.resid_bytes(ctx.mode)
     parts["activations"] = ck * resid + (ctx.L - ck) * block + block
 

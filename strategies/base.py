@@ -80,7 +80,8 @@ class CostContext:
     """The cost model's view of one run (all sizes per rank). Set by bench/plan/costmodel.py; techniques'
     ``cost_setup`` hooks may change ``mode``, ``shard_world`` and ``param_bytes``.
 
-    P params (elements), n_mm matmul weights, L blocks, tokens = micro_batch x seq_len per micro-step;
+    P params (elements, this rank's: tp-local, this pipeline stage's), n_mm matmul weights, L blocks held,
+    tokens = micro_batch x seq_len per micro-step; ``world`` all ranks, ``dp`` the data-parallel degree;
     ``mode``: activation precision, 'fp32' | 'autocast' | 'half'; ``shard_world``: ranks the parameters
     and optimizer state are sharded over (1 = replicated); ``param_bytes``: bytes per gathered parameter;
     ``padded(world)``, ``root_padded(world)``, ``block_padded(i, world)``: element counts after FSDP-style
@@ -104,6 +105,16 @@ class CostContext:
     mode: str = "fp32"
     shard_world: int = 1
     param_bytes: int = 4
+    dp: int = 1  # data-parallel degree: world / (tp x pp)
+    tp: int = 1
+    pp: int = 1
+    pp_rank: int = 0
+    block_ids: tuple = ()  # global indices of the blocks this rank holds (all of them without pp)
+    has_embedding: bool = True  # this rank holds the first stage (embeddings)
+    has_head: bool = True  # ... the last stage (final norm, head, loss)
+    replicated_norm: int = 0  # elements of this rank's norm parameters (replicated under tp)
+    act_tokens: int = 0  # tokens whose block activations are alive at once (pp: micro-batches in flight)
+    head_tokens: int = 0  # ... whose output-stage activations are
 
     @property
     def tokens(self) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from strategies.base import Field, StrategyError, Technique
 from strategies.ddp import apply_ddp
+from strategies.pp import n_microbatches as n_pipeline_microbatches
 from strategies.fsdp import apply_fsdp
 
 MODES = ("none", "ddp", "fsdp")
@@ -50,7 +51,7 @@ def _apply(model, s, ctx):
 
 def _cost_setup(ctx) -> None:
     if ctx.s.dp == "fsdp":  # FSDP2 shards (and pads) even on one rank
-        ctx.shard_world = ctx.world
+        ctx.shard_world = ctx.dp
         ctx.param_bytes = BYTES[ctx.s.amp]
         if ctx.s.amp != "fp32":
             ctx.mode = "half"  # MixedPrecisionPolicy: parameters and activations in the 16-bit dtype
@@ -60,8 +61,9 @@ def _memory(parts: dict, ctx) -> None:
     if ctx.s.dp == "ddp":
         parts["grads"] = 4 * ctx.P  # bucket views, alive all run
     elif ctx.s.dp == "fsdp":
-        W = ctx.world
-        inflight = ctx.L if not ctx.s.reshard_after_forward else min(2, ctx.L)
+        W = ctx.dp
+        # a pipeline schedule keeps its stages' blocks unsharded from the first backward to the last
+        inflight = ctx.L if (not ctx.s.reshard_after_forward or ctx.pp > 1) else min(2, ctx.L)
         parts["fsdp_unsharded"] = ctx.param_bytes * (ctx.root_padded(W) + sum(ctx.block_padded(i, W)
                                                                               for i in range(inflight)))
         parts["grads"] = 0  # sharded grads appear after reduce-scatter, when activations are gone
@@ -72,9 +74,14 @@ def _comm(ctx) -> dict:
         return {}
     if ctx.s.dp == "ddp":
         return {"all_reduce": 4 * ctx.P}
-    padded = ctx.padded(ctx.world)
-    blocks = sum(ctx.block_padded(i, ctx.world) for i in range(ctx.L))
-    gather = ctx.grad_accum * BYTES[ctx.s.amp] * (padded + (blocks if ctx.s.reshard_after_forward else 0))
+    W = ctx.dp
+    padded = ctx.padded(W)
+    blocks = sum(ctx.block_padded(i, W) for i in range(ctx.L))
+    # Under a pipeline schedule every pipeline micro-batch's forward gathers the (resharded) blocks again,
+    # and backward gathers them once (the schedule keeps them unsharded until the last backward).
+    forwards = n_pipeline_microbatches(ctx.s) if ctx.pp > 1 else 1
+    per_micro = padded + (forwards - 1) * blocks if ctx.s.reshard_after_forward else padded
+    gather = ctx.grad_accum * BYTES[ctx.s.amp] * (per_micro + (blocks if ctx.s.reshard_after_forward else 0))
     return {"all_gather": gather, "reduce_scatter": 4 * padded}  # reduce dtype fp32
 
 

@@ -161,6 +161,43 @@ def _name(s) -> str | None:
     return f"pp{s.pp}({s.pp_schedule}" + (f"/v{v}" if v > 1 else "") + ")"
 
 
+def in_flight_chunks(s, pp_rank: int) -> int:
+    """Stage-chunks (one stage's blocks for one pipeline micro-batch) whose activations pipeline rank
+    ``pp_rank`` holds at its peak: gpipe all m x v; 1f1b its warm-up forwards + 1 = pp - rank (at most m);
+    interleaved 1f1b Megatron-LM's warm-up, (pp - rank - 1) x 2 + (v - 1) x pp, + 1 (at most m x v)."""
+    m, v = n_microbatches(s), virtual_stages(s)
+    if s.pp_schedule == "gpipe":
+        return m * v
+    if v == 1:
+        return min(m, s.pp - pp_rank)
+    return min(m * v, (s.pp - pp_rank - 1) * 2 + (v - 1) * s.pp + 1)
+
+
+def _cost_setup(ctx) -> None:
+    """Activations held at the peak: the in-flight chunks' tokens (per block of this rank); the output
+    stage's: all micro-batches under gpipe, one otherwise (the last stage runs each backward at once)."""
+    if ctx.pp == 1:
+        return
+    s, per_mb = ctx.s, ctx.tokens / n_microbatches(ctx.s)
+    ctx.act_tokens = round(per_mb * in_flight_chunks(s, ctx.pp_rank) / virtual_stages(s))
+    ctx.head_tokens = ctx.tokens if s.pp_schedule == "gpipe" else round(per_mb)
+
+
+def _comm(ctx) -> dict:
+    """Point-to-point bytes per step of this pipeline rank: per pipeline micro-batch and stage boundary of
+    each stage it holds, the hidden states forward (mb/m x T x d) and their gradient backward, in the
+    residual stream's dtype (fp32, or 16-bit under FSDP's bf16 policy); a sequence shard of them with sp."""
+    if ctx.pp == 1:
+        return {}
+    s, n_stages = ctx.s, ctx.pp * virtual_stages(ctx.s)
+    ids = stage_ids(ctx.pp_rank, ctx.pp, virtual_stages(s))
+    inner = sum(1 for i in ids if i < n_stages - 1)  # boundaries after a held stage
+    outer = sum(1 for i in ids if i > 0)  # ... before one
+    size = ctx.grad_accum * ctx.tokens * ctx.model.n_embd * (2 if ctx.mode == "half" else 4)
+    size //= ctx.tp if s.sp else 1
+    return {"send": size * (inner + outer), "recv": size * (inner + outer)}
+
+
 def _apply(model, s, ctx):
     if s.pp == 1:
         return model
@@ -180,4 +217,5 @@ TECHNIQUE = Technique(
                   "divide micro_batch."),
             Field("pp_virtual", int, 2, "Stages per rank for pp_schedule=interleaved1f1b.")),
     apply=_apply, validate=_validate, validate_for=_validate_for, validate_run=validate_run, name_part=_name,
+    cost_setup=_cost_setup, comm=_comm,
 )

@@ -44,6 +44,25 @@ from torch.distributed.tensor.parallel import (
 from strategies.base import Field, StrategyError, Technique
 
 
+# Where each parameter is split (the plan below): column-parallel modules split dim 0 (output rows, or the
+# vocabulary of the embedding), row-parallel weights split dim 1 (their biases stay whole); the rest
+# (norms, positions) is replicated.
+_COLWISE = ("attn.qkv", "mlp.fc", "mlp.gate", "lm_head", "tok_emb")
+_ROWWISE = ("attn.proj", "mlp.proj")
+
+
+def tp_local_shape(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
+    """The shape of parameter ``name`` on one tensor-parallel rank (the cost model's view of the plan)."""
+    if tp == 1:
+        return shape
+    module, kind = name.rsplit(".", 1)
+    if module.endswith(_COLWISE):
+        return (shape[0] // tp, *shape[1:])
+    if module.endswith(_ROWWISE) and kind == "weight":
+        return (shape[0], shape[1] // tp)
+    return shape
+
+
 def _block_plan(block: nn.Module, sp: bool) -> dict:
     resid = Shard(1) if sp else Replicate()  # layout of the residual stream between sub-layers
     plan = {
@@ -153,6 +172,42 @@ def _name(s) -> str | None:
     return f"tp{s.tp}" + ("+sp" if s.sp else "")
 
 
+def _elem_bytes(mode: str) -> tuple[int, int, int]:
+    """Bytes per element of (the column-parallel inputs and their gradients, the row-parallel outputs and
+    their gradients, the embedding output) in activation precision ``mode``: fp32 all 4; autocast keeps
+    norms and the residual stream in fp32 but the linears' outputs are 16-bit; FSDP's bf16 policy all 2."""
+    return {"fp32": (4, 4, 4), "autocast": (4, 2, 4), "half": (2, 2, 2)}[mode]
+
+
+def _comm(ctx) -> dict:
+    """Bytes per step this rank's tensor-parallel group moves (full-tensor sizes, as the cost model counts):
+    per micro-step of n tokens, with the blocks, embedding and head this rank holds (L blocks):
+
+    - plain TP, all-reduce: forward 2 per block (attention and MLP outputs) + 1 (embedding); backward 1 per
+      column-parallel input per block (qkv, fc, and llama's gate: each re-enters its own DTensor) + 1
+      (head input); loss_parallel's 3 all-reduces of n fp32 values (max, sum of exp, target logit);
+    - SP: all-gather 4 per block (2 forward inputs, 2 backward output gradients) + 1 (head input) + 1
+      (embedding gradient); reduce-scatter 4 per block + 1 (head input gradient) + 1 (llama's embedding
+      output; gpt2 all-reduces it to add positions); all-reduce: loss 3 x n fp32, plus once per step the
+      replicated norm parameters' partial gradients.
+    Sizes n d e with e from ``_elem_bytes``."""
+    if ctx.tp == 1:
+        return {}
+    cfg, n, L, ga = ctx.model, ctx.tokens, ctx.L, ctx.grad_accum
+    e_in, e_out, e_emb = _elem_bytes(ctx.mode)
+    nd, emb, head = n * cfg.n_embd, ctx.has_embedding, ctx.has_head
+    loss = 3 * n * 4 if head else 0
+    if not ctx.s.sp:
+        col_inputs = 3 if cfg.arch == "llama" else 2
+        per_micro = nd * (L * (2 * e_out + col_inputs * e_in) + emb * e_emb + head * e_in) + loss
+        return {"all_reduce": ga * per_micro}
+    learned_positions = cfg.arch == "gpt2"
+    gather = nd * (L * 2 * (e_in + e_out) + head * e_in + emb * e_emb)
+    scatter = nd * (L * 2 * (e_out + e_in) + head * e_in + (emb and not learned_positions) * e_emb)
+    reduce = ga * (nd * (emb and learned_positions) * e_emb + loss) + 4 * ctx.replicated_norm
+    return {"all_gather": ga * gather, "reduce_scatter": ga * scatter, "all_reduce": reduce}
+
+
 def _apply(model, s, ctx):
     if s.tp == 1:
         return model
@@ -166,4 +221,5 @@ TECHNIQUE = Technique(
             Field("sp", bool, False, "With tp >= 2: sequence parallelism (norms on a sequence shard; "
                   "all-gather + reduce-scatter instead of all-reduce).")),
     apply=_apply, validate=_validate, validate_for=_validate_for, validate_run=validate_run, name_part=_name,
+    comm=_comm,
 )

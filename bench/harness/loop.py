@@ -88,7 +88,8 @@ def build(cfg: RunConfig, info: DistInfo, batch: dict) -> Built:
     # the predicted peak is compared with peak_mem_bytes - mem_baseline_bytes.
     baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else memory.current_rss_bytes()
     pred_mem = predict_memory(cfg.model, s, info.world_size, cfg.micro_batch, cfg.seq_len)
-    pred_comm = predict_comm(cfg.model, s, batch["dp_size"], batch["grad_accum"])
+    pred_comm = predict_comm(cfg.model, s, info.world_size, batch["grad_accum"], micro_batch=cfg.micro_batch,
+                             seq_len=cfg.seq_len)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, "meta")

@@ -51,6 +51,9 @@ from models.config import GPTConfig
 from models.gpt import build_model
 from strategies.base import CostContext
 from strategies.config import TECHNIQUES, StrategyConfig
+from strategies.mesh import mesh_shape
+from strategies.pp import stage_blocks, stage_ids, virtual_stages
+from strategies.tp import tp_local_shape
 
 
 def padded_numel(shape: tuple[int, ...], world: int) -> int:
@@ -59,13 +62,48 @@ def padded_numel(shape: tuple[int, ...], world: int) -> int:
     return math.ceil(shape[0] / world) * world * rest
 
 
+def param_shapes(cfg: GPTConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, global shape) of every parameter, from a meta-device model (no allocation, any size)."""
+    return [(name, tuple(p.shape)) for name, p in build_model(cfg, "meta").named_parameters()]
+
+
 @dataclass
 class ParamGroups:
-    """Parameter shapes of the model as FSDP groups them: the root (non-block params) and each block."""
+    """This rank's parameter shapes as FSDP groups them: the root (non-block params) and each block,
+    after tensor parallelism (each split matrix's local shape) and the pipeline split (only the blocks,
+    embedding and head of this rank's stages)."""
 
     root: list[tuple[int, ...]]
     blocks: list[list[tuple[int, ...]]]
     n_mm: int  # matmul weights (2-D params used in a matmul): autocast copies them
+    replicated_norm: int = 0  # elements of norm parameters (replicated under TP): SP all-reduces their grads
+    block_ids: tuple[int, ...] = ()  # global indices of the blocks held
+
+    @classmethod
+    def build(cls, cfg: GPTConfig, shapes: list[tuple[str, tuple[int, ...]]], tp: int = 1,
+              stages: tuple[int, ...] = (0,), n_stages: int = 1) -> ParamGroups:
+        held = {i for st in stages for i in stage_blocks(cfg.n_layer, n_stages)[st]}
+        first, last = 0 in stages, n_stages - 1 in stages
+        root, blocks, n_mm, norm = [], {}, 0, 0
+        lookup_only = ("pos_emb",) + (() if cfg.tie_embeddings else ("tok_emb",))
+        for name, shape in shapes:
+            top = name.split(".")[0]
+            if top == "blocks":
+                i = int(name.split(".")[1])
+                if i not in held:
+                    continue
+            elif (top in ("tok_emb", "pos_emb") and not first) or (top in ("norm_f", "lm_head") and not last):
+                continue
+            if cfg.tie_embeddings and top == "tok_emb" and not first:
+                continue
+            local = tp_local_shape(name, shape, tp)
+            (blocks.setdefault(int(name.split(".")[1]), []) if top == "blocks" else root).append(local)
+            if len(shape) == 2 and top not in lookup_only:
+                n_mm += math.prod(local)
+            if ".norm" in f".{name}" and len(shape) == 1:
+                norm += math.prod(local)
+        ids = tuple(sorted(blocks))
+        return cls(root, [blocks[i] for i in ids], n_mm, norm, ids)
 
     @property
     def total(self) -> int:
@@ -79,19 +117,20 @@ class ParamGroups:
         return sum(padded_numel(s, world) for s in self.blocks[i])
 
 
-def param_groups(cfg: GPTConfig) -> ParamGroups:
-    """Shapes from a meta-device model (no allocation, any size)."""
-    model = build_model(cfg, "meta")
-    blocks = [[tuple(p.shape) for p in b.parameters()] for b in model.blocks.values()]
-    block_ids = {id(p) for b in model.blocks.values() for p in b.parameters()}
-    root = [tuple(p.shape) for p in model.parameters() if id(p) not in block_ids]
-    lookup_only = ["pos_emb"] + ([] if cfg.tie_embeddings else ["tok_emb"])
-    n_mm = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and n.split(".")[0] not in lookup_only)
-    return ParamGroups(root, blocks, n_mm)
+def param_groups(cfg: GPTConfig, s: StrategyConfig | None = None, world: int = 1, pp_rank: int = 0,
+                 shapes: list | None = None) -> ParamGroups:
+    """This rank's ParamGroups under strategy ``s`` on ``world`` ranks (the whole model without ``s``)."""
+    shapes = shapes if shapes is not None else param_shapes(cfg)
+    if s is None:
+        return ParamGroups.build(cfg, shapes)
+    shape = mesh_shape(s, world)
+    v = virtual_stages(s) if shape.pp > 1 else 1
+    return ParamGroups.build(cfg, shapes, shape.tp, tuple(stage_ids(pp_rank, shape.pp, v)), shape.pp * v)
 
 
-def block_activation_bytes(cfg: GPTConfig, tokens: int, mode: str, seq_len: int = 0) -> int:
-    """Bytes autograd saves for one block's backward, for ``tokens`` tokens.
+def block_activation_bytes(cfg: GPTConfig, tokens: int, mode: str, seq_len: int = 0, tp: int = 1,
+                           sp: bool = False) -> int:
+    """Bytes autograd saves for one block's backward, for ``tokens`` tokens, on one tensor-parallel rank.
 
     ``mode``: 'fp32'; 'autocast' (bf16/fp16 autocast: norms and the residual stream stay fp32, matmul
     inputs and outputs are 16-bit); 'half' (FSDP mixed precision: everything 16-bit except norm
@@ -99,90 +138,131 @@ def block_activation_bytes(cfg: GPTConfig, tokens: int, mode: str, seq_len: int 
 
     gpt2: LN1 in (d) + 2 stats, qkv in (d), qkv out (3d: q, k, v are views of it), attention out (d) +
     log-sum-exp (H) -- the out-projection reads the attention output in place (SDPA returns it in
-    (B, T, H, hd) layout when q, k, v are views of one qkv tensor, so transpose+contiguous copies
+    (B, T, H, hd) layout when q, k, v are views of one qkv tensor, so transpose+reshape copies
     nothing), LN2 in (d) + 2 stats, fc in (d), GELU in (h), down-proj in (h). Under autocast the
     16-bit casts of the LN outputs replace the fp32 ones as the linears' saved inputs.
     llama: RMSNorm1 in (d) + rsqrt (1) + normalised (d), qkv in (d), qkv out (3d), rotated q and k (2d),
     attention out (d) + lse (H), out-proj in (d), the same norm again (2d + 1) + MLP in (d),
     gate out, SiLU out, up out and their product (4h); in 16-bit modes RoPE's cos/sin tables are cast
     per call (4 tables of seq_len x hd/2 per block, independent of the batch).
+
+    Tensor parallelism (strategies/tp.py) splits each term by where it lives: inside attention and the
+    MLP ('s': heads and MLP width are split) 1/tp; the norms ('q') 1/tp only with sequence parallelism;
+    the column-parallel linears' inputs ('r': the full, all-gathered sequence) whole.
     """
     d, h, H = cfg.n_embd, cfg.hidden_dim, cfg.n_head
     lo = 2  # bytes of a 16-bit element
+    # (elements per token, bytes per element, split) for each saved tensor
     if cfg.arch == "gpt2":
-        if mode == "fp32":
-            per_tok = 4 * (8 * d + 2 * h + H + 4)
-        elif mode == "autocast":  # fp32: LN inputs (2d) + 4 stats + lse; 16-bit: 6d + 2h
-            per_tok = 4 * (2 * d + 4 + H) + lo * (6 * d + 2 * h)
-        else:  # 16-bit LN statistics (as on CPU), fp32 lse
-            per_tok = lo * (8 * d + 2 * h + 4) + 4 * H
-        return per_tok * tokens
-    if mode == "fp32":
-        per_tok = 4 * (13 * d + 4 * h + H + 2)
-    elif mode == "autocast":  # RMSNorms in fp32 (2 x (2d + 1)); the MLP input is cast twice (gate, up)
-        per_tok = 4 * (4 * d + 2 + H) + lo * (10 * d + 4 * h)
+        norm_b, stat_b, mm_b = {"fp32": (4, 4, 4), "autocast": (4, 4, lo), "half": (lo, lo, lo)}[mode]
+        terms = [(2 * d, norm_b, "q"), (4, stat_b, "q"), (2 * d, mm_b, "r"), (4 * d + 2 * h, mm_b, "s"),
+                 (H, 4, "s")]
     else:
-        per_tok = 4 * (2 + H) + lo * (13 * d + 4 * h)
-    rope_casts = 4 * seq_len * (cfg.head_dim // 2) * lo if mode != "fp32" else 0
-    return per_tok * tokens + rope_casts
+        norm_b, stat_b, mm_b = {"fp32": (4, 4, 4), "autocast": (4, 4, lo), "half": (lo, 4, lo)}[mode]
+        mlp_in = 2 * d if mode == "autocast" else d  # autocast casts the MLP input twice (gate, up)
+        # qkv in and MLP in are the norms' outputs in fp32/half (counted with the norms there)
+        norms, inputs = (4 * d, d + mlp_in) if mode == "autocast" else (4 * d + 0, 2 * d)
+        terms = [(norms, norm_b, "q"), (2, stat_b, "q"), (inputs, mm_b, "r"), (7 * d + 4 * h, mm_b, "s"),
+                 (H, 4, "s")]
+    split = {"s": tp, "q": tp if sp else 1, "r": 1}
+    per_tok = sum(n * b / split[kind] for n, b, kind in terms)
+    rope_casts = 4 * seq_len * (cfg.head_dim // 2) * lo if (mode != "fp32" and cfg.arch == "llama") else 0
+    return round(per_tok * tokens) + rope_casts
 
 
-def head_bytes(cfg: GPTConfig, tokens: int, mode: str) -> dict[str, int]:
+def head_bytes(cfg: GPTConfig, tokens: int, mode: str, tp: int = 1, sp: bool = False) -> dict[str, int]:
     """Saved (final norm, head input, fp32 log-softmax output, int64 inputs/targets) and transient
-    (the loss backward's gradient buffers) bytes of the output stage."""
+    (the loss backward's gradient buffers) bytes of the output stage, on one tensor-parallel rank (the
+    vocabulary is split over tp; the norm over tp with sp; the head input is the full sequence)."""
     d, V = cfg.n_embd, cfg.padded_vocab_size
     norm = (2 * d + 1) if cfg.arch == "llama" else (d + 2)
     act = 4 if mode in ("fp32", "autocast") else 2
-    saved = tokens * (norm * act + d * (2 if mode != "fp32" else 4) + 4 * V + 16) + 4  # + nll's total_weight
+    norm_split = tp if sp else 1
+    saved = tokens * (norm * act / norm_split + d * (2 if mode != "fp32" else 4) + 4 * V / tp + 16) + 4
     # the loss backward's grad of the log-softmax output and grad of the fp32 logits, and the head
     # weight's gradient (V x d) that the logits gradient produces while both are alive
-    transient = tokens * 2 * 4 * V + V * d * (2 if mode == "half" else 4)
-    return {"saved": saved, "transient": transient}
+    transient = tokens * 2 * 4 * V / tp + V * d * (2 if mode == "half" else 4) / tp
+    return {"saved": round(saved), "transient": round(transient)}
 
 
 def cost_context(cfg: GPTConfig, s: StrategyConfig, world: int, micro_batch: int, seq_len: int,
-                 grad_accum: int = 1, groups: ParamGroups | None = None) -> CostContext:
-    """The techniques' view of one run, after every technique's ``cost_setup`` (precision, sharding)."""
-    g = groups or param_groups(cfg)
+                 grad_accum: int = 1, groups: ParamGroups | None = None, pp_rank: int = 0,
+                 shapes: list | None = None) -> CostContext:
+    """The techniques' view of pipeline rank ``pp_rank`` of one run, after every technique's ``cost_setup``
+    (precision, sharding, the pipeline's micro-batches in flight)."""
+    shape = mesh_shape(s, world)
+    g = groups or param_groups(cfg, s, world, pp_rank, shapes)
     ctx = CostContext(
         model=cfg, s=s, world=world, micro_batch=micro_batch, seq_len=seq_len, grad_accum=grad_accum,
-        P=g.total, n_mm=g.n_mm, L=cfg.n_layer, padded=g.padded,
+        P=g.total, n_mm=g.n_mm, L=len(g.blocks), padded=g.padded,
         root_padded=lambda w: sum(padded_numel(x, w) for x in g.root), block_padded=g.block_padded,
-        block_bytes=lambda mode: block_activation_bytes(cfg, micro_batch * seq_len, mode, seq_len),
-        resid_bytes=lambda mode: micro_batch * seq_len * cfg.n_embd * (4 if mode != "half" else 2))
+        block_bytes=lambda mode: block_activation_bytes(cfg, ctx.act_tokens, mode, seq_len, ctx.tp, ctx.s.sp),
+        resid_bytes=lambda mode: round(ctx.act_tokens * cfg.n_embd * (4 if mode != "half" else 2)
+                                       / (ctx.tp if ctx.s.sp else 1)),
+        dp=shape.dp, tp=shape.tp, pp=shape.pp, pp_rank=pp_rank, block_ids=g.block_ids,
+        has_embedding=shape.pp == 1 or 0 in stage_ids(pp_rank, shape.pp, virtual_stages(s)),
+        has_head=shape.pp == 1 or shape.pp * virtual_stages(s) - 1 in stage_ids(pp_rank, shape.pp,
+                                                                                  virtual_stages(s)),
+        replicated_norm=g.replicated_norm)
+    ctx.act_tokens = ctx.head_tokens = ctx.tokens
     for t in TECHNIQUES:
         t.cost_setup(ctx)
     return ctx
 
 
+def _pp_ranks(s: StrategyConfig, world: int, pp_rank: int | None) -> list[int]:
+    pp = mesh_shape(s, world).pp
+    return list(range(pp)) if pp_rank is None else [pp_rank]
+
+
 def predict_memory(cfg: GPTConfig, s: StrategyConfig, world: int, micro_batch: int, seq_len: int,
-                   groups: ParamGroups | None = None) -> dict[str, int]:
+                   groups: ParamGroups | None = None, pp_rank: int | None = None,
+                   shapes: list | None = None) -> dict[str, int]:
     """Per-rank bytes by part (see the module docstring); ``total`` is the predicted peak. The model's parts
-    here, each technique's terms from its own ``memory`` hook (strategies/*.py)."""
-    ctx = cost_context(cfg, s, world, micro_batch, seq_len, groups=groups)
-    W = ctx.shard_world
-    shard = ctx.padded(W) // W if W > 1 else ctx.P
-    hb = head_bytes(cfg, ctx.tokens, ctx.mode)
-    parts = {"params": 4 * shard, "optimizer": 8 * shard, "autocast_weights": 0, "fsdp_unsharded": 0,
-             "activations": ctx.L * ctx.block_bytes(ctx.mode), "head": hb["saved"] + hb["transient"],
-             "grads": None}
-    for t in TECHNIQUES:
-        t.memory(parts, ctx)
-    if parts["grads"] is None:  # single process: freed by zero_grad(set_to_none), grow as activations free
-        parts["grads"] = max(0, 4 * ctx.P - parts["activations"])
-    parts["total"] = sum(parts.values())
-    return parts
+    here, each technique's terms from its own ``memory`` hook (strategies/*.py). Under pipeline
+    parallelism ranks differ: the pipeline rank ``pp_rank``, or (None) the one with the largest peak."""
+    if groups is not None and mesh_shape(s, world).pp * mesh_shape(s, world).tp > 1:
+        groups = None  # whole-model groups do not describe a tensor- or pipeline-parallel rank
+    shapes = shapes if shapes is not None or groups is not None else param_shapes(cfg)
+    best: dict[str, int] = {}
+    for rank in _pp_ranks(s, world, pp_rank):
+        ctx = cost_context(cfg, s, world, micro_batch, seq_len, groups=groups, pp_rank=rank, shapes=shapes)
+        W = ctx.shard_world
+        shard = ctx.padded(W) // W if W > 1 else ctx.P
+        hb = head_bytes(cfg, ctx.head_tokens, ctx.mode, ctx.tp, s.sp) if ctx.has_head else {"saved": 0,
+                                                                                            "transient": 0}
+        parts = {"params": 4 * shard, "optimizer": 8 * shard, "autocast_weights": 0, "fsdp_unsharded": 0,
+                 "activations": ctx.L * ctx.block_bytes(ctx.mode), "head": hb["saved"] + hb["transient"],
+                 "grads": None}
+        for t in TECHNIQUES:
+            t.memory(parts, ctx)
+        if parts["grads"] is None:  # single process: freed by zero_grad(set_to_none), grow as activations free
+            parts["grads"] = max(0, 4 * ctx.P - parts["activations"])
+        parts["total"] = sum(parts.values())
+        if parts["total"] > best.get("total", -1):
+            best = parts
+    return best
 
 
 def predict_comm(cfg: GPTConfig, s: StrategyConfig, world: int, grad_accum: int = 1,
-                 groups: ParamGroups | None = None) -> dict[str, int]:
-    """Bytes per step per rank by collective (full-tensor sizes; each technique's ``comm`` hook), and ``total``."""
+                 groups: ParamGroups | None = None, micro_batch: int = 1, seq_len: int = 0,
+                 pp_rank: int | None = None, shapes: list | None = None) -> dict[str, int]:
+    """Bytes per step per rank by collective (full-tensor sizes; each technique's ``comm`` hook), and ``total``.
+    Tensor and pipeline parallelism move activations, so their terms need ``micro_batch`` and ``seq_len``
+    (0 = the model's context). Pipeline ranks differ: ``pp_rank``, or (None) the one that moves most."""
     if world <= 1:
         return {"total": 0}
-    ctx = cost_context(cfg, s, world, 1, 1, grad_accum, groups)
-    out: dict[str, int] = {}
-    for t in TECHNIQUES:
-        for name, nbytes in t.comm(ctx).items():
-            out[name] = out.get(name, 0) + nbytes
-    out["total"] = sum(out.values())
-    return out
+    if groups is not None and mesh_shape(s, world).pp * mesh_shape(s, world).tp > 1:
+        groups = None
+    shapes = shapes if shapes is not None or groups is not None else param_shapes(cfg)
+    best: dict[str, int] = {}
+    for rank in _pp_ranks(s, world, pp_rank):
+        ctx = cost_context(cfg, s, world, micro_batch, seq_len or cfg.block_size, grad_accum, groups, rank, shapes)
+        out: dict[str, int] = {}
+        for t in TECHNIQUES:
+            for name, nbytes in t.comm(ctx).items():
+                out[name] = out.get(name, 0) + nbytes
+        out["total"] = sum(out.values())
+        if out["total"] > best.get("total", -1):
+            best = out
+    return best
