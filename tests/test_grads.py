@@ -51,13 +51,15 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def canonical(name: str) -> str:
-    """The parameter's name in the plain model: without DDP's 'module.' and the checkpoint wrapper's 'block.'."""
+    """The parameter's name in the plain model: without a pipeline's 'stages.N.', DDP's 'module.' and the
+    checkpoint wrapper's 'block.'."""
+    name = re.sub(r"^stages\.\d+\.", "", name)
     return re.sub(r"\.block\.", ".", name.removeprefix("module."))
 
 
 def run_case(rank: int, world_size: int, fields: dict, micro_batch: int, grad_accum: int, opt: str, steps: int,
-             data: str) -> dict:
-    cfg = run_cfg(fields, micro_batch, grad_accum, data=data, steps=steps, seq_len=32)
+             data: str, model: str = "tiny") -> dict:
+    cfg = run_cfg(fields, micro_batch, grad_accum, model=model, data=data, steps=steps, seq_len=32)
     info = DistInfo(rank, rank, world_size, 1, torch.device("cpu"), "gloo" if world_size > 1 else None)
     cfg.strategy.validate_for("cpu", world_size)
     b = build(cfg, info, plan_batch(cfg, info))
@@ -74,7 +76,12 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
-def assert_same(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], what: str, rtol: float = RTOL) -> None:
+def assert_same(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], what: str, rtol: float = RTOL,
+                subset: bool = False) -> None:
+    """Every tensor of ``got`` equals ``ref``'s within ``rtol`` (relative L2); the same names, or (``subset``:
+    a pipeline stage's) a subset of them."""
+    if subset:
+        ref = {n: ref[n] for n in got if n in ref}
     assert set(got) == set(ref), f"{what}: parameter names differ: {sorted(set(got) ^ set(ref))[:5]}"
     worst = max(((_rel(got[n], ref[n]), n) for n in ref), key=lambda t: t[0])
     assert worst[0] < rtol, f"{what}: {worst[1]} differs from single by {worst[0]:.2e} (relative L2)"
@@ -116,6 +123,44 @@ def test_gradients_and_parameters_equal_single_process(ranks, text, reference, n
         assert_same(sgd[rank]["params"], reference["sgd"]["params"], f"{name} rank {rank} params after SGD")
         assert_same(adamw[rank]["params"], reference["adamw"]["params"], f"{name} rank {rank} params after AdamW",
                     RTOL_ADAMW)
+
+
+# Mesh strategies: (strategy fields, model, micro_batch, grad_accum, world size); 4 sequences per step.
+MESH_CASES = {
+    "tp2_sp": ({"tp": 2, "sp": True}, "tiny", 2, 2, 2),
+    "tp2_llama": ({"tp": 2}, "llama-tiny", 4, 1, 2),
+    "pp2_1f1b": ({"pp": 2}, "tiny:untied", 4, 1, 2),
+    "fsdp_tp": ({"dp": "fsdp", "tp": 2}, "tiny", 2, 1, 4),
+    "pp2_fsdp": ({"dp": "fsdp", "pp": 2}, "llama-tiny:untied", 2, 1, 4),
+}
+
+
+@pytest.fixture(scope="module")
+def model_references(text) -> dict:
+    cache: dict = {}
+
+    def get(model: str) -> dict:
+        if model not in cache:
+            cache[model] = {"sgd": run_case(0, 1, {}, 2, 2, "sgd", 1, text, model),
+                            "adamw": run_case(0, 1, {}, 2, 2, "adamw", 3, text, model)}
+        return cache[model]
+    return get
+
+
+@pytest.mark.parametrize("name", list(MESH_CASES))
+def test_mesh_gradients_and_parameters_equal_single_process(ranks, text, model_references, name):
+    """Tensor-parallel shards and pipeline stages, gathered: the single process's gradients and parameters.
+    A pipeline rank holds its stage's parameters only; together the ranks hold every one."""
+    fields, model, mb, ga, world = MESH_CASES[name]
+    ref = model_references(model)
+    sgd = ranks(run_case, fields, mb, ga, "sgd", 1, text, model, world_size=world)
+    adamw = ranks(run_case, fields, mb, ga, "adamw", 3, text, model, world_size=world)
+    for rank in range(world):
+        assert_same(sgd[rank]["grads"], ref["sgd"]["grads"], f"{name} rank {rank} SGD gradients", subset=True)
+        assert_same(sgd[rank]["params"], ref["sgd"]["params"], f"{name} rank {rank} params after SGD", subset=True)
+        assert_same(adamw[rank]["params"], ref["adamw"]["params"], f"{name} rank {rank} params after AdamW",
+                    RTOL_ADAMW, subset=True)
+    assert set().union(*(r["params"] for r in sgd)) == set(ref["sgd"]["params"])
 
 
 @pytest.mark.parametrize("fields", [{"ac": "full"}, {"ac": "selective", "ac_every": 3}, {"ac": "op"},
