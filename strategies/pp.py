@@ -13,8 +13,8 @@ and the schedule:
   ...), a bubble ``pp_virtual`` times smaller (Narayanan et al. 2021).
 
 The training step's batch (``micro_batch`` sequences) is cut into ``pp_microbatches`` pipeline
-micro-batches; gradients are averaged over them (``scale_grads``) so the update equals one over the
-whole batch. Bubble fraction (idle share of a rank's step): (p - 1) / (m + p - 1) for gpipe and 1f1b,
+micro-batches; the loss of each is divided by their number (and by grad_accum), so the update equals
+one over the whole batch. Bubble fraction (idle share of a rank's step): (p - 1) / (m + p - 1) for gpipe and 1f1b,
 (p - 1) / (v m + p - 1) interleaved, for p = pp, m = micro-batches, v = virtual stages; the bubble counts
 against MFU (FLOPs per token are the model's, time is the step's).
 
@@ -93,19 +93,22 @@ class Pipeline(nn.Module):
         loss of each pipeline micro-batch is multiplied by ``loss_scale`` (1 / grad_accum)."""
         stages = [PipelineStage(m, i, self.n_stages, device, group=pp_group) for m, i in zip(self.stages, self.ids)]
         cls = SCHEDULES[s.pp_schedule]
-        loss_fn = (lambda logits, y: lm_loss(logits, y) * loss_scale) if loss_scale != 1 else lm_loss
+        # The mean over pipeline micro-batches is taken in the loss (scale 1 / (m x grad_accum)), not by the
+        # schedule's scale_grads: that divides every accumulated gradient at the end of each step, so under
+        # gradient accumulation the earlier micro-steps' gradients would be divided again.
+        scale = loss_scale / n_microbatches(s)
         self.schedule = cls(stages if cls is ScheduleInterleaved1F1B else stages[0], n_microbatches=n_microbatches(s),
-                            loss_fn=loss_fn, scale_grads=True)
+                            loss_fn=lambda logits, y: lm_loss(logits, y) * scale, scale_grads=False)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Forward and backward of one training micro-batch; returns the mean (scaled) loss over the
-        pipeline micro-batches on ranks holding the last stage, 0 on the others."""
+        """Forward and backward of one training micro-batch; returns its mean loss over the pipeline
+        micro-batches, divided by grad_accum, on ranks holding the last stage; 0 on the others."""
         losses: list[torch.Tensor] = []
         self.schedule.step(x, target=y, losses=losses)
         if not self._has_last:
             return torch.zeros((), device=x.device)
         # under loss_parallel (pp x tp) each loss is a replicated DTensor: its local value is the loss
-        return torch.stack([getattr(loss, "to_local", lambda: loss)().detach() for loss in losses]).mean()
+        return torch.stack([getattr(loss, "to_local", lambda: loss)().detach() for loss in losses]).sum()
 
     def forward(self, *_args):
         raise RuntimeError("a Pipeline trains through step(x, y) (its schedule runs forward and backward)")
