@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from bench.harness.dist import DistInfo
-from bench.harness.loop import build, make_step, plan_batch
+from bench.harness.loop import build, make_step, param_groups, plan_batch
 from tests.test_parity import TEXT, run_cfg
 
 RTOL = 1e-4
@@ -65,7 +65,7 @@ def run_case(rank: int, world_size: int, fields: dict, micro_batch: int, grad_ac
     b = build(cfg, info, plan_batch(cfg, info))
     named = [(canonical(n), p) for n, p in b.model.named_parameters()]
     b.opt = RecordingSGD(named) if opt == "sgd" else torch.optim.AdamW(
-        [p for _, p in named], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+        param_groups(b.model), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
     step = make_step(cfg, info, b)
     losses = [float(step(i)) for i in range(steps)]
     return {"grads": b.opt.grads[0] if opt == "sgd" else None,
