@@ -40,8 +40,8 @@ from strategies.tp import finalize_grads, maybe_loss_parallel
 
 __all__ = [
     "StrategyConfig", "StrategyError", "TECHNIQUES", "apply_strategies", "apply_ac", "apply_compile", "apply_ddp",
-    "apply_fsdp", "finalize_grads", "get_autocast", "get_grad_scaler", "get_mp_policy", "maybe_loss_parallel", "maybe_no_sync", "recompute_flops_per_token",
-    "unwrap",
+    "apply_fsdp", "finalize_grads", "get_autocast", "get_grad_scaler", "get_mp_policy", "maybe_loss_parallel",
+    "maybe_no_sync", "recompute_flops_per_token", "unwrap",
 ]
 
 

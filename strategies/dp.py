@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from strategies.base import Field, StrategyError, Technique
 from strategies.ddp import apply_ddp
-from strategies.pp import n_microbatches as n_pipeline_microbatches
 from strategies.fsdp import apply_fsdp
+from strategies.pp import n_microbatches as n_pipeline_microbatches
 
 MODES = ("none", "ddp", "fsdp")
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -93,6 +93,6 @@ TECHNIQUE = Technique(
                   "or keep them until backward (ZeRO-2-like).")),
     apply=_apply, validate=_validate, validate_for=_validate_for, name_part=_name,
     cost_setup=_cost_setup, memory=_memory, comm=_comm,
-    plan_axes=lambda world: {"dp": (["none"] if world == 1 else []) + ["ddp", "fsdp"],
+    plan_axes=lambda world: {"dp": ["none", "ddp", "fsdp"],  # none: one process, or one model-parallel replica
                              "reshard_after_forward": [True, False]},
 )

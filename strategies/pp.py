@@ -30,12 +30,13 @@ import copy
 
 import torch
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from models.gpt import lm_loss
 from strategies.base import Field, StrategyError, Technique
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved1f1b": ScheduleInterleaved1F1B}
+# torch.distributed.pipelining's schedule classes by name (imported when a pipeline is built: the planner
+# and the cost model load this module without needing them)
+SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved1f1b": "ScheduleInterleaved1F1B"}
 
 
 def virtual_stages(s) -> int:
@@ -77,6 +78,10 @@ def split_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
     return part
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class Pipeline(nn.Module):
     """This rank's stage modules (``stages``: what the optimizer trains) and, after ``finish``, the
     schedule that runs one training micro-batch through the whole pipeline (forward and backward)."""
@@ -91,13 +96,16 @@ class Pipeline(nn.Module):
     def finish(self, s, pp_group, device: torch.device, loss_scale: float) -> None:
         """Wrap the (fully strategised) stage modules in PipelineStages and build the schedule; the
         loss of each pipeline micro-batch is multiplied by ``loss_scale`` (1 / grad_accum)."""
-        stages = [PipelineStage(m, i, self.n_stages, device, group=pp_group) for m, i in zip(self.stages, self.ids)]
-        cls = SCHEDULES[s.pp_schedule]
+        from torch.distributed import pipelining
+
+        stages = [pipelining.PipelineStage(m, i, self.n_stages, device, group=pp_group)
+                  for m, i in zip(self.stages, self.ids)]
+        cls = getattr(pipelining, SCHEDULES[s.pp_schedule])
         # The mean over pipeline micro-batches is taken in the loss (scale 1 / (m x grad_accum)), not by the
         # schedule's scale_grads: that divides every accumulated gradient at the end of each step, so under
         # gradient accumulation the earlier micro-steps' gradients would be divided again.
         scale = loss_scale / n_microbatches(s)
-        self.schedule = cls(stages if cls is ScheduleInterleaved1F1B else stages[0], n_microbatches=n_microbatches(s),
+        self.schedule = cls(stages if virtual_stages(s) > 1 else stages[0], n_microbatches=n_microbatches(s),
                             loss_fn=lambda logits, y: lm_loss(logits, y) * scale, scale_grads=False)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -108,7 +116,7 @@ class Pipeline(nn.Module):
         if not self._has_last:
             return torch.zeros((), device=x.device)
         # under loss_parallel (pp x tp) each loss is a replicated DTensor: its local value is the loss
-        return torch.stack([getattr(loss, "to_local", lambda: loss)().detach() for loss in losses]).sum()
+        return torch.stack([_plain(loss).detach() for loss in losses]).sum()
 
     def forward(self, *_args):
         raise RuntimeError("a Pipeline trains through step(x, y) (its schedule runs forward and backward)")
@@ -221,4 +229,6 @@ TECHNIQUE = Technique(
             Field("pp_virtual", int, 2, "Stages per rank for pp_schedule=interleaved1f1b.")),
     apply=_apply, validate=_validate, validate_for=_validate_for, validate_run=validate_run, name_part=_name,
     cost_setup=_cost_setup, comm=_comm,
+    plan_axes=lambda world: {"pp": [p for p in (1, 2, 4, 8) if world % p == 0],
+                             "pp_schedule": ["1f1b", "interleaved1f1b", "gpipe"]},
 )

@@ -32,17 +32,8 @@ import contextlib
 
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    PrepareModuleInput,
-    RowwiseParallel,
-    SequenceParallel,
-    loss_parallel,
-    parallelize_module,
-)
 
 from strategies.base import Field, StrategyError, Technique
-
 
 # Where each parameter is split (the plan below): column-parallel modules split dim 0 (output rows, or the
 # vocabulary of the embedding), row-parallel weights split dim 1 (their biases stay whole); the rest
@@ -64,6 +55,7 @@ def tp_local_shape(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...
 
 
 def _block_plan(block: nn.Module, sp: bool) -> dict:
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
     resid = Shard(1) if sp else Replicate()  # layout of the residual stream between sub-layers
     plan = {
         "attn.qkv": ColwiseParallel(),
@@ -97,6 +89,14 @@ def _replicate_output(mesh):
 
 def apply_tp(model: nn.Module, tp_mesh, sp: bool) -> nn.Module:
     """Parallelize the (meta-device) model in place over ``tp_mesh``; see the module docstring."""
+    # imported here: the planner and the cost model load this module without needing the machinery
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
     top = {}
     if model.tok_emb is not None:  # a pipeline stage may own neither end (strategies/pp.py)
         learned_positions = model.pos_emb is not None
@@ -132,7 +132,11 @@ def finalize_grads(model: nn.Module) -> None:
 def maybe_loss_parallel(s):
     """The context the training step's forward *and* backward run in: ``loss_parallel`` under TP (cross
     entropy over vocabulary-sharded logits), else nothing."""
-    return loss_parallel() if s.tp > 1 else contextlib.nullcontext()
+    if s.tp == 1:
+        return contextlib.nullcontext()
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    return loss_parallel()
 
 
 def _validate(s) -> None:
@@ -222,4 +226,5 @@ TECHNIQUE = Technique(
                   "all-gather + reduce-scatter instead of all-reduce).")),
     apply=_apply, validate=_validate, validate_for=_validate_for, validate_run=validate_run, name_part=_name,
     comm=_comm,
+    plan_axes=lambda world: {"tp": [t for t in (1, 2, 4, 8) if world % t == 0], "sp": [False, True]},
 )

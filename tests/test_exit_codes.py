@@ -129,7 +129,7 @@ def test_every_invalid_configuration_exits_2_with_one_line_and_no_row(tmp_path, 
 @pytest.mark.parametrize("overrides, expect", [
     (["model=nope"], "model='nope' is not a model preset"),
     (["lr=-1"], "lr=-1.0 is invalid"),
-    (["strategy=single"], "strategy dp='none' (single) runs one process but world_size=2"),
+    (["strategy=single"], "strategy dp='none' runs one model replica (one process) but world_size=2"),
 ])
 def test_under_torchrun_one_rank_prints_one_line_and_no_row_is_written(tmp_path, table, overrides, expect):
     res = run_cli([*OK, "strategy=ddp", f"results_dir={table}", *overrides], nproc=2, timeout=180)

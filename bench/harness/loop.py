@@ -36,11 +36,18 @@ from bench.measure.profile import StepProfiler
 from bench.plan.costmodel import predict_comm, predict_memory
 from models import build_model, count_params, train_flops_per_token
 from reports.record import implausible
-from strategies import (apply_strategies, finalize_grads, get_autocast, get_grad_scaler, maybe_loss_parallel, maybe_no_sync,
-                        recompute_flops_per_token)
+from strategies import (
+    apply_strategies,
+    finalize_grads,
+    get_autocast,
+    get_grad_scaler,
+    maybe_loss_parallel,
+    maybe_no_sync,
+    recompute_flops_per_token,
+)
+from strategies.config import StrategyError
 from strategies.mesh import build_mesh, dp_coordinate, mesh_shape
 from strategies.pp import Pipeline
-from strategies.config import StrategyError
 
 
 @dataclass

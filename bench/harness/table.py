@@ -21,6 +21,7 @@ import json
 import math
 import os
 import socket
+import time
 from pathlib import Path
 
 from reports.record import REQUIRED_COLUMNS, RUNS_FILE, RunRecord
@@ -125,14 +126,24 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:  # a zombie (killed, not yet reaped) is dead too
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return True
 
 
-def dead_ranks(results_dir: str | Path, run_id: str) -> list[int]:
-    """Ranks of the run on this host whose process no longer exists (other hosts' ranks cannot be checked)."""
-    folder = Path(results_dir) / ".claims" / f"{run_id}.ranks"
+def dead_ranks(results_dir: str | Path, run_id: str, wait_s: float = 1.0) -> list[int]:
+    """Ranks of the run on this host whose process no longer exists (other hosts' ranks cannot be checked).
+    Called on the error path only: a killed peer's sockets close (and our collective fails) a moment before
+    the kernel marks the process dead, so look again for up to ``wait_s`` seconds before answering none."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        dead = _dead_now(Path(results_dir) / ".claims" / f"{run_id}.ranks")
+        if dead or time.monotonic() >= deadline:
+            return dead
+        time.sleep(0.05)
+
+
+def _dead_now(folder: Path) -> list[int]:
     host, dead = socket.gethostname(), []
     for f in sorted(folder.glob("*"), key=lambda f: int(f.name) if f.name.isdigit() else -1):
         try:

@@ -26,10 +26,11 @@ if __package__ in (None, ""):
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from bench.plan.costmodel import param_groups, predict_comm, predict_memory  # noqa: E402
+from bench.plan.costmodel import param_shapes, predict_comm, predict_memory  # noqa: E402
 from models.config import PRESETS, GPTConfig, get_config  # noqa: E402
 from reports.cli import UsageError, fail, opt, parse  # noqa: E402
 from strategies.config import TECHNIQUES, StrategyConfig, StrategyError  # noqa: E402
+from strategies.mesh import mesh_shape  # noqa: E402
 
 GIB = 2**30
 
@@ -37,7 +38,7 @@ GIB = 2**30
 @dataclass
 class PlanArgs:
     model: str = opt(help="a model preset: " + ", ".join(PRESETS))
-    world_size: int = opt(1, "data-parallel ranks (GPUs)")
+    world_size: int = opt(1, "ranks (GPUs); split into (pp, dp, tp) by each strategy")
     device_memory_gib: float = opt(80.0, "memory per device, GiB")
     micro_batch: int = opt(1, "sequences per micro-batch per rank")
     seq_len: int = opt(0, "tokens per sequence (0 = the model's context)")
@@ -59,9 +60,11 @@ class PlanArgs:
             raise UsageError(f"model={self.model!r} is not a preset; valid: {', '.join(PRESETS)}")
 
 
-def combinations(world: int) -> list[StrategyConfig]:
+def combinations(world: int, model: GPTConfig | None = None, micro_batch: int = 1,
+                 seq_len: int = 0, left_out: dict | None = None) -> list[StrategyConfig]:
     """Every valid combination of the techniques' plan axes (strategies/*.py: ``plan_axes``) on ``world`` GPUs,
-    one per canonical name."""
+    one per canonical name; with ``model``, only those valid for it (tp against its heads, pp against its
+    blocks and head tying, ...). ``left_out`` collects why model-specific combinations were dropped."""
     axes = {k: v for t in TECHNIQUES for k, v in t.plan_axes(world).items()}
     out: dict[str, StrategyConfig] = {}
     for values in itertools.product(*axes.values()):
@@ -69,6 +72,13 @@ def combinations(world: int) -> list[StrategyConfig]:
             s = StrategyConfig(**dict(zip(axes, values)))
             s.validate_for("cuda", world)
         except StrategyError:
+            continue
+        try:
+            if model is not None:
+                s.validate_run(model, seq_len or model.block_size, micro_batch)
+        except StrategyError as exc:
+            if left_out is not None:
+                left_out[str(exc)] = left_out.get(str(exc), 0) + 1
             continue
         out.setdefault(s.canonical_name, s)
     return list(out.values())
@@ -94,14 +104,19 @@ def plan(args: PlanArgs, model_overrides: list[str] = ()) -> list[dict]:
     seq = args.seq_len or cfg.block_size
     if seq > cfg.block_size:
         raise ValueError(f"seq_len={seq} exceeds {cfg.name}'s context block_size={cfg.block_size}")
-    groups = param_groups(cfg)
+    shapes = param_shapes(cfg)
     rows = []
-    for s in combinations(args.world_size):
-        mem = predict_memory(cfg, s, args.world_size, args.micro_batch, seq, groups)
-        comm = predict_comm(cfg, s, args.world_size, args.grad_accum, groups)
-        rows.append({"strategy": s.canonical_name, "model": cfg.name, "world_size": args.world_size,
+    left_out: dict[str, int] = {}
+    for s in combinations(args.world_size, cfg, args.micro_batch, seq, left_out):
+        mem = predict_memory(cfg, s, args.world_size, args.micro_batch, seq, shapes=shapes)
+        comm = predict_comm(cfg, s, args.world_size, args.grad_accum, micro_batch=args.micro_batch, seq_len=seq,
+                            shapes=shapes)
+        rows.append({"strategy": s.canonical_name, "mesh": mesh_shape(s, args.world_size).describe(),
+                     "model": cfg.name, "world_size": args.world_size,
                      "micro_batch": args.micro_batch, "seq_len": seq, "pred_mem_bytes": mem,
                      "fits": mem["total"] <= args.device_memory_gib * GIB, "pred_comm_bytes_per_step": comm})
+    if rows:
+        rows[0]["left_out"] = left_out  # why the combinations missing for this model are missing
     return rows
 
 
@@ -111,7 +126,8 @@ def render(rows: list[dict], device_gib: float) -> str:
 
     first = ["params", "grads", "optimizer", "autocast_weights", "fsdp_unsharded", "activations", "head"]
     parts = list(dict.fromkeys(first + [k for r in rows for k in r["pred_mem_bytes"] if k != "total"]))
-    table = pd.DataFrame([{"strategy": r["strategy"], **{p: r["pred_mem_bytes"].get(p, 0) / GIB for p in parts},
+    table = pd.DataFrame([{"strategy": r["strategy"], "mesh": r["mesh"],
+                           **{p: r["pred_mem_bytes"].get(p, 0) / GIB for p in parts},
                            "total GiB": r["pred_mem_bytes"]["total"] / GIB, "fits": "yes" if r["fits"] else "NO",
                            "comm GB/step": r["pred_comm_bytes_per_step"]["total"] / 1e9} for r in rows])
     r0, width = rows[0], max(len(r["strategy"]) for r in rows)
@@ -120,7 +136,8 @@ def render(rows: list[dict], device_gib: float) -> str:
     return (text + f"\n\n{r0['model']}, world size {r0['world_size']}, micro-batch {r0['micro_batch']}, "
             f"seq {r0['seq_len']}; "
             f"per-rank GiB against {device_gib:g} GiB; comm = full-tensor bytes per step per rank "
-            "(bench/plan/costmodel.py and each strategy's terms in strategies/*.py).")
+            "(bench/plan/costmodel.py and each strategy's terms in strategies/*.py)."
+            + "".join(f"\nleft out {n} combination(s): {why}" for why, n in r0.get("left_out", {}).items()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,15 +117,27 @@ class ParamGroups:
         return sum(padded_numel(s, world) for s in self.blocks[i])
 
 
+_GROUPS: dict = {}  # (id of a shapes list, tp, stages, n_stages) -> ParamGroups: the planner asks often
+
+
 def param_groups(cfg: GPTConfig, s: StrategyConfig | None = None, world: int = 1, pp_rank: int = 0,
                  shapes: list | None = None) -> ParamGroups:
-    """This rank's ParamGroups under strategy ``s`` on ``world`` ranks (the whole model without ``s``)."""
-    shapes = shapes if shapes is not None else param_shapes(cfg)
+    """This rank's ParamGroups under strategy ``s`` on ``world`` ranks (the whole model without ``s``).
+    With ``shapes`` given (``param_shapes``), results are cached for that list."""
+    if shapes is None:
+        shapes = param_shapes(cfg)
+        _GROUPS.clear()  # a fresh list: nothing cached can be for it
     if s is None:
-        return ParamGroups.build(cfg, shapes)
-    shape = mesh_shape(s, world)
-    v = virtual_stages(s) if shape.pp > 1 else 1
-    return ParamGroups.build(cfg, shapes, shape.tp, tuple(stage_ids(pp_rank, shape.pp, v)), shape.pp * v)
+        key = (id(shapes), 1, (0,), 1)
+    else:
+        shape = mesh_shape(s, world)
+        v = virtual_stages(s) if shape.pp > 1 else 1
+        key = (id(shapes), shape.tp, tuple(stage_ids(pp_rank, shape.pp, v)), shape.pp * v)
+    if key not in _GROUPS:
+        if len(_GROUPS) > 4096:
+            _GROUPS.clear()
+        _GROUPS[key] = (shapes, ParamGroups.build(cfg, shapes, *key[1:]))  # holding shapes keeps its id unique
+    return _GROUPS[key][1]
 
 
 def block_activation_bytes(cfg: GPTConfig, tokens: int, mode: str, seq_len: int = 0, tp: int = 1,
@@ -211,8 +223,11 @@ def cost_context(cfg: GPTConfig, s: StrategyConfig, world: int, micro_batch: int
 
 
 def _pp_ranks(s: StrategyConfig, world: int, pp_rank: int | None) -> list[int]:
+    """The pipeline ranks to evaluate: ``pp_rank``, or the candidates for the extremes: the first (most
+    micro-batches in flight, the embedding, the longest stage), the second (two stage boundaries) and
+    the last (the output stage)."""
     pp = mesh_shape(s, world).pp
-    return list(range(pp)) if pp_rank is None else [pp_rank]
+    return sorted({0, min(1, pp - 1), pp - 1}) if pp_rank is None else [pp_rank]
 
 
 def predict_memory(cfg: GPTConfig, s: StrategyConfig, world: int, micro_batch: int, seq_len: int,
