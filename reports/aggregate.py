@@ -77,6 +77,8 @@ def summarise(df: pd.DataFrame) -> list[dict]:
                 rec["tokens_per_sec_hi"] = max(hi, r.tokens_per_sec)
             else:
                 rec["tokens_per_sec_lo"] = rec["tokens_per_sec_hi"] = float("nan")
+            meshes = ok["mesh"].dropna() if "mesh" in ok else pd.Series(dtype=object)
+            rec["mesh"] = str(meshes.iloc[0]) if len(meshes) else ""  # rows before meshes: unknown
             rec["pred_parts_gib"] = _pred_parts(ok)
             rec["run_ids"] = list(ok.run_id)
             rec["source_files"] = list(ok.source_file) if "source_file" in ok else []

@@ -60,6 +60,9 @@ def build(df: pd.DataFrame) -> Report:
         rep.figures[f"{stem}-memory"] = plots.memory(ok, label, predicted=pred)
         beside = " beside the predicted parts (bench/plan/costmodel.py)" if pred is not None else ""
         rep.captions[f"{stem}-memory"] = f"Peak memory per strategy, measured{beside} — {label}"
+        if "mesh" in ok and ok["mesh"].replace("", None).dropna().nunique() > 1:
+            rep.figures[f"{stem}-meshes"] = plots.meshes(ok, label)
+            rep.captions[f"{stem}-meshes"] = f"Device meshes compared (tokens/s per device, memory per rank) — {label}"
         rep.figures[f"{stem}-tradeoff"] = plots.tradeoff(ok, label)
         rep.captions[f"{stem}-tradeoff"] = f"Throughput vs memory — {label}"
         steps = {name: _steps_for(r) for name, r in ok.iterrows()}

@@ -91,6 +91,42 @@ def memory(table: pd.DataFrame, title: str, predicted: pd.DataFrame | None = Non
     return fig
 
 
+def meshes(table: pd.DataFrame, title: str) -> Figure:
+    """One setup's strategies grouped by device mesh (the ``mesh`` column: 'dp4', 'dp2xtp2', 'pp2xdp2', ...):
+    tokens/s per device and peak memory per rank, one colour per mesh, meshes in order of their first
+    strategy's throughput."""
+    t = table.dropna(subset=["tokens_per_sec_per_device"]).copy()
+    t["mesh"] = t["mesh"].replace("", "unknown")
+    order = t.groupby("mesh").tokens_per_sec_per_device.max().sort_values(ascending=False).index
+    t = pd.concat([t[t.mesh == m].sort_values("tokens_per_sec_per_device", ascending=False) for m in order])
+    t = t.iloc[::-1]  # best on top
+    labels = [f"{name}  [{m}]" for name, m in zip(t.index, t.mesh)]
+    colours = {m: f"C{i}" for i, m in enumerate(order)}
+    fig, (ax1, ax2) = _subplots(1, 2, figsize=(12, _height(len(t))), sharey=True)
+    bars = ax1.barh(labels, t.tokens_per_sec_per_device, color=[colours[m] for m in t.mesh])
+    ax1.bar_label(bars, labels=[f"{v:,.0f}" for v in t.tokens_per_sec_per_device], padding=4, fontsize=8)
+    ax1.set_xlabel("tokens/s per device")
+    ax1.set_title("Throughput per device")
+    mem = t.peak_mem_gib.fillna(0)
+    bars = ax2.barh(labels, mem, color=[colours[m] for m in t.mesh])
+    ax2.bar_label(bars, labels=[f"{v:.2f}" for v in mem], padding=4, fontsize=8)
+    ax2.set_xlabel("peak memory per rank (GiB)")
+    ax2.set_title("Memory")
+    for ax in (ax1, ax2):
+        ax.margins(x=0.25)
+        ax.grid(axis="x", alpha=0.3)
+    ax2.legend(handles=[plt_patch(colours[m], m) for m in order], title="mesh", fontsize=8, loc="lower right")
+    fig.suptitle(_wrap(f"Device meshes compared — {title}", 120), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plt_patch(colour: str, label: str):
+    from matplotlib.patches import Patch
+
+    return Patch(color=colour, label=label)
+
+
 def tradeoff(table: pd.DataFrame, title: str) -> Figure:
     """One point per strategy: x = peak memory (GiB), y = tokens/s; up-and-left is better."""
     fig, ax = _subplots(figsize=(8, 5.5))
