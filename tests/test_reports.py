@@ -231,3 +231,29 @@ def test_memory_plot_stacks_predicted_parts_beside_measured(tmp_path):
     ends = [c.patches[-1].get_x() + c.patches[-1].get_width() for c in stacked]  # ddp row (bottom)
     assert ends[-1] == pytest.approx(0.5 + 6.0)
     assert [t.get_text() for t in ax.get_yticklabels()] == ["fsdp", "ddp"]
+
+
+def test_meshes_are_compared_per_setup(tmp_path):
+    """A setup whose strategies run on different device meshes gets a figure grouping them by mesh: bars are
+    the rows' tokens/s per device and peak memory, labels carry the mesh, one legend entry per mesh."""
+    d = tmp_path / "results"
+    rows = {"fsdp": ("dp4", 4000.0, 1.0), "fsdp+tp2+sp": ("dp2xtp2", 3000.0, 0.6), "tp2": ("dp2xtp2", 2000.0, 0.8),
+            "fsdp+pp2(1f1b)": ("pp2xdp2", 3500.0, 0.7)}
+    for name, (mesh, tps, mem) in rows.items():
+        r = row(name, name, 4, tps, mem, 0.1)
+        r["mesh"] = mesh
+        append_row(d, r)
+    rep = build.build(load(d))
+    fig = rep.figures["tiny-4x-testcpu-s32-mb2-ga1-meshes"]
+    ax_tps, ax_mem = fig.axes
+    labels = [t.get_text() for t in ax_tps.get_yticklabels()]
+    assert labels == ["tp2  [dp2xtp2]", "fsdp+tp2+sp  [dp2xtp2]", "fsdp+pp2(1f1b)  [pp2xdp2]", "fsdp  [dp4]"]
+    per_device = {n: tps / 4 for n, (_, tps, _) in rows.items()}
+    assert [p.get_width() for p in ax_tps.patches] == pytest.approx([per_device[lab.split("  ")[0]] for lab in labels])
+    assert [p.get_width() for p in ax_mem.patches] == pytest.approx([rows[lab.split("  ")[0]][2] for lab in labels])
+    assert [t.get_text() for t in ax_mem.get_legend().get_texts()] == ["dp4", "pp2xdp2", "dp2xtp2"]
+    # one mesh only: no such figure
+    d2 = tmp_path / "one"
+    append_row(d2, {**row("a", "fsdp", 4, 10.0, 1.0, 0.1), "mesh": "dp4"})
+    append_row(d2, {**row("b", "ddp", 4, 10.0, 1.0, 0.1), "mesh": "dp4"})
+    assert not any(k.endswith("-meshes") for k in build.build(load(d2)).figures)
