@@ -115,6 +115,7 @@ class CostContext:
     replicated_norm: int = 0  # elements of this rank's norm parameters (replicated under tp)
     act_tokens: int = 0  # tokens whose block activations are alive at once (pp: micro-batches in flight)
     head_tokens: int = 0  # ... whose output-stage activations are
+    head_step_tokens: int = 0  # tokens of one output-stage backward (its transient buffers)
 
     @property
     def tokens(self) -> int:

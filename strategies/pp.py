@@ -112,7 +112,8 @@ class Pipeline(nn.Module):
         """Forward and backward of one training micro-batch; returns its mean loss over the pipeline
         micro-batches, divided by grad_accum, on ranks holding the last stage; 0 on the others."""
         losses: list[torch.Tensor] = []
-        self.schedule.step(x, target=y, losses=losses)
+        # return_outputs=False: the last stage would otherwise keep every micro-batch's logits to merge them
+        self.schedule.step(x, target=y, losses=losses, return_outputs=False)
         if not self._has_last:
             return torch.zeros((), device=x.device)
         # under loss_parallel (pp x tp) each loss is a replicated DTensor: its local value is the loss
@@ -192,6 +193,14 @@ def _cost_setup(ctx) -> None:
     s, per_mb = ctx.s, ctx.tokens / n_microbatches(ctx.s)
     ctx.act_tokens = round(per_mb * in_flight_chunks(s, ctx.pp_rank) / virtual_stages(s))
     ctx.head_tokens = ctx.tokens if s.pp_schedule == "gpipe" else round(per_mb)
+    ctx.head_step_tokens = round(per_mb)
+
+
+def _memory(parts: dict, ctx) -> None:
+    """The last stage's PipelineStage keeps each micro-batch's output (the logits, in the matmul dtype) until
+    that micro-batch's backward: one (mb/m, T, V/tp) buffer beside the output stage's usual terms."""
+    if ctx.pp > 1 and ctx.has_head:
+        parts["head"] += ctx.head_tokens * ctx.model.padded_vocab_size * (4 if ctx.mode == "fp32" else 2) // ctx.tp
 
 
 def _comm(ctx) -> dict:
@@ -228,7 +237,7 @@ TECHNIQUE = Technique(
                   "divide micro_batch."),
             Field("pp_virtual", int, 2, "Stages per rank for pp_schedule=interleaved1f1b.")),
     apply=_apply, validate=_validate, validate_for=_validate_for, validate_run=validate_run, name_part=_name,
-    cost_setup=_cost_setup, comm=_comm,
+    cost_setup=_cost_setup, memory=_memory, comm=_comm,
     plan_axes=lambda world: {"pp": [p for p in (1, 2, 4, 8) if world % p == 0],
                              "pp_schedule": ["1f1b", "interleaved1f1b", "gpipe"]},
 )

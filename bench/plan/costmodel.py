@@ -192,8 +192,11 @@ def head_bytes(cfg: GPTConfig, tokens: int, mode: str, tp: int = 1, sp: bool = F
     norm_split = tp if sp else 1
     saved = tokens * (norm * act / norm_split + d * (2 if mode != "fp32" else 4) + 4 * V / tp + 16) + 4
     # the loss backward's grad of the log-softmax output and grad of the fp32 logits, and the head
-    # weight's gradient (V x d) that the logits gradient produces while both are alive
-    transient = tokens * 2 * 4 * V / tp + V * d * (2 if mode == "half" else 4) / tp
+    # weight's gradient (V x d) that the logits gradient produces while both are alive; under tp,
+    # loss_parallel's log-softmax over the vocabulary shard holds one more (n, V/tp) fp32 buffer (the
+    # shifted logits beside their exp) at its forward peak (measured on CPU: +98 MiB on mini, tp=2)
+    buffers = 3 if tp > 1 else 2
+    transient = tokens * buffers * 4 * V / tp + V * d * (2 if mode == "half" else 4) / tp
     return {"saved": round(saved), "transient": round(transient)}
 
 
@@ -216,7 +219,7 @@ def cost_context(cfg: GPTConfig, s: StrategyConfig, world: int, micro_batch: int
         has_head=shape.pp == 1 or shape.pp * virtual_stages(s) - 1 in stage_ids(pp_rank, shape.pp,
                                                                                   virtual_stages(s)),
         replicated_norm=g.replicated_norm)
-    ctx.act_tokens = ctx.head_tokens = ctx.tokens
+    ctx.act_tokens = ctx.head_tokens = ctx.head_step_tokens = ctx.tokens
     for t in TECHNIQUES:
         t.cost_setup(ctx)
     return ctx
@@ -244,10 +247,11 @@ def predict_memory(cfg: GPTConfig, s: StrategyConfig, world: int, micro_batch: i
         ctx = cost_context(cfg, s, world, micro_batch, seq_len, groups=groups, pp_rank=rank, shapes=shapes)
         W = ctx.shard_world
         shard = ctx.padded(W) // W if W > 1 else ctx.P
-        hb = head_bytes(cfg, ctx.head_tokens, ctx.mode, ctx.tp, s.sp) if ctx.has_head else {"saved": 0,
-                                                                                            "transient": 0}
+        # the output stage: what its micro-batches in flight saved, and one backward's transients
+        head = (head_bytes(cfg, ctx.head_tokens, ctx.mode, ctx.tp, s.sp)["saved"]
+                + head_bytes(cfg, ctx.head_step_tokens, ctx.mode, ctx.tp, s.sp)["transient"]) if ctx.has_head else 0
         parts = {"params": 4 * shard, "optimizer": 8 * shard, "autocast_weights": 0, "fsdp_unsharded": 0,
-                 "activations": ctx.L * ctx.block_bytes(ctx.mode), "head": hb["saved"] + hb["transient"],
+                 "activations": ctx.L * ctx.block_bytes(ctx.mode), "head": head,
                  "grads": None}
         for t in TECHNIQUES:
             t.memory(parts, ctx)
