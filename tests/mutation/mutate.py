@@ -39,6 +39,7 @@ class Mutation(NamedTuple):
 
 GRADS = "tests/test_grads.py"
 WIRING = "tests/test_row_wiring.py"
+MESH = "tests/test_mesh.py"
 MUTATIONS = [
     # measurement
     Mutation("step_time_min_over_ranks", "bench/measure/metrics.py", "return [max(ts) for ts in zip(*per_rank)]",
@@ -77,7 +78,7 @@ MUTATIONS = [
     Mutation("grad_accum_sums", "bench/harness/loop.py", "scaled = loss / ga", "scaled = loss", [GRADS],
              "micro-batch losses summed instead of averaged"),
     Mutation("every_rank_reads_the_same_data", "bench/harness/loop.py",
-             'dp_rank = info.rank if b.batch["dp_size"] > 1 else 0', "dp_rank = 0", [GRADS],
+             'dp_rank = dp_coordinate(b.mesh) if b.batch["dp_size"] > 1 else 0', "dp_rank = 0", [GRADS],
              "data-parallel ranks reading the same shard"),
     Mutation("ddp_never_syncs", "strategies/__init__.py", 'if cfg.dp == "ddp" and not is_last_micro_step:',
              'if cfg.dp == "ddp":', [GRADS], "DDP gradients never all-reduced"),
@@ -133,6 +134,23 @@ MUTATIONS = [
              "an invalid configuration reported as a failed run"),
     Mutation("peak_probe_mean", "bench/measure/peak_flops.py", "best = max(rates)", "best = sum(rates) / len(rates)",
              ["tests/test_metrics.py"], "the peak probe averaging contended trials in"),
+    # the mesh
+    Mutation("dp_coordinate_is_the_global_rank", "strategies/mesh.py", 'return 0 if mesh is None else '
+             'mesh["dp"].get_local_rank()', "return 0 if mesh is None else dist.get_rank()",
+             [f"{MESH}::test_mesh_strategies_match_single"], "tensor-parallel ranks reading different data"),
+    Mutation("pipeline_grads_divided_again", "strategies/pp.py", "scale = loss_scale / n_microbatches(s)",
+             "scale = loss_scale", [f"{MESH}::test_mesh_strategies_match_single"],
+             "the pipeline's micro-batch gradients summed, not averaged"),
+    Mutation("pipeline_loss_over_all_ranks", "bench/harness/loop.py",
+             "info.world_size // cfg.strategy.pp)", "info.world_size)",
+             [f"{MESH}::test_mesh_strategies_match_single"], "the pipeline's loss averaged with the zeros of "
+             "ranks that hold none"),
+    Mutation("sp_norm_grads_left_partial", "bench/harness/loop.py", "            finalize_grads(b.model)\n",
+             "            pass\n", [f"{MESH}::test_observed_communication_equals_the_prediction"],
+             "sequence-parallel norm gradients reduced by every optimizer op instead of once"),
+    Mutation("tp_comm_without_the_loss", "strategies/tp.py", "loss = 3 * n * 4 if head else 0", "loss = 0",
+             [f"{MESH}::test_observed_communication_equals_the_prediction"],
+             "loss_parallel's all-reduces left out of the prediction"),
 ]
 
 
