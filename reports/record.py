@@ -118,6 +118,9 @@ class RunRecord:
     pred_mem_breakdown: dict = col("prediction", "bytes", "rank0", "predicted peak by part")
     pred_comm_bytes_per_step: int = col("prediction", "bytes/step", "rank0", "predicted bytes sent per rank")
     pred_comm_breakdown: dict = col("prediction", "bytes/step", "rank0", "predicted bytes by collective")
+    pred_bubble_fraction: float = col("prediction", "fraction", "rank0", "pipeline bubble: (pp - 1) / (m + pp - 1), "
+                                      "interleaved (pp - 1) / (v m + pp - 1); 0 without a pipeline (counts "
+                                      "against MFU)")
     comm_bytes_per_step: int = col("prediction", "bytes/step", "max", "observed collective bytes per rank")
     comm_breakdown: dict = col("prediction", "bytes/step", "rank0", "observed bytes by collective")
     comm_calls_per_step: dict = col("prediction", "calls/step", "rank0", "observed calls by collective")

@@ -173,6 +173,15 @@ def _name(s) -> str | None:
     return f"pp{s.pp}({s.pp_schedule}" + (f"/v{v}" if v > 1 else "") + ")"
 
 
+def bubble_fraction(s) -> float:
+    """The share of a pipeline rank's step spent idle in the schedule's fill and drain: (p - 1) / (m + p - 1)
+    for gpipe and 1f1b, (p - 1) / (v m + p - 1) interleaved (Narayanan et al. 2021); 0 without a pipeline."""
+    if s.pp == 1:
+        return 0.0
+    p, m, v = s.pp, n_microbatches(s), virtual_stages(s)
+    return (p - 1) / (v * m + p - 1)
+
+
 def in_flight_chunks(s, pp_rank: int) -> int:
     """Stage-chunks (one stage's blocks for one pipeline micro-batch) whose activations pipeline rank
     ``pp_rank`` holds at its peak: gpipe all m x v; 1f1b its warm-up forwards + 1 = pp - rank (at most m);

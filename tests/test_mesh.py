@@ -21,7 +21,7 @@ from bench.plan.costmodel import param_groups, predict_comm
 from models import build_model
 from strategies import StrategyConfig, StrategyError, apply_strategies
 from strategies.mesh import layout_columns, mesh_shape
-from strategies.pp import in_flight_chunks, split_stage, stage_blocks, stage_ids
+from strategies.pp import bubble_fraction, in_flight_chunks, split_stage, stage_blocks, stage_ids
 from tests.test_parity import RTOL, losses_of, model_cfg, run_cfg
 
 # name -> (strategy fields, model, micro_batch, grad_accum): 4 sequences per step on every mesh
@@ -182,6 +182,13 @@ def test_stages_hold_consecutive_blocks_under_global_names():
             assert torch.equal(p, dict(whole.named_parameters())[name]), name
     assert sorted(names) == sorted(n for n, _ in whole.named_parameters())
     assert [n for n in names if n.startswith("tok_emb")] == ["tok_emb.weight"]  # first stage only
+
+
+def test_bubble_fraction():
+    assert bubble_fraction(StrategyConfig()) == 0
+    assert bubble_fraction(StrategyConfig(pp=4, pp_microbatches=8)) == pytest.approx(3 / 11)
+    interleaved = StrategyConfig(pp=4, pp_microbatches=8, pp_schedule="interleaved1f1b")
+    assert bubble_fraction(interleaved) == pytest.approx(3 / 19)
 
 
 def test_in_flight_micro_batches_per_schedule():

@@ -47,7 +47,7 @@ from strategies import (
 )
 from strategies.config import StrategyError
 from strategies.mesh import build_mesh, dp_coordinate, mesh_shape
-from strategies.pp import Pipeline
+from strategies.pp import Pipeline, bubble_fraction
 
 
 @dataclass
@@ -121,6 +121,7 @@ def build(cfg: RunConfig, info: DistInfo, batch: dict) -> Built:
         "pred_mem_breakdown": {k: v for k, v in pred_mem.items() if k != "total"},
         "pred_comm_bytes_per_step": pred_comm["total"],
         "pred_comm_breakdown": {k: v for k, v in pred_comm.items() if k != "total"},
+        "pred_bubble_fraction": bubble_fraction(s),
         **batch,
     }
     return Built(model, mesh, opt, get_grad_scaler(s.amp, device.type), data, batch, static, baseline)

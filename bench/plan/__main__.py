@@ -31,6 +31,7 @@ from models.config import PRESETS, GPTConfig, get_config  # noqa: E402
 from reports.cli import UsageError, fail, opt, parse  # noqa: E402
 from strategies.config import TECHNIQUES, StrategyConfig, StrategyError  # noqa: E402
 from strategies.mesh import mesh_shape  # noqa: E402
+from strategies.pp import bubble_fraction  # noqa: E402
 
 GIB = 2**30
 
@@ -114,7 +115,8 @@ def plan(args: PlanArgs, model_overrides: list[str] = ()) -> list[dict]:
         rows.append({"strategy": s.canonical_name, "mesh": mesh_shape(s, args.world_size).describe(),
                      "model": cfg.name, "world_size": args.world_size,
                      "micro_batch": args.micro_batch, "seq_len": seq, "pred_mem_bytes": mem,
-                     "fits": mem["total"] <= args.device_memory_gib * GIB, "pred_comm_bytes_per_step": comm})
+                     "fits": mem["total"] <= args.device_memory_gib * GIB, "pred_comm_bytes_per_step": comm,
+                     "pred_bubble_fraction": bubble_fraction(s)})
     if rows:
         rows[0]["left_out"] = left_out  # why the combinations missing for this model are missing
     return rows
@@ -129,7 +131,8 @@ def render(rows: list[dict], device_gib: float) -> str:
     table = pd.DataFrame([{"strategy": r["strategy"], "mesh": r["mesh"],
                            **{p: r["pred_mem_bytes"].get(p, 0) / GIB for p in parts},
                            "total GiB": r["pred_mem_bytes"]["total"] / GIB, "fits": "yes" if r["fits"] else "NO",
-                           "comm GB/step": r["pred_comm_bytes_per_step"]["total"] / 1e9} for r in rows])
+                           "comm GB/step": r["pred_comm_bytes_per_step"]["total"] / 1e9,
+                           "bubble": r["pred_bubble_fraction"]} for r in rows])
     r0, width = rows[0], max(len(r["strategy"]) for r in rows)
     text = table.to_string(index=False, float_format=lambda v: f"{v:.2f}",
                            formatters={"strategy": lambda v: f"{v:<{width}}"})
