@@ -80,11 +80,12 @@ def _comm_worker(rank: int, world: int, cases: dict) -> dict:
         info = DistInfo(rank, rank, world, 1, torch.device("cpu"), "gloo")
         b = build(cfg, info, plan_batch(cfg, info))
         step = make_step(cfg, info, b)
-        step(0)  # the pipeline's first step also exchanges shapes; measure a later one
+        step(0)  # the pipeline's first step exchanges shapes, DDP's second rebuilds its buckets (a one-time
+        step(1)  # broadcast of the bucket order): measure the third, as the harness measures after the timed steps
         shape = mesh_shape(cfg.strategy, world)
         pred = predict_comm(cfg.model, cfg.strategy, world, ga, micro_batch=mb, seq_len=cfg.seq_len,
                             pp_rank=rank // (shape.dp * shape.tp))
-        out[name] = (measure_comm(step, 1).get("comm_breakdown"), {k: v for k, v in pred.items() if k != "total"})
+        out[name] = (measure_comm(step, 2).get("comm_breakdown"), {k: v for k, v in pred.items() if k != "total"})
     return out
 
 
@@ -102,8 +103,6 @@ def test_observed_communication_equals_the_prediction(ranks, world, cases):
     for name in cases:
         for rank, got in enumerate(per_rank):
             measured, predicted = got[name]
-            if name.startswith("ddp_tp"):  # DDP over TP broadcasts a small object per step (strategies/dp.py)
-                assert 0 < measured.pop("broadcast") < 1024
             assert measured and measured == predicted, f"{name} rank {rank}: measured {measured} != {predicted}"
 
 
