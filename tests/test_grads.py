@@ -147,14 +147,19 @@ def model_references(text) -> dict:
     return get
 
 
+def _sgd_and_adamw(rank: int, world_size: int, fields: dict, mb: int, ga: int, text: str, model: str) -> tuple:
+    return (run_case(rank, world_size, fields, mb, ga, "sgd", 1, text, model),
+            run_case(rank, world_size, fields, mb, ga, "adamw", 3, text, model))
+
+
 @pytest.mark.parametrize("name", list(MESH_CASES))
 def test_mesh_gradients_and_parameters_equal_single_process(ranks, text, model_references, name):
     """Tensor-parallel shards and pipeline stages, gathered: the single process's gradients and parameters.
     A pipeline rank holds its stage's parameters only; together the ranks hold every one."""
     fields, model, mb, ga, world = MESH_CASES[name]
     ref = model_references(model)
-    sgd = ranks(run_case, fields, mb, ga, "sgd", 1, text, model, world_size=world)
-    adamw = ranks(run_case, fields, mb, ga, "adamw", 3, text, model, world_size=world)
+    both = ranks(_sgd_and_adamw, fields, mb, ga, text, model, world_size=world)  # one process group for both
+    sgd, adamw = [r[0] for r in both], [r[1] for r in both]
     for rank in range(world):
         assert_same(sgd[rank]["grads"], ref["sgd"]["grads"], f"{name} rank {rank} SGD gradients", subset=True)
         assert_same(sgd[rank]["params"], ref["sgd"]["params"], f"{name} rank {rank} params after SGD", subset=True)

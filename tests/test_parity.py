@@ -40,9 +40,12 @@ def run_cfg(strategy: dict, micro_batch: int, grad_accum: int, model: str = "tin
                      data=data or "synthetic", measure_comm=False)
 
 
-def losses_of(cfg: RunConfig, rank: int = 0, world_size: int = 1) -> list[float]:
+def losses_of(cfg: RunConfig, rank: int = 0, world_size: int = 1, observed: dict | None = None) -> list[float]:
+    """The run's global loss per step; ``observed`` (a dict) receives the row's metric columns."""
     info = DistInfo(rank, rank, world_size, 1, torch.device("cpu"), "gloo" if world_size > 1 else None)
     out = train(cfg, info)
+    if observed is not None:
+        observed.update(out.metrics)
     # CPU bf16: the peak probe times aten's slow bf16 matmul, so a tiny model can compute faster than that
     # "peak" (mfu > 1); the run must then be marked suspect, never ok. Losses are what this file checks.
     impossible = out.metrics.get("mfu", 0) > 1 or out.metrics.get("hfu", 0) > 1

@@ -146,10 +146,10 @@ MUTATIONS = [
              [f"{MESH}::test_mesh_strategies_match_single"], "the pipeline's loss averaged with the zeros of "
              "ranks that hold none"),
     Mutation("sp_norm_grads_left_partial", "bench/harness/loop.py", "            finalize_grads(b.model)\n",
-             "            pass\n", [f"{MESH}::test_observed_communication_equals_the_prediction"],
+             "            pass\n", [f"{MESH}::test_mesh_strategies_match_single"],
              "sequence-parallel norm gradients reduced by every optimizer op instead of once"),
     Mutation("tp_comm_without_the_loss", "strategies/tp.py", "loss = 3 * n * 4 if head else 0", "loss = 0",
-             [f"{MESH}::test_observed_communication_equals_the_prediction"],
+             [f"{MESH}::test_mesh_strategies_match_single"],
              "loss_parallel's all-reduces left out of the prediction"),
 ]
 
