@@ -100,6 +100,11 @@ def reference(text) -> dict:
     return {"sgd": run_case(0, 1, {}, 2, 2, "sgd", 1, text), "adamw": run_case(0, 1, {}, 2, 2, "adamw", 3, text)}
 
 
+def _sgd_and_adamw(rank: int, world_size: int, fields: dict, mb: int, ga: int, text: str, model: str) -> tuple:
+    return (run_case(rank, world_size, fields, mb, ga, "sgd", 1, text, model),
+            run_case(rank, world_size, fields, mb, ga, "adamw", 3, text, model))
+
+
 # (strategy fields, micro_batch, grad_accum) per rank on 2 ranks: always 4 sequences per step.
 CASES = {
     "ddp": ({"dp": "ddp"}, 2, 1),
@@ -116,8 +121,8 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_gradients_and_parameters_equal_single_process(ranks, text, reference, name):
     fields, mb, ga = CASES[name]
-    sgd = ranks(run_case, fields, mb, ga, "sgd", 1, text)
-    adamw = ranks(run_case, fields, mb, ga, "adamw", 3, text)
+    both = ranks(_sgd_and_adamw, fields, mb, ga, text, "tiny")  # one process group for both
+    sgd, adamw = [r[0] for r in both], [r[1] for r in both]
     for rank in range(2):  # every rank holds the same full model after the step
         assert_same(sgd[rank]["grads"], reference["sgd"]["grads"], f"{name} rank {rank} SGD gradients")
         assert_same(sgd[rank]["params"], reference["sgd"]["params"], f"{name} rank {rank} params after SGD")
@@ -145,11 +150,6 @@ def model_references(text) -> dict:
                             "adamw": run_case(0, 1, {}, 2, 2, "adamw", 3, text, model)}
         return cache[model]
     return get
-
-
-def _sgd_and_adamw(rank: int, world_size: int, fields: dict, mb: int, ga: int, text: str, model: str) -> tuple:
-    return (run_case(rank, world_size, fields, mb, ga, "sgd", 1, text, model),
-            run_case(rank, world_size, fields, mb, ga, "adamw", 3, text, model))
 
 
 @pytest.mark.parametrize("name", list(MESH_CASES))
