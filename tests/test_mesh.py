@@ -43,8 +43,7 @@ FOUR_RANKS = {
     "fsdp_tp_sp": ({"dp": "fsdp", "tp": 2, "sp": True}, "tiny", 1, 2),
     "pp2_fsdp": ({"dp": "fsdp", "pp": 2}, "tiny:untied", 2, 1),
     "pp2_tp2_sp": ({"pp": 2, "tp": 2, "sp": True}, "llama-tiny:untied", 4, 1),
-    "pp2_fsdp_gpipe_m4": ({"dp": "fsdp", "pp": 2, "pp_schedule": "gpipe", "pp_microbatches": 4},
-                          "llama-tiny:untied", 4, 1),
+    "pp2_fsdp_gpipe": ({"dp": "fsdp", "pp": 2, "pp_schedule": "gpipe"}, "llama-tiny:untied", 2, 1),
 }
 
 
