@@ -6,7 +6,6 @@ import warnings
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -15,6 +14,8 @@ def apply_ddp(model: nn.Module, device: torch.device, dp_mesh=None) -> Distribut
     mesh's data-parallel dimension; all ranks when omitted). Under tensor parallelism DDP cannot hold
     DTensor parameters: PyTorch's TP+DDP transform (``_pre_dp_module_transform``, behind this one helper)
     gives DDP the local shards and rebuilds the DTensors around each forward."""
+    from torch.distributed.tensor import DTensor
+
     device_ids = [device.index] if device.type == "cuda" else None
     if any(isinstance(p, DTensor) for p in model.parameters()):
         from torch.distributed.tensor.parallel.ddp import _pre_dp_module_transform  # private: see docstring

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 
 from strategies.amp import get_mp_policy
 
@@ -27,6 +25,10 @@ def apply_fsdp(model: nn.Module, device_type: str, reshard_after_forward: bool =
     """Shard ``model`` in place (blocks first, then root) over ``mesh`` (the data-parallel dimension of the
     run's mesh; all ranks when omitted); works on meta-device models. Parameters that tensor parallelism
     already made DTensors on the ``tp`` dimension are sharded on top of it (2-D, FSDP x TP)."""
+    # imported here: the planner and the cost model load the strategies without needing FSDP's machinery
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
     mesh = mesh if mesh is not None else init_device_mesh(device_type, (dist.get_world_size(),))
     mp = get_mp_policy(amp)
     for block in model.blocks.values():

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from strategies.base import Field, StrategyError, Technique
 
@@ -55,6 +54,7 @@ def tp_local_shape(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...
 
 
 def _block_plan(block: nn.Module, sp: bool) -> dict:
+    from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
     resid = Shard(1) if sp else Replicate()  # layout of the residual stream between sub-layers
     plan = {
@@ -79,6 +79,8 @@ def _replicate_output(mesh):
     """Forward hook: the final norm's output as a Replicate DTensor, the input the vocabulary-sharded head
     needs (an all-gather along the sequence under SP; a local wrap otherwise)."""
 
+    from torch.distributed.tensor import DTensor, Replicate
+
     def hook(_module, _inputs, out):
         if isinstance(out, DTensor):
             return out.redistribute(placements=[Replicate()])
@@ -90,6 +92,7 @@ def _replicate_output(mesh):
 def apply_tp(model: nn.Module, tp_mesh, sp: bool) -> nn.Module:
     """Parallelize the (meta-device) model in place over ``tp_mesh``; see the module docstring."""
     # imported here: the planner and the cost model load this module without needing the machinery
+    from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         PrepareModuleInput,
@@ -123,6 +126,8 @@ def finalize_grads(model: nn.Module) -> None:
     (SP norms, row-parallel biases): left Partial, every optimizer op that reads one would redistribute
     it again (AdamW reads each twice). Megatron-LM's ``finalize_model_grads`` does the same for its
     sequence-parallel norms. Under FSDP this is a no-op: its reduce-scatter resolves them."""
+    from torch.distributed.tensor import DTensor, Replicate  # between steps; a cached module lookup
+
     for p in model.parameters():
         g = p.grad
         if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
