@@ -64,3 +64,13 @@ def ranks(tmp_path):
     def go(fn, *args, world_size: int = 2):
         return run_ranks(fn, world_size, tmp_path, *args)
     return go
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> str:
+    """Path of a text file holding tests.helpers.CORPUS_TEXT (one per test session)."""
+    from tests.helpers import CORPUS_TEXT
+
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(CORPUS_TEXT)
+    return str(path)

@@ -39,3 +39,8 @@ def copy_tree(dest: Path, with_results: tuple[str, ...] = ()) -> Path:
     for sub in with_results:
         shutil.copytree(ROOT / "results" / sub, dest / "results" / sub)
     return dest
+
+
+# A repetitive text whose loss falls clearly within a few steps (parity and gradient tests train on it).
+CORPUS_TEXT = ("the quick brown fox jumps over the lazy dog. " * 40
+               + "pack my box with five dozen liquor jugs! " * 40) * 4

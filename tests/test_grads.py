@@ -24,7 +24,7 @@ import torch
 
 from bench.harness.dist import DistInfo
 from bench.harness.loop import build, make_step, param_groups, plan_batch
-from tests.test_parity import TEXT, run_cfg
+from tests.test_parity import run_cfg
 
 RTOL = 1e-4
 RTOL_ADAMW = 1e-2
@@ -88,21 +88,14 @@ def assert_same(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], what
 
 
 @pytest.fixture(scope="module")
-def text(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("grads") / "corpus.txt"
-    path.write_text(TEXT)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def reference(text) -> dict:
+def reference(corpus) -> dict:
     """Single process, 4 sequences per step as 2 micro-batches of 2: SGD (1 step) and AdamW (3 steps)."""
-    return {"sgd": run_case(0, 1, {}, 2, 2, "sgd", 1, text), "adamw": run_case(0, 1, {}, 2, 2, "adamw", 3, text)}
+    return {"sgd": run_case(0, 1, {}, 2, 2, "sgd", 1, corpus), "adamw": run_case(0, 1, {}, 2, 2, "adamw", 3, corpus)}
 
 
-def _sgd_and_adamw(rank: int, world_size: int, fields: dict, mb: int, ga: int, text: str, model: str) -> tuple:
-    return (run_case(rank, world_size, fields, mb, ga, "sgd", 1, text, model),
-            run_case(rank, world_size, fields, mb, ga, "adamw", 3, text, model))
+def _sgd_and_adamw(rank: int, world_size: int, fields: dict, mb: int, ga: int, corpus: str, model: str) -> tuple:
+    return (run_case(rank, world_size, fields, mb, ga, "sgd", 1, corpus, model),
+            run_case(rank, world_size, fields, mb, ga, "adamw", 3, corpus, model))
 
 
 # (strategy fields, micro_batch, grad_accum) per rank on 2 ranks: always 4 sequences per step.
@@ -119,9 +112,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_gradients_and_parameters_equal_single_process(ranks, text, reference, name):
+def test_gradients_and_parameters_equal_single_process(ranks, corpus, reference, name):
     fields, mb, ga = CASES[name]
-    both = ranks(_sgd_and_adamw, fields, mb, ga, text, "tiny")  # one process group for both
+    both = ranks(_sgd_and_adamw, fields, mb, ga, corpus, "tiny")  # one process group for both
     sgd, adamw = [r[0] for r in both], [r[1] for r in both]
     for rank in range(2):  # every rank holds the same full model after the step
         assert_same(sgd[rank]["grads"], reference["sgd"]["grads"], f"{name} rank {rank} SGD gradients")
@@ -141,24 +134,24 @@ MESH_CASES = {
 
 
 @pytest.fixture(scope="module")
-def model_references(text) -> dict:
+def model_references(corpus) -> dict:
     cache: dict = {}
 
     def get(model: str) -> dict:
         if model not in cache:
-            cache[model] = {"sgd": run_case(0, 1, {}, 2, 2, "sgd", 1, text, model),
-                            "adamw": run_case(0, 1, {}, 2, 2, "adamw", 3, text, model)}
+            cache[model] = {"sgd": run_case(0, 1, {}, 2, 2, "sgd", 1, corpus, model),
+                            "adamw": run_case(0, 1, {}, 2, 2, "adamw", 3, corpus, model)}
         return cache[model]
     return get
 
 
 @pytest.mark.parametrize("name", list(MESH_CASES))
-def test_mesh_gradients_and_parameters_equal_single_process(ranks, text, model_references, name):
+def test_mesh_gradients_and_parameters_equal_single_process(ranks, corpus, model_references, name):
     """Tensor-parallel shards and pipeline stages, gathered: the single process's gradients and parameters.
     A pipeline rank holds its stage's parameters only; together the ranks hold every one."""
     fields, model, mb, ga, world = MESH_CASES[name]
     ref = model_references(model)
-    both = ranks(_sgd_and_adamw, fields, mb, ga, text, model, world_size=world)  # one process group for both
+    both = ranks(_sgd_and_adamw, fields, mb, ga, corpus, model, world_size=world)  # one process group for both
     sgd, adamw = [r[0] for r in both], [r[1] for r in both]
     for rank in range(world):
         assert_same(sgd[rank]["grads"], ref["sgd"]["grads"], f"{name} rank {rank} SGD gradients", subset=True)
@@ -170,20 +163,20 @@ def test_mesh_gradients_and_parameters_equal_single_process(ranks, text, model_r
 
 @pytest.mark.parametrize("fields", [{"ac": "full"}, {"ac": "selective", "ac_every": 3}, {"ac": "op"},
                                     {"compile": True}])
-def test_single_process_techniques_keep_the_gradients(text, reference, fields):
+def test_single_process_techniques_keep_the_gradients(corpus, reference, fields):
     """Checkpointing (every mode) and per-block compile on one process: the same gradients as plain eager."""
-    got = run_case(0, 1, fields, 2, 2, "sgd", 1, text)
+    got = run_case(0, 1, fields, 2, 2, "sgd", 1, corpus)
     assert_same(got["grads"], reference["sgd"]["grads"], f"{fields} SGD gradients")
     assert_same(got["params"], reference["sgd"]["params"], f"{fields} params after SGD")
 
 
-def test_the_check_would_see_a_factor_of_two_and_a_missing_micro_batch(text, reference):
+def test_the_check_would_see_a_factor_of_two_and_a_missing_micro_batch(corpus, reference):
     """The tolerance is far below what the classic wiring mistakes produce."""
     ref = reference["sgd"]["grads"]
     doubled = {n: 2 * g for n, g in ref.items()}
     with pytest.raises(AssertionError, match="differs from single"):
         assert_same(doubled, ref, "doubled")
-    half_batch = run_case(0, 1, {}, 2, 1, "sgd", 1, text)["grads"]  # one micro-batch of the two
+    half_batch = run_case(0, 1, {}, 2, 1, "sgd", 1, corpus)["grads"]  # one micro-batch of the two
     worst = max(_rel(half_batch[n], ref[n]) for n in ref)
     assert worst > 1000 * RTOL
 

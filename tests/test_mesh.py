@@ -65,15 +65,6 @@ def _parity_worker(rank: int, world: int, cases: dict, text: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    from tests.test_parity import TEXT
-
-    path = tmp_path_factory.mktemp("mesh") / "corpus.txt"
-    path.write_text(TEXT)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def references(corpus) -> dict:
     models = {m for cases in (TWO_RANKS, FOUR_RANKS) for _, m, _, _ in cases.values()}
     return {m: losses_of(run_cfg({}, 2, 2, model=m, data=corpus)) for m in models}

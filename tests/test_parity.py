@@ -18,12 +18,13 @@ from bench.harness.dist import DistInfo
 from bench.harness.loop import train
 from models import get_config
 from strategies import StrategyConfig
+from tests.helpers import CORPUS_TEXT
 
 RTOL = 1e-5  # fp32, 10 steps: documented in the README
 STEPS = 10
 
 
-TEXT = ("the quick brown fox jumps over the lazy dog. " * 40 + "pack my box with five dozen liquor jugs! " * 40) * 4
+TEXT = CORPUS_TEXT
 
 
 def model_cfg(model: str):
@@ -54,15 +55,8 @@ def losses_of(cfg: RunConfig, rank: int = 0, world_size: int = 1, observed: dict
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(TEXT)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def reference(text_file) -> list[float]:
-    return losses_of(run_cfg({}, micro_batch=2, grad_accum=2, data=text_file))
+def reference(corpus) -> list[float]:
+    return losses_of(run_cfg({}, micro_batch=2, grad_accum=2, data=corpus))
 
 
 # (strategy fields, micro_batch, grad_accum) per rank: always 4 sequences per step in total.
@@ -83,8 +77,8 @@ def _dp_worker(rank: int, world_size: int, cases: dict, data: str) -> dict:
     return {name: losses_of(run_cfg(*case, data=data), rank, world_size) for name, case in cases.items()}
 
 
-def test_dp_strategies_match_single(ranks, reference, text_file):
-    per_rank = ranks(_dp_worker, DP_CASES, text_file)
+def test_dp_strategies_match_single(ranks, reference, corpus):
+    per_rank = ranks(_dp_worker, DP_CASES, corpus)
     for name in DP_CASES:
         assert per_rank[0][name] == per_rank[1][name], f"{name}: ranks disagree on the global loss"
         torch.testing.assert_close(torch.tensor(per_rank[0][name]), torch.tensor(reference), rtol=RTOL, atol=0,
@@ -95,8 +89,8 @@ def test_dp_strategies_match_single(ranks, reference, text_file):
 
 
 @pytest.mark.parametrize("strategy", [{"ac": "full"}, {"ac": "selective", "ac_every": 3}, {"ac": "op"}])
-def test_single_process_ac_matches_single(strategy, reference, text_file):
-    got = losses_of(run_cfg(strategy, 2, 2, data=text_file))
+def test_single_process_ac_matches_single(strategy, reference, corpus):
+    got = losses_of(run_cfg(strategy, 2, 2, data=corpus))
     torch.testing.assert_close(torch.tensor(got), torch.tensor(reference), rtol=RTOL, atol=0)
 
 
@@ -116,10 +110,10 @@ def _compile_worker(rank: int, world_size: int, data: str) -> dict:
     return {name: losses_of(run_cfg(*case, data=data), rank, world_size) for name, case in cases.items()}
 
 
-def test_compiled_strategies_match_single(ranks, reference, text_file):
-    out = ranks(_compile_worker, text_file)[0]
+def test_compiled_strategies_match_single(ranks, reference, corpus):
+    out = ranks(_compile_worker, corpus)[0]
     out["single_compile_model"] = losses_of(run_cfg({"compile": True, "compile_mode": "model"}, 2, 2,
-                                                    data=text_file))
+                                                    data=corpus))
     for name, losses in out.items():
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=RTOL, atol=0,
                                    msg=lambda m, n=name: f"{n} diverges from single: {m}")
@@ -133,10 +127,10 @@ def _bf16_worker(rank: int, world_size: int, data: str) -> list[float]:
                      rank, world_size)
 
 
-def test_bf16_stays_within_the_looser_bound(ranks, text_file):
-    ref = losses_of(run_cfg({}, 1, 2, data=text_file, steps=5, seq_len=16))
-    autocast = losses_of(run_cfg({"amp": "bf16"}, 1, 2, data=text_file, steps=5, seq_len=16))
-    fsdp_mp = ranks(_bf16_worker, text_file)[0]
+def test_bf16_stays_within_the_looser_bound(ranks, corpus):
+    ref = losses_of(run_cfg({}, 1, 2, data=corpus, steps=5, seq_len=16))
+    autocast = losses_of(run_cfg({"amp": "bf16"}, 1, 2, data=corpus, steps=5, seq_len=16))
+    fsdp_mp = ranks(_bf16_worker, corpus)[0]
     for got in (autocast, fsdp_mp):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=BF16_RTOL, atol=0)
         assert got != ref  # bf16 really ran
