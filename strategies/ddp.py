@@ -24,9 +24,9 @@ def apply_ddp(model: nn.Module, device: torch.device, dp_mesh=None) -> Distribut
     group = dp_mesh.get_group() if dp_mesh is not None else None
     # gradient_as_bucket_view: gradients live in the all-reduce buckets (no second copy of 4P bytes);
     # broadcast_buffers=False: the only buffers (RoPE tables) are identical constants on every rank. torch
-    # 2.13 deprecates it with a warning on every rank, but its replacement (forward_sync_buffers=False)
-    # still broadcasts a small object before every forward (measured: 220 B per step on tiny), and the
-    # warning itself says to keep broadcast_buffers=False until init_sync_buffers exists.
+    # 2.13 deprecates it with a warning on every rank; its replacement (forward_sync_buffers=False) still
+    # syncs buffers at construction, and the warning itself says to keep broadcast_buffers=False until
+    # init_sync_buffers exists.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated", category=FutureWarning)
         return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True,
