@@ -9,15 +9,18 @@ import json
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.measure.comm import CommCounter
 from bench.plan.costmodel import block_activation_bytes, head_bytes, param_groups, predict_comm, predict_memory
 from models import build_model, get_config
 from reports import load
 from strategies import StrategyConfig, apply_strategies, maybe_no_sync
+from strategies.ac import apply_ac
 from tests.helpers import ROOT
 
 _VIEWS = {"TBackward0", "TransposeBackward0", "ViewBackward0", "PermuteBackward0", "ExpandBackward0",
@@ -202,6 +205,69 @@ def test_autocast_weight_copies_equal_the_predicted_term(name):
         model(idx, idx)
     pred = predict_memory(cfg, StrategyConfig(amp="bf16"), 1, 2, 16)
     assert sum(copies.values()) == pred["autocast_weights"] == 2 * param_groups(cfg).n_mm > 0
+
+
+class _RecomputeObserver(TorchDispatchMode):
+    """Per checkpointed block's backward: the bytes of the distinct storages that its recomputation made
+    and that are still alive when backward resumes (what the recompute keeps for the block's backward),
+    leaving out the parameters, buffers and the block's input, which existed before."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.before = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        self.skip, self.outs, self.kept, self.recomputing, self.pending = set(), [], [], False, False
+        for wrapper in model.blocks.values():
+            wrapper.block.forward = self._watch(wrapper.block.forward)
+
+    def _watch(self, forward):
+        def watched(x, *rest):
+            recompute = torch._C._current_graph_task_id() != -1  # called from inside backward
+            if recompute:
+                self.skip, self.outs, self.recomputing = self.before | {x.untyped_storage().data_ptr()}, [], True
+            try:
+                return forward(x, *rest)
+            finally:  # also on checkpoint's early stop, which ends the recompute with an exception
+                if recompute:
+                    self.recomputing, self.pending = False, True
+        return watched
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.pending and not self.recomputing:  # the first op of the block's backward
+            alive = {s.data_ptr(): n for ref, n in self.outs if (s := ref()) is not None}
+            self.kept.append(sum(n for ptr, n in alive.items() if ptr not in self.skip))
+            self.pending = False
+        out = func(*args, **(kwargs or {}))
+        if self.recomputing:
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.outs.append((weakref.ref(t.untyped_storage()), t.untyped_storage().nbytes()))
+        return out
+
+
+@pytest.mark.parametrize("name", ["tiny", "llama-tiny"])
+@pytest.mark.parametrize("amp", ["fp32", "bf16"])
+def test_recomputed_block_term_equals_what_the_recompute_keeps(name, amp):
+    """Checkpointing's recompute term on its own: in each checkpointed block's backward, the tensors its
+    recomputation keeps alive are the block's saved activations less its input (held by the checkpoint),
+    ``activations - L * resid`` of the full-checkpointing prediction; under autocast plus the block's
+    16-bit weight copies, which the ``autocast_weights`` term bounds."""
+    cfg = get_config(name)
+    model = build_model(cfg, "cpu")
+    model.init_weights(0)
+    apply_ac(model, "full")
+    B, T = 2, 32
+    idx = torch.randint(0, cfg.vocab_size, (B, T))
+    obs = _RecomputeObserver(model)
+    with obs:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
+            loss = model(idx, idx)
+        loss.backward()
+    pred = predict_memory(cfg, StrategyConfig(ac="full", amp=amp), 1, B, T)
+    term = pred["activations"] - cfg.n_layer * B * T * cfg.n_embd * 4
+    copies = 2 * sum(p.numel() for p in model.blocks["0"].parameters() if p.dim() == 2) if amp == "bf16" else 0
+    assert len(obs.kept) == cfg.n_layer
+    assert all(kept - copies == term > 0 for kept in obs.kept), (obs.kept, copies, term)
+    assert cfg.n_layer * copies <= pred["autocast_weights"]
 
 
 def test_planner_over_meshes():

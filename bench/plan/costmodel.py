@@ -23,7 +23,8 @@ Memory parts (``predict_memory``):
 - ``activations``: what autograd saves for backward over all blocks, from ``block_activation_bytes``
   (the Korthikanti et al. 2022 accounting, eq. 2, without the s^2 attention terms since SDPA keeps
   only the log-sum-exp, and without dropout masks since dropout is 0), per micro-batch; with full
-  checkpointing only each block's input is kept, plus one block's activations recomputed at a time;
+  checkpointing only each block's input is kept, plus one block's activations recomputed at a time
+  (less its input, which the checkpoint holds);
   op-level selective checkpointing is predicted as no checkpointing (an upper bound), and compiled
   blocks (which fuse and free differently) are not modelled.
 - ``head``: final norm, head input and the fp32 log-softmax output kept for the loss's backward
