@@ -1,7 +1,7 @@
 # Set-up is part of every target: a fresh clone needs only `make bench` and `make test`.
-# On a machine without an NVIDIA driver the CPU wheel torch==2.13.0 is installed first,
-# so nothing pulls a multi-GB CUDA build; GPU users install their own CUDA torch first
-# (see README) and this keeps it.
+# bench/launch/install_torch.py installs torch first: a torch that imports is kept (a GPU user's own
+# CUDA build); with an NVIDIA driver the default index's CUDA build; without one only a CPU build (from
+# pip's configured sources or PyTorch's CPU index), else it stops before installing anything.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 NPROC ?= 2
@@ -12,11 +12,12 @@ ARGS ?=
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || \
-	  { command -v nvidia-smi >/dev/null 2>&1 || $(PY) -m pip install -q torch==2.13.0; }
-	$(PY) -m pip install -q -e '.[dev]'
-	touch $@
+	@test -x $(PY) || { echo "[setup] creating $(VENV) (python3 -m venv)"; python3 -m venv $(VENV); }
+	@$(PY) -m bench.launch.install_torch
+	@echo "[setup] installing n00bGPT and its dependencies into $(VENV) (pip install -e '.[dev]')"
+	@$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+	@echo "[setup] done: commands run as $(VENV)/bin/python ... or after 'source $(VENV)/bin/activate'"
 
 bench: setup
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) bench/run.py strategy=fsdp $(ARGS)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from bench.launch import gpu_suite
 from reports import load
@@ -11,9 +13,12 @@ from tests.helpers import ROOT
 
 
 def test_list_prints_every_entry_with_the_right_launcher():
-    out = subprocess.run([sys.executable, "-m", "bench.launch.gpu_suite", "dry_run=true"], cwd=ROOT,
-                         capture_output=True,
-                         text=True, check=True).stdout.strip().splitlines()
+    """README's ``bash bench/launch/gpu_suite.sh --list``: the commands, nothing run, no folder named --list."""
+    r = subprocess.run(["bash", "bench/launch/gpu_suite.sh", "--list"], cwd=ROOT, capture_output=True, text=True,
+                       check=True, env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    out = [line for line in r.stdout.splitlines() if "bench/run.py" in line]
+    assert not (ROOT / "--list").exists() and not (ROOT / "gpu_suite_out").exists()
+    assert all(f"results_dir={ROOT}/gpu_suite_out/results" in line for line in out)
     assert len(out) == len(gpu_suite.MATRIX) + 1  # + the profiled entry
     for (label, model, strategy, _, distributed), line in zip(gpu_suite.MATRIX, out[:6] + out[7:]):
         assert f"tag=gpu_suite:{label}" in line and f"model={model}" in line and f"strategy={strategy}" in line

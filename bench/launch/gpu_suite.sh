@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # GPU validation suite (bench/launch/gpu_suite.py) on a machine without network access:
-#   bash bench/launch/gpu_suite.sh OUT_DIR [gpu_suite key=value options]
+#   bash bench/launch/gpu_suite.sh [OUT_DIR] [gpu_suite key=value options]
+#   bash bench/launch/gpu_suite.sh --list      # the entries and their commands, nothing run (= dry_run=true)
+#   bash bench/launch/gpu_suite.sh --help      # the options
 # If hydra-core or tabulate is missing there, wheels in .whl/ (hydra-core, omegaconf, antlr4-python3-runtime,
 # tabulate)
 # are installed into /tmp/site first (see README, "GPU validation").
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-out=${1:-gpu_suite_out}; shift || true
+out=gpu_suite_out
+if [[ $# -gt 0 && $1 != -* && $1 != *=* ]]; then out=$1; shift; fi  # an option is never taken for OUT_DIR
+args=()
+for a in "$@"; do [[ $a == --list ]] && args+=(dry_run=true) || args+=("$a"); done
+set -- "${args[@]+"${args[@]}"}"
 if ! python3 -c "import hydra, tabulate" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "hydra-core/tabulate missing and no wheels in .whl/"; exit 2; }
