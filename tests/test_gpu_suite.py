@@ -18,7 +18,7 @@ def test_list_prints_every_entry_with_the_right_launcher():
                        check=True, env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
     out = [line for line in r.stdout.splitlines() if "bench/run.py" in line]
     assert not (ROOT / "--list").exists() and not (ROOT / "gpu_suite_out").exists()
-    assert all(f"results_dir={ROOT}/gpu_suite_out/results" in line for line in out)
+    assert all(f"results_dir={ROOT}/gpu_suite_out/" in line for line in out)
     assert len(out) == len(gpu_suite.MATRIX) + 1  # + the profiled entry
     for (label, model, strategy, _, distributed), line in zip(gpu_suite.MATRIX, out[:6] + out[7:]):
         assert f"tag=gpu_suite:{label}" in line and f"model={model}" in line and f"strategy={strategy}" in line
