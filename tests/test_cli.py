@@ -74,3 +74,11 @@ def test_values_are_typed_and_lists_take_commas_or_brackets():
 def test_the_run_entry_and_the_sweep_answer_help_too():
     assert run("bench/run.py", "--help").returncode == 0
     assert "sweep" in run("bench/launch/sweep.py", "--help").stdout
+
+
+def test_run_help_lists_exactly_the_strategy_presets():
+    """bench/run.py --help offers the preset files and nothing else (no schema entry posing as a preset)."""
+    r = run("bench/run.py", "--help")
+    line = next(x for x in r.stdout.splitlines() if x.startswith("strategy: "))
+    presets = sorted(p.stem for p in (ROOT / "bench" / "conf" / "strategy").glob("*.yaml"))
+    assert line.removeprefix("strategy: ").split(", ") == presets

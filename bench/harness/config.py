@@ -189,7 +189,6 @@ def register_configs() -> None:
     cs.store(name="base_run", node=RunConfig)
     for name, cfg in PRESETS.items():
         cs.store(group="model", name=name, node=cfg)
-    cs.store(group="strategy", name="base_strategy", node=StrategyConfig)
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
