@@ -39,6 +39,7 @@ from bench.harness.config import ConfigError, RunConfig, register_configs, to_ru
 from bench.harness.dist import DistInfo, broadcast_object, init_distributed  # noqa: E402
 from bench.harness.env import environment  # noqa: E402
 from bench.harness.loop import TrainOutcome, plan_batch, train  # noqa: E402
+from bench.harness.progress import Progress  # noqa: E402
 from bench.harness.table import append_row, claim_run, dead_ranks, register_rank, write_steps  # noqa: E402
 from reports.record import RunRecord  # noqa: E402
 from strategies.config import StrategyError  # noqa: E402
@@ -111,7 +112,8 @@ def main(raw: DictConfig) -> None:
 
     outcome, error = None, None
     try:
-        outcome = train(cfg, info, progress=lambda m: say(info, m), run_id=run_id, batch=batch)
+        progress = Progress(cfg.warmup + cfg.steps, cfg.warmup, info.is_main, say=lambda m: say(info, m))
+        outcome = train(cfg, info, progress=progress, run_id=run_id, batch=batch)
         status = outcome.status
         if status == "nan":
             error = "non-finite loss: " + ", ".join(f"{v}" for v in outcome.losses[-3:])

@@ -25,6 +25,7 @@ from bench.harness.config import ConfigError, RunConfig
 from bench.harness.data import build_data
 from bench.harness.dist import DistInfo, broadcast_object, gather_objects
 from bench.harness.faults import Faults
+from bench.harness.progress import Progress
 from bench.harness.turn import get_turnstile
 from bench.measure import memory, metrics
 from bench.measure.combine import combine_ranks
@@ -185,7 +186,7 @@ def _mean_over_ranks(values: list[torch.Tensor], holders: int) -> list[float]:
 
 
 def run_steps(cfg: RunConfig, info: DistInfo, b: Built, step_fn: Callable[[int], torch.Tensor],
-              progress: Callable[[str], None] | None, run_id: str) -> tuple[str, list[float], dict]:
+              progress: Progress | None, run_id: str) -> tuple[str, list[float], dict]:
     """Warm-up then timed steps. Returns (status 'ok' or 'nan', global mean loss per step, this rank's
     measurements as record columns plus ``times``: its timed step durations)."""
     device, total = info.device, cfg.warmup + cfg.steps
@@ -212,6 +213,8 @@ def run_steps(cfg: RunConfig, info: DistInfo, b: Built, step_fn: Callable[[int],
             step_loss = step_fn(step)
             timer.stop()
             turn.done(step)
+            if progress:
+                progress.step(step)  # host-side only, between timed steps
             if step >= cfg.warmup:
                 profiler.step()
             step_losses.append(step_loss)
@@ -225,14 +228,15 @@ def run_steps(cfg: RunConfig, info: DistInfo, b: Built, step_fn: Callable[[int],
                 if progress:
                     now = time.perf_counter()
                     per_step = (now - wall_mark) / (step + 1 - steps_mark)
-                    tps = b.batch["global_batch_tokens"] / per_step
-                    phase = " (warm-up)" if step < cfg.warmup else ""
-                    progress(f"step {step + 1}/{total}{phase} | loss {new[-1]:.4f} | {tps:,.0f} tok/s | "
-                             f"ETA {per_step * (total - step - 1):.0f}s")
+                    progress.log(step, new[-1], b.batch["global_batch_tokens"] / per_step,
+                                 per_step * (total - step - 1))
                     wall_mark, steps_mark = now, step + 1
     except BaseException:
         turn.release()  # never leave the other A/B job waiting for us
         raise
+    finally:
+        if progress:
+            progress.close()
     if status == "ok":
         turn.finish(total)
     else:
@@ -282,7 +286,7 @@ def combine(per_rank: list[dict], static: dict, losses: list[float], world_size:
     return out, times
 
 
-def train(cfg: RunConfig, info: DistInfo, progress: Callable[[str], None] | None = None,
+def train(cfg: RunConfig, info: DistInfo, progress: Progress | None = None,
           run_id: str = "run", batch: dict | None = None) -> TrainOutcome:
     """build -> run_steps -> combine on every rank. ``batch``: plan_batch's result when the caller has it."""
     try:
