@@ -7,6 +7,7 @@ strategy name, plus the dtype where the name does not imply it, e.g. ``single (t
 different setups or variants are never averaged together. The reports' tables, ``reports.compare`` and
 the regression gate (bench/gate/) all group this way.
 
+Setups are listed smallest model first (by parameter count), strategies within a setup fastest first.
 Per (setup, variant), over the runs with status ``ok``:
 - every metric is the **median** over runs;
 - ``tokens_per_sec_lo`` / ``_hi``: with several runs, the min / max of the runs' tokens/s; with one
@@ -83,11 +84,15 @@ def summarise(df: pd.DataFrame) -> list[dict]:
             rec["run_ids"] = list(ok.run_id)
             rec["source_files"] = list(ok.source_file) if "source_file" in ok else []
             rows.append(rec)
-        table = pd.DataFrame(rows).set_index("strategy")
+        table = pd.DataFrame(rows).set_index("strategy").sort_values("tokens_per_sec", ascending=False,
+                                                                     na_position="last", kind="stable")
         failed = group[group.status != "ok"][["strategy", "status", "error", "run_id"]].to_dict("records")
         out.append({"key": key, "label": setup_label(key), "table": table, "failed": failed,
                     "params": group["params"].dropna().iloc[0] if "params" in group and group["params"].notna().any()
                     else None})
+    # smaller models first (gpt2-small before gpt2-large), then the setup key
+    out.sort(key=lambda s: (s["params"] if s["params"] is not None and s["params"] == s["params"] else float("inf"),
+                            tuple(str(k) for k in s["key"])))
     return out
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from reports import plots
+from reports import glance, plots
 from reports.aggregate import COLUMNS, best_strategies, format_value, summarise
 from reports.load import ResultsError, load_steps
 
@@ -25,6 +25,8 @@ class Report:
     captions: dict[str, str] = field(default_factory=dict)
     setups: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    boards: list[dict] = field(default_factory=list)  # reports/glance.py leaderboards (+ "figure" key or None)
+    heatmaps: list[str] = field(default_factory=list)  # figure keys of the MFU heat maps
 
 
 def slug(text: str) -> str:
@@ -42,8 +44,10 @@ def _steps_for(rec_row: pd.Series) -> pd.DataFrame | None:
 
 
 def build(df: pd.DataFrame) -> Report:
-    """All figures and tables for the rows in ``df``."""
+    """All figures and tables for the rows in ``df``: first the glance (leaderboards, Pareto fronts, MFU heat
+    maps), then per setup. No figure is made for fewer than two things to compare."""
     rep = Report(setups=summarise(df))
+    _glance(rep)
     for setup in rep.setups:
         table, label = setup["table"], setup["label"]
         model, device, ws, seq, mb, ga = setup["key"]
@@ -53,18 +57,18 @@ def build(df: pd.DataFrame) -> Report:
         if ok.empty:
             rep.notes.append(f"{label}: no successful run, no plots")
             continue
-        rep.figures[f"{stem}-throughput"] = plots.throughput_mfu(ok, label)
-        rep.captions[f"{stem}-throughput"] = f"Throughput and MFU per strategy — {label}"
+        if len(ok) > 1:  # one strategy: its numbers are in the table and the leaderboard, no one-bar chart
+            rep.figures[f"{stem}-throughput"] = plots.throughput_mfu(ok, label)
+            rep.captions[f"{stem}-throughput"] = f"Throughput and MFU per strategy — {label}"
         pred = pd.DataFrame({name: r.pred_parts_gib for name, r in ok.iterrows()}).T \
             if any(r.pred_parts_gib for _, r in ok.iterrows()) else None
-        rep.figures[f"{stem}-memory"] = plots.memory(ok, label, predicted=pred)
-        beside = " beside the predicted parts (bench/plan/costmodel.py)" if pred is not None else ""
-        rep.captions[f"{stem}-memory"] = f"Peak memory per strategy, measured{beside} — {label}"
+        if len(ok) > 1 or pred is not None:  # with predicted parts, one strategy is still two bars
+            rep.figures[f"{stem}-memory"] = plots.memory(ok, label, predicted=pred)
+            beside = " beside the predicted parts (bench/plan/costmodel.py)" if pred is not None else ""
+            rep.captions[f"{stem}-memory"] = f"Peak memory per strategy, measured{beside} — {label}"
         if "mesh" in ok and ok["mesh"].replace("", None).dropna().nunique() > 1:
             rep.figures[f"{stem}-meshes"] = plots.meshes(ok, label)
             rep.captions[f"{stem}-meshes"] = f"Device meshes compared (tokens/s per device, memory per rank) — {label}"
-        rep.figures[f"{stem}-tradeoff"] = plots.tradeoff(ok, label)
-        rep.captions[f"{stem}-tradeoff"] = f"Throughput vs memory — {label}"
         steps = {name: _steps_for(r) for name, r in ok.iterrows()}
         missing = [n for n, s in steps.items() if s is None]
         if missing:
@@ -72,7 +76,7 @@ def build(df: pd.DataFrame) -> Report:
         steps = {n: s for n, s in steps.items() if s is not None}
         timed = {n: list(s[s.phase == "timed"].step_time_s.dropna()) for n, s in steps.items()}
         timed = {n: t for n, t in timed.items() if t}
-        if timed:
+        if len(timed) > 1:
             rep.figures[f"{stem}-steptimes"] = plots.step_times(timed, label)
             rep.captions[f"{stem}-steptimes"] = f"Step-time distribution — {label}"
         if steps:
@@ -80,6 +84,22 @@ def build(df: pd.DataFrame) -> Report:
             rep.captions[f"{stem}-loss"] = f"Loss curves — {label}"
     _scaling(rep)
     return rep
+
+
+def _glance(rep: Report) -> None:
+    """Leaderboards with their Pareto-front figure (two points or more), and the MFU heat maps."""
+    for board in glance.leaderboards(rep.setups):
+        key = None
+        if board["table"].dropna(subset=["peak_mem_gib", "tokens_per_sec"]).shape[0] > 1:
+            key = "glance-pareto-" + slug(board["title"])
+            rep.figures[key] = plots.pareto(board["table"], board["title"])
+            rep.captions[key] = f"Throughput vs memory, Pareto front in red — {board['title']}"
+        rep.boards.append({**board, "figure": key})
+    for hardware, matrix in glance.mfu_matrix(rep.setups):
+        key = "glance-mfu-" + slug(hardware)
+        rep.figures[key] = plots.heatmap(matrix, hardware)
+        rep.captions[key] = f"Best MFU per strategy and model (over sequence lengths and micro-batches) — {hardware}"
+        rep.heatmaps.append(key)
 
 
 def _scaling(rep: Report) -> None:
@@ -94,18 +114,19 @@ def _scaling(rep: Report) -> None:
     if pts.empty:
         return
     for key, g in pts.groupby(["model", "device_name", "seq_len", "micro_batch", "grad_accum"]):
-        if g.world_size.nunique() > 1:
+        g = g.groupby("strategy").filter(lambda s: s.world_size.nunique() > 1)  # a line needs two points
+        if not g.empty:
             stem = slug(f"scaling-world-{key[0]}-{key[1]}-mb{key[3]}")
             title = f"{key[0]} on {key[1]}, micro-batch {key[3]}: scaling with world size"
             rep.figures[stem] = plots.scaling(g, "world_size", "world size (devices)", title, ideal=True)
             rep.captions[stem] = title
-    for key, g in pts.dropna(subset=["params"]).groupby(["device_name", "world_size"]):
-        if g.model.nunique() > 1:
-            med = g.groupby(["model", "strategy"], as_index=False).agg(tokens_per_sec=("tokens_per_sec", "median"),
-                                                                      params=("params", "first"))
-            stem = slug(f"scaling-model-{key[0]}-{key[1]}")
-            title = f"{key[1]}x {key[0]}: scaling with model size (median over micro-batches)"
-            rep.figures[stem] = plots.scaling(med, "params", "parameters", title, ideal=False)
+    for key, g in pts.dropna(subset=["params"]).groupby(["device_name", "world_size", "seq_len", "micro_batch",
+                                                         "grad_accum"]):
+        g = g.groupby("strategy").filter(lambda s: s.model.nunique() > 1)  # same setup but the model
+        if not g.empty:
+            stem = slug(f"scaling-model-{key[0]}-{key[1]}-s{key[2]}-mb{key[3]}-ga{key[4]}")
+            title = f"{key[1]}x {key[0]}, seq {key[2]}, micro-batch {key[3]}: scaling with model size"
+            rep.figures[stem] = plots.scaling(g, "params", "parameters", title, ideal=False)
             rep.captions[stem] = title
 
 
@@ -121,11 +142,15 @@ def _table_rows(table: pd.DataFrame, best: dict) -> list[list[tuple[str, bool]]]
 
 
 HEADER = ["strategy", "runs ok"] + [COLUMNS[c][0] for c in COLUMNS] + ["status"]
-CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1300px}table{border-collapse:collapse;
-margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,
-th:first-child{text-align:left}td.best{font-weight:bold;background:#dff5df}td.better{color:#11772b;
-font-weight:bold}td.worse{color:#b3261e;font-weight:bold}img{max-width:100%;border:1px solid #eee}
-.failed{color:#b3261e}"""
+# Fits a 1280 px window: cells never wrap mid-value, headers may; a wide table scrolls inside its own box.
+CSS = """body{font-family:system-ui,sans-serif;margin:1em auto;padding:0 1em;max-width:1240px;box-sizing:border-box}
+.tw{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:.5em 0;font-size:12px}
+td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td{white-space:nowrap}th{font-weight:600}
+td:first-child,th:first-child{text-align:left}td.best{font-weight:bold;background:#dff5df}
+td.better{color:#11772b;font-weight:bold}td.worse{color:#b3261e;font-weight:bold}
+img{max-width:100%;height:auto;border:1px solid #eee}figure{margin:.5em 0}
+.pair{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}.pair>div{flex:1 1 560px;min-width:0}
+.pair>div.figs{flex:0 1 540px}h3{margin:.6em 0 .2em;font-size:1em}.failed{color:#b3261e}"""
 _TEMPLATES = Path(__file__).with_name("templates")
 
 
@@ -148,12 +173,30 @@ def figures_for(rep: Report, keys: list[str]) -> list[dict]:
     return [{"key": k, "caption": rep.captions[k], "png": _png_b64(rep.figures[k])} for k in keys]
 
 
+GLANCE_INTRO = ("Fastest first, per model and hardware (medians over repeated runs). Highlighted: the Pareto "
+                "front (nothing else is both faster and leaner).")
+
+
+def _board_cells(board: dict) -> list[list[tuple[str, bool]]]:
+    return [[(v, i == 0 and front) for i, v in enumerate(cells)]
+            for cells, front in zip(glance.board_rows(board["table"]), board["table"].pareto)]
+
+
 def to_markdown(rep: Report, image_ext: str = "png") -> str:
-    out = ["# n00bGPT report", "", "Best value per column in **bold**. Medians over repeated runs; "
-           "definitions in bench/measure/metrics.py and reports/aggregate.py.", ""]
+    out = ["# n00bGPT report", ""]
+    if rep.boards:
+        out += ["## At a glance", "", GLANCE_INTRO.replace("Highlighted", "In **bold**"), ""]
+        out += [f"![{rep.captions[k]}]({k}.{image_ext})" for k in rep.heatmaps] + ([""] if rep.heatmaps else [])
+        for board in rep.boards:
+            out += [f"### {board['title']}", "", markdown_table(glance.BOARD_COLUMNS, [
+                [f"**{v}**" if b else v for v, b in row] for row in _board_cells(board)]), ""]
+            if board["figure"]:
+                out += [f"![{rep.captions[board['figure']]}]({board['figure']}.{image_ext})", ""]
+    out += ["## Per setup", "", "Best value per column in **bold**. Medians over repeated runs; "
+            "definitions in bench/measure/metrics.py and reports/aggregate.py.", ""]
     for s in rep.setups:
         cells = _table_rows(s["table"], best_strategies(s["table"]))
-        out += [f"## {s['label']}", "", markdown_table(HEADER, [[f"**{v}**" if b else v for v, b in row]
+        out += [f"### {s['label']}", "", markdown_table(HEADER, [[f"**{v}**" if b else v for v, b in row]
                                                                   for row in cells])]
         if s["failed"]:
             out += ["", "Runs left out (failed, or suspect: a number that cannot be true):", ""]
@@ -177,6 +220,17 @@ def _png_b64(fig: Figure) -> str:
 
 def to_html(rep: Report, title: str = "n00bGPT report") -> str:
     sections = []
+    if rep.boards:  # per hardware: the leaderboards' tables on the left, Pareto fronts and the heat map right
+        blocks = []
+        for hardware in dict.fromkeys(b["hardware"] for b in rep.boards):
+            boards = [b for b in rep.boards if b["hardware"] == hardware]
+            keys = [b["figure"] for b in boards if b["figure"]] + [k for k in rep.heatmaps
+                                                                   if k == "glance-mfu-" + slug(hardware)]
+            blocks.append({"hardware": hardware, "figures": figures_for(rep, keys), "boards": [
+                {"title": b["title"], "header": glance.BOARD_COLUMNS,
+                 "rows": [[{"text": v, "cls": "best" if f else ""} for v, f in row] for row in _board_cells(b)]}
+                for b in boards]})
+        sections.append({"heading": "At a glance", "intro": GLANCE_INTRO, "glance": blocks})
     for s in rep.setups:
         rows = [[{"text": v, "cls": "best" if b else ""} for v, b in row]
                 for row in _table_rows(s["table"], best_strategies(s["table"]))]
@@ -187,7 +241,10 @@ def to_html(rep: Report, title: str = "n00bGPT report") -> str:
         sections.append({"heading": "Scaling", "figures": figures_for(rep, scaling)})
     if rep.notes:
         sections.append({"heading": "Notes", "bullets": rep.notes})
-    return render_page(title, "Best value per column highlighted. Medians over repeated runs.", sections)
+    if rep.boards:
+        sections.insert(1, {"heading": "Per setup", "intro": "Best value per column highlighted. Medians over "
+                            "repeated runs; definitions in bench/measure/metrics.py and reports/aggregate.py."})
+    return render_page(title, "", sections)
 
 
 def write(rep: Report, out_dir: str | Path, html_text: str | None = None, markdown: str | None = None) -> Path:

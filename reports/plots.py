@@ -9,6 +9,7 @@ from __future__ import annotations
 import textwrap
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -41,6 +42,7 @@ def throughput_mfu(table: pd.DataFrame, title: str) -> Figure:
     bars = ax1.barh(names, tps, xerr=err, color="tab:blue", capsize=3)
     ax1.bar_label(bars, labels=[f"{v:,.0f}" for v in tps], padding=4, fontsize=8)
     ax1.set_xlabel("tokens/s (global), error bar = spread")
+    ax1.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax1.set_title("Throughput")
     mfu = (t.mfu * 100).fillna(0)
     bars = ax2.barh(names, mfu, color="tab:orange")
@@ -127,23 +129,6 @@ def plt_patch(colour: str, label: str):
     return Patch(color=colour, label=label)
 
 
-def tradeoff(table: pd.DataFrame, title: str) -> Figure:
-    """One point per strategy: x = peak memory (GiB), y = tokens/s; up-and-left is better."""
-    fig, ax = _subplots(figsize=(8, 5.5))
-    t = table.dropna(subset=["peak_mem_gib", "tokens_per_sec"])
-    ax.scatter(t.peak_mem_gib, t.tokens_per_sec, s=40, color="tab:purple", zorder=3)
-    for i, (name, r) in enumerate(t.iterrows()):
-        ax.annotate(name, (r.peak_mem_gib, r.tokens_per_sec), textcoords="offset points",
-                    xytext=(6, 6 - 12 * (i % 2)), fontsize=8)
-    ax.set_xlabel("peak memory per rank (GiB)")
-    ax.set_ylabel("tokens/s (global)")
-    ax.set_title(_wrap(f"Throughput vs memory — {title}"), fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.margins(0.2)
-    fig.tight_layout()
-    return fig
-
-
 def scaling(points: pd.DataFrame, x: str, xlabel: str, title: str, ideal: bool) -> Figure:
     """tokens/s against ``x`` (world_size or params), one line per strategy; with ``ideal`` a dashed
     linear-scaling line per strategy from its smallest x, and a second panel with scaling efficiency."""
@@ -205,19 +190,65 @@ def loss_curves(per_strategy: dict[str, pd.DataFrame], title: str) -> Figure:
     return fig
 
 
-def comparison(table: pd.DataFrame, metric: str, label: str, title: str) -> Figure:
-    """Baseline vs candidate bars per setup/strategy for ``metric`` (columns metric_baseline/_candidate)."""
+def comparison(table: pd.DataFrame, metric: str, label: str, title: str, fmt=lambda v: f"{v:,.4g}") -> Figure:
+    """Baseline vs candidate bars per strategy for ``metric`` (columns metric_baseline/_candidate); the
+    baseline bar labelled with its value (``fmt``, as the tables print it), the candidate's with its delta."""
     t = table.iloc[::-1]
     y = np.arange(len(t))
     fig, ax = _subplots(figsize=(10, _height(len(t))))
     b = ax.barh(y + 0.2, t[f"{metric}_baseline"], height=0.4, label="baseline", color="tab:gray")
     c = ax.barh(y - 0.2, t[f"{metric}_candidate"], height=0.4, label="candidate", color="tab:blue")
-    ax.bar_label(b, fmt="%.3g", fontsize=7, padding=3)
+    ax.bar_label(b, labels=[fmt(v) for v in t[f"{metric}_baseline"]], fontsize=7, padding=3)
     ax.bar_label(c, labels=[f"{d:+.1f}%" if d == d else "" for d in t[f"{metric}_delta_pct"]], fontsize=7, padding=3)
     ax.set_yticks(y, list(t.index))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: fmt(v)))
     ax.set_xlabel(label)
-    ax.set_title(_wrap(title), fontsize=10)
+    ax.set_title(_wrap(title, 90), fontsize=10)
     ax.legend(fontsize=8)
     ax.margins(x=0.25)
+    fig.tight_layout()
+    return fig
+
+
+def pareto(table: pd.DataFrame, title: str) -> Figure:
+    """Throughput vs memory for one model on one hardware: every (setup, strategy) a point, the Pareto
+    front (``pareto`` column: nothing both faster and leaner) in colour and joined, the rest grey; every
+    point labelled. Up and to the left is better."""
+    fig, ax = _subplots(figsize=(5.6, 3.5))
+    t = table.dropna(subset=["peak_mem_gib", "tokens_per_sec"])
+    front = t[t.pareto].sort_values("peak_mem_gib")
+    rest = t[~t.pareto]
+    ax.scatter(rest.peak_mem_gib, rest.tokens_per_sec, s=30, color="0.6", zorder=3, label="dominated")
+    ax.plot(front.peak_mem_gib, front.tokens_per_sec, marker="o", color="tab:red", zorder=4, label="Pareto front")
+    rank = t.tokens_per_sec.rank(method="first").astype(int)  # neighbours in throughput: labels above / below
+    for (idx, r) in zip(t.index, t.itertuples()):
+        label = r.strategy if t.micro_batch.nunique() == 1 else f"{r.strategy} (mb {r.micro_batch})"
+        ax.annotate(label, (r.peak_mem_gib, r.tokens_per_sec), textcoords="offset points",
+                    xytext=(5, 4 if rank[idx] % 2 else -10), fontsize=7, color="tab:red" if r.pareto else "0.35")
+    ax.set_xlabel("peak memory per rank (GiB)")
+    ax.set_ylabel("tokens/s (global)")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.set_title(_wrap(f"Throughput vs memory — {title}", 60), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.margins(0.25)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def heatmap(matrix: pd.DataFrame, title: str) -> Figure:
+    """Strategy (rows) x model (columns) MFU in %, each cell annotated; a blank cell = not measured."""
+    values = matrix.to_numpy(dtype=float) * 100
+    fig, ax = _subplots(figsize=(5.6, 0.28 * matrix.shape[0] + 1.4))
+    masked = np.ma.masked_invalid(values)
+    im = ax.imshow(masked, cmap="viridis", aspect="auto", vmin=0, vmax=max(1.0, float(np.nanmax(values))))
+    ax.set_xticks(range(matrix.shape[1]), list(matrix.columns))
+    ax.set_yticks(range(matrix.shape[0]), list(matrix.index))
+    for (i, j), v in np.ndenumerate(values):
+        if v == v:
+            ax.text(j, i, f"{v:.1f}%", ha="center", va="center", fontsize=8,
+                    color="white" if v < 0.6 * np.nanmax(values) else "black")
+    fig.colorbar(im, ax=ax, label="MFU (%)")
+    ax.set_title(_wrap(f"MFU by strategy and model — {title}", 48), fontsize=10)
     fig.tight_layout()
     return fig

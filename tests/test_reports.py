@@ -85,10 +85,15 @@ def test_figures_show_the_data(results):
     mem_ax = rep.figures[f"{stem}-memory"].axes[0]
     assert [p.get_width() for p in mem_ax.patches] == pytest.approx(list(table.peak_mem_gib[::-1]))
     assert "GiB" in mem_ax.get_xlabel()
-    tr_ax = rep.figures[f"{stem}-tradeoff"].axes[0]
-    pts = tr_ax.collections[0].get_offsets()
-    assert np.allclose(pts, table[["peak_mem_gib", "tokens_per_sec"]].to_numpy())
-    assert [t.get_text() for t in tr_ax.texts] == list(table.index)
+    assert list(table.index) == ["ddp", "fsdp", "fsdp+ac(full)"]  # fastest first
+    board = next(b for b in rep.boards if b["title"] == "tiny on 1x TestCPU")
+    assert list(board["table"].strategy) == list(table.index)
+    assert list(board["table"].tokens_per_sec) == pytest.approx(list(table.tokens_per_sec))
+    assert board["table"].pareto.all()  # each is faster but bigger than the next: all on the front
+    pa_ax = rep.figures[board["figure"]].axes[0]
+    front = next(ln for ln in pa_ax.lines if ln.get_label() == "Pareto front")
+    assert list(front.get_xdata()) == pytest.approx(sorted(table.peak_mem_gib))
+    assert sorted(t.get_text() for t in pa_ax.texts) == sorted(table.index)
     loss_ax = rep.figures[f"{stem}-loss"].axes[0]
     assert [ln.get_label() for ln in loss_ax.lines] == list(table.index)
     assert list(loss_ax.lines[0].get_ydata()) == pytest.approx([5.0 - i * 0.1 for i in range(5)])
@@ -101,6 +106,34 @@ def test_figures_show_the_data(results):
     assert sorted(ln.get_label() for ln in solid) == sorted(table.index)
     ddp = next(ln for ln in eff_ax.lines if ln.get_label() == "ddp")
     assert list(ddp.get_ydata()) == pytest.approx([100.0, 90.0])  # 2 ranks at 0.9x ideal
+
+
+def test_glance_leaderboard_pareto_front_and_mfu_heat_map(tmp_path):
+    """Two models on one hardware: leaderboards smallest model first, fastest first, the dominated strategy
+    off the front; the heat map holds the best MFU per strategy and model; no figure for a lone point."""
+    d = tmp_path / "r"
+    for i, (model, params, strategy, tps, mem, mfu) in enumerate([
+            ("big", 9000, "ddp", 500.0, 4.0, 0.30), ("big", 9000, "fsdp", 400.0, 3.0, 0.24),
+            ("big", 9000, "fsdp+ac(full)", 300.0, 3.5, 0.18),  # slower and bigger than fsdp: dominated
+            ("small", 1000, "ddp", 2000.0, 1.0, 0.20), ("small", 1000, "fsdp", 1500.0, 0.8, 0.15),
+            ("lone", 5000, "ddp", 700.0, 2.0, 0.25)]):
+        append_row(d, row(f"r{i}", strategy, 1, tps, mem, mfu, model=model) | {"params": params})
+    rep = build.build(load(d))
+    assert [b["model"] for b in rep.boards] == ["small", "lone", "big"]  # by parameter count
+    big = rep.boards[2]["table"]
+    assert list(big.strategy) == ["ddp", "fsdp", "fsdp+ac(full)"]
+    assert list(big.pareto) == [True, True, False]
+    assert rep.boards[1]["figure"] is None  # one point: no scatter
+    (key,) = rep.heatmaps
+    ax = rep.figures[key].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["small", "lone", "big"]
+    cells = {t.get_text() for t in ax.texts}
+    assert {"30.0%", "24.0%", "18.0%", "20.0%", "15.0%", "25.0%"} == cells
+    image = ax.images[0].get_array()
+    assert image[0, 2] == pytest.approx(30.0) and np.ma.is_masked(image[2, 0])  # ddp row first; ac on small: none
+    html = build.to_html(rep)
+    assert html.index("At a glance") < html.index("Per setup") and "<th>batch</th>" in html
+    assert '<td class="best">fsdp</td>' in html and "<td>fsdp+ac(full)</td>" in html
 
 
 def test_many_strategies_do_not_overlap(tmp_path):
@@ -155,8 +188,14 @@ def test_baseline_vs_candidate(results, tmp_path):
     assert res.returncode == 0, res.stderr
     page = (out / "index.html").read_text()
     assert '<td class="worse">-10.0%</td>' in page and '<td class="better">-50.0%</td>' in page
-    ax = [f for k, f in compare.report(load(results), load(cand))[0].figures.items() if "tokens" in k][0].axes[0]
-    assert [t.get_text() for t in ax.texts if t.get_text().startswith("-")].count("-10.0%") == 2
+    figs = [f for k, f in compare.report(load(results), load(cand))[0].figures.items() if "tokens" in k]
+    assert len(figs) == 2  # one per setup (world size 1 and 2)
+    for fig in figs:
+        texts = [t.get_text() for t in fig.axes[0].texts]
+        assert texts.count("-10.0%") == 1
+        assert all(re.fullmatch(r"\d{1,3}(,\d{3})*", t) for t in texts[:3])  # baselines as the table prints them
+    ws1 = cmp[(cmp.strategy == "ddp") & cmp.setup.str.contains(" 1x ")].iloc[0]
+    assert f"{ws1.tokens_per_sec_baseline:,.0f}" in [t.get_text() for t in figs[0].axes[0].texts]
 
 
 def test_comparison_without_common_setups_is_an_error(results, tmp_path):
@@ -210,7 +249,8 @@ def test_real_gpu_results_report(tmp_path):
     small = next(s for s in rep.setups if s["key"][0] == "gpt2-small" and s["key"][4] == 16)
     assert small["table"].loc["single+bf16+compile(model)", "mfu"] == pytest.approx(
         df[(df.strategy == "single+bf16+compile(model)") & (df.micro_batch == 16)].mfu.iloc[0])
-    assert any(k.startswith("scaling-model") for k in rep.figures)
+    assert [b["model"] for b in rep.boards] == ["gpt2-small", "gpt2-medium", "gpt2-large"]
+    assert rep.heatmaps and all(b["figure"] for b in rep.boards if len(b["table"]) > 1)
 
 
 def test_memory_plot_stacks_predicted_parts_beside_measured(tmp_path):
