@@ -112,3 +112,23 @@ def test_imports_flow_one_way(room):
     assert not bad
     if room == "reports":  # the record is a leaf: standard library only
         assert {m.split(".")[0] for m in _imports(ROOT / "reports" / "record.py")} <= {"__future__", "dataclasses"}
+
+
+def test_git_sha_is_a_commit_or_nothing(tmp_path, monkeypatch):
+    """A tree copied without history (a repository with no commits, where ``git rev-parse HEAD`` prints the
+    literal 'HEAD') records no SHA rather than 'HEAD'; N00BGPT_GIT_SHA names it for such a copy."""
+    import re
+    import subprocess
+
+    from bench.harness import env
+
+    monkeypatch.delenv("N00BGPT_GIT_SHA", raising=False)
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", env.git_sha())  # this checkout
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    monkeypatch.setattr(env, "REPO", tmp_path)
+    assert env.git_sha() is None
+    monkeypatch.setattr(env, "REPO", tmp_path / "not-a-repo")
+    (tmp_path / "not-a-repo").mkdir()
+    assert env.git_sha() is None
+    monkeypatch.setenv("N00BGPT_GIT_SHA", "0123abcd" * 5)
+    assert env.git_sha() == "0123abcd" * 5

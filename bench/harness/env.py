@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import re
 import socket
 import subprocess
 from pathlib import Path
@@ -15,11 +17,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def git_sha() -> str | None:
-    """HEAD's SHA, suffixed '-dirty' when tracked files differ; None outside a git checkout."""
+    """HEAD's SHA, suffixed '-dirty' when tracked files differ; None outside a git checkout or in one without
+    commits (where ``git rev-parse HEAD`` prints the literal 'HEAD'). ``N00BGPT_GIT_SHA`` names it for a copy
+    of the tree that has no history (e.g. a GPU machine the tree was copied to)."""
+    if os.environ.get("N00BGPT_GIT_SHA"):
+        return os.environ["N00BGPT_GIT_SHA"]
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        if not sha:
+        sha = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        if not re.fullmatch(r"[0-9a-f]{40}", sha):
             return None
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True, timeout=10).stdout.strip()
