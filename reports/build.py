@@ -220,12 +220,12 @@ def _png_b64(fig: Figure) -> str:
 
 def to_html(rep: Report, title: str = "n00bGPT report") -> str:
     sections = []
-    if rep.boards:  # per hardware: the leaderboards' tables on the left, Pareto fronts and the heat map right
+    if rep.boards:  # per hardware: the leaderboards' tables on the left, the heat map and Pareto fronts right
         blocks = []
         for hardware in dict.fromkeys(b["hardware"] for b in rep.boards):
             boards = [b for b in rep.boards if b["hardware"] == hardware]
-            keys = [b["figure"] for b in boards if b["figure"]] + [k for k in rep.heatmaps
-                                                                   if k == "glance-mfu-" + slug(hardware)]
+            keys = [k for k in rep.heatmaps if k == "glance-mfu-" + slug(hardware)]  # all models at once first
+            keys += [b["figure"] for b in boards if b["figure"]]
             blocks.append({"hardware": hardware, "figures": figures_for(rep, keys), "boards": [
                 {"title": b["title"], "header": glance.BOARD_COLUMNS,
                  "rows": [[{"text": v, "cls": "best" if f else ""} for v, f in row] for row in _board_cells(b)]}
