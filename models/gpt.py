@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import GPTConfig
+from models.loss import fused_lm_loss
 
 
 class RMSNorm(nn.Module):
@@ -224,10 +225,19 @@ class GPT(nn.Module):
         per-block compilation can compile it too (eager, its fp32 logits copy and log-softmax cost
         a third of a GPT-2-small step on an H100)."""
         x = self.norm_f(x)
+        # the fused, chunked loss: no (B, T, V) logits. Not under TP (a DTensor head: loss_parallel) nor inside
+        # torch.compile, which traces the plain path and fuses its softmax itself
+        if (targets is not None and self.cfg.loss_chunk and not _is_dtensor(self.head_weight)
+                and not torch.compiler.is_compiling()):
+            return fused_lm_loss(x, self.head_weight, targets, self.cfg.loss_chunk)
         logits = F.linear(x, self.head_weight)  # (B, T, V)
         if targets is None:
             return logits
         return lm_loss(logits, targets)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"  # no import of torch.distributed.tensor for the plain model
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -44,27 +44,39 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_x = torch.empty_like(x) if need_x else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=x.device)
+        # one (chunk, V) fp32 block, reused by every chunk: allocated (and, on a CPU, page-faulted) once
+        block = torch.empty(min(chunk, n), weight.shape[0], dtype=torch.float32, device=x.device)
         with torch.autocast(x.device.type, enabled=False):
             for start in range(0, n, chunk):
                 xc = x[start:start + chunk].to(dtype)
                 tc, vc = targets[start:start + chunk], valid[start:start + chunk]
-                logits = (xc @ w.t()).float()  # (c, V)
-                lse = torch.logsumexp(logits, dim=-1)
+                logits = block[:xc.shape[0]]  # (c, V)
+                if dtype == torch.float32:
+                    torch.mm(xc, w.t(), out=logits)
+                else:
+                    logits.copy_(xc @ w.t())
                 safe_t = torch.where(vc, tc, 0)
                 target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
+                # log-sum-exp and softmax in place in the block (torch.logsumexp would allocate a second
+                # (c, V) buffer): shift by the row max, exponentiate, sum, normalise
+                row_max = logits.amax(dim=-1, keepdim=True)
+                probs = logits.sub_(row_max).exp_()
+                sum_exp = probs.sum(dim=-1)
+                lse = row_max.squeeze(1) + sum_exp.log()
                 total += ((lse - target_logit) * vc).sum()
                 if need_x or need_w:
-                    # d(loss)/d(logits) = (softmax - onehot(target)) / count, zero for ignored tokens
-                    g = logits.sub_(lse[:, None]).exp_()
+                    # d(loss)/d(logits) = (softmax - onehot(target)) * scale, scale = 1/count (0: ignored); the
+                    # scale is applied to the (c, d) sides of the matmuls, not to the (c, V) block
+                    g = probs.div_(sum_exp[:, None])
                     g.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
-                    g.mul_((vc.to(torch.float32) / count)[:, None])
+                    scale = (vc.to(torch.float32) / count)[:, None]
                     gd = g.to(dtype)
                     if need_x:
-                        grad_x[start:start + chunk] = (gd @ w).to(x.dtype)
-                    if need_w and dtype == torch.float32:
-                        grad_w.addmm_(g.t(), xc)
+                        grad_x[start:start + chunk] = ((gd @ w).float() * scale).to(x.dtype)
+                    if need_w and dtype == torch.float32:  # addmm with out= (FlopCounterMode counts it; addmm_ not)
+                        torch.addmm(grad_w, g.t(), xc * scale, out=grad_w)
                     elif need_w:  # a 16-bit matmul as the plain path's backward does, accumulated in fp32
-                        grad_w += (gd.t() @ xc).float()
+                        grad_w += (gd.t() @ (xc.float() * scale).to(dtype)).float()
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return total / count

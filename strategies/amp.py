@@ -63,9 +63,11 @@ def _cost_setup(ctx) -> None:
 
 
 def _memory(parts: dict, ctx) -> None:
-    """Autocast keeps 16-bit copies of the matmul weights (made per forward, saved for backward): 2 n_mm."""
+    """Autocast keeps 16-bit copies of the matmul weights (made per forward, saved for backward): 2 n_mm; the
+    fused loss (models/loss.py) casts the head inside its forward and keeps no copy: 2 (n_mm - V d) then."""
     if ctx.mode == "autocast":
-        parts["autocast_weights"] = 2 * ctx.n_mm
+        head = ctx.model.padded_vocab_size * ctx.model.n_embd if ctx.fused_head and ctx.has_head else 0
+        parts["autocast_weights"] = 2 * (ctx.n_mm - head)
 
 
 TECHNIQUE = Technique(

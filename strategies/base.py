@@ -113,6 +113,7 @@ class CostContext:
     has_embedding: bool = True  # this rank holds the first stage (embeddings)
     has_head: bool = True  # ... the last stage (final norm, head, loss)
     replicated_norm: int = 0  # elements of this rank's norm parameters (replicated under tp)
+    fused_head: bool = False  # the loss runs through models/loss.py (no logits; its weight cast is transient)
     act_tokens: int = 0  # tokens whose block activations are alive at once (pp: micro-batches in flight)
     head_tokens: int = 0  # ... whose output-stage activations are
     head_step_tokens: int = 0  # tokens of one output-stage backward (its transient buffers)

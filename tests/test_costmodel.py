@@ -16,7 +16,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.measure.comm import CommCounter
-from bench.plan.costmodel import block_activation_bytes, head_bytes, param_groups, predict_comm, predict_memory
+from bench.plan.costmodel import (
+    block_activation_bytes,
+    fused_loss,
+    head_bytes,
+    param_groups,
+    predict_comm,
+    predict_memory,
+)
 from models import build_model, get_config
 from reports import load
 from strategies import StrategyConfig, apply_strategies, maybe_no_sync
@@ -90,6 +97,31 @@ def test_head_saved_bytes():
     assert measured == head_bytes(cfg, B * T, "fp32")["saved"] - 8 * B * T
 
 
+@pytest.mark.parametrize("mode", ["fp32", "autocast"])
+def test_fused_head_saved_bytes(mode):
+    """The fused, chunked loss keeps no logits: the norm's tensors and the two gradients it computed in
+    forward (head input, tokens x d; weight, V x d fp32), as head_bytes says; with many tokens and a large
+    vocabulary far below the plain path (with few tokens the V x d weight gradient outweighs the logits)."""
+    cfg = get_config("tiny", vocab_size=1000, loss_chunk=24)
+    model = build_model(cfg, "cpu")
+    model.init_weights(0)
+    B, T = 2, 16
+    x = torch.randn(B, T, cfg.n_embd, requires_grad=True)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            model.head_loss(x, torch.randint(0, 1000, (B, T)))
+
+    measured = saved_storage_bytes(run)
+    assert measured == head_bytes(cfg, B * T, mode)["saved"] - 8 * B * T
+    plain = head_bytes(dataclasses.replace(cfg, loss_chunk=0), B * T, mode)["saved"]
+    assert head_bytes(cfg, B * T, mode, fused=False)["saved"] == plain
+    big = get_config("mini", loss_chunk=1024)  # many tokens, a 50k vocabulary: far below the plain path
+    assert 4 * head_bytes(big, 8192, mode)["saved"] < head_bytes(big, 8192, mode, fused=False)["saved"]
+    assert not fused_loss(cfg, StrategyConfig(pp=2), 1, 2)  # the last stage hands logits to the schedule
+    assert not fused_loss(cfg, StrategyConfig(compile=True), 1, 1) and fused_loss(cfg, StrategyConfig(), 1, 1)
+
+
 CASES = [("ddp", True, "fp32"), ("fsdp", True, "fp32"), ("fsdp", False, "fp32"), ("fsdp", True, "bf16"),
          ("fsdp", False, "bf16"), ("ddp", True, "bf16")]
 
@@ -132,7 +164,8 @@ def test_predicted_peak_matches_h100_rows(strategy, dtype):
     df = df[(df.strategy == strategy) & (df["dtype"] == dtype)]
     assert len(df)
     for r in df.itertuples():
-        cfg = get_config(r.model, pad_vocab_to=64)
+        # rows from before model.loss_chunk existed ran the plain loss
+        cfg = get_config(r.model, pad_vocab_to=64, loss_chunk=r.config["model"].get("loss_chunk", 0))
         s = StrategyConfig(**{k: v for k, v in r.config["strategy"].items()})
         pred = predict_memory(cfg, s, r.world_size, r.micro_batch, r.seq_len)["total"]
         assert pred == pytest.approx(r.peak_mem_bytes, rel=0.05), (r.model, strategy, pred / 2**30)
@@ -204,8 +237,11 @@ def test_autocast_weight_copies_equal_the_predicted_term(name):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
         model(idx, idx)
     pred = predict_memory(cfg, StrategyConfig(amp="bf16"), 1, 2, 16)
-    assert sum(copies.values()) == pred["autocast_weights"] == 2 * param_groups(cfg).n_mm > 0
-
+    head = cfg.padded_vocab_size * cfg.n_embd  # the fused loss (default) casts the head transiently
+    assert sum(copies.values()) == pred["autocast_weights"] == 2 * (param_groups(cfg).n_mm - head) > 0
+    plain = dataclasses.replace(cfg, loss_chunk=0)
+    assert predict_memory(plain, StrategyConfig(amp="bf16"), 1, 2, 16)["autocast_weights"] == 2 * param_groups(
+        plain).n_mm
 
 class _RecomputeObserver(TorchDispatchMode):
     """Per checkpointed block's backward: the bytes of the distinct storages that its recomputation made

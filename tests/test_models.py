@@ -23,6 +23,7 @@ from models import (
     param_count,
     train_flops_per_token,
 )
+from models.loss import fused_lm_loss
 from strategies.ac import recompute_flops_per_token
 
 ARCH_TINY = ["tiny", "llama-tiny"]
@@ -144,6 +145,8 @@ def counted_train_flops(model, batch: int, seq_len: int) -> int:
         ("llama-tiny", {}, 32),
         ("llama-tiny", {"n_layer": 3, "n_head": 2, "mlp_hidden": 96, "vocab_size": 300, "pad_vocab_to": 64}, 128),
         ("tiny", {"n_layer": 1, "n_embd": 96, "n_head": 3, "vocab_size": 1000}, 256),
+        ("tiny", {"loss_chunk": 48}, 64),  # the fused, chunked loss: the same matmuls, FLOPs unchanged
+        ("llama-tiny", {"loss_chunk": 40, "tie_embeddings": False}, 32),
     ],
 )
 def test_flops_match_flop_counter(name, kw, seq_len):
@@ -208,6 +211,7 @@ def test_training_reduces_loss_on_learnable_sequence(name):
         ({"n_layer": 0}, "n_layer"),
         ({"arch": "mamba"}, "arch"),
         ({"dropout": 1.5}, "dropout"),
+        ({"loss_chunk": -1}, "loss_chunk"),
     ],
 )
 def test_impossible_configs_name_the_field(kw, field):
@@ -238,3 +242,53 @@ def test_cli_json_lists_family():
 
 def test_config_is_a_plain_dataclass():
     assert dataclasses.is_dataclass(GPTConfig)
+
+
+@pytest.mark.parametrize("name,kw", [("tiny", {}), ("llama-tiny", {"tie_embeddings": False})])
+def test_fused_chunked_loss_equals_the_plain_path(name, kw):
+    """models/loss.py against F.cross_entropy over the full logits, fp32: the loss, every parameter's
+    gradient and the head input's, with a chunk that does not divide the tokens and two ignored targets;
+    and the evaluation (no-grad) loss."""
+    idx = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(1))
+    targets = idx.roll(-1, 1)
+    targets[0, 3] = targets[2, 17] = -100
+    out = {}
+    for chunk in (0, 48):
+        model = make(name, loss_chunk=chunk, **kw)
+        h = model.embed(idx)
+        h.retain_grad()
+        x = h
+        rope = (model.rope_cos, model.rope_sin) if model.cfg.arch == "llama" else None
+        for block in model.blocks.values():
+            x = block(x, rope)
+        loss = model.head_loss(x, targets)
+        (loss * 3).backward()  # an incoming gradient other than 1 (as grad accumulation and pipelines give)
+        with torch.no_grad():
+            eval_loss = model(idx, targets)
+        out[chunk] = (loss.item(), eval_loss.item(), h.grad.clone(),
+                      {n: p.grad.clone() for n, p in model.named_parameters()})
+    (l0, e0, h0, g0), (l1, e1, h1, g1) = out[0], out[48]
+    assert l1 == pytest.approx(l0, abs=1e-5) and e1 == pytest.approx(e0, abs=1e-5) and e0 == pytest.approx(l0)
+    assert torch.allclose(h1, h0, atol=1e-6, rtol=1e-4)
+    for n in g0:
+        assert torch.allclose(g1[n], g0[n], atol=1e-6, rtol=1e-4), n
+    assert l0 > 4  # a real loss (random init over 256 tokens: ~ln 256), not a vacuous zero
+
+
+def test_fused_loss_under_autocast_matches_the_plain_path():
+    """bf16 autocast: logits and matmuls in bf16, softmax and loss in fp32, as the plain path computes them."""
+    torch.manual_seed(0)
+    x = torch.randn(100, 64, requires_grad=True)
+    w = (torch.randn(500, 64) * 0.1).requires_grad_()
+    t = torch.randint(0, 500, (100,))
+    grads = {}
+    for fused in (False, True):
+        x.grad = w.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fused_lm_loss(x, w, t, 32) if fused else torch.nn.functional.cross_entropy(
+                torch.nn.functional.linear(x, w).float(), t)
+        loss.backward()
+        grads[fused] = (loss.item(), x.grad.clone(), w.grad.clone())
+    assert grads[True][0] == pytest.approx(grads[False][0], rel=1e-3)
+    for a, b in zip(grads[True][1:], grads[False][1:]):
+        assert a.dtype == torch.float32 and (a - b).abs().max() <= 2e-2 * b.abs().max()

@@ -92,8 +92,9 @@ def build(cfg: RunConfig, info: DistInfo, batch: dict) -> Built:
     # Peak FLOP/s first, on rank 0 alone (a probe must not compete with training), then shared.
     peak, peak_source, probe_stats = broadcast_object(get_peak_flops(device, dtype_name) if info.is_main else None,
                                                       info)
-    # What the process holds before the model exists (CPU: interpreter + libraries; CUDA: ~0):
-    # the predicted peak is compared with peak_mem_bytes - mem_baseline_bytes.
+    # What the process holds before the model exists (CPU: interpreter + libraries, warmed up first so their
+    # lazily created state counts here; CUDA: ~0): the predicted peak is compared with peak - baseline.
+    memory.warm_runtime(device)
     baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else memory.current_rss_bytes()
     pred_mem = predict_memory(cfg.model, s, info.world_size, cfg.micro_batch, cfg.seq_len)
     pred_comm = predict_comm(cfg.model, s, info.world_size, batch["grad_accum"], micro_batch=cfg.micro_batch,
@@ -104,10 +105,11 @@ def build(cfg: RunConfig, info: DistInfo, batch: dict) -> Built:
     n_params = count_params(model)
     mesh = build_mesh(s, device.type)
     model = apply_strategies(model, s, device, cfg.seed, mesh, batch["grad_accum"])
-    # Fused AdamW on CUDA (one kernel for all params; a GPT-2-small step spends ~10% in foreach AdamW);
-    # foreach on CPU and for DTensor parameters (FSDP shards, TP splits: torchtitan's default there).
+    # Fused AdamW for plain parameters (CUDA: one kernel for all params, a GPT-2-small step spent ~10% in
+    # foreach AdamW; CPU: 89 vs 684 ms per step for gpt2-small's parameters, 2 threads, measured); foreach
+    # for DTensor parameters (FSDP shards, TP splits: torchtitan's default there).
     has_dtensor = any(isinstance(p, DTensor) for p in model.parameters())
-    fused = device.type == "cuda" and not has_dtensor
+    fused = not has_dtensor
     opt = torch.optim.AdamW(param_groups(model), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=fused or None, foreach=None if fused else True)
     data = build_data(cfg.data, cfg.model.vocab_size, cfg.micro_batch, cfg.seq_len, cfg.seed, device,

@@ -15,7 +15,7 @@ Memory parts (``predict_memory``):
   which live for the whole run; FSDP keeps the reduce-scattered shard, 4 P_shard.
 - ``optimizer``: AdamW's exp_avg and exp_avg_sq in fp32, 8 P (8 P_shard under FSDP).
 - ``autocast_weights``: under autocast, the bf16/fp16 copies of the matmul weights that autocast makes
-  and linear layers save for backward, 2 N_mm.
+  and linear layers save for backward, 2 N_mm (less the head's under the fused loss: its cast is transient).
 - ``fsdp_unsharded``: FSDP's all-gathered parameters in the compute dtype: the root (embeddings, final
   norm, head) from forward through backward (strategies/fsdp.py never reshards the root), plus two
   blocks in flight (current + prefetched) with resharding, or all blocks without it (ZeRO-2-like) --
@@ -29,7 +29,8 @@ Memory parts (``predict_memory``):
   blocks (which fuse and free differently) are not modelled.
 - ``head``: final norm, head input and the fp32 log-softmax output kept for the loss's backward
   (n V 4 bytes), plus the loss backward's two transient fp32 (n, V) buffers and the head weight's
-  gradient.
+  gradient; with the fused, chunked loss (``model.loss_chunk``) no (n, V) tensor: the two gradients it
+  computes in forward (n d and V d) and one (chunk, V) block (``head_bytes``).
 The peak is ``sum(parts)``: at the start of backward every activation, the head's buffers and the
 persistent state are alive together (gradients of single-process runs are freed by
 zero_grad(set_to_none=True) and grow only while activations are freed, so they are counted as
@@ -183,14 +184,35 @@ def block_activation_bytes(cfg: GPTConfig, tokens: int, mode: str, seq_len: int 
     return round(per_tok * tokens) + rope_casts
 
 
-def head_bytes(cfg: GPTConfig, tokens: int, mode: str, tp: int = 1, sp: bool = False) -> dict[str, int]:
+def fused_loss(cfg: GPTConfig, s: StrategyConfig, tp: int, pp: int) -> bool:
+    """Whether the training loss runs through the fused, chunked head (models/gpt.py ``head_loss``): with
+    ``model.loss_chunk``, except under tp (loss_parallel), pp (the last stage hands logits to the schedule)
+    and compile (torch.compile traces the plain path, which inductor fuses itself)."""
+    return bool(cfg.loss_chunk) and tp == 1 and pp == 1 and not s.compile
+
+
+def head_bytes(cfg: GPTConfig, tokens: int, mode: str, tp: int = 1, sp: bool = False,
+               fused: bool | None = None) -> dict[str, int]:
     """Saved (final norm, head input, fp32 log-softmax output, int64 inputs/targets) and transient
     (the loss backward's gradient buffers) bytes of the output stage, on one tensor-parallel rank (the
-    vocabulary is split over tp; the norm over tp with sp; the head input is the full sequence)."""
+    vocabulary is split over tp; the norm over tp with sp; the head input is the full sequence).
+
+    With the fused, chunked loss (``fused``; None = ``cfg.loss_chunk`` and tp == 1; see ``fused_loss``) no
+    logits are kept: saved are the norm's
+    tensors, the head input's gradient (tokens x d, the input's dtype), the weight's gradient (V x d,
+    fp32) and the int64 inputs; transient the larger of one chunk's (chunk, V) fp32 block (plus its
+    16-bit logits and gradient copies outside fp32) in forward and, in backward, the scaled copies of
+    the two stored gradients."""
     d, V = cfg.n_embd, cfg.padded_vocab_size
     norm = (2 * d + 1) if cfg.arch == "llama" else (d + 2)
     act = 4 if mode in ("fp32", "autocast") else 2
     norm_split = tp if sp else 1
+    if (bool(cfg.loss_chunk) and tp == 1) if fused is None else fused:
+        c = min(cfg.loss_chunk, tokens)
+        saved = tokens * (norm * act + d * act + 8) + 4 * V * d
+        forward = c * V * (4 + (0 if mode == "fp32" else 4))
+        backward = 4 * V * d + tokens * d * act
+        return {"saved": round(saved), "transient": round(max(forward, backward))}
     saved = tokens * (norm * act / norm_split + d * (2 if mode != "fp32" else 4) + 4 * V / tp + 16) + 4
     # the loss backward's grad of the log-softmax output and grad of the fp32 logits, and the head
     # weight's gradient (V x d) that the logits gradient produces while both are alive; under tp,
@@ -219,7 +241,7 @@ def cost_context(cfg: GPTConfig, s: StrategyConfig, world: int, micro_batch: int
         has_embedding=shape.pp == 1 or 0 in stage_ids(pp_rank, shape.pp, virtual_stages(s)),
         has_head=shape.pp == 1 or shape.pp * virtual_stages(s) - 1 in stage_ids(pp_rank, shape.pp,
                                                                                   virtual_stages(s)),
-        replicated_norm=g.replicated_norm)
+        replicated_norm=g.replicated_norm, fused_head=fused_loss(cfg, s, shape.tp, shape.pp))
     ctx.act_tokens = ctx.head_tokens = ctx.head_step_tokens = ctx.tokens
     for t in TECHNIQUES:
         t.cost_setup(ctx)
@@ -249,8 +271,9 @@ def predict_memory(cfg: GPTConfig, s: StrategyConfig, world: int, micro_batch: i
         W = ctx.shard_world
         shard = ctx.padded(W) // W if W > 1 else ctx.P
         # the output stage: what its micro-batches in flight saved, and one backward's transients
-        head = (head_bytes(cfg, ctx.head_tokens, ctx.mode, ctx.tp, s.sp)["saved"]
-                + head_bytes(cfg, ctx.head_step_tokens, ctx.mode, ctx.tp, s.sp)["transient"]) if ctx.has_head else 0
+        head = (head_bytes(cfg, ctx.head_tokens, ctx.mode, ctx.tp, s.sp, ctx.fused_head)["saved"]
+                + head_bytes(cfg, ctx.head_step_tokens, ctx.mode, ctx.tp, s.sp, ctx.fused_head)["transient"]) \
+            if ctx.has_head else 0
         parts = {"params": 4 * shard, "optimizer": 8 * shard, "autocast_weights": 0, "fsdp_unsharded": 0,
                  "activations": ctx.L * ctx.block_bytes(ctx.mode), "head": head,
                  "grads": None}
