@@ -40,7 +40,7 @@ class Progress:
     def step(self, step: int) -> None:
         """Step ``step`` (0-based) finished."""
         if self.bar is not None:
-            if step + 1 == self.warmup + 1 and self.warmup:
+            if step == self.warmup and self.warmup:  # the first timed step
                 self.bar.set_description("train")
             self.bar.update(1)
 

@@ -9,14 +9,16 @@ runs it), alternating A, B, A, B, ... for ``rounds`` rounds, so drift and a busy
 round's score is A's median step time / B's (> 1: B is faster), reported as the median over rounds with
 the min-max range. The two variants' losses are compared too (the same seed and data: a variant that
 changes the numbers says so).
-Memory: each variant once more in its own process (``bench/run.py``, a few steps), so neither inherits the
-other's allocator state: peak memory and its growth over the process's baseline (``peak_mem_bytes -
+Memory: each variant once more in its own process (``bench/run.py``, a few steps, glibc's mmap threshold
+fixed so RSS tracks live bytes), so neither inherits the other's allocator state: peak memory and its
+growth over the process's baseline (``peak_mem_bytes -
 mem_baseline_bytes``: what the training step itself adds; on a CPU the interpreter and libraries are the
 baseline). Two git revisions are A/B'd by the CI gate instead (bench/gate/ab.py).
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -60,11 +62,11 @@ class ABArgs:
             raise UsageError(f"rounds={self.rounds}, steps={self.steps}: both must be >= 1")
 
 
-def run_config(args: ABArgs, overrides: list[str], **extra) -> RunConfig:
+def run_config(args: ABArgs, overrides: list[str]) -> RunConfig:
     """The variant's RunConfig: the model preset, then ``common``, then its own overrides."""
     base = OmegaConf.structured(RunConfig(model=get_config(args.model), strategy=StrategyConfig(), steps=args.steps,
                                           warmup=args.warmup, micro_batch=args.micro_batch, seq_len=args.seq_len,
-                                          measure_comm=False, log_every=0, **extra))
+                                          measure_comm=False, log_every=0))
     try:
         return to_run_config(OmegaConf.merge(base, OmegaConf.from_dotlist([*args.common, *overrides])))
     except Exception as exc:  # an unknown key or a bad value: one line, exit 2
@@ -97,7 +99,10 @@ def memory(args: ABArgs, overrides: list[str]) -> dict:
         cmd = [sys.executable, str(ROOT / "bench" / "run.py"), f"model={args.model}", *args.common, *overrides,
                f"micro_batch={args.micro_batch}", f"seq_len={args.seq_len}", "steps=3", "warmup=1",
                "log_every=0", "device=cpu", f"results_dir={tmp}"]
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        # a fixed mmap threshold: glibc returns large freed buffers at once, so RSS tracks live bytes instead of
+        # keeping freed heap (+3-16 % measured; README "Measuring on a CPU")
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()[-400:]}")
         row = load(tmp).iloc[0]
