@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 ARCHS = ("gpt2", "llama")
+SOURCES = ("native", "hf")
 
 
 @dataclass
@@ -52,7 +53,15 @@ class GPTConfig:
     F.cross_entropy). Default 1024: measured faster on CPU at both shapes tried (README, "A faster step").
     Same FLOPs, same loss. Under tensor parallelism (loss_parallel), pipeline parallelism
     (the last stage hands logits to the schedule's loss) and inside torch.compile (which fuses the plain
-    path's softmax itself) the plain path is used."""
+    path's softmax itself) the plain path is used. ``source=hf`` always runs HF's own head (plain path)."""
+    source: str = "native"
+    """Which implementation of the architecture: 'native' (models/gpt.py) or 'hf' (Hugging Face transformers'
+    GPT2LMHeadModel / LlamaForCausalLM built from this config, models/hf.py; needs the ``[hf]`` extra). Both
+    start from the same seeded weights (models/convert.py maps the names)."""
+    hf_path: str = ""
+    """A local ``save_pretrained`` directory (config.json + safetensors): its config.json sets the shape and its
+    weights replace the seeded init, for either source (the fine-tuning case); its tokenizer, when it has one,
+    tokenizes text data. Empty = the preset and the seeded init."""
 
     def __post_init__(self) -> None:
         def bad(field: str, value, why: str) -> ValueError:
@@ -60,6 +69,10 @@ class GPTConfig:
 
         if self.arch not in ARCHS:
             raise bad("arch", self.arch, f"valid values are {', '.join(ARCHS)}")
+        if self.source not in SOURCES:
+            raise bad("source", self.source, f"valid values are {', '.join(SOURCES)}")
+        if self.source == "hf" and self.arch == "gpt2" and self.bias is False:
+            raise bad("bias", self.bias, "Hugging Face's GPT2LMHeadModel always has biases (use source=native)")
         for field in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "pad_vocab_to"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:

@@ -12,6 +12,7 @@ Shapes: B batch, T sequence, d = n_embd, H heads, hd = d/H, V = padded vocab.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -133,6 +134,29 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def init_tensors(cfg: GPTConfig, seed: int, device: torch.device, dtypes: dict | None = None):
+    """Yield ``(name, full tensor)`` for every parameter of the whole model ``cfg`` describes, in
+    ``named_parameters()`` order, with the family's seeded GPT-2 init (see ``GPT.init_weights``): one
+    generator seeded with ``seed``, one full-shape tensor at a time. ``dtypes`` maps a name to its dtype
+    (default the meta model's). The Hugging Face build (models/hf.py) draws the same tensors and maps their
+    names (models/convert.py), so both implementations start from the same weights."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    std_resid = 0.02 / math.sqrt(2 * cfg.n_layer)
+    dtypes = dtypes or {}
+    for name, meta in build_model(dataclasses.replace(cfg, source="native"), "meta").named_parameters():
+        full = torch.empty(meta.shape, dtype=dtypes.get(name, meta.dtype), device=device)
+        if name.endswith("bias"):
+            full.zero_()
+        elif meta.ndim == 1:  # LayerNorm / RMSNorm scale
+            full.fill_(1.0)
+        else:
+            std = std_resid if name.endswith(_RESIDUAL_SUFFIXES) else 0.02
+            full.normal_(0.0, std, generator=gen)
+            if name.endswith("attn.qkv.weight"):  # drawn in GPT-2's (3, H, hd) order, kept head-major
+                full = qkv_to_head_major(full, cfg.n_head)
+        yield name, full
+
+
 # Parameters whose names end like this are residual projections: GPT-2 scales their
 # init std by 1/sqrt(2 * n_layer) so the residual stream's variance does not grow with depth.
 _RESIDUAL_SUFFIXES = ("attn.proj.weight", "mlp.proj.weight")
@@ -181,23 +205,15 @@ class GPT(nn.Module):
         device = next(self.parameters()).device
         if device.type == "meta":
             raise RuntimeError("init_weights: materialise the model first (model.to_empty(device=...))")
-        gen = torch.Generator(device=device).manual_seed(seed)
-        std_resid = 0.02 / math.sqrt(2 * self.cfg.n_layer)
-        own = {_canonical(name): p for name, p in self.named_parameters()}
-        for name, meta in build_model(self.cfg, "meta").named_parameters():
-            p = own.get(name)
-            full = torch.empty(meta.shape, dtype=meta.dtype if p is None else p.dtype, device=device)
-            if name.endswith("bias"):
-                full.zero_()
-            elif meta.ndim == 1:  # LayerNorm / RMSNorm scale
-                full.fill_(1.0)
-            else:
-                std = std_resid if name.endswith(_RESIDUAL_SUFFIXES) else 0.02
-                full.normal_(0.0, std, generator=gen)
-                if name.endswith("attn.qkv.weight"):  # drawn in GPT-2's (3, H, hd) order, kept head-major
-                    full = qkv_to_head_major(full, self.cfg.n_head)
-            if p is not None:
-                _copy_full_into(p, full)
+        own = {canonical_name(name): p for name, p in self.named_parameters()}
+        if self.cfg.hf_path:  # a checkpoint's weights instead of the seeded draw (models/convert.py)
+            from models.convert import load_pretrained_into
+
+            load_pretrained_into(own, self.cfg, "native", device)
+        else:
+            for name, full in init_tensors(self.cfg, seed, device, {n: p.dtype for n, p in own.items()}):
+                if name in own:
+                    copy_full_into(own[name], full)
         if self.cfg.arch == "llama":
             cos, sin = rope_tables(self.cfg, device=device)
             self.rope_cos.copy_(cos)
@@ -250,12 +266,12 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 _WRAPPER_SEGMENTS = {"block", "_checkpoint_wrapped_module", "_orig_mod"}
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
     """A parameter's name in the bare model: ``blocks.0.block.attn.qkv.weight`` -> ``blocks.0.attn.qkv.weight``."""
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
 
 
-def _copy_full_into(p: torch.Tensor, full: torch.Tensor) -> None:
+def copy_full_into(p: torch.Tensor, full: torch.Tensor) -> None:
     """Copy a full-shape tensor into ``p``, keeping only the local shard when ``p`` is a DTensor."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -267,8 +283,13 @@ def _copy_full_into(p: torch.Tensor, full: torch.Tensor) -> None:
         p.copy_(full)
 
 
-def build_model(cfg: GPTConfig, device: str | torch.device = "meta") -> GPT:
-    """Build the module tree on ``device`` (``meta`` by default: no memory is allocated)."""
+def build_model(cfg: GPTConfig, device: str | torch.device = "meta") -> nn.Module:
+    """Build the module tree on ``device`` (``meta`` by default: no memory is allocated): the family's GPT, or
+    with ``cfg.source='hf'`` the Hugging Face model behind the same interface (models/hf.py)."""
+    if cfg.source == "hf":
+        from models.hf import build_hf  # transformers only when asked for
+
+        return build_hf(cfg, device)
     with torch.device(device):
         return GPT(cfg)
 

@@ -44,9 +44,10 @@ class CheckpointWrapper(nn.Module):
         self.block = block
         self.op_level = op_level
 
-    def forward(self, *args):
-        context_fn = partial(create_selective_checkpoint_contexts, _op_policy) if self.op_level else None
-        kwargs = {"context_fn": context_fn} if context_fn else {}
+    def forward(self, *args, **kwargs):  # keyword arguments: Hugging Face layers take most of theirs by name
+        if self.op_level:
+            context_fn = partial(create_selective_checkpoint_contexts, _op_policy)
+            return checkpoint(self.block, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
         return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
 
 

@@ -147,6 +147,9 @@ def validate_run(s, model_cfg, seq_len: int, micro_batch: int) -> None:
     pipeline micro-batches, an untied head."""
     if s.pp == 1:
         return
+    if getattr(model_cfg, "source", "native") != "native":
+        raise StrategyError(f"strategy.pp={s.pp} with model.source={model_cfg.source}: pipeline parallelism is built "
+                            "for the family's model only; use model.source=native (same weights, models/convert.py)")
     stages = s.pp * virtual_stages(s)
     if model_cfg.n_layer < stages:
         raise StrategyError(f"strategy.pp={s.pp} x {virtual_stages(s)} stage(s) per rank needs at least {stages} "

@@ -157,6 +157,9 @@ def validate_run(s, model_cfg, seq_len: int, micro_batch: int) -> None:
     sequence; dropout must be 0 (TP would need a per-rank RNG tracker)."""
     if s.tp == 1:
         return
+    if getattr(model_cfg, "source", "native") != "native":
+        raise StrategyError(f"strategy.tp={s.tp} with model.source={model_cfg.source}: tensor parallelism is built "
+                            "for the family's model only; use model.source=native (same weights, models/convert.py)")
     checks = [("model.n_head", model_cfg.n_head), ("MLP width (model.mlp_hidden)", model_cfg.hidden_dim),
               ("padded vocabulary (model.vocab_size / model.pad_vocab_to)", model_cfg.padded_vocab_size)]
     if s.sp:

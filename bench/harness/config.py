@@ -7,6 +7,7 @@ turns the result into these dataclasses so every check runs before anything star
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
@@ -16,8 +17,10 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from bench.harness.data import data_problem
 from bench.harness.table import run_ids
 from models.config import PRESETS, GPTConfig
+from models.convert import HF_EXTRA, config_from_pretrained
 from reports.record import RUNS_FILE
 from strategies.config import StrategyConfig, StrategyError
 
@@ -42,24 +45,6 @@ def _writable_folder_problem(path: str) -> str | None:
         return f"{p} is not a folder"
     if not os.access(p, os.W_OK | os.X_OK):
         return f"{p} is not writable"
-    return None
-
-
-def _data_problem(data: str, seq_len: int, micro_batch: int, vocab_size: int) -> str | None:
-    """Why the text at ``data`` cannot feed one micro-batch (bench/harness/data.py's byte-level windows), or None."""
-    p = Path(data)
-    if p.is_file():
-        size = p.stat().st_size
-    elif p.is_dir():
-        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-    else:
-        return "no such file or folder (use data=synthetic or a path to local text)"
-    if vocab_size < 256:
-        return f"byte-level text (ids 0..255) needs model.vocab_size >= 256, the model has {vocab_size}"
-    need = micro_batch * seq_len + 1
-    if size < need:
-        return (f"holds {size} bytes; one micro-batch of micro_batch={micro_batch} windows of seq_len={seq_len} "
-                f"needs at least {need}")
     return None
 
 
@@ -129,6 +114,18 @@ class RunConfig:
         def bad(name, why):
             return ConfigError(f"{name}={getattr(self, name)!r} is invalid: {why}")
 
+        if self.model.hf_path:  # the checkpoint's config.json sets the shape (models/convert.py)
+            try:
+                self.model = config_from_pretrained(self.model.hf_path, self.model)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(str(exc)) from exc
+        if self.model.source == "hf" or self.model.hf_path:
+            needed = (["transformers"] if self.model.source == "hf" else []) + (["safetensors"] if self.model.hf_path
+                                                                                else [])
+            missing = [m for m in needed if importlib.util.find_spec(m) is None]
+            if missing:
+                raise ConfigError(f"model.source={self.model.source} model.hf_path={self.model.hf_path!r} needs "
+                                  f"{', '.join(missing)}: the optional Hugging Face extra, {HF_EXTRA}")
         for name in ("steps", "micro_batch", "grad_accum"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
@@ -168,7 +165,8 @@ class RunConfig:
             if self.run_id in run_ids(self.results_dir):
                 raise bad("run_id", f"already in {Path(self.results_dir) / RUNS_FILE}; run ids are unique")
         if self.data != "synthetic":
-            problem = _data_problem(self.data, self.seq_len, self.micro_batch, self.model.vocab_size)
+            problem = data_problem(self.data, self.seq_len, self.micro_batch, self.model.vocab_size,
+                                   self.model.hf_path)
             if problem:
                 raise bad("data", problem)
 

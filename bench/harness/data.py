@@ -7,9 +7,17 @@ steps reads exactly the same global batch -- which is what makes strategies comp
 - ``synthetic``: uniform random tokens drawn on the device, each sequence from a generator
   seeded by (seed, step, global sequence id = m * micro_batch + row): no host-to-device copy,
   no hidden sync, and the same global batch however it is split into micro-batches.
-- a path to a text file or folder: bytes are tokens (byte-level tokenizer, ids 0..255); the
-  whole corpus is put on the device once and windows of seq_len+1 are gathered there, in a
-  seeded shuffled order.
+- a path: token windows of seq_len+1 gathered in a seeded shuffled order (``TokenData``). What the path
+  holds decides how it becomes tokens (``load_tokens``):
+  - nanoGPT's ``train.bin`` (the file, or a folder holding it): uint16 token ids, memory-mapped, windows
+    gathered on the host (the file can be larger than memory);
+  - a saved Hugging Face dataset (a ``datasets.save_to_disk`` folder; a DatasetDict's ``train`` split): its
+    ``input_ids`` column as it is, else its ``text`` column tokenized;
+  - anything else is text (a file, or every file under a folder, sorted): tokenized with the checkpoint's
+    tokenizer when ``model.hf_path`` has a ``tokenizer.json`` (documents joined by its end-of-text token),
+    else bytes are tokens (byte-level, ids 0..255).
+  In-memory tokens are put on the device once and windows are gathered there. Every id must be below the
+  model's vocabulary.
 """
 
 from __future__ import annotations
@@ -43,49 +51,183 @@ class SyntheticData:
         return seq[:, :-1], seq[:, 1:]
 
 
-def read_bytes(path: str | Path) -> torch.Tensor:
-    """All bytes of a file, or of every file under a folder (sorted paths), as a uint8 tensor."""
-    p = Path(path)
-    if p.is_file():
-        files = [p]
-    elif p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-    else:
-        raise FileNotFoundError(f"data={str(path)!r}: no such file or folder (use data=synthetic or a text path)")
-    blob = b"".join(f.read_bytes() for f in files)
-    if not blob:
-        raise ValueError(f"data={str(path)!r}: no bytes found")
-    return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+HF_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
-class TextData:
-    """Byte-level windows of a local corpus; ``n_micro`` = micro-batches per step in the whole job."""
+def _hf_dataset_dir(p: Path) -> bool:
+    return p.is_dir() and any((p / m).is_file() for m in HF_DATASET_MARKERS)
 
-    def __init__(self, path: str, micro_batch: int, seq_len: int, seed: int, device: torch.device, n_micro: int):
-        data = read_bytes(path)
-        self.n_windows = (data.numel() - 1) // seq_len
+
+def _nanogpt_bin(p: Path) -> Path | None:
+    if p.is_file() and p.suffix == ".bin":
+        return p
+    return p / "train.bin" if p.is_dir() and (p / "train.bin").is_file() else None
+
+
+def data_kind(data: str) -> str:
+    """'synthetic', 'nanogpt' (uint16 train.bin), 'hf-dataset' (save_to_disk folder) or 'text'."""
+    if data == "synthetic":
+        return data
+    p = Path(data)
+    if not p.exists():
+        raise FileNotFoundError(f"data={data!r}: no such file or folder (use data=synthetic, a text file or folder, "
+                                "a nanoGPT train.bin or a saved Hugging Face dataset)")
+    return "nanogpt" if _nanogpt_bin(p) else "hf-dataset" if _hf_dataset_dir(p) else "text"
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """All bytes of a file, or of every file under a folder (sorted paths)."""
+    return b"".join(f.read_bytes() for f in _text_files(Path(path)))
+
+
+class Tokenizer:
+    """The checkpoint's tokenizer (``tokenizer.json``, read with the ``tokenizers`` library), or byte-level."""
+
+    def __init__(self, tokenizer_dir: str = ""):
+        file = Path(tokenizer_dir) / "tokenizer.json" if tokenizer_dir else None
+        self.tok = None
+        self.eos: int | None = None
+        if file is not None and file.is_file():
+            try:
+                from tokenizers import Tokenizer as HFTokenizer
+            except ImportError as exc:
+                raise ModuleNotFoundError("tokenizing with model.hf_path's tokenizer.json needs the [hf] extra: "
+                                          "pip install -e '.[hf]'") from exc
+            self.tok = HFTokenizer.from_file(str(file))
+            self.eos = self._eos_id(Path(tokenizer_dir))
+        self.name = str(file) if self.tok else "bytes"
+
+    def _eos_id(self, folder: Path) -> int | None:
+        """The end-of-text id: tokenizer_config.json's ``eos_token``, else a usual name in the vocabulary."""
+        import json
+
+        conf = folder / "tokenizer_config.json"
+        names = []
+        if conf.is_file():
+            eos = json.loads(conf.read_text()).get("eos_token")
+            names.append(eos.get("content") if isinstance(eos, dict) else eos)
+        names += ["<|endoftext|>", "</s>", "<eos>"]
+        return next((self.tok.token_to_id(n) for n in names if n and self.tok.token_to_id(n) is not None), None)
+
+    def encode_docs(self, docs: list[str]) -> list[int]:
+        """Token ids of the documents in order, each followed by the end-of-text id when there is one."""
+        if self.tok is None:
+            return list(b"".join(d.encode() for d in docs))
+        out: list[int] = []
+        for enc in self.tok.encode_batch(docs, add_special_tokens=False):
+            out += enc.ids
+            if self.eos is not None:
+                out.append(self.eos)
+        return out
+
+
+def _dataset_tokens(path: Path, tokenizer: Tokenizer) -> list[int] | torch.Tensor:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ModuleNotFoundError(f"data={str(path)!r} is a saved Hugging Face dataset; reading it needs the [hf] "
+                                  "extra: pip install -e '.[hf]'") from exc
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ValueError(f"data={str(path)!r}: the dataset has splits {list(ds)}, none named 'train'")
+        ds = ds["train"]
+    if "input_ids" in ds.column_names:
+        ids = [i for row in ds["input_ids"] for i in row]
+        return torch.tensor(ids, dtype=torch.int64)
+    if "text" in ds.column_names:
+        return tokenizer.encode_docs(list(ds["text"]))
+    raise ValueError(f"data={str(path)!r}: the dataset has columns {ds.column_names}; need 'input_ids' or 'text'")
+
+
+_LOADED: dict[tuple[str, str], tuple] = {}  # (data, tokenizer dir) -> tokens: config checks, then the run, load once
+
+
+def load_tokens(data: str, tokenizer_dir: str = "") -> tuple[object, str]:
+    """The corpus as token ids (a torch int tensor, or a numpy memmap for train.bin) and how it was read."""
+    key = (data, tokenizer_dir)
+    if key not in _LOADED:
+        kind, p = data_kind(data), Path(data)
+        if kind == "nanogpt":
+            import numpy as np
+
+            tokens, how = np.memmap(_nanogpt_bin(p), dtype=np.uint16, mode="r"), "nanoGPT uint16 train.bin"
+        else:
+            tok = Tokenizer(tokenizer_dir)
+            ids = _dataset_tokens(p, tok) if kind == "hf-dataset" else (
+                tok.encode_docs([f.read_text() for f in _text_files(p)]) if tok.tok else read_bytes(p))
+            if isinstance(ids, bytes | bytearray):
+                tokens = (torch.frombuffer(bytearray(ids), dtype=torch.uint8) if ids
+                          else torch.empty(0, dtype=torch.uint8))
+            else:
+                tokens = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids, dtype=torch.int64)
+                tokens = tokens.to(torch.int32 if tokens.numel() and int(tokens.max()) < 2**31 else torch.int64)
+            how = f"{kind}, tokens from {tok.name}" if not (kind == "hf-dataset" and isinstance(ids, torch.Tensor)) \
+                else "hf-dataset input_ids"
+        _LOADED[key] = (tokens, how)
+    return _LOADED[key]
+
+
+def _text_files(p: Path) -> list[Path]:
+    return [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+
+
+def data_problem(data: str, seq_len: int, micro_batch: int, vocab_size: int, tokenizer_dir: str = "") -> str | None:
+    """Why ``data`` cannot feed this run (missing, too short for one micro-batch, ids beyond the vocabulary), or
+    None. Loads (and keeps) the tokens, so the run reads them once."""
+    try:
+        tokens, how = load_tokens(data, tokenizer_dir)
+    except (OSError, ValueError) as exc:
+        return str(exc).removeprefix(f"data={data!r}: ")
+    n = len(tokens)
+    need = micro_batch * seq_len + 1
+    if n < need:
+        return (f"holds {n} tokens ({how}); one micro-batch of micro_batch={micro_batch} windows of "
+                f"seq_len={seq_len} needs at least {need}")
+    top = int(tokens.max()) if n else 0
+    if top >= vocab_size:
+        return f"has token id {top} ({how}) but the model's vocab_size={vocab_size}: ids must be below it"
+    return None
+
+
+class TokenData:
+    """Windows of seq_len+1 tokens of a corpus in a seeded shuffled order; ``n_micro`` = micro-batches per step
+    in the whole job. In-memory tokens live on the device; a memory-mapped train.bin is gathered on the host."""
+
+    def __init__(self, tokens, micro_batch: int, seq_len: int, seed: int, device: torch.device, n_micro: int,
+                 name: str = "data"):
+        n = len(tokens)
+        self.n_windows = (n - 1) // seq_len
         if self.n_windows < micro_batch:
-            raise ValueError(f"data={path!r}: {data.numel()} bytes hold only {self.n_windows} windows of "
+            raise ValueError(f"data={name!r}: {n} tokens hold only {self.n_windows} windows of "
                              f"seq_len={seq_len}+1; need at least micro_batch={micro_batch}")
         self.B, self.T, self.n_micro, self.device = micro_batch, seq_len, n_micro, device
-        self.tokens = data.to(device)
+        self.mapped = not isinstance(tokens, torch.Tensor)
+        gather_on = torch.device("cpu") if self.mapped else device
+        self.tokens = tokens if self.mapped else tokens.to(device)
         order = torch.randperm(self.n_windows, generator=torch.Generator().manual_seed(seed))
-        self.order = order.to(device)
-        self.offsets = torch.arange(seq_len + 1, device=device)
-        self.rows = torch.arange(micro_batch, device=device)
+        self.order = order.to(gather_on)
+        self.offsets = torch.arange(seq_len + 1, device=gather_on)
+        self.rows = torch.arange(micro_batch, device=gather_on)
 
     def batch(self, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         first = (step * self.n_micro + index) * self.B  # python int: no host-device traffic
         windows = self.order[(self.rows + first) % self.n_windows]  # (B,)
-        seq = self.tokens[windows[:, None] * self.T + self.offsets].long()  # (B, T+1)
+        at = windows[:, None] * self.T + self.offsets  # (B, T+1) token positions
+        if self.mapped:
+            seq = torch.from_numpy(self.tokens[at.numpy()].astype("int64")).to(self.device)
+        else:
+            seq = self.tokens[at].long()
         return seq[:, :-1], seq[:, 1:]
 
 
 def build_data(data: str, vocab_size: int, micro_batch: int, seq_len: int, seed: int, device: torch.device,
-               n_micro: int):
-    """``data='synthetic'`` or a path; text needs a vocabulary of at least 256 (byte ids)."""
+               n_micro: int, tokenizer_dir: str = ""):
+    """``data='synthetic'`` or a path (see the module docstring); ids must be below ``vocab_size``."""
     if data == "synthetic":
         return SyntheticData(vocab_size, micro_batch, seq_len, seed, device)
-    if vocab_size < 256:
-        raise ValueError(f"data={data!r} is byte-level text (ids 0..255) but the model's vocab_size={vocab_size}")
-    return TextData(data, micro_batch, seq_len, seed, device, n_micro)
+    problem = data_problem(data, seq_len, micro_batch, vocab_size, tokenizer_dir)
+    if problem:
+        raise ValueError(f"data={data!r}: {problem}")
+    tokens, _ = load_tokens(data, tokenizer_dir)
+    return TokenData(tokens, micro_batch, seq_len, seed, device, n_micro, data)

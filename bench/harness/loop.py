@@ -113,7 +113,7 @@ def build(cfg: RunConfig, info: DistInfo, batch: dict) -> Built:
     opt = torch.optim.AdamW(param_groups(model), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=fused or None, foreach=None if fused else True)
     data = build_data(cfg.data, cfg.model.vocab_size, cfg.micro_batch, cfg.seq_len, cfg.seed, device,
-                      batch["dp_size"] * batch["grad_accum"])
+                      batch["dp_size"] * batch["grad_accum"], tokenizer_dir=cfg.model.hf_path)
     static = {
         "params": n_params,
         "flops_per_token": train_flops_per_token(cfg.model, cfg.seq_len),
