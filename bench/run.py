@@ -58,7 +58,7 @@ def build_row(cfg: RunConfig, raw: DictConfig, info: DistInfo, run_id: str, stat
     setup = {
         "run_id": run_id,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": cfg.model.name, "arch": cfg.model.arch,
+        "model": cfg.model.name, "arch": cfg.model.arch, "model_source": cfg.model.source,
         "strategy": cfg.strategy.canonical_name, "strategy_preset": preset,
         "world_size": info.world_size, "nnodes": info.nnodes, "device": info.device.type,
         "dtype": cfg.strategy.compute_dtype_name(info.device.type),

@@ -91,6 +91,17 @@ class HFCausalLM(nn.Module):
         self.cfg = cfg
         self.hf = hf_model
 
+    def _apply(self, fn, recurse: bool = True):
+        """Every module conversion (``to_empty`` after a meta build, ``.to``) gives each module a new parameter,
+        which unties a tied head from the embedding: tie them again (HF's ``tie_weights``), as the family's
+        model is tied by construction (its head *is* ``tok_emb.weight``)."""
+        out = super()._apply(fn, recurse)
+        if self.cfg.tie_embeddings:
+            head, emb = self.hf.get_output_embeddings(), self.hf.get_input_embeddings()
+            if head.weight is not emb.weight:
+                head.weight = emb.weight
+        return out
+
     @property
     def blocks(self) -> BlockView:
         base = self.hf.base_model

@@ -2,7 +2,7 @@
 
 A **setup** is what must be equal for two strategies to be compared side by side
 (``SETUP_KEYS`` in reports/record.py: model, device name, world size, sequence length, micro-batch,
-grad-accum); within a setup a row is a **variant**: its strategy and dtype (``variant_label``: the
+grad-accum); within a setup a row is a **variant**: its strategy, dtype and implementation (``variant_label``: the
 strategy name, plus the dtype where the name does not imply it, e.g. ``single (tf32)``). Rows from
 different setups or variants are never averaged together. The reports' tables, ``reports.compare`` and
 the regression gate (bench/gate/) all group this way.
@@ -61,9 +61,10 @@ def summarise(df: pd.DataFrame) -> list[dict]:
     out = []
     for key, group in df.groupby(SETUP_KEYS, sort=True, dropna=False):
         rows = []
-        for (strategy, dtype), runs in group.groupby(VARIANT_KEYS, sort=False, dropna=False):
+        for (strategy, dtype, source), runs in group.groupby(VARIANT_KEYS, sort=False, dropna=False):
             ok = runs[runs.status == "ok"]
-            rec = {"strategy": variant_label(strategy, dtype), "runs": f"{len(ok)}/{len(runs)}", "n_ok": len(ok),
+            rec = {"strategy": variant_label(strategy, dtype, source), "runs": f"{len(ok)}/{len(runs)}",
+                   "n_ok": len(ok),
                    "n_runs": len(runs), "status": ",".join(sorted(set(runs.status))),
                    "hosts": ",".join(sorted({str(h) for h in ok.hostname})) if "hostname" in ok else ""}
             for col in MEDIANS:

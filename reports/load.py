@@ -102,6 +102,8 @@ def load(paths: str | Path | Iterable[str | Path], required: list[str] | None = 
     if "device_name" not in df.columns:
         df["device_name"] = df["device"]
     df["device_name"] = df["device_name"].fillna(df["device"])
+    # Rows written before model.source existed ran the family's model.
+    df["model_source"] = df["model_source"].fillna("native") if "model_source" in df.columns else "native"
     # A number that cannot be true is never 'ok' (reports/record.py: implausible). Rows written before that
     # rule existed are marked here, so no reader ranks or compares them.
     ok = df.status == "ok"

@@ -43,6 +43,8 @@ class RunRecord:
     # setup: what was run
     model: str = col("setup", doc="model preset name", required=True, setup=True)
     arch: str = col("setup", doc="'gpt2' or 'llama'")
+    model_source: str = col("setup", doc="which implementation: 'native' (models/gpt.py) or 'hf' (Hugging Face "
+                                         "transformers, models/hf.py); rows written before the column = native")
     strategy: str = col("setup", doc="canonical strategy name, e.g. fsdp+ac(full)+bf16", required=True)
     strategy_preset: str = col("setup", doc="the strategy preset chosen on the command line")
     world_size: int = col("setup", "processes", required=True, setup=True)
@@ -151,15 +153,17 @@ REQUIRED_COLUMNS = [f.name for f in fields(RunRecord) if f.metadata["required"]]
 # One definition of a setup: what must be equal for two rows to be compared (reports' tables, the gate).
 SETUP_KEYS = ["model", "device_name", "world_size", "seq_len", "micro_batch", "grad_accum"]
 assert set(SETUP_KEYS) == {f.name for f in fields(RunRecord) if f.metadata["setup"]}
-# Within a setup a row is named by its strategy and dtype (variant_label).
-VARIANT_KEYS = ["strategy", "dtype"]
+# Within a setup a row is named by its strategy, dtype and implementation (variant_label).
+VARIANT_KEYS = ["strategy", "dtype", "model_source"]
 assert all(f.default is None or f.default is MISSING for f in fields(RunRecord))
 
 
-def variant_label(strategy: str, dtype: str | None) -> str:
-    """The strategy name, plus the dtype where the name does not imply it (``single (tf32)``)."""
+def variant_label(strategy: str, dtype: str | None, source: str | None = None) -> str:
+    """The strategy name, plus the dtype where the name does not imply it (``single (tf32)``), plus ``[HF]`` for
+    the Hugging Face implementation (``fsdp+ac(full) [HF]``), so both implementations sit side by side."""
     named = next((d for d in ("bf16", "fp16") if d in str(strategy).split("+")), "fp32")
-    return strategy if dtype in (None, named) or dtype != dtype else f"{strategy} ({dtype})"
+    label = strategy if dtype in (None, named) or dtype != dtype else f"{strategy} ({dtype})"
+    return f"{label} [HF]" if source == "hf" else label
 
 
 def implausible(row: dict) -> str | None:

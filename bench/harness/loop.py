@@ -95,13 +95,13 @@ def build(cfg: RunConfig, info: DistInfo, batch: dict) -> Built:
     # What the process holds before the model exists (CPU: interpreter + libraries, warmed up first so their
     # lazily created state counts here; CUDA: ~0): the predicted peak is compared with peak - baseline.
     memory.warm_runtime(device)
+    model = build_model(cfg.model, "meta")  # meta: no memory, but a library it needs (transformers) is loaded now
     baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else memory.current_rss_bytes()
     pred_mem = predict_memory(cfg.model, s, info.world_size, cfg.micro_batch, cfg.seq_len)
     pred_comm = predict_comm(cfg.model, s, info.world_size, batch["grad_accum"], micro_batch=cfg.micro_batch,
                              seq_len=cfg.seq_len)
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, "meta")
     n_params = count_params(model)
     mesh = build_mesh(s, device.type)
     model = apply_strategies(model, s, device, cfg.seed, mesh, batch["grad_accum"])

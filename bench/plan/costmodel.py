@@ -46,10 +46,12 @@ or reduce-scatter's size per rank and 2 (W-1)/W of an all-reduce's.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from models.config import GPTConfig
+from models.convert import to_hf
 from models.gpt import build_model
 from strategies.base import CostContext
 from strategies.config import TECHNIQUES, StrategyConfig
@@ -65,8 +67,14 @@ def padded_numel(shape: tuple[int, ...], world: int) -> int:
 
 
 def param_shapes(cfg: GPTConfig) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, global shape) of every parameter, from a meta-device model (no allocation, any size)."""
-    return [(name, tuple(p.shape)) for name, p in build_model(cfg, "meta").named_parameters()]
+    """(name, global shape) of every parameter, from a meta-device model (no allocation, any size). Names are
+    the family's; for the Hugging Face implementation each is listed with the shape(s) HF stores it in
+    (models/convert.py: GPT-2's transposed Conv1D weights, Llama's three q/k/v projections), which is what
+    FSDP pads and moves."""
+    native = build_model(dataclasses.replace(cfg, source="native", hf_path=""), "meta").named_parameters()
+    if cfg.source == "native":
+        return [(name, tuple(p.shape)) for name, p in native]
+    return [(name, tuple(t.shape)) for name, p in native for _, t in to_hf(cfg, name, p)]
 
 
 @dataclass
@@ -187,8 +195,9 @@ def block_activation_bytes(cfg: GPTConfig, tokens: int, mode: str, seq_len: int 
 def fused_loss(cfg: GPTConfig, s: StrategyConfig, tp: int, pp: int) -> bool:
     """Whether the training loss runs through the fused, chunked head (models/gpt.py ``head_loss``): with
     ``model.loss_chunk``, except under tp (loss_parallel), pp (the last stage hands logits to the schedule)
-    and compile (torch.compile traces the plain path, which inductor fuses itself)."""
-    return bool(cfg.loss_chunk) and tp == 1 and pp == 1 and not s.compile
+    and compile (torch.compile traces the plain path, which inductor fuses itself); never for the Hugging Face
+    implementation (``model.source=hf``: HF's head materialises the logits)."""
+    return bool(cfg.loss_chunk) and cfg.source == "native" and tp == 1 and pp == 1 and not s.compile
 
 
 def head_bytes(cfg: GPTConfig, tokens: int, mode: str, tp: int = 1, sp: bool = False,
@@ -207,7 +216,7 @@ def head_bytes(cfg: GPTConfig, tokens: int, mode: str, tp: int = 1, sp: bool = F
     norm = (2 * d + 1) if cfg.arch == "llama" else (d + 2)
     act = 4 if mode in ("fp32", "autocast") else 2
     norm_split = tp if sp else 1
-    if (bool(cfg.loss_chunk) and tp == 1) if fused is None else fused:
+    if (bool(cfg.loss_chunk) and cfg.source == "native" and tp == 1) if fused is None else fused:
         c = min(cfg.loss_chunk, tokens)
         saved = tokens * (norm * act + d * act + 8) + 4 * V * d
         forward = c * V * (4 + (0 if mode == "fp32" else 4))
