@@ -61,7 +61,8 @@ class GPTConfig:
     hf_path: str = ""
     """A local ``save_pretrained`` directory (config.json + safetensors): its config.json sets the shape and its
     weights replace the seeded init, for either source (the fine-tuning case); its tokenizer, when it has one,
-    tokenizes text data. Empty = the preset and the seeded init."""
+    tokenizes text data. ``dropout`` and ``loss_chunk`` stay this config's (a GPT-2 checkpoint's 0.1 dropout is
+    not used). Empty = the preset and the seeded init."""
 
     def __post_init__(self) -> None:
         def bad(field: str, value, why: str) -> ValueError:

@@ -39,11 +39,15 @@ def require_transformers():
 
 
 def hf_config(cfg: GPTConfig):
-    """The transformers config: the checkpoint's own (``cfg.hf_path``) or one made from ``cfg``; SDPA attention,
-    no KV cache (training)."""
+    """The transformers config: the checkpoint's own (``cfg.hf_path``, with ``model.dropout`` in place of its
+    dropout probabilities: GPT-2 checkpoints carry 0.1, benchmarks run 0) or one made from ``cfg``; SDPA
+    attention, no KV cache (training)."""
     tf = require_transformers()
     if cfg.hf_path:
         config = tf.AutoConfig.from_pretrained(cfg.hf_path)
+        for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout"):  # model.dropout, not the file's
+            if hasattr(config, key):
+                setattr(config, key, cfg.dropout)
     else:
         fields = hf_config_dict(cfg)
         kind = fields.pop("model_type")

@@ -28,10 +28,13 @@ TEXT = CORPUS_TEXT
 
 
 def model_cfg(model: str):
-    """A preset by name; 'NAME:untied' is the preset with an untied head (pipeline parallelism needs one)."""
-    name, _, variant = model.partition(":")
+    """A preset by name, with variants after colons: ':untied' an untied head (pipeline parallelism needs one),
+    ':hf' the Hugging Face implementation (models/hf.py), e.g. 'llama-tiny:untied:hf'."""
+    name, *variants = model.split(":")
     cfg = get_config(name)
-    return dataclasses.replace(cfg, tie_embeddings=False) if variant == "untied" else cfg
+    if "untied" in variants:
+        cfg = dataclasses.replace(cfg, tie_embeddings=False)
+    return dataclasses.replace(cfg, source="hf") if "hf" in variants else cfg
 
 
 def run_cfg(strategy: dict, micro_batch: int, grad_accum: int, model: str = "tiny", data: str = "",
