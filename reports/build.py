@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from reports import glance, plots
+from reports import glance, implementations, plots
 from reports.aggregate import COLUMNS, best_strategies, format_value, summarise
 from reports.load import ResultsError, load_steps
 
@@ -27,6 +27,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     boards: list[dict] = field(default_factory=list)  # reports/glance.py leaderboards (+ "figure" key or None)
     heatmaps: list[str] = field(default_factory=list)  # figure keys of the MFU heat maps
+    pairs: pd.DataFrame = field(default_factory=pd.DataFrame)  # reports/implementations.py: family vs HF
 
 
 def slug(text: str) -> str:
@@ -48,6 +49,10 @@ def build(df: pd.DataFrame) -> Report:
     maps), then per setup. No figure is made for fewer than two things to compare."""
     rep = Report(setups=summarise(df))
     _glance(rep)
+    rep.pairs = implementations.pairs(rep.setups)
+    if not rep.pairs.empty:
+        rep.figures["implementations"] = plots.implementations(rep.pairs, PAIRS_TITLE)
+        rep.captions["implementations"] = f"{PAIRS_TITLE}: tokens/s and peak memory"
     for setup in rep.setups:
         table, label = setup["table"], setup["label"]
         model, device, ws, seq, mb, ga = setup["key"]
@@ -177,6 +182,11 @@ GLANCE_INTRO = ("Fastest first, per model and hardware (medians over repeated ru
                 "front (nothing else is both faster and leaner).")
 
 
+PAIRS_TITLE = "The family's model and Hugging Face's, same setup and strategy"
+PAIRS_INTRO = ("model.source=native (models/gpt.py) against model.source=hf (transformers, models/hf.py): same "
+               "architecture and starting weights; HF / family above 1 = HF faster (tokens/s) or larger (memory).")
+
+
 def _board_cells(board: dict) -> list[list[tuple[str, bool]]]:
     return [[(v, i == 0 and front) for i, v in enumerate(cells)]
             for cells, front in zip(glance.board_rows(board["table"]), board["table"].pareto)]
@@ -192,6 +202,10 @@ def to_markdown(rep: Report, image_ext: str = "png") -> str:
                 [f"**{v}**" if b else v for v, b in row] for row in _board_cells(board)]), ""]
             if board["figure"]:
                 out += [f"![{rep.captions[board['figure']]}]({board['figure']}.{image_ext})", ""]
+    if not rep.pairs.empty:
+        out += [f"## {PAIRS_TITLE}", "", PAIRS_INTRO, "",
+                markdown_table(implementations.HEADER, implementations.table_rows(rep.pairs)), "",
+                f"![{rep.captions['implementations']}](implementations.{image_ext})", ""]
     out += ["## Per setup", "", "Best value per column in **bold**. Medians over repeated runs; "
             "definitions in bench/measure/metrics.py and reports/aggregate.py.", ""]
     for s in rep.setups:
@@ -231,6 +245,12 @@ def to_html(rep: Report, title: str = "n00bGPT report") -> str:
                  "rows": [[{"text": v, "cls": "best" if f else ""} for v, f in row] for row in _board_cells(b)]}
                 for b in boards]})
         sections.append({"heading": "At a glance", "intro": GLANCE_INTRO, "glance": blocks})
+    if not rep.pairs.empty:
+        sections.append({"heading": PAIRS_TITLE, "intro": PAIRS_INTRO, "header": implementations.HEADER,
+                         "groups": implementations.GROUPS,
+                         "rows": [[{"text": v, "cls": ""} for v in row]
+                                  for row in implementations.table_rows(rep.pairs)],
+                         "figures": figures_for(rep, ["implementations"])})
     for s in rep.setups:
         rows = [[{"text": v, "cls": "best" if b else ""} for v, b in row]
                 for row in _table_rows(s["table"], best_strategies(s["table"]))]
@@ -242,7 +262,8 @@ def to_html(rep: Report, title: str = "n00bGPT report") -> str:
     if rep.notes:
         sections.append({"heading": "Notes", "bullets": rep.notes})
     if rep.boards:
-        sections.insert(1, {"heading": "Per setup", "intro": "Best value per column highlighted. Medians over "
+        at = 2 if not rep.pairs.empty else 1  # after the glance (and the implementations)
+        sections.insert(at, {"heading": "Per setup", "intro": "Best value per column highlighted. Medians over "
                             "repeated runs; definitions in bench/measure/metrics.py and reports/aggregate.py."})
     return render_page(title, "", sections)
 

@@ -252,3 +252,30 @@ def heatmap(matrix: pd.DataFrame, title: str) -> Figure:
     ax.set_title(_wrap(f"MFU by strategy and model — {title}", 48), fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def implementations(pairs: pd.DataFrame, title: str) -> Figure:
+    """The family's model against Hugging Face's per (model, strategy): tokens/s and peak memory, two bars each
+    (reports/implementations.py ``pairs``)."""
+    t = pairs.iloc[::-1]
+    names = [f"{r.model} · {r.strategy}\n({r.hardware}, {r.batch})" for r in t.itertuples()]
+    y = np.arange(len(names))
+    fig, (ax1, ax2) = _subplots(1, 2, figsize=(12, _height(2 * len(t))), sharey=True)
+    for ax, (fam, hf), unit, fmt in ((ax1, ("tokens_per_sec_family", "tokens_per_sec_hf"), "tokens/s (global)",
+                                      "{:,.0f}"),
+                                     (ax2, ("peak_mem_gib_family", "peak_mem_gib_hf"), "peak memory (GiB)", "{:.2f}")):
+        for offset, col, label, color in ((0.2, fam, "family (models/gpt.py)", "tab:blue"),
+                                          (-0.2, hf, "Hugging Face transformers", "tab:orange")):
+            bars = ax.barh(y + offset, t[col].fillna(0), height=0.4, label=label, color=color)
+            ax.bar_label(bars, labels=[fmt.format(v) for v in t[col].fillna(0)], padding=4, fontsize=8)
+        ax.set_xlabel(unit)
+        ax.margins(x=0.25)
+        ax.grid(axis="x", alpha=0.3)
+    ax1.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax1.set_yticks(y, names, fontsize=8)
+    ax1.set_title("Throughput")
+    ax2.set_title("Peak memory")
+    ax1.legend(loc="lower right", fontsize=8)
+    fig.suptitle(_wrap(title, 120), fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -332,3 +332,40 @@ def test_a_model_config_records_the_source():
     assert cfg.source == "hf"
     with pytest.raises(ValueError, match="source='jax' is invalid: valid values are native, hf"):
         get_config("mini", source="jax")
+
+
+def test_reports_put_both_implementations_side_by_side():
+    """The committed CPU rows (results/hf-vs-native: mini and llama-mini x ddp, fsdp+ac, both sources, 2 gloo
+    ranks): one row per (model, strategy) pair whose numbers and ratios are the raw rows' medians, and a
+    figure with both implementations' bars."""
+    from reports.build import build, to_markdown
+    from reports.load import load
+
+    df = load(ROOT / "results" / "hf-vs-native")
+    rep = build(df)
+    ok = df[df.status == "ok"]
+    expected = {}
+    for (model, strategy), g in ok.groupby(["model", "strategy"]):
+        by = {src: g[g.model_source == src] for src in ("native", "hf")}
+        if all(len(v) for v in by.values()):
+            expected[(model, strategy)] = {src: (v.tokens_per_sec.median(), v.peak_mem_bytes.median() / 2**30,
+                                                 v.mfu.median()) for src, v in by.items()}
+    assert len(expected) == 4 and len(rep.pairs) == 4
+    for r in rep.pairs.itertuples():
+        want = expected[(r.model, r.strategy)]
+        assert (r.tokens_per_sec_family, r.peak_mem_gib_family, r.mfu_family) == pytest.approx(want["native"])
+        assert (r.tokens_per_sec_hf, r.peak_mem_gib_hf, r.mfu_hf) == pytest.approx(want["hf"])
+        assert r.tokens_ratio == pytest.approx(want["hf"][0] / want["native"][0])
+        assert r.mem_ratio == pytest.approx(want["hf"][1] / want["native"][1])
+    fig = rep.figures["implementations"]
+    tput, mem = fig.axes[:2]
+    for ax, cols in ((tput, ("tokens_per_sec_family", "tokens_per_sec_hf")),
+                     (mem, ("peak_mem_gib_family", "peak_mem_gib_hf"))):
+        assert len(ax.containers) == 2
+        for container, col in zip(ax.containers, cols):  # bars bottom-up: the first pair on top
+            assert [b.get_width() for b in container] == pytest.approx(list(rep.pairs[col][::-1]))
+    assert [t.get_text() for t in tput.get_legend().get_texts()] == ["family (models/gpt.py)",
+                                                                      "Hugging Face transformers"]
+    md = to_markdown(rep)
+    assert "## The family's model and Hugging Face's, same setup and strategy" in md
+    assert "fsdp+ac(full) [HF]" in md  # the per-setup tables name the HF rows

@@ -90,7 +90,7 @@ def _on_first_screen(page, selector: str) -> bool:
     return box is not None and box["y"] < VIEWPORT["height"] and box["x"] + box["width"] <= VIEWPORT["width"]
 
 
-@pytest.mark.parametrize("results", ["gpu", "cpu-sweep"])
+@pytest.mark.parametrize("results", ["gpu", "cpu-sweep", "hf-vs-native"])
 def test_report_page_in_chromium(browser, shots, tmp_path, results):
     index = make(tmp_path / "report", f"results=results/{results}")
     facts, page = inspect(browser, index, shots / f"report-{results}.png")
@@ -104,6 +104,10 @@ def test_report_page_in_chromium(browser, shots, tmp_path, results):
     assert _on_first_screen(page, "figure[id^='glance-mfu-']")
     first_row = page.locator("section:first-of-type table tr").nth(1).inner_text()
     assert first_row.split("\t")[0]  # a strategy, the fastest
+    if results == "hf-vs-native":  # both implementations side by side, right after the glance
+        assert page.locator("h2").nth(1).inner_text().startswith("The family's model and Hugging Face's")
+        assert page.locator("section:nth-of-type(2) table tr").count() >= 2 + 4  # two header rows + 4 pairs
+        assert page.locator("figure#implementations img").evaluate("i => i.naturalWidth") > 0
     page.close()
 
 
