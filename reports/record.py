@@ -126,6 +126,11 @@ class RunRecord:
     comm_bytes_per_step: int = col("prediction", "bytes/step", "max", "observed collective bytes per rank")
     comm_breakdown: dict = col("prediction", "bytes/step", "rank0", "observed bytes by collective")
     comm_calls_per_step: dict = col("prediction", "calls/step", "rank0", "observed calls by collective")
+    # overlap (bench/measure/overlap.py: 2 profiled steps after the timed window, unions over streams/threads)
+    compute_time_s: float = col("metric", "s/step", "max", "time with any compute running, per step")
+    comm_time_s: float = col("metric", "s/step", "max", "time with any collective in flight, per step")
+    exposed_comm_s: float = col("metric", "s/step", "max", "collective time with no compute running, per step")
+    overlap_pct: float = col("metric", "%", "min", "100 x (comm_time_s - exposed_comm_s) / comm_time_s")
     # outcome
     status: str = col("outcome", doc="ok, nan, oom, timeout, error, suspect", required=True)
     error: str = col("outcome", doc="why the run is not ok (None when ok)", required=True)

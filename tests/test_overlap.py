@@ -40,3 +40,47 @@ def test_against_a_brute_force_timeline():
         want = sum(1 for t in ticks if inside[0](t) and not inside[1](t))
         assert length(subtract(comm, compute)) == pytest.approx(want)
         assert length(comm) == pytest.approx(sum(1 for t in ticks if inside[0](t)))
+
+
+SLEEP = 0.2
+
+
+def _constructed_step(rank: int, world_size: int) -> dict:
+    """Per step: an all-reduce issued asynchronously while this rank multiplies matrices (hidden), then rank 1
+    sleeps SLEEP s while rank 0 already waits in a blocking all-reduce (exposed on rank 0 only)."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from bench.measure.overlap import profiled_exposure
+
+    x, a = torch.ones(1024), torch.randn(256, 256)
+    compute_wall = []
+
+    def steps():
+        for _ in range(2):
+            work = dist.all_reduce(x, async_op=True)
+            t0 = time.perf_counter()
+            for _ in range(40):
+                a @ a
+            compute_wall.append(time.perf_counter() - t0)
+            work.wait()
+            if rank == 1:
+                time.sleep(SLEEP)
+            dist.all_reduce(x)
+
+    cols = profiled_exposure(steps, "cpu", 2)
+    return {**cols, "compute_wall": sum(compute_wall) / 2}
+
+
+def test_exposed_communication_on_a_constructed_case(ranks):
+    r0, r1 = ranks(_constructed_step)
+    # rank 0 waits SLEEP in its blocking all-reduce with nothing to compute: that is its exposed time
+    assert SLEEP * 0.9 < r0["exposed_comm_s"] < SLEEP + 0.1
+    assert r0["comm_time_s"] >= r0["exposed_comm_s"]
+    # rank 1 arrives last: its blocking all-reduce finishes at once, its async one ran under the matmuls
+    assert r1["exposed_comm_s"] < 0.05
+    for r in (r0, r1):  # compute = the matmuls, as the rank's own clock saw them (profiler overhead aside)
+        assert r["compute_wall"] * 0.7 < r["compute_time_s"] < r["compute_wall"] * 1.1
+        assert 0 <= r["overlap_pct"] <= 100

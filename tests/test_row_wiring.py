@@ -103,3 +103,10 @@ def test_measured_communication_is_observed_not_predicted(run):
     assert m["comm_bytes_per_step"] == 4 * run[0]["params"]  # DDP all-reduces every fp32 gradient once
     assert m["comm_breakdown"] == {"all_reduce": 4 * run[0]["params"]}
     assert m["pred_comm_bytes_per_step"] == 1 and m["pred_comm_breakdown"] == {"all_reduce": 1}
+
+
+def test_overlap_columns_come_from_the_profiled_steps(run):
+    """bench/measure/overlap.py's columns are in the row, consistent with each other and with the step."""
+    m = run[0]["metrics"]
+    assert 0 <= m["exposed_comm_s"] <= m["comm_time_s"] <= m["step_time_p90_s"] + SLEEP
+    assert 0 < m["compute_time_s"] and 0 <= m["overlap_pct"] <= 100  # the min over ranks (others: the max)

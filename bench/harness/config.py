@@ -92,6 +92,10 @@ class RunConfig:
     measure_comm: bool = True
     """After the timed window, run one extra step observing every collective (bench/measure/comm.py) to record
     comm_bytes_per_step (data-parallel runs only; never timed)."""
+    measure_overlap: bool = True
+    """After the timed window (and the communication step), profile 2 more untimed steps on every rank to
+    record compute_time_s, comm_time_s, exposed_comm_s and overlap_pct per step (bench/measure/overlap.py;
+    multi-rank runs only)."""
     run_id: str = ""
     """Row identifier; empty = generated (timestamp + random). Launchers (bench/launch/sweep.py) set it to
     find the row."""

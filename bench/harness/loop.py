@@ -32,6 +32,7 @@ from bench.measure.combine import combine_ranks
 from bench.measure.comm import CommCounter
 from bench.measure.contention import ContentionMeter
 from bench.measure.nvml import NvmlSampler, energy_per_token
+from bench.measure.overlap import profiled_exposure
 from bench.measure.peak_flops import get_peak_flops
 from bench.measure.profile import StepProfiler
 from bench.plan.costmodel import predict_comm, predict_memory
@@ -267,6 +268,24 @@ def measure_comm(step_fn: Callable[[int], torch.Tensor], step: int) -> dict:
     return {"comm_bytes_per_step": c["total"], "comm_breakdown": c["bytes"], "comm_calls_per_step": c["calls"]}
 
 
+OVERLAP_STEPS = 2  # profiled steps after the timed window (bench/measure/overlap.py)
+
+
+def measure_overlap(step_fn: Callable[[int], torch.Tensor], step: int, device: torch.device) -> dict:
+    """``OVERLAP_STEPS`` extra, untimed steps under torch.profiler: this rank's compute, communication and
+    exposed-communication time per step (bench/measure/overlap.py), or {} when the measurement fails."""
+    def run() -> None:
+        for i in range(OVERLAP_STEPS):
+            step_fn(step + i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    try:
+        return profiled_exposure(run, device.type, OVERLAP_STEPS)
+    except Exception as exc:
+        warnings.warn(f"overlap measurement failed, exposed_comm_s left empty: {exc!r}", stacklevel=1)
+        return {}
+
+
 def combine(per_rank: list[dict], static: dict, losses: list[float], world_size: int) -> tuple[dict, list[float]]:
     """Every rank's measurements -> the run's metric columns (rules: reports/record.py) and the combined
     per-step times (per step, the max over ranks)."""
@@ -302,6 +321,8 @@ def train(cfg: RunConfig, info: DistInfo, progress: Progress | None = None,
     mine["mem_baseline_bytes"] = b.mem_baseline_bytes
     if status == "ok" and cfg.measure_comm and info.world_size > 1:
         mine.update(measure_comm(step_fn, cfg.warmup + cfg.steps))
+    if status == "ok" and cfg.measure_overlap and info.world_size > 1:
+        mine.update(measure_overlap(step_fn, cfg.warmup + cfg.steps + 1, info.device))
     out, times = combine(gather_objects(mine, info), b.static, losses, info.world_size)
     reason = implausible(out) if times else None
     if reason and status == "ok":

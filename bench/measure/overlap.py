@@ -98,3 +98,15 @@ def trace_intervals(events, device_type: str) -> tuple[list[Interval], list[Inte
         elif name.startswith("aten::") and not any(m.lower() in name for m in _NOT_COMPUTE):
             compute.append(span)
     return comm, compute
+
+
+def profiled_exposure(run_steps, device_type: str, n_steps: int) -> dict:
+    """Run ``run_steps()`` (``n_steps`` training steps) under torch.profiler (host, and CUDA kernels on a GPU)
+    and return this rank's ``exposure`` columns per step. The profiler slows every operator a little, so the
+    harness calls this after the timed window, never inside it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+    with profile(activities=acts, record_shapes=False, with_stack=False) as prof:
+        run_steps()
+    return exposure(*trace_intervals(prof.events(), device_type), n_steps=n_steps)
