@@ -123,6 +123,15 @@ class RunRecord:
     pred_bubble_fraction: float = col("prediction", "fraction", "rank0", "pipeline bubble: (pp - 1) / (m + pp - 1), "
                                       "interleaved (pp - 1) / (v m + pp - 1); 0 without a pipeline (counts "
                                       "against MFU)")
+    pred_step_time_s: float = col("prediction", "s", "rank0", "predicted step time (bench/plan/steptime.py) from "
+                                  "the measured rates below")
+    pred_tokens_per_sec: float = col("prediction", "tokens/s", "rank0", "global batch tokens / pred_step_time_s")
+    pred_step_breakdown: dict = col("prediction", "s", "rank0", "compute_s, memory_s, comm_s, exposed_comm_s, "
+                                    "bubble_s")
+    mem_bw_bytes_per_s: float = col("prediction", "bytes/s", "rank0", "elementwise add probe (rank 0)")
+    mem_bw_source: str = col("prediction", doc="probe:measured or probe:cached")
+    link_bw_bytes_per_s: float = col("prediction", "bytes/s", "rank0", "all-reduce bus bandwidth of the group")
+    link_bw_source: str = col("prediction", doc="probe:measured or probe:cached; None in one process")
     comm_bytes_per_step: int = col("prediction", "bytes/step", "max", "observed collective bytes per rank")
     comm_breakdown: dict = col("prediction", "bytes/step", "rank0", "observed bytes by collective")
     comm_calls_per_step: dict = col("prediction", "calls/step", "rank0", "observed calls by collective")
@@ -131,6 +140,7 @@ class RunRecord:
     comm_time_s: float = col("metric", "s/step", "max", "time with any collective in flight, per step")
     exposed_comm_s: float = col("metric", "s/step", "max", "collective time with no compute running, per step")
     overlap_pct: float = col("metric", "%", "min", "100 x (comm_time_s - exposed_comm_s) / comm_time_s")
+    matmul_time_s: float = col("metric", "s/step", "max", "time with a matmul or attention op running, per step")
     # outcome
     status: str = col("outcome", doc="ok, nan, oom, timeout, error, suspect", required=True)
     error: str = col("outcome", doc="why the run is not ok (None when ok)", required=True)

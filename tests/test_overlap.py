@@ -46,7 +46,8 @@ SLEEP = 0.2
 
 
 def _constructed_step(rank: int, world_size: int) -> dict:
-    """Per step: an all-reduce issued asynchronously while this rank multiplies matrices (hidden), then rank 1
+    """Per step: an all-reduce issued asynchronously while this rank multiplies matrices and runs elementwise
+    ops (hidden), then rank 1
     sleeps SLEEP s while rank 0 already waits in a blocking all-reduce (exposed on rank 0 only)."""
     import time
 
@@ -55,8 +56,8 @@ def _constructed_step(rank: int, world_size: int) -> dict:
 
     from bench.measure.overlap import profiled_exposure
 
-    x, a = torch.ones(1024), torch.randn(256, 256)
-    compute_wall = []
+    x, a, big = torch.ones(1024), torch.randn(256, 256), torch.randn(2_000_000)
+    compute_wall, matmul_wall = [], []
 
     def steps():
         for _ in range(2):
@@ -64,14 +65,18 @@ def _constructed_step(rank: int, world_size: int) -> dict:
             t0 = time.perf_counter()
             for _ in range(40):
                 a @ a
+            t1 = time.perf_counter()
+            for _ in range(10):
+                big.mul(2.0).add_(1.0)  # elementwise: compute, not matmul
             compute_wall.append(time.perf_counter() - t0)
+            matmul_wall.append(t1 - t0)
             work.wait()
             if rank == 1:
                 time.sleep(SLEEP)
             dist.all_reduce(x)
 
     cols = profiled_exposure(steps, "cpu", 2)
-    return {**cols, "compute_wall": sum(compute_wall) / 2}
+    return {**cols, "compute_wall": sum(compute_wall) / 2, "matmul_wall": sum(matmul_wall) / 2}
 
 
 def test_exposed_communication_on_a_constructed_case(ranks):
@@ -83,4 +88,6 @@ def test_exposed_communication_on_a_constructed_case(ranks):
     assert r1["exposed_comm_s"] < 0.05
     for r in (r0, r1):  # compute = the matmuls, as the rank's own clock saw them (profiler overhead aside)
         assert r["compute_wall"] * 0.7 < r["compute_time_s"] < r["compute_wall"] * 1.1
+        assert r["matmul_wall"] * 0.7 < r["matmul_time_s"] < r["matmul_wall"] * 1.1
+        assert r["matmul_time_s"] < r["compute_time_s"] - 0.5 * (r["compute_wall"] - r["matmul_wall"])
         assert 0 <= r["overlap_pct"] <= 100

@@ -110,3 +110,22 @@ def test_overlap_columns_come_from_the_profiled_steps(run):
     m = run[0]["metrics"]
     assert 0 <= m["exposed_comm_s"] <= m["comm_time_s"] <= m["step_time_p90_s"] + SLEEP
     assert 0 < m["compute_time_s"] and 0 <= m["overlap_pct"] <= 100  # the min over ranks (others: the max)
+
+
+def test_predicted_step_time_is_the_model_on_the_runs_own_rates(run):
+    """The row's prediction is bench/plan/steptime.py on the rates the row records (no spare core here for
+    two ranks on this test's CPU budget decides the overlap rule)."""
+    import os
+
+    from bench.plan.steptime import Rates, can_overlap, predict_step
+    from tests.test_parity import run_cfg
+
+    m = run[0]["metrics"]
+    cfg = run_cfg({"dp": "ddp"}, 2, 1, steps=8, seq_len=32)
+    overlap = can_overlap("cpu", 2, 1, len(os.sched_getaffinity(0)))
+    p = predict_step(cfg.model, cfg.strategy, 2, 2, 32, 1,
+                     Rates(m["peak_flops"], m["mem_bw_bytes_per_s"], m["link_bw_bytes_per_s"]), overlap)
+    assert m["pred_step_time_s"] == pytest.approx(p["step_s"]) and m["pred_tokens_per_sec"] == pytest.approx(
+        p["tokens_per_sec"])
+    assert m["pred_step_breakdown"]["compute_s"] == pytest.approx(p["compute_s"])
+    assert m["link_bw_bytes_per_s"] > 0 and m["mem_bw_bytes_per_s"] > 0

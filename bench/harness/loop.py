@@ -12,6 +12,7 @@ step itself unless a ``debug_*`` option is set.
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from bench.harness.faults import Faults
 from bench.harness.progress import Progress
 from bench.harness.turn import get_turnstile
 from bench.measure import memory, metrics
+from bench.measure.bandwidth import link_bandwidth, memory_bandwidth
 from bench.measure.combine import combine_ranks
 from bench.measure.comm import CommCounter
 from bench.measure.contention import ContentionMeter
@@ -36,6 +38,7 @@ from bench.measure.overlap import profiled_exposure
 from bench.measure.peak_flops import get_peak_flops
 from bench.measure.profile import StepProfiler
 from bench.plan.costmodel import predict_comm, predict_memory
+from bench.plan.steptime import Rates, can_overlap, predict_step
 from models import build_model, count_params, train_flops_per_token
 from reports.record import implausible
 from strategies import (
@@ -90,9 +93,11 @@ def build(cfg: RunConfig, info: DistInfo, batch: dict) -> Built:
         torch.set_float32_matmul_precision("high" if s.tf32 else "highest")  # high = TF32 matmuls
         torch.backends.cudnn.allow_tf32 = s.tf32
 
-    # Peak FLOP/s first, on rank 0 alone (a probe must not compete with training), then shared.
-    peak, peak_source, probe_stats = broadcast_object(get_peak_flops(device, dtype_name) if info.is_main else None,
-                                                      info)
+    # Peak FLOP/s and memory bandwidth first, on rank 0 alone (a probe must not compete with training), then
+    # shared; the collective's bus bandwidth on every rank together (bench/measure/bandwidth.py).
+    peak, peak_source, probe_stats, (mem_bw, mem_bw_source) = broadcast_object(
+        (*get_peak_flops(device, dtype_name), memory_bandwidth(device)) if info.is_main else None, info)
+    link_bw, link_bw_source = link_bandwidth(device) if info.world_size > 1 else (None, None)
     # What the process holds before the model exists (CPU: interpreter + libraries, warmed up first so their
     # lazily created state counts here; CUDA: ~0): the predicted peak is compared with peak - baseline.
     memory.warm_runtime(device)
@@ -115,8 +120,11 @@ def build(cfg: RunConfig, info: DistInfo, batch: dict) -> Built:
                             fused=fused or None, foreach=None if fused else True)
     data = build_data(cfg.data, cfg.model.vocab_size, cfg.micro_batch, cfg.seq_len, cfg.seed, device,
                       batch["dp_size"] * batch["grad_accum"], tokenizer_dir=cfg.model.hf_path)
+    pred_time = predict_step_columns(cfg, info, batch, peak, mem_bw, link_bw)
     static = {
         "params": n_params,
+        **pred_time, "mem_bw_bytes_per_s": mem_bw, "mem_bw_source": mem_bw_source,
+        "link_bw_bytes_per_s": link_bw, "link_bw_source": link_bw_source,
         "flops_per_token": train_flops_per_token(cfg.model, cfg.seq_len),
         "recompute_flops_per_token": recompute_flops_per_token(cfg.model, cfg.seq_len, s),
         "peak_flops": peak, "peak_flops_source": peak_source, **probe_stats,
@@ -129,6 +137,19 @@ def build(cfg: RunConfig, info: DistInfo, batch: dict) -> Built:
         **batch,
     }
     return Built(model, mesh, opt, get_grad_scaler(s.amp, device.type), data, batch, static, baseline)
+
+
+def predict_step_columns(cfg: RunConfig, info: DistInfo, batch: dict, peak: float | None, mem_bw: float,
+                         link_bw: float | None) -> dict:
+    """The step-time model's prediction (bench/plan/steptime.py) from this run's measured rates, as columns."""
+    if not peak:
+        return {}
+    local_ranks = max(1, info.world_size // max(1, info.nnodes))
+    overlap = can_overlap(info.device.type, local_ranks, torch.get_num_threads(), len(os.sched_getaffinity(0)))
+    p = predict_step(cfg.model, cfg.strategy, info.world_size, cfg.micro_batch, cfg.seq_len, batch["grad_accum"],
+                     Rates(peak, mem_bw, link_bw), overlap)
+    return {"pred_step_time_s": p["step_s"], "pred_tokens_per_sec": p["tokens_per_sec"],
+            "pred_step_breakdown": {k: v for k, v in p.items() if k not in ("step_s", "tokens_per_sec")}}
 
 
 def param_groups(model: torch.nn.Module) -> list[dict]:

@@ -14,7 +14,9 @@ Per step, over ``n_steps`` profiled steps (each column divided by ``n_steps``):
 - ``compute_time_s``  = |U compute|;
 - ``exposed_comm_s``  = |U comm - U compute|: communication with no compute anywhere on the rank, the part of
   the step communication adds when nothing hides it;
-- ``overlap_pct``     = 100 x (comm_time_s - exposed_comm_s) / comm_time_s (None without communication).
+- ``overlap_pct``     = 100 x (comm_time_s - exposed_comm_s) / comm_time_s (None without communication);
+- ``matmul_time_s``   = |U matmul|: the part of compute in matrix multiplies and attention (the rest of
+  ``compute_time_s`` is elementwise, memory-bound work): the step-time model's two compute components.
 
 Unions are taken over all streams and threads, never sums of per-kernel times: two collectives in flight
 at once count once, and compute on another stream hides communication. Cross-rank rule: max (the slowest
@@ -79,25 +81,38 @@ _COMM_MARKS = ("nccl", "gloo:", "c10d::", "record_param_comms")
 _NOT_COMPUTE = ("wait", "synchronize", "profilerstep", "fsdp::", "ddp", "cudaStreamWaitEvent", "cudaEventSynchronize")
 
 
-def trace_intervals(events, device_type: str) -> tuple[list[Interval], list[Interval]]:
-    """(comm, compute) intervals in seconds from torch.profiler's ``prof.events()``.
+# Matrix multiplies (the FLOPs models/flops.py counts): host operators and GPU kernel name fragments.
+_MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product")
+_MATMUL_KERNELS = ("gemm", "cutlass", "xmma", "flash", "fmha", "cublas")
+
+
+def trace_intervals(events, device_type: str) -> tuple[list[Interval], list[Interval], list[Interval]]:
+    """(comm, compute, matmul) intervals in seconds from torch.profiler's ``prof.events()``; matmul is the part
+    of compute spent in matrix multiplies and attention (the rest of compute is elementwise, memory-bound).
 
     CUDA: device events only (kernels, copies, sets); comm = NCCL kernels, compute = all others, any stream.
     CPU: comm = gloo's collective events (issue to completion), on any thread; compute = ``aten::`` operators
     of every thread, outside the waits and annotations above."""
-    comm, compute = [], []
+    comm, compute, matmul = [], [], []
     for e in events:
         name = e.name.lower()
         span = (e.time_range.start / 1e6, e.time_range.end / 1e6)
         on_device = "cuda" in str(e.device_type).lower()
         if device_type == "cuda":
             if on_device:
-                (comm if "nccl" in name else compute).append(span)
+                if "nccl" in name:
+                    comm.append(span)
+                else:
+                    compute.append(span)
+                    if any(k in name for k in _MATMUL_KERNELS):
+                        matmul.append(span)
         elif any(m in name for m in _COMM_MARKS):
             comm.append(span)
         elif name.startswith("aten::") and not any(m.lower() in name for m in _NOT_COMPUTE):
             compute.append(span)
-    return comm, compute
+            if name.startswith(_MATMUL_OPS):
+                matmul.append(span)
+    return comm, compute, matmul
 
 
 def profiled_exposure(run_steps, device_type: str, n_steps: int) -> dict:
@@ -109,4 +124,5 @@ def profiled_exposure(run_steps, device_type: str, n_steps: int) -> dict:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
     with profile(activities=acts, record_shapes=False, with_stack=False) as prof:
         run_steps()
-    return exposure(*trace_intervals(prof.events(), device_type), n_steps=n_steps)
+    comm, compute, matmul = trace_intervals(prof.events(), device_type)
+    return {**exposure(comm, compute, n_steps), "matmul_time_s": length(matmul) / n_steps}

@@ -29,44 +29,10 @@ from pathlib import Path
 
 import torch
 
+from bench.hardware import GPU_TABLE, lookup_gpu_peak  # noqa: F401 - the datasheet table (re-exported)
 from bench.measure.host import cpu_model
 
-T = 1e12
-# (substring of torch.cuda.get_device_name(), label, {dtype: dense FLOP/s}, source). First match wins,
-# so more specific names (NVL, PCIe, A10G) come before the generic ones.
-GPU_TABLE: list[tuple[str, str, dict, str]] = [
-    ("H100 NVL", "H100 NVL", {"fp32": 60 * T, "tf32": 417.5 * T, "bf16": 835.5 * T, "fp16": 835.5 * T},
-     "NVIDIA H100 datasheet (NVL)"),
-    ("H100 PCIe", "H100 PCIe", {"fp32": 51.2 * T, "tf32": 378 * T, "bf16": 756 * T, "fp16": 756 * T},
-     "NVIDIA H100 datasheet (PCIe)"),
-    ("H100", "H100 SXM5", {"fp32": 66.9 * T, "tf32": 494.7 * T, "bf16": 989.4 * T, "fp16": 989.4 * T},
-     "NVIDIA H100 datasheet (SXM5)"),
-    ("H200 NVL", "H200 NVL", {"fp32": 60 * T, "tf32": 417.5 * T, "bf16": 835.5 * T, "fp16": 835.5 * T},
-     "NVIDIA H200 datasheet (NVL)"),
-    ("H200", "H200 SXM", {"fp32": 66.9 * T, "tf32": 494.7 * T, "bf16": 989.4 * T, "fp16": 989.4 * T},
-     "NVIDIA H200 datasheet (SXM)"),
-    ("A100", "A100", {"fp32": 19.5 * T, "tf32": 156 * T, "bf16": 312 * T, "fp16": 312 * T},
-     "NVIDIA A100 datasheet"),
-    ("L40S", "L40S", {"fp32": 91.6 * T, "tf32": 183 * T, "bf16": 362.05 * T, "fp16": 362.05 * T},
-     "NVIDIA L40S datasheet"),
-    ("L4", "L4", {"fp32": 30.3 * T, "tf32": 60 * T, "bf16": 121 * T, "fp16": 121 * T}, "NVIDIA L4 datasheet"),
-    ("A10G", "A10G", {"fp32": 31.2 * T, "tf32": 35 * T, "bf16": 70 * T, "fp16": 70 * T},
-     "AWS G5 instance figures (no NVIDIA A10G datasheet)"),
-    ("A10", "A10", {"fp32": 31.2 * T, "tf32": 62.5 * T, "bf16": 125 * T, "fp16": 125 * T}, "NVIDIA A10 datasheet"),
-    ("V100", "V100", {"fp32": 15.7 * T, "fp16": 125 * T}, "NVIDIA V100 datasheet (SXM2)"),
-]
-
 _TORCH_DTYPE = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def lookup_gpu_peak(device_name: str, dtype: str) -> tuple[float, str] | None:
-    """(FLOP/s, source) for a known GPU name and dtype, or None when the table has no entry."""
-    for pattern, label, peaks, source in GPU_TABLE:
-        if pattern in device_name:
-            if dtype not in peaks:
-                return None
-            return peaks[dtype], f"table:{label} {dtype} ({source})"
-    return None
 
 
 CONTENDED_CPU_UTIL = 0.9
@@ -149,17 +115,32 @@ def get_peak_flops(device: torch.device, dtype: str, allow_probe: bool = True) -
         p, source, stats = fresh("uncached")
         return p.flops, source, stats
     key = _probe_key(device, dtype)
+    hit = cache_get(key)
+    if hit is not None:
+        return hit, f"probe:cached matmul {dtype} ({_cache_path()})", {}
+    p, source, stats = fresh("")
+    if not p.contended:
+        cache_put(key, p.flops)
+    return p.flops, source, stats
+
+
+def cache_get(key: str) -> float | None:
+    """A clean probe's cached value for ``key`` (``$N00BGPT_CACHE_DIR/peak_flops.json``), or None."""
+    try:
+        value = json.loads(_cache_path().read_text()).get(key)
+    except (OSError, ValueError):
+        return None
+    return None if value is None else float(value)
+
+
+def cache_put(key: str, value: float) -> None:
+    """Store a clean probe's value (atomic replace; a read-only home is not an error)."""
     path = _cache_path()
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         cache = {}
-    if key in cache:
-        return float(cache[key]), f"probe:cached matmul {dtype} ({path})", {}
-    p, source, stats = fresh("")
-    if p.contended:
-        return p.flops, source, stats
-    cache[key] = p.flops
+    cache[key] = value
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -167,4 +148,3 @@ def get_peak_flops(device: torch.device, dtype: str, allow_probe: bool = True) -
         os.replace(tmp, path)
     except OSError:
         pass
-    return p.flops, source, stats

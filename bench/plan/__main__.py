@@ -4,10 +4,15 @@
     python -m bench.plan model=llama-125m world_size=8 device_memory_gib=24 micro_batch=8 seq_len=1024
     python -m bench.plan model=gpt2-xl world_size=4096 device_memory_gib=80 format=json
     python -m bench.plan model=gpt2-xl model.n_layer=24 world_size=64     # any model field, as bench/run.py
+    python -m bench.plan model=gpt2-xl world_size=8 device=H100 link_gbps=360   # ranked by predicted tokens/s
+    python -m bench.plan model=mini world_size=2 peak_tflops=0.06 mem_gbps=20 link_gbps=1 overlap=false
 
 Keys (``--help`` lists them with defaults): model (a preset), world_size (data-parallel ranks),
 device_memory_gib, micro_batch, seq_len (0: the model's context), grad_accum, pad_vocab_to, format
-(table | json). Formulas: bench/plan/costmodel.py. Nothing is allocated (shapes come from a meta model),
+(table | json); with rates -- ``device=`` (a GPU of bench/hardware.py: its dense peak in each strategy's compute
+dtype and its memory bandwidth) or ``peak_tflops=`` and ``mem_gbps=``, plus ``link_gbps=`` beyond one rank -- every row
+also gets the predicted step time and tokens/s (bench/plan/steptime.py) and the strategies that fit are
+ranked fastest first. Formulas: bench/plan/costmodel.py. Nothing is allocated (shapes come from a meta model),
 so any family size and thousands of ranks answer in about a second.
 """
 
@@ -26,7 +31,9 @@ if __package__ in (None, ""):
 
 from omegaconf import OmegaConf  # noqa: E402
 
+from bench.hardware import GPU_TABLE, lookup_device  # noqa: E402
 from bench.plan.costmodel import param_shapes, predict_comm, predict_memory  # noqa: E402
+from bench.plan.steptime import Rates, predict_step  # noqa: E402
 from models.config import PRESETS, GPTConfig, get_config  # noqa: E402
 from reports.cli import UsageError, fail, opt, parse  # noqa: E402
 from strategies.config import TECHNIQUES, StrategyConfig, StrategyError  # noqa: E402
@@ -46,6 +53,35 @@ class PlanArgs:
     grad_accum: int = opt(1, "micro-batches per step")
     pad_vocab_to: int = opt(1, "pad the vocabulary to a multiple of this")
     format: str = opt("table", "table | json")
+    device: str = opt("", "a GPU of bench/hardware.py (H100, H200, A100, L40S, L4, A10G, A10, V100): its peak "
+                          "and memory bandwidth")
+    peak_tflops: float = opt(0.0, "sustained matmul TFLOP/s per device for every strategy (instead of device='s "
+                                  "datasheet peak in each strategy's compute dtype)")
+    mem_gbps: float = opt(0.0, "memory bandwidth GB/s per device (overrides device='s)")
+    link_gbps: float = opt(0.0, "all-reduce bus bandwidth GB/s of the process group (needed beyond one rank)")
+    matmul_efficiency: float = opt(1.0, "fraction of the datasheet peak the model's matmuls reach (device= only)")
+    overlap: bool = opt(True, "communication can overlap compute (GPU streams; a CPU with spare cores)")
+
+    def rates(self, s: StrategyConfig | None = None) -> Rates | None:
+        """The step-time model's rates for strategy ``s`` (device='s peak in its compute dtype) from device= and
+        the explicit keys, or None (a memory-only plan)."""
+        flops, mem = self.peak_tflops * 1e12, self.mem_gbps * 1e9
+        if self.device:
+            hit = lookup_device(self.device)
+            if hit is None:
+                raise UsageError(f"device={self.device!r} is not in bench/hardware.py; valid: "
+                                 + ", ".join(row[1] for row in GPU_TABLE) + " (or give peak_tflops= and mem_gbps=)")
+            _, peaks, hbm = hit
+            dtype = s.compute_dtype_name("cuda") if s is not None else "bf16"
+            flops = flops or peaks.get(dtype, peaks.get("fp32", 0)) * self.matmul_efficiency
+            mem = mem or hbm
+        if not flops and not mem:
+            return None
+        if not (flops and mem):
+            raise UsageError("a step-time prediction needs both peak_tflops= and mem_gbps= (or device=)")
+        if self.world_size > 1 and not self.link_gbps:
+            raise UsageError(f"world_size={self.world_size} needs link_gbps= (the group's all-reduce bus bandwidth)")
+        return Rates(flops, mem, self.link_gbps * 1e9 or None)
 
     def __post_init__(self) -> None:
         if self.format not in ("table", "json"):
@@ -57,6 +93,11 @@ class PlanArgs:
             raise UsageError(f"seq_len={self.seq_len} is invalid; must be >= 0 (0 = the model's context)")
         if not (math.isfinite(self.device_memory_gib) and self.device_memory_gib > 0):
             raise UsageError(f"device_memory_gib={self.device_memory_gib} is invalid; must be a finite number > 0")
+        for key in ("peak_tflops", "mem_gbps", "link_gbps"):
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) >= 0):
+                raise UsageError(f"{key}={getattr(self, key)} is invalid; must be a finite number >= 0")
+        if not 0 < self.matmul_efficiency <= 1:
+            raise UsageError(f"matmul_efficiency={self.matmul_efficiency} is invalid; must be in (0, 1]")
         if self.model not in PRESETS:
             raise UsageError(f"model={self.model!r} is not a preset; valid: {', '.join(PRESETS)}")
 
@@ -106,6 +147,7 @@ def plan(args: PlanArgs, model_overrides: list[str] = ()) -> list[dict]:
     if seq > cfg.block_size:
         raise ValueError(f"seq_len={seq} exceeds {cfg.name}'s context block_size={cfg.block_size}")
     shapes = param_shapes(cfg)
+    rates = args.rates()
     rows = []
     left_out: dict[str, int] = {}
     for s in combinations(args.world_size, cfg, args.micro_batch, seq, left_out):
@@ -117,6 +159,13 @@ def plan(args: PlanArgs, model_overrides: list[str] = ()) -> list[dict]:
                      "micro_batch": args.micro_batch, "seq_len": seq, "pred_mem_bytes": mem,
                      "fits": mem["total"] <= args.device_memory_gib * GIB, "pred_comm_bytes_per_step": comm,
                      "pred_bubble_fraction": bubble_fraction(s)})
+        if rates is not None:
+            t = predict_step(cfg, s, args.world_size, args.micro_batch, seq, args.grad_accum, args.rates(s),
+                             args.overlap)
+            rows[-1].update(pred_step_s=t["step_s"], pred_tokens_per_sec=t["tokens_per_sec"],
+                            pred_step_breakdown={k: v for k, v in t.items() if k not in ("step_s", "tokens_per_sec")})
+    if rates is not None:  # what fits, fastest first; then what does not fit
+        rows.sort(key=lambda r: (not r["fits"], -r["pred_tokens_per_sec"]))
     if rows:
         rows[0]["left_out"] = left_out  # why the combinations missing for this model are missing
     return rows
@@ -132,7 +181,9 @@ def render(rows: list[dict], device_gib: float) -> str:
                            **{p: r["pred_mem_bytes"].get(p, 0) / GIB for p in parts},
                            "total GiB": r["pred_mem_bytes"]["total"] / GIB, "fits": "yes" if r["fits"] else "NO",
                            "comm GB/step": r["pred_comm_bytes_per_step"]["total"] / 1e9,
-                           "bubble": r["pred_bubble_fraction"]} for r in rows])
+                           "bubble": r["pred_bubble_fraction"],
+                           **({"step ms": r["pred_step_s"] * 1e3, "tokens/s": f"{r['pred_tokens_per_sec']:,.0f}"}
+                              if "pred_step_s" in r else {})} for r in rows])
     r0, width = rows[0], max(len(r["strategy"]) for r in rows)
     text = table.to_string(index=False, float_format=lambda v: f"{v:.2f}",
                            formatters={"strategy": lambda v: f"{v:<{width}}"})
@@ -140,6 +191,8 @@ def render(rows: list[dict], device_gib: float) -> str:
             f"seq {r0['seq_len']}; "
             f"per-rank GiB against {device_gib:g} GiB; comm = full-tensor bytes per step per rank "
             "(bench/plan/costmodel.py and each strategy's terms in strategies/*.py)."
+            + ("; step ms and tokens/s predicted by bench/plan/steptime.py, rows that fit fastest first"
+               if "pred_step_s" in r0 else "")
             + "".join(f"\nleft out {n} combination(s): {why}" for why, n in r0.get("left_out", {}).items()))
 
 
@@ -149,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(PlanArgs, [a for a in argv if not a.startswith("model.")], "python -m bench.plan", __doc__)
     try:
         rows = plan(args, model_overrides)
-    except ValueError as exc:
+    except (ValueError, UsageError) as exc:
         fail("plan", str(exc))
     print(json.dumps(rows, indent=1) if args.format == "json" else render(rows, args.device_memory_gib))
     return 0

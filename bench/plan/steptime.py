@@ -1,0 +1,124 @@
+"""Predicted step time from the config and three measured rates: which strategy is fastest, before running it.
+
+    step_s = compute_s + memory_s + exposed_comm_s + bubble_s,   tokens/s = global batch tokens / step_s
+
+per rank (the ranks of a step finish together), with ``Rates``: ``matmul_flops`` (sustained matmul FLOP/s in
+the run's dtype: the peak probe, or a datasheet peak the caller scales), ``mem_bw`` (bytes/s of an elementwise
+kernel) and ``link_bw`` (all-reduce bus bytes/s of the process group): bench/measure/peak_flops.py and
+bench/measure/bandwidth.py measure them; the planner takes them as ``peak_tflops=``, ``mem_gbps=``,
+``link_gbps=``.
+
+- **compute_s** = matmul FLOPs of the rank's tokens (models/flops.py, plus checkpointing's recompute) / tp / pp
+  / ``matmul_flops``.
+- **memory_s** = bytes the non-matmul operators move / ``mem_bw``. Per token and block, elements read +
+  written in forward (the family's operators; estimates from the code, not measured): gpt2 ``9 d + 2 h``
+  (two LayerNorms, two residual adds, tanh GELU), llama ``34 d + 5 h`` (two Python RMSNorms, RoPE on q and
+  k, SwiGLU); Hugging Face's GPT-2 computes GELU in eight Python operators: ``9 d + 16 h``. Backward moves
+  twice the forward's; a checkpointed block's forward runs again. The head: ``7 V`` (plain) or ``6 V``
+  (fused chunked loss) per token. Element size 4 bytes (2 under autocast). Per parameter on this rank:
+  AdamW 28 bytes fused (DDP/single) or 56 foreach (DTensors), DDP's bucket copies 16, FSDP's copy-in/out
+  16 per gather, gradient accumulation 12 per extra micro-step.
+- **comm_s** = per collective, bytes (bench/plan/costmodel.py ``predict_comm``) x the algorithm's factor /
+  ``link_bw``: all-reduce ``2 (n - 1) / n``, all-gather and reduce-scatter ``(n - 1) / n``, a send 1 (its
+  receive is the same transfer), n the data-parallel group (the world without one).
+- **exposed_comm_s**, the overlap rule per strategy, when the rank can overlap at all (a GPU's streams; on a
+  CPU only with a spare core for the communication thread, ``overlap=``): DDP hides its all-reduce behind
+  backward (2/3 of compute + memory) except the last 25 MB bucket; FSDP hides its gathers and
+  reduce-scatters behind compute (prefetch) except one unit's (1 / (L + 1)); tensor-parallel all-reduces
+  and pipeline sends are on the critical path (exposed). Without overlap all communication is exposed.
+- **bubble_s** = (compute + memory) x b / (1 - b), b the pipeline's bubble fraction (strategies/pp.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench.plan.costmodel import cost_context, fused_loss, predict_comm
+from models.config import GPTConfig
+from models.flops import train_flops_per_token
+from strategies import recompute_flops_per_token
+from strategies.ac import checkpointed_block_ids
+from strategies.config import StrategyConfig
+from strategies.mesh import mesh_shape
+from strategies.pp import bubble_fraction
+
+DDP_BUCKET_BYTES = 25 * 2**20
+# collective -> factor on its full-tensor bytes, with n the ranks in the collective
+_FACTORS = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+            "reduce_scatter": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0, "send": lambda n: 1.0,
+            "recv": lambda n: 1.0}
+
+
+@dataclass
+class Rates:
+    """Measured or given rates of one device: FLOP/s, bytes/s (memory), bytes/s (collective bus bandwidth)."""
+
+    matmul_flops: float
+    mem_bw: float
+    link_bw: float | None = None
+
+
+def elementwise_per_token_block(cfg: GPTConfig) -> int:
+    """Elements read + written per token by one block's forward outside matmuls (see the module docstring)."""
+    d, h = cfg.n_embd, cfg.hidden_dim
+    if cfg.arch == "llama":
+        return 34 * d + 5 * h
+    return 9 * d + (16 * h if cfg.source == "hf" else 2 * h)
+
+
+def predict_step(cfg: GPTConfig, s: StrategyConfig, world: int, micro_batch: int, seq_len: int,
+                 grad_accum: int, rates: Rates, overlap: bool = True) -> dict:
+    """Predicted seconds per step by component, ``step_s`` and ``tokens_per_sec`` (global)."""
+    shape = mesh_shape(s, world)
+    ctx = cost_context(cfg, s, world, micro_batch, seq_len, grad_accum)
+    tokens = micro_batch * seq_len * grad_accum  # per data-parallel rank per step
+    flops = (train_flops_per_token(cfg, seq_len) + recompute_flops_per_token(cfg, seq_len, s)) * tokens
+    compute = flops / shape.tp / shape.pp / rates.matmul_flops
+
+    elem = 2 if s.amp in ("bf16", "fp16") else 4
+    per_block = elementwise_per_token_block(cfg)
+    recomputed = len(checkpointed_block_ids(cfg.n_layer, s.ac, s.ac_every)) if s.ac in ("full", "selective") else 0
+    if s.ac == "op":
+        recomputed = cfg.n_layer  # op-level: the elementwise part of every block runs again
+    block_elems = per_block * (3 * cfg.n_layer + recomputed) / shape.pp / shape.tp
+    head_elems = (6 if fused_loss(cfg, s, shape.tp, shape.pp) else 7) * cfg.padded_vocab_size / shape.tp
+    act_bytes = tokens * (block_elems * elem + head_elems * 4)
+    P = ctx.P / (ctx.shard_world if ctx.shard_world > 1 else 1)  # parameters this rank updates
+    per_param = 28 if s.dp != "fsdp" and shape.tp == 1 else 56
+    per_param += 16 if s.dp == "ddp" else 0
+    per_param += 12 * (grad_accum - 1)
+    gathers = (2 if s.reshard_after_forward else 1) * grad_accum if s.dp == "fsdp" else 0
+    param_bytes = P * per_param + 16 * ctx.P * gathers
+    memory = (act_bytes + param_bytes) / rates.mem_bw
+
+    comm_bytes = predict_comm(cfg, s, world, grad_accum, micro_batch=micro_batch, seq_len=seq_len)
+    comm = 0.0
+    if world > 1:
+        if not rates.link_bw:
+            raise ValueError("a multi-rank step needs link_bw (bytes/s of the process group's all-reduce)")
+        for kind, nbytes in comm_bytes.items():
+            if kind in ("total", "recv"):  # a send is also the peer's receive: one transfer, counted once
+                continue
+            group = shape.dp if shape.dp > 1 else world
+            factor = next((f for k, f in _FACTORS.items() if k in kind), _FACTORS["all_reduce"])(max(group, 2))
+            comm += nbytes * factor / rates.link_bw
+    exposed = comm
+    if overlap and comm > 0 and shape.tp == 1 and shape.pp == 1:
+        work = compute + memory
+        if s.dp == "ddp":
+            last = min(DDP_BUCKET_BYTES, 4 * ctx.P) * _FACTORS["all_reduce"](world) / rates.link_bw
+            exposed = max(comm - 2 / 3 * work, min(last, comm))
+        elif s.dp == "fsdp":
+            exposed = max(comm - work, comm / (cfg.n_layer + 1))
+    b = bubble_fraction(s)
+    bubble = (compute + memory) * b / (1 - b) if b else 0.0
+    step = compute + memory + exposed + bubble
+    global_tokens = tokens * shape.dp
+    return {"compute_s": compute, "memory_s": memory, "comm_s": comm, "exposed_comm_s": exposed,
+            "bubble_s": bubble, "step_s": step, "tokens_per_sec": global_tokens / step}
+
+
+def can_overlap(device_type: str, local_ranks: int, threads: int, cores: int) -> bool:
+    """Whether communication can run beside compute: on a GPU (streams) always; on a CPU only when the host has
+    a core left for the communication threads beyond ``local_ranks`` x ``threads`` compute threads."""
+    return device_type == "cuda" or cores > local_ranks * threads

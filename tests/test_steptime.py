@@ -1,0 +1,150 @@
+"""The step-time model (bench/plan/steptime.py), the planner's ranking, the bandwidth probes and the tuner's
+arithmetic, against independently computed numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.plan.__main__ import PlanArgs, combinations, plan
+from bench.plan.costmodel import cost_context, predict_comm
+from bench.plan.steptime import DDP_BUCKET_BYTES, Rates, can_overlap, elementwise_per_token_block, predict_step
+from bench.tune.__main__ import errors, report, strategy_overrides
+from models import get_config, train_flops_per_token
+from strategies import StrategyConfig
+from strategies.pp import bubble_fraction
+
+RATES = Rates(matmul_flops=50e9, mem_bw=20e9, link_bw=1e9)
+
+
+def test_single_process_step_from_its_parts():
+    cfg = get_config("mini")
+    t = predict_step(cfg, StrategyConfig(), 1, 4, 256, 1, RATES)
+    tokens = 4 * 256
+    assert t["compute_s"] == pytest.approx(train_flops_per_token(cfg, 256) * tokens / 50e9)
+    d, h, V, L, P = 256, 1024, 50257, 6, cfg_params(cfg)
+    act = tokens * ((9 * d + 2 * h) * 3 * L * 4 + 6 * V * 4)  # fp32; fused head (loss_chunk) 6 V
+    assert t["memory_s"] == pytest.approx((act + 28 * P) / 20e9)
+    assert t["comm_s"] == t["exposed_comm_s"] == t["bubble_s"] == 0
+    assert t["step_s"] == pytest.approx(t["compute_s"] + t["memory_s"])
+    assert t["tokens_per_sec"] == pytest.approx(tokens / t["step_s"])
+
+
+def cfg_params(cfg) -> int:
+    return cost_context(cfg, StrategyConfig(), 1, 1, 256).P
+
+
+def test_overlap_rules_per_strategy():
+    cfg = get_config("mini")
+    for fields, world in (({"dp": "ddp"}, 2), ({"dp": "fsdp"}, 2), ({"tp": 2}, 2)):
+        s = StrategyConfig(**fields)
+        alone = predict_step(cfg, s, world, 4, 256, 1, RATES, overlap=False)
+        hidden = predict_step(cfg, s, world, 4, 256, 1, RATES, overlap=True)
+        comm = predict_comm(cfg, s, world, 1, micro_batch=4, seq_len=256)
+        factor = {"all_reduce": 1.0, "all_gather": 0.5, "reduce_scatter": 0.5}  # n = 2: 2(n-1)/n, (n-1)/n
+        assert alone["comm_s"] == pytest.approx(sum(v * factor[k] for k, v in comm.items() if k != "total") / 1e9)
+        assert alone["exposed_comm_s"] == alone["comm_s"]  # nothing overlaps without a spare core
+        work = hidden["compute_s"] + hidden["memory_s"]
+        if fields.get("dp") == "ddp":  # backward hides all but the last bucket
+            last = min(DDP_BUCKET_BYTES, 4 * cfg_params(cfg)) / 1e9
+            assert hidden["exposed_comm_s"] == pytest.approx(max(alone["comm_s"] - 2 / 3 * work, last))
+        elif fields.get("dp") == "fsdp":  # prefetch hides all but one unit
+            assert hidden["exposed_comm_s"] == pytest.approx(max(alone["comm_s"] - work, alone["comm_s"] / 7))
+        else:  # tensor parallelism: on the critical path
+            assert hidden["exposed_comm_s"] == alone["comm_s"]
+            assert hidden["compute_s"] == pytest.approx(train_flops_per_token(cfg, 256) * 1024 / 2 / 50e9)
+    s = StrategyConfig(pp=2, pp_microbatches=4)
+    t = predict_step(get_config("mini", tie_embeddings=False), s, 2, 4, 256, 1, RATES)
+    b = bubble_fraction(s)
+    assert t["bubble_s"] == pytest.approx((t["compute_s"] + t["memory_s"]) * b / (1 - b)) and b > 0
+    with pytest.raises(ValueError, match="needs link_bw"):
+        predict_step(cfg, StrategyConfig(dp="ddp"), 2, 4, 256, 1, Rates(50e9, 20e9))
+    assert can_overlap("cuda", 8, 1, 2) and not can_overlap("cpu", 2, 1, 2) and can_overlap("cpu", 2, 1, 4)
+
+
+def test_elementwise_counts_per_implementation():
+    assert elementwise_per_token_block(get_config("mini")) == 9 * 256 + 2 * 1024
+    assert elementwise_per_token_block(get_config("mini", source="hf")) == 9 * 256 + 16 * 1024
+    llama = get_config("llama-mini")
+    assert elementwise_per_token_block(llama) == 34 * 256 + 5 * llama.hidden_dim
+
+
+def test_the_planner_ranks_what_fits_fastest_first():
+    rows = plan(PlanArgs(model="gpt2-xl", world_size=8, device="H100", link_gbps=360, micro_batch=4))
+    fits = [r for r in rows if r["fits"]]
+    assert fits and rows[:len(fits)] == fits  # what fits first
+    speeds = [r["pred_tokens_per_sec"] for r in fits]
+    assert speeds == sorted(speeds, reverse=True)
+    by = {r["strategy"]: r for r in rows}
+    # each strategy's own dtype: bf16 at the H100's bf16 peak, ddp's fp32 matmuls at the peak of their dtype
+    from bench.hardware import lookup_device
+
+    peaks = lookup_device("NVIDIA H100 80GB HBM3")[1]
+    fp32_kind = StrategyConfig(dp="ddp").compute_dtype_name("cuda")  # tf32 when strategy.tf32 (the default)
+    assert by["ddp+bf16"]["pred_step_breakdown"]["compute_s"] * peaks["bf16"] == pytest.approx(
+        by["ddp"]["pred_step_breakdown"]["compute_s"] * peaks[fp32_kind])
+    memory_only = plan(PlanArgs(model="gpt2-xl", world_size=8))
+    assert "pred_step_s" not in memory_only[0]
+    for kw, msg in (({"device": "H100"}, "needs link_gbps="), ({"device": "TPUv5"}, "not in bench/hardware.py"),
+                    ({"peak_tflops": 100.0}, "needs both peak_tflops= and mem_gbps=")):
+        with pytest.raises(Exception, match=msg):
+            plan(PlanArgs(model="gpt2-xl", world_size=8, **kw))
+
+
+def test_tuner_overrides_rebuild_every_planned_strategy():
+    for s in combinations(4, get_config("mini", tie_embeddings=False), 4, 256):
+        fields = dict(o.removeprefix("strategy.").split("=", 1) for o in strategy_overrides(s))
+        typed = {k: type(getattr(s, k))(v == "true" if isinstance(getattr(s, k), bool) else v)
+                 for k, v in fields.items()}
+        assert StrategyConfig(**typed) == s
+
+
+def test_tuner_errors_and_report():
+    row = {"strategy": "ddp", "pred_step_time_s": 0.9, "step_time_median_s": 1.0, "matmul_time_s": 0.5,
+           "compute_time_s": 0.8, "exposed_comm_s": 0.1, "tokens_per_sec": 100.0, "pred_tokens_per_sec": 110.0,
+           "pred_step_breakdown": {"compute_s": 0.6, "memory_s": 0.15, "exposed_comm_s": 0.15}}
+    e = errors(row)
+    assert e == pytest.approx({"step": -0.1, "compute": 0.2, "memory": -0.5, "exposed_comm": 0.5})
+    other = {**row, "strategy": "fsdp", "tokens_per_sec": 120.0, "pred_tokens_per_sec": 90.0,
+             "pred_step_time_s": 1.3}
+    text = report([row, other])
+    assert "| ddp" in text and "-10.0%" in text and "+30.0%" in text
+    assert "median |step error|: 20.0%" in text and "(differs)" in text  # the median of 10 % and 30 %
+    assert "(agrees)" in report([row])
+
+
+def test_bandwidth_probes_measure_and_cache(monkeypatch, tmp_path, ranks):
+    import torch
+
+    from bench.measure.bandwidth import memory_bandwidth
+
+    monkeypatch.setenv("N00BGPT_CACHE_DIR", str(tmp_path))
+    bw, source = memory_bandwidth(torch.device("cpu"), numel=2**22, repeats=3)
+    assert 1e8 < bw < 1e12 and source.startswith("probe:measured")
+    if "not cached" not in source:
+        assert memory_bandwidth(torch.device("cpu")) == (bw, "probe:cached add")
+    a, b = ranks(_link_worker, str(tmp_path))
+    assert a[0] == b[0] > 0 and a[1] == b[1]  # both ranks agree (the slowest rank's time counts)
+
+
+def _link_worker(rank: int, world_size: int, cache: str):
+    import os
+
+    import torch
+
+    from bench.measure.bandwidth import link_bandwidth
+
+    os.environ["N00BGPT_CACHE_DIR"] = cache
+    return link_bandwidth(torch.device("cpu"), nbytes=2**20, repeats=3)
+
+
+def test_readme_error_budget_is_the_committed_rows():
+    """README's error-budget table is recomputed from results/tune-cpu (python -m bench.tune's rows)."""
+    from bench.tune.__main__ import budget_table
+    from reports.load import load
+    from tests.helpers import ROOT
+
+    df = load(ROOT / "results" / "tune-cpu")
+    rows = df[df.status == "ok"].to_dict("records")
+    assert len(rows) == 6 and all(r["pred_step_time_s"] > 0 and r["matmul_time_s"] > 0 for r in rows)
+    table = budget_table({"results/tune-cpu (mini, 2 gloo ranks, CPU fp32)": rows})
+    assert table in (ROOT / "README.md").read_text()
