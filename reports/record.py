@@ -129,9 +129,10 @@ class RunRecord:
     pred_step_breakdown: dict = col("prediction", "s", "rank0", "compute_s, memory_s, comm_s, exposed_comm_s, "
                                     "bubble_s")
     mem_bw_bytes_per_s: float = col("prediction", "bytes/s", "rank0", "elementwise add probe (rank 0)")
-    mem_bw_source: str = col("prediction", doc="probe:measured or probe:cached")
+    mem_bw_source: str = col("prediction", rule="rank0", doc="probe:measured or probe:cached")
     link_bw_bytes_per_s: float = col("prediction", "bytes/s", "rank0", "all-reduce bus bandwidth of the group")
-    link_bw_source: str = col("prediction", doc="probe:measured or probe:cached; None in one process")
+    link_bw_source: str = col("prediction", rule="rank0", doc="probe:measured or probe:cached; None in one "
+                                                                "process")
     comm_bytes_per_step: int = col("prediction", "bytes/step", "max", "observed collective bytes per rank")
     comm_breakdown: dict = col("prediction", "bytes/step", "rank0", "observed bytes by collective")
     comm_calls_per_step: dict = col("prediction", "calls/step", "rank0", "observed calls by collective")

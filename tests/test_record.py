@@ -81,7 +81,8 @@ def test_committed_results_load_the_same_as_with_the_code_before_the_record(tmp_
     for path in tables:
         df = load(path)
         for column, value in added.items():
-            assert (df.pop(column) == value).all(), (path, column)
+            if column not in before[str(path)][0]:  # a table written before the column: filled by the reader
+                assert (df.pop(column) == value).all(), (path, column)
         assert list(df.columns) == before[str(path)][0], path
         assert json.loads(df.to_json()) == json.loads(before[str(path)][1]), path
 
@@ -105,6 +106,11 @@ WALLS = {  # room -> the project packages it must not import
     "bench/plan": ("bench.harness", "bench.gate", "bench.launch", "bench.measure", "bench.run"),
     "bench/gate": ("bench.harness.loop", "bench.measure", "bench.plan", "strategies", "models"),
 }
+
+
+def test_the_hardware_table_is_a_leaf():
+    """bench/hardware.py (the datasheet table that measurement and planner both read) imports nothing."""
+    assert _imports(ROOT / "bench" / "hardware.py") <= {"__future__"}
 
 
 @pytest.mark.parametrize("room", list(WALLS))

@@ -1,11 +1,6 @@
 """Peak FLOP/s per device for MFU: a datasheet table for known GPUs, a matmul probe otherwise.
 
-Table values are **dense** (no 2:4 sparsity) tensor-core peaks per GPU, in FLOP/s, from NVIDIA's
-datasheets (sparse figures halved): H100 SXM5/PCIe/NVL -- "NVIDIA H100 Tensor Core GPU" datasheet;
-H200 SXM/NVL -- "NVIDIA H200 Tensor Core GPU" datasheet; A100 -- "NVIDIA A100 Tensor Core GPU"
-datasheet; L4, L40S, A10 -- their product datasheets; V100 -- "NVIDIA V100" datasheet. A10G has
-no NVIDIA datasheet: the figures are those AWS quotes for G5 instances, marked as such.
-'fp32' is the non-tensor-core FP32 peak, 'tf32' the TF32 tensor-core peak.
+Table values are the dense datasheet peaks of bench/hardware.py (sources there).
 
 On a CPU or a GPU not in the table, ``probe_peak_flops`` times a square matmul in the run's
 dtype and takes the best of several trials (the highest throughput this process can reach), and
