@@ -37,7 +37,7 @@ def _vm_hwm() -> int:
 
 def _worker(rank: int, world_size: int) -> dict:
     cfg = run_cfg({"dp": "ddp"}, 2, 1, steps=8, seq_len=32)
-    cfg.warmup, cfg.log_every, cfg.measure_comm = 2, 0, True
+    cfg.warmup, cfg.log_every, cfg.measure_comm, cfg.measure_overlap = 2, 0, True, True
     info = DistInfo(rank, rank, world_size, 1, torch.device("cpu"), "gloo")
     seen: list[float] = []
     held: list[torch.Tensor] = []
