@@ -213,9 +213,10 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_pretrained_into(own: dict[str, torch.Tensor], cfg: GPTConfig, source: str, device) -> None:
+def load_pretrained_into(own: dict[str, torch.Tensor], cfg: GPTConfig, source: str, device, stored=None) -> None:
     """Copy the checkpoint at ``cfg.hf_path`` into the parameters ``own`` (canonical name -> parameter, full or
-    a DTensor shard) of a ``source`` model: HF names as they are, the family's through ``from_hf``. Each rank
+    a DTensor shard) of a ``source`` model: HF names as they are, the family's through ``from_hf``; ``stored(name,
+    full)``, when given, turns a tensor into the layout the model keeps it in (models/hf.py under TP). Each rank
     reads the file and keeps its shard; a parameter the checkpoint lacks is an error naming it."""
     from models.gpt import copy_full_into
 
@@ -229,7 +230,8 @@ def load_pretrained_into(own: dict[str, torch.Tensor], cfg: GPTConfig, source: s
         if tuple(full.shape) != tuple(p.shape):
             raise ValueError(f"model.hf_path={cfg.hf_path!r}: {name} has shape {tuple(full.shape)}, the model "
                              f"{tuple(p.shape)}")
-        copy_full_into(p, full.to(device=device, dtype=p.dtype))
+        full = full.to(device=device, dtype=p.dtype)
+        copy_full_into(p, stored(name, full) if stored else full)
 
 
 def save_native(path: str | Path, cfg: GPTConfig, state: dict[str, torch.Tensor]) -> None:

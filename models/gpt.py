@@ -189,6 +189,20 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
+    def keep_stage(self, keep: set[str], first: bool, last: bool) -> None:
+        """Make this (meta-device) model a pipeline stage: only the blocks ``keep``, the embeddings if ``first``,
+        the final norm and head if ``last`` (strategies/pp.py ``split_stage``)."""
+        for key in [k for k in self.blocks.keys() if k not in keep]:
+            del self.blocks[key]
+        if not first:
+            self.tok_emb = self.pos_emb = None
+        if not last:
+            self.norm_f = self.lm_head = None
+
+    def prepare_tp(self, tp: int, sp: bool) -> None:
+        """Local facts tensor parallelism needs before it splits the weights (strategies/tp.py): none here -- the
+        fused q/k/v rows are head-major, so a row split keeps whole heads, and RoPE tables are whole-sequence."""
+
     @property
     def head_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight

@@ -68,13 +68,8 @@ def stage_ids(pp_rank: int, pp: int, virtual: int) -> list[int]:
 def split_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
     """The (meta-device) stage module: a copy of ``model`` keeping only stage ``stage``'s parts."""
     part = copy.deepcopy(model)
-    keep = {str(i) for i in stage_blocks(model.cfg.n_layer, n_stages)[stage]}
-    for key in [k for k in part.blocks.keys() if k not in keep]:
-        del part.blocks[key]
-    if stage > 0:
-        part.tok_emb = part.pos_emb = None
-    if stage < n_stages - 1:
-        part.norm_f = part.lm_head = None
+    part.keep_stage({str(i) for i in stage_blocks(model.cfg.n_layer, n_stages)[stage]},
+                    first=stage == 0, last=stage == n_stages - 1)
     return part
 
 
@@ -147,9 +142,6 @@ def validate_run(s, model_cfg, seq_len: int, micro_batch: int) -> None:
     pipeline micro-batches, an untied head."""
     if s.pp == 1:
         return
-    if getattr(model_cfg, "source", "native") != "native":
-        raise StrategyError(f"strategy.pp={s.pp} with model.source={model_cfg.source}: pipeline parallelism is built "
-                            "for the family's model only; use model.source=native (same weights, models/convert.py)")
     stages = s.pp * virtual_stages(s)
     if model_cfg.n_layer < stages:
         raise StrategyError(f"strategy.pp={s.pp} x {virtual_stages(s)} stage(s) per rank needs at least {stages} "

@@ -1,7 +1,10 @@
 """Tensor parallelism (Megatron-LM style) with optional sequence parallelism, on the mesh's ``tp`` dimension.
 
 PyTorch's own SPMD machinery does the work (``parallelize_module`` with DTensor styles); nothing here
-issues a collective by hand. Per block (torchtitan's plan for the same layout):
+issues a collective by hand. The model's parts are found through its layout (models/parts.py), so the same
+plan runs on the family's model and on Hugging Face's (GPT-2's ``Conv1D`` gets the same styles with its
+transposed weight split the other way; its fused ``c_attn`` is regrouped so each rank's columns are its own
+heads' q, k and v, models/hf.py ``prepare_tp``). Per block, in the family's names (torchtitan's plan):
 
 - ``attn.qkv``, ``mlp.fc`` (and ``mlp.gate``): ``ColwiseParallel`` -- weight rows split, so each rank
   holds whole heads (the fused q/k/v rows are head-major, models/gpt.py) and a slice of the MLP width;
@@ -29,49 +32,82 @@ norms and the residual stream are 1/tp too.
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 
 from torch import nn
 
+from models.parts import NATIVE_LLAMA, TPLayout, submodule, tp_layout
 from strategies.base import Field, StrategyError, Technique
-
-# Where each parameter is split (the plan below): column-parallel modules split dim 0 (output rows, or the
-# vocabulary of the embedding), row-parallel weights split dim 1 (their biases stay whole); the rest
-# (norms, positions) is replicated.
-_COLWISE = ("attn.qkv", "mlp.fc", "mlp.gate", "lm_head", "tok_emb")
-_ROWWISE = ("attn.proj", "mlp.proj")
 
 
 def tp_local_shape(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
-    """The shape of parameter ``name`` on one tensor-parallel rank (the cost model's view of the plan)."""
+    """The shape of the family's parameter ``name`` on one tensor-parallel rank (the cost model's view of the plan:
+    the cost model counts the family's parameters, whichever implementation runs): column-parallel modules (and
+    the vocabulary of the embedding and head) split dim 0, row-parallel weights dim 1 (their biases stay whole);
+    the rest (norms, positions) is replicated."""
     if tp == 1:
         return shape
     module, kind = name.rsplit(".", 1)
-    if module.endswith(_COLWISE):
+    layout = NATIVE_LLAMA  # the family's names (gpt2's are a subset)
+    if module.endswith((*layout.colwise, "lm_head", "tok_emb")):
         return (shape[0] // tp, *shape[1:])
-    if module.endswith(_ROWWISE) and kind == "weight":
+    if module.endswith(layout.rowwise) and kind == "weight":
         return (shape[0], shape[1] // tp)
     return shape
 
 
-def _block_plan(block: nn.Module, sp: bool) -> dict:
+def _styles(conv1d: bool):
+    """(column-parallel, row-parallel) style classes: torch's for ``nn.Linear``; for GPT-2's ``Conv1D`` (weight
+    stored (in, out), ``y = x @ W + b``) the same styles with the weight split along the other dimension --
+    columns: weight Shard(1), bias Shard(0); rows: weight Shard(0), bias whole. Forward and backward are then
+    DTensor's own ``addmm`` sharding rules, as for a Linear."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+    if not conv1d:
+        return ColwiseParallel, RowwiseParallel
+
+    def shard(module, mesh, placements: dict):
+        for pname, param in list(module.named_parameters(recurse=False)):
+            module.register_parameter(pname, nn.Parameter(distribute_tensor(param, mesh, [placements[pname]]),
+                                                          requires_grad=param.requires_grad))
+
+    class Conv1DColwise(ColwiseParallel):
+        def _apply(self, module, device_mesh):
+            from torch.distributed.tensor import distribute_module
+            return distribute_module(module, device_mesh,
+                                     lambda _n, m, mesh: shard(m, mesh, {"weight": Shard(1), "bias": Shard(0)}),
+                                     partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+                                     partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
+
+    class Conv1DRowwise(RowwiseParallel):
+        def _apply(self, module, device_mesh):
+            from torch.distributed.tensor import distribute_module
+            self.desired_input_layouts = (Shard(-1),)
+            return distribute_module(module, device_mesh,
+                                     lambda _n, m, mesh: shard(m, mesh, {"weight": Shard(0), "bias": Replicate()}),
+                                     partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+                                     partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
+
+    return Conv1DColwise, Conv1DRowwise
+
+
+def _block_plan(block: nn.Module, layout: TPLayout, sp: bool) -> dict:
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
+    from torch.distributed.tensor.parallel import PrepareModuleInput, SequenceParallel
+    colwise, rowwise = _styles(layout.conv1d)
     resid = Shard(1) if sp else Replicate()  # layout of the residual stream between sub-layers
-    plan = {
-        "attn.qkv": ColwiseParallel(),
-        "attn.proj": RowwiseParallel(output_layouts=resid),
-        "mlp.fc": ColwiseParallel(),
-        "mlp.proj": RowwiseParallel(output_layouts=resid),
-    }
-    if block.mlp.gate is not None:
-        plan["mlp.gate"] = ColwiseParallel()
+    plan = {name: colwise() for name in layout.colwise if submodule(block, name) is not None}
+    plan.update({name: rowwise(output_layouts=resid) for name in layout.rowwise})
     if sp:
-        plan.update({
-            "norm1": SequenceParallel(),
-            "norm2": SequenceParallel(),
-            "attn": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
-            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-        })
+        plan.update({name: SequenceParallel() for name in layout.norms})
+        if isinstance(layout.attn_input, int):  # the hidden states first, then e.g. the family's rope tables
+            rest = (None,) * (layout.attn_input - 1)
+            plan[layout.attn] = PrepareModuleInput(input_layouts=(Shard(1), *rest),
+                                                   desired_input_layouts=(Replicate(), *rest))
+        else:
+            plan[layout.attn] = PrepareModuleInput(input_kwarg_layouts={layout.attn_input: Shard(1)},
+                                                   desired_input_kwarg_layouts={layout.attn_input: Replicate()})
+        plan[layout.mlp] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
     return plan
 
 
@@ -90,7 +126,8 @@ def _replicate_output(mesh):
 
 
 def apply_tp(model: nn.Module, tp_mesh, sp: bool) -> nn.Module:
-    """Parallelize the (meta-device) model in place over ``tp_mesh``; see the module docstring."""
+    """Parallelize the (meta-device) model in place over ``tp_mesh``, finding its parts through its layout
+    (models/parts.py); see the module docstring."""
     # imported here: the planner and the cost model load this module without needing the machinery
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
@@ -100,25 +137,43 @@ def apply_tp(model: nn.Module, tp_mesh, sp: bool) -> nn.Module:
         SequenceParallel,
         parallelize_module,
     )
+    layout = tp_layout(model.cfg)
+    model.prepare_tp(tp_mesh.size(), sp)  # the model's local facts (HF GPT-2's fused q/k/v split), or nothing
+    emb, head, norm = (submodule(model, p) for p in (layout.embedding, layout.head, layout.final_norm))
     top = {}
-    if model.tok_emb is not None:  # a pipeline stage may own neither end (strategies/pp.py)
-        learned_positions = model.pos_emb is not None
-        emb_out = Shard(1) if sp and not learned_positions else Replicate()
-        top["tok_emb"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=emb_out)
-        if sp and learned_positions:  # positions added to the full sequence, then each rank keeps its shard
-            top["drop"] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
-                                             use_local_output=True)
-    if model.lm_head is not None:
-        top["lm_head"] = ColwiseParallel()  # only its weight's layout matters: head_loss uses it functionally
-    if model.norm_f is not None and sp:
-        top["norm_f"] = SequenceParallel()
+    if emb is not None:  # a pipeline stage may own neither end (strategies/pp.py)
+        emb_out = Shard(1) if sp and layout.sp_split == "embedding" else Replicate()
+        top[layout.embedding] = RowwiseParallel(input_layouts=Replicate(), output_layouts=emb_out)
+        if sp and layout.sp_split == "drop":  # positions added to the full sequence, then each rank keeps its shard
+            top[layout.drop] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
+                                                  use_local_output=True)
+        if sp and layout.sp_split == "first_block":
+            next(iter(model.blocks.values())).register_forward_pre_hook(_split_sequence(tp_mesh))
+    if head is not None:  # logits stay a vocabulary-sharded DTensor for loss_parallel
+        top[layout.head] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+    if norm is not None and sp:
+        top[layout.final_norm] = SequenceParallel()
+    for block in model.blocks.values():
+        parallelize_module(block, tp_mesh, _block_plan(block, layout, sp))
     if top:
         parallelize_module(model, tp_mesh, top)
-    for block in model.blocks.values():
-        parallelize_module(block, tp_mesh, _block_plan(block, sp))
-    if model.norm_f is not None:
-        model.norm_f.register_forward_hook(_replicate_output(tp_mesh))
+    if emb is not None and head is not None and model.cfg.tie_embeddings:
+        head.weight = emb.weight  # HF's tied head: each style made its own DTensor of the one tensor; tie them again
+    if norm is not None:
+        norm.register_forward_hook(_replicate_output(tp_mesh))
     return model
+
+
+def _split_sequence(mesh):
+    """Forward pre-hook: the block's first argument (the replicated hidden states) cut to this rank's sequence
+    shard -- a local slice forward, an all-gather of the gradient backward (Replicate -> Shard(1))."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    def hook(_module, args):
+        x = DTensor.from_local(args[0], mesh, [Replicate()], run_check=False)
+        return (x.redistribute(placements=[Shard(1)]).to_local(), *args[1:])
+
+    return hook
 
 
 def finalize_grads(model: nn.Module) -> None:
@@ -157,9 +212,6 @@ def validate_run(s, model_cfg, seq_len: int, micro_batch: int) -> None:
     sequence; dropout must be 0 (TP would need a per-rank RNG tracker)."""
     if s.tp == 1:
         return
-    if getattr(model_cfg, "source", "native") != "native":
-        raise StrategyError(f"strategy.tp={s.tp} with model.source={model_cfg.source}: tensor parallelism is built "
-                            "for the family's model only; use model.source=native (same weights, models/convert.py)")
     checks = [("model.n_head", model_cfg.n_head), ("MLP width (model.mlp_hidden)", model_cfg.hidden_dim),
               ("padded vocabulary (model.vocab_size / model.pad_vocab_to)", model_cfg.padded_vocab_size)]
     if s.sp:
@@ -196,12 +248,12 @@ def _comm(ctx) -> dict:
     per micro-step of n tokens, with the blocks, embedding and head this rank holds (L blocks):
 
     - plain TP, all-reduce: forward 2 per block (attention and MLP outputs) + 1 (embedding); backward 1 per
-      column-parallel input per block (qkv, fc, and llama's gate: each re-enters its own DTensor) + 1
+      column-parallel module per block (``TPLayout.column_inputs``: each re-enters its own DTensor) + 1
       (head input); loss_parallel's 3 all-reduces of n fp32 values (max, sum of exp, target logit);
     - SP: all-gather 4 per block (2 forward inputs, 2 backward output gradients) + 1 (head input) + 1
-      (embedding gradient); reduce-scatter 4 per block + 1 (head input gradient) + 1 (llama's embedding
-      output; gpt2 all-reduces it to add positions); all-reduce: loss 3 x n fp32, plus once per step the
-      replicated norm parameters' partial gradients.
+      (embedding gradient); reduce-scatter 4 per block + 1 (head input gradient) + 1 (the family's llama's
+      embedding output; gpt2 and HF models all-reduce it and cut it locally); all-reduce: loss 3 x n fp32,
+      plus once per step the replicated norm parameters' partial gradients.
     Sizes n d e with e from ``_elem_bytes``."""
     if ctx.tp == 1:
         return {}
@@ -209,14 +261,14 @@ def _comm(ctx) -> dict:
     e_in, e_out, e_emb = _elem_bytes(ctx.mode)
     nd, emb, head = n * cfg.n_embd, ctx.has_embedding, ctx.has_head
     loss = 3 * n * 4 if head else 0
+    layout = tp_layout(cfg)
     if not ctx.s.sp:
-        col_inputs = 3 if cfg.arch == "llama" else 2
-        per_micro = nd * (L * (2 * e_out + col_inputs * e_in) + emb * e_emb + head * e_in) + loss
+        per_micro = nd * (L * (2 * e_out + layout.column_inputs * e_in) + emb * e_emb + head * e_in) + loss
         return {"all_reduce": ga * per_micro}
-    learned_positions = cfg.arch == "gpt2"
+    emb_whole = layout.sp_split != "embedding"  # all-reduced whole (positions added, or HF), then cut locally
     gather = nd * (L * 2 * (e_in + e_out) + head * e_in + emb * e_emb)
-    scatter = nd * (L * 2 * (e_out + e_in) + head * e_in + (emb and not learned_positions) * e_emb)
-    reduce = ga * (nd * (emb and learned_positions) * e_emb + loss) + 4 * ctx.replicated_norm
+    scatter = nd * (L * 2 * (e_out + e_in) + head * e_in + (emb and not emb_whole) * e_emb)
+    reduce = ga * (nd * (emb and emb_whole) * e_emb + loss) + 4 * ctx.replicated_norm
     return {"all_gather": ga * gather, "reduce_scatter": ga * scatter, "all_reduce": reduce}
 
 

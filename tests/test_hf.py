@@ -302,13 +302,60 @@ def test_text_through_the_checkpoints_tokenizer(tmp_path, checkpoint):
     assert how.startswith("text, tokens from") and how.endswith("tokenizer.json")
 
 
+# ---------------------------------------------------------------------------------------------- mesh pieces
+# (the TP/SP/PP parity runs on real gloo ranks are in tests/test_mesh.py, beside the family's)
+
+@pytest.mark.parametrize("preset", ["tiny:untied", "llama-tiny:untied"])
+def test_pipeline_stages_chained_give_hfs_whole_model_logits(preset):
+    """HF's stage loop (models/hf.py ``_stage_forward``: no mask, RoPE over the whole sequence) through 2 and 3
+    stages gives the logits of HF's own whole-model forward; stages keep global layer names."""
+    from strategies.pp import split_stage
+    from tests.test_parity import model_cfg
+
+    cfg = model_cfg(preset + ":hf")
+    whole = build_model(cfg, "meta")
+    idx = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    parts = []
+    for m in (whole, *[split_stage(whole, i, n) for n in (2, 3) for i in range(n)]):
+        m.to_empty(device="cpu")
+        m.init_weights(5)
+        parts.append(m)
+    ref = parts[0](idx)
+    for stages in (parts[1:3], parts[3:6]):
+        x = idx
+        for stage in stages:
+            x = stage(x)
+        torch.testing.assert_close(x, ref, rtol=0, atol=1e-5)
+    names = [n for n, _ in parts[3].named_parameters()] + [n for n, _ in parts[5].named_parameters()]
+    assert any(".0." in n for n in names) and any(f".{cfg.n_layer - 1}." in n for n in names)
+    assert not any(f".{cfg.n_layer // 2}." in n for n in [n for n, _ in parts[3].named_parameters()])
+
+
+def test_gpt2_fused_qkv_is_regrouped_per_tensor_parallel_rank():
+    """Under TP, HF GPT-2's c_attn columns [q | k | v] are kept as tp groups [q_r | k_r | v_r], so rank r's
+    contiguous column shard holds exactly its heads' q, k and v; ``inverse`` restores HF's layout."""
+    cfg = get_config("tiny", source="hf")
+    model = build_model(cfg, "meta")
+    model.prepare_tp(2, sp=False)
+    d = cfg.n_embd
+    w = torch.randn(d, 3 * d)
+    stored = model.stored_layout("hf.transformer.h.0.attn.c_attn.weight", w)
+    q, k, v = w.split(d, dim=1)
+    for r in range(2):
+        cols = slice(r * d // 2, (r + 1) * d // 2)
+        torch.testing.assert_close(stored[:, r * 3 * d // 2:(r + 1) * 3 * d // 2],
+                                   torch.cat([q[:, cols], k[:, cols], v[:, cols]], dim=1), rtol=0, atol=0)
+    torch.testing.assert_close(model.stored_layout("x.attn.c_attn.weight", stored, inverse=True), w, rtol=0, atol=0)
+    b = torch.arange(3 * d, dtype=torch.float32)
+    assert torch.equal(model.stored_layout("x.attn.c_attn.bias", model.stored_layout("x.attn.c_attn.bias", b),
+                                           inverse=True), b)
+    assert torch.equal(model.stored_layout("x.attn.c_proj.weight", w[:, :d]), w[:, :d])  # only c_attn moves
+    assert all(block.attn.split_size == d // 2 for block in model.blocks.values())
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 
-def test_mesh_strategies_refuse_hf_and_missing_extra_is_named(monkeypatch, tmp_path):
-    for fields, what in (({"tp": 2}, "tensor parallelism"), ({"pp": 2}, "pipeline parallelism")):
-        with pytest.raises(ConfigError, match=f"{what} is built for the family's model only"):
-            RunConfig(model=get_config("tiny", source="hf", tie_embeddings=False), strategy=StrategyConfig(**fields),
-                      micro_batch=2)
+def test_missing_extra_and_unsupported_checkpoints_are_named(monkeypatch, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name))
     with pytest.raises(ConfigError, match=r"needs transformers: the optional Hugging Face extra, pip install -e "
