@@ -5,9 +5,10 @@ printed, by rank 0, no rank prints a traceback, and no row is written."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -98,29 +99,41 @@ def table(tmp_path):
     return res
 
 
+def _forked(argvs: list[list[str]], tmp_path) -> list[subprocess.CompletedProcess]:
+    """Each argument list through bench/run.py in its own process, forked from one warmed interpreter
+    (tests/cli_fork.py: the imports once instead of ~55 times)."""
+    cases_file, out_file = tmp_path / "cases.json", tmp_path / "out.json"
+    cases_file.write_text(json.dumps(argvs))
+    subprocess.run([sys.executable, str(ROOT / "tests" / "cli_fork.py"), str(cases_file), str(out_file)], cwd=ROOT,
+                   check=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    return [subprocess.CompletedProcess([], r["returncode"], r["stdout"], r["stderr"])
+            for r in json.loads(out_file.read_text())]
+
+
 def test_every_invalid_configuration_exits_2_with_one_line_and_no_row(tmp_path, table):
     table_before = (table / "runs.jsonl").read_bytes()
     all_cases = cases(tmp_path)
     assert len(all_cases) >= 40
-
-    def one(case):
-        overrides, expect = case
-        res = run_cli([*OK, f"results_dir={table}", *overrides], timeout=120)
-        return case, res
+    argvs = [[*OK, f"results_dir={table}", *overrides] for overrides, _ in all_cases]
+    # every case in a forked process; the first two also as a user runs them (a fresh interpreter), which must
+    # give the same exit code and output as the fork
+    results = _forked(argvs, tmp_path)
+    for argv, forked in zip(argvs[:2], results[:2]):
+        fresh = run_cli(argv, timeout=120)
+        assert (fresh.returncode, fresh.stdout, fresh.stderr) == (forked.returncode, forked.stdout, forked.stderr)
 
     problems = []
-    with ThreadPoolExecutor(2) as pool:
-        for (overrides, expect), res in pool.map(one, all_cases):
-            lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
-            why = None
-            if res.returncode != 2:
-                why = f"exit {res.returncode}"
-            elif len(lines) != 1 or not lines[0].startswith(PREFIX):
-                why = f"{len(lines)} lines"
-            elif expect not in lines[0]:
-                why = f"message lacks {expect!r}"
-            if why:
-                problems.append(f"{overrides}: {why}: {(res.stdout + res.stderr)[-600:]}")
+    for (overrides, expect), res in zip(all_cases, results):
+        lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
+        why = None
+        if res.returncode != 2:
+            why = f"exit {res.returncode}"
+        elif len(lines) != 1 or not lines[0].startswith(PREFIX):
+            why = f"{len(lines)} lines"
+        elif expect not in lines[0]:
+            why = f"message lacks {expect!r}"
+        if why:
+            problems.append(f"{overrides}: {why}: {(res.stdout + res.stderr)[-600:]}")
     assert not problems, "\n".join(problems)
     assert (table / "runs.jsonl").read_bytes() == table_before  # no row written, nothing torn
     assert list(load(table).run_id) == ["seeded"]
