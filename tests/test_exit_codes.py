@@ -5,8 +5,6 @@ printed, by rank 0, no rank prints a traceback, and no row is written."""
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 
@@ -15,7 +13,7 @@ import pytest
 from bench.harness.table import append_row
 from reports import load
 from reports.record import REQUIRED_COLUMNS
-from tests.helpers import ROOT, run_cli
+from tests.helpers import ROOT, run_cli, run_cli_forked
 
 OK = ["model=tiny", "steps=2", "warmup=0", "micro_batch=2", "seq_len=32", "log_every=0", "device=cpu"]
 PREFIX = "[n00bGPT] error: invalid configuration: "
@@ -99,17 +97,6 @@ def table(tmp_path):
     return res
 
 
-def _forked(argvs: list[list[str]], tmp_path) -> list[subprocess.CompletedProcess]:
-    """Each argument list through bench/run.py in its own process, forked from one warmed interpreter
-    (tests/cli_fork.py: the imports once instead of ~55 times)."""
-    cases_file, out_file = tmp_path / "cases.json", tmp_path / "out.json"
-    cases_file.write_text(json.dumps(argvs))
-    subprocess.run([sys.executable, str(ROOT / "tests" / "cli_fork.py"), str(cases_file), str(out_file)], cwd=ROOT,
-                   check=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
-    return [subprocess.CompletedProcess([], r["returncode"], r["stdout"], r["stderr"])
-            for r in json.loads(out_file.read_text())]
-
-
 def test_every_invalid_configuration_exits_2_with_one_line_and_no_row(tmp_path, table):
     table_before = (table / "runs.jsonl").read_bytes()
     all_cases = cases(tmp_path)
@@ -117,7 +104,7 @@ def test_every_invalid_configuration_exits_2_with_one_line_and_no_row(tmp_path, 
     argvs = [[*OK, f"results_dir={table}", *overrides] for overrides, _ in all_cases]
     # every case in a forked process; the first two also as a user runs them (a fresh interpreter), which must
     # give the same exit code and output as the fork
-    results = _forked(argvs, tmp_path)
+    results = run_cli_forked(argvs, tmp_path)
     for argv, forked in zip(argvs[:2], results[:2]):
         fresh = run_cli(argv, timeout=120)
         assert (fresh.returncode, fresh.stdout, fresh.stderr) == (forked.returncode, forked.stdout, forked.stderr)

@@ -3,6 +3,7 @@ through the CLI (a per-step delay) that fails while an unchanged rerun passes.""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 from bench.gate import regress
 from bench.harness.table import append_row
 from reports.record import REQUIRED_COLUMNS
-from tests.helpers import ROOT, run_cli
+from tests.helpers import ROOT, run_cli_forked
 
 
 def row(i, strategy="ddp", tps=1000.0, mfu=0.1, mem=10**9, loss=2.5, status="ok", host="h1", **kw):
@@ -108,15 +109,16 @@ def test_injected_slowdown_is_caught_and_unchanged_rerun_passes(tmp_path):
     """Real runs: tiny single-process, 3 repeats per side; the candidate sleeps 50% of a step per step."""
     args = ["model=tiny", "seq_len=64", "micro_batch=2", "steps=15", "warmup=3", "log_every=0", "device=cpu"]
     env = {"N00BGPT_PEAK_CACHE": "0"}
-    for _ in range(3):
-        for side, extra in (("base", []), ("same", []), ("slow", ["debug_delay_s=0.5"])):
-            if side == "slow":
-                import json
-
-                step = json.loads((tmp_path / "base" / "runs.jsonl").read_text().splitlines()[0])["step_time_median_s"]
-                extra = [f"debug_delay_s={0.5 * step:.5f}"]
-            res = run_cli([*args, *extra, f"results_dir={tmp_path / side}"], env=env)
-            assert res.returncode == 0, res.stderr[-2000:]
+    # one base run first (the slowdown is half of its step), then the rest alternated, each in its own process
+    # forked from one warmed interpreter (tests/helpers.py run_cli_forked)
+    first = run_cli_forked([[*args, f"results_dir={tmp_path / 'base'}"]], tmp_path, env=env)
+    assert first[0].returncode == 0, first[0].stderr[-2000:]
+    step = json.loads((tmp_path / "base" / "runs.jsonl").read_text().splitlines()[0])["step_time_median_s"]
+    sides = {"base": [], "same": [], "slow": [f"debug_delay_s={0.5 * step:.5f}"]}
+    argvs = [[*args, *extra, f"results_dir={tmp_path / side}"] for i in range(3) for side, extra in sides.items()
+             if (i, side) != (0, "base")]
+    for res in run_cli_forked(argvs, tmp_path, env=env):
+        assert res.returncode == 0, res.stderr[-2000:]
     # Thresholds for this short test (15 steps, noisier than the CI suite's 30): the point is the
     # mechanism -- an injected 50% slowdown fails, an unchanged rerun passes; README gives the real ones.
     th = tmp_path / "th.yaml"
