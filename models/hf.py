@@ -112,7 +112,7 @@ class HFCausalLM(nn.Module):
         out = super()._apply(fn, recurse)
         if self.cfg.tie_embeddings:
             head, emb = self.hf.get_output_embeddings(), self.hf.get_input_embeddings()
-            if head.weight is not emb.weight:
+            if head is not None and emb is not None and head.weight is not emb.weight:  # a stage may hold neither
                 head.weight = emb.weight
         return out
 

@@ -128,6 +128,10 @@ class RunRecord:
     pred_tokens_per_sec: float = col("prediction", "tokens/s", "rank0", "global batch tokens / pred_step_time_s")
     pred_step_breakdown: dict = col("prediction", "s", "rank0", "compute_s, memory_s, comm_s, exposed_comm_s, "
                                     "bubble_s")
+    pred_parts: dict = col("prediction", "s", "rank0", "with probe_parts=true: the model's own parts timed at the "
+                           "run's shapes on every rank after the timed window, the slowest rank's (bench/measure/"
+                           "parts.py: block_s, block_matmul_s, rest_s, rest_matmul_s per micro-batch; "
+                           "adamw_*_s_per_param); the prediction above then uses them")
     mem_bw_bytes_per_s: float = col("prediction", "bytes/s", "rank0", "elementwise add probe (rank 0)")
     mem_bw_source: str = col("prediction", rule="rank0", doc="probe:measured or probe:cached")
     link_bw_bytes_per_s: float = col("prediction", "bytes/s", "rank0", "all-reduce bus bandwidth of the group")

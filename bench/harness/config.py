@@ -96,6 +96,11 @@ class RunConfig:
     """After the timed window (and the communication step), profile 2 more untimed steps on every rank to
     record compute_time_s, comm_time_s, exposed_comm_s and overlap_pct per step (bench/measure/overlap.py;
     multi-rank runs only)."""
+    probe_parts: bool = False
+    """After the timed window, time the model's own parts at the run's shapes on every rank (one block, the
+    embeddings + head + loss, their matmuls alone, an AdamW step; bench/measure/parts.py) and predict the step
+    from them instead of the generic rates (``pred_parts``; python -m bench.tune sets it). Costs about 10 x the
+    head's forward + backward (~20 s for mini on a CPU)."""
     run_id: str = ""
     """Row identifier; empty = generated (timestamp + random). Launchers (bench/launch/sweep.py) set it to
     find the row."""

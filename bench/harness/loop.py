@@ -16,7 +16,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,7 @@ from bench.measure.comm import CommCounter
 from bench.measure.contention import ContentionMeter
 from bench.measure.nvml import NvmlSampler, energy_per_token
 from bench.measure.overlap import profiled_exposure
+from bench.measure.parts import Parts, probe_parts
 from bench.measure.peak_flops import get_peak_flops
 from bench.measure.profile import StepProfiler
 from bench.plan.costmodel import predict_comm, predict_memory
@@ -140,14 +141,15 @@ def build(cfg: RunConfig, info: DistInfo, batch: dict) -> Built:
 
 
 def predict_step_columns(cfg: RunConfig, info: DistInfo, batch: dict, peak: float | None, mem_bw: float,
-                         link_bw: float | None) -> dict:
-    """The step-time model's prediction (bench/plan/steptime.py) from this run's measured rates, as columns."""
+                         link_bw: float | None, parts: Parts | None = None) -> dict:
+    """The step-time model's prediction (bench/plan/steptime.py) from this run's measured rates (and with
+    ``probe_parts``, the model's own parts), as columns."""
     if not peak:
         return {}
     local_ranks = max(1, info.world_size // max(1, info.nnodes))
     overlap = can_overlap(info.device.type, local_ranks, torch.get_num_threads(), len(os.sched_getaffinity(0)))
     p = predict_step(cfg.model, cfg.strategy, info.world_size, cfg.micro_batch, cfg.seq_len, batch["grad_accum"],
-                     Rates(peak, mem_bw, link_bw), overlap)
+                     Rates(peak, mem_bw, link_bw, parts), overlap)
     return {"pred_step_time_s": p["step_s"], "pred_tokens_per_sec": p["tokens_per_sec"],
             "pred_step_breakdown": {k: v for k, v in p.items() if k not in ("step_s", "tokens_per_sec")}}
 
@@ -328,6 +330,19 @@ def combine(per_rank: list[dict], static: dict, losses: list[float], world_size:
     return out, times
 
 
+def predict_from_parts(cfg: RunConfig, info: DistInfo, b: Built) -> dict:
+    """``probe_parts``: the model's parts timed on every rank at once (bench/measure/parts.py), the slowest
+    rank's per part, and the step prediction redone with them (the columns it replaces, plus ``pred_parts``)."""
+    barrier = dist.barrier if info.world_size > 1 else (lambda: None)
+    mine = probe_parts(cfg.model, cfg.micro_batch, cfg.seq_len, info.device, barrier=barrier)
+    ranks = gather_objects(asdict(mine), info)
+    slowest = Parts(**{k: max(r[k] for r in ranks) for k in ranks[0]})
+    st = b.static
+    return {**predict_step_columns(cfg, info, b.batch, st["peak_flops"], st["mem_bw_bytes_per_s"],
+                                   st["link_bw_bytes_per_s"], slowest),
+            "pred_parts": asdict(slowest)}
+
+
 def train(cfg: RunConfig, info: DistInfo, progress: Progress | None = None,
           run_id: str = "run", batch: dict | None = None) -> TrainOutcome:
     """build -> run_steps -> combine on every rank. ``batch``: plan_batch's result when the caller has it."""
@@ -344,6 +359,8 @@ def train(cfg: RunConfig, info: DistInfo, progress: Progress | None = None,
         mine.update(measure_comm(step_fn, cfg.warmup + cfg.steps))
     if status == "ok" and cfg.measure_overlap and info.world_size > 1:
         mine.update(measure_overlap(step_fn, cfg.warmup + cfg.steps + 1, info.device))
+    if status == "ok" and cfg.probe_parts:
+        b.static.update(predict_from_parts(cfg, info, b))
     out, times = combine(gather_objects(mine, info), b.static, losses, info.world_size)
     reason = implausible(out) if times else None
     if reason and status == "ok":

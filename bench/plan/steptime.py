@@ -40,7 +40,7 @@ from strategies import recompute_flops_per_token
 from strategies.ac import checkpointed_block_ids
 from strategies.config import StrategyConfig
 from strategies.mesh import mesh_shape
-from strategies.pp import bubble_fraction
+from strategies.pp import bubble_fraction, virtual_stages
 
 DDP_BUCKET_BYTES = 25 * 2**20
 # collective -> factor on its full-tensor bytes, with n the ranks in the collective
@@ -56,6 +56,7 @@ class Rates:
     matmul_flops: float
     mem_bw: float
     link_bw: float | None = None
+    parts: object | None = None  # bench/measure/parts.py ``Parts``: the model's own parts timed at the run's shapes
 
 
 def elementwise_per_token_block(cfg: GPTConfig) -> int:
@@ -84,12 +85,16 @@ def predict_step(cfg: GPTConfig, s: StrategyConfig, world: int, micro_batch: int
     head_elems = (6 if fused_loss(cfg, s, shape.tp, shape.pp) else 7) * cfg.padded_vocab_size / shape.tp
     act_bytes = tokens * (block_elems * elem + head_elems * 4)
     P = ctx.P / (ctx.shard_world if ctx.shard_world > 1 else 1)  # parameters this rank updates
-    per_param = 28 if s.dp != "fsdp" and shape.tp == 1 else 56
-    per_param += 16 if s.dp == "ddp" else 0
-    per_param += 12 * (grad_accum - 1)
+    fused_adamw = s.dp != "fsdp" and shape.tp == 1  # plain tensors: fused AdamW; DTensors: foreach
     gathers = (2 if s.reshard_after_forward else 1) * grad_accum if s.dp == "fsdp" else 0
-    param_bytes = P * per_param + 16 * ctx.P * gathers
-    memory = (act_bytes + param_bytes) / rates.mem_bw
+    copy_bytes = P * ((16 if s.dp == "ddp" else 0) + 12 * (grad_accum - 1)) + 16 * ctx.P * gathers
+    if rates.parts is not None:
+        compute, memory = _from_parts(cfg, s, shape, grad_accum, recomputed, rates.parts)
+        memory += P * (rates.parts.adamw_fused_s_per_param if fused_adamw else rates.parts.adamw_foreach_s_per_param)
+        memory += copy_bytes / rates.mem_bw
+    else:
+        param_bytes = P * (28 if fused_adamw else 56) + copy_bytes
+        memory = (act_bytes + param_bytes) / rates.mem_bw
 
     comm_bytes = predict_comm(cfg, s, world, grad_accum, micro_batch=micro_batch, seq_len=seq_len)
     comm = 0.0
@@ -116,6 +121,24 @@ def predict_step(cfg: GPTConfig, s: StrategyConfig, world: int, micro_batch: int
     global_tokens = tokens * shape.dp
     return {"compute_s": compute, "memory_s": memory, "comm_s": comm, "exposed_comm_s": exposed,
             "bubble_s": bubble, "step_s": step, "tokens_per_sec": global_tokens / step}
+
+
+def _from_parts(cfg: GPTConfig, s: StrategyConfig, shape, grad_accum: int, recomputed: int, parts) -> tuple:
+    """(compute_s, activation memory-bound s) from the model's own parts timed at this micro-batch (``parts``):
+    per micro-step, the rank's blocks (the busiest pipeline rank's: ceil(L / stages) per stage) each cost the
+    block's matmul and other time, split by tp; a checkpointed block's forward (a third of forward + backward)
+    runs again -- its matmuls and its other ops under ``full``/``selective``, the other ops only under ``op``;
+    the rest (embeddings, head, loss) once on the rank that holds the head, split by tp."""
+    v = virtual_stages(s)
+    blocks = -(-cfg.n_layer // (shape.pp * v)) * v  # on the busiest pipeline rank
+    again = recomputed * blocks / cfg.n_layer
+    block_mm = parts.block_matmul_s / shape.tp
+    block_other = max(parts.block_s - parts.block_matmul_s, 0.0) / shape.tp
+    rest_mm = parts.rest_matmul_s / shape.tp
+    rest_other = max(parts.rest_s - parts.rest_matmul_s, 0.0) / shape.tp
+    compute = grad_accum * (block_mm * (blocks + (0 if s.ac == "op" else again) / 3) + rest_mm)
+    memory = grad_accum * (block_other * (blocks + again / 3) + rest_other)
+    return compute, memory
 
 
 def can_overlap(device_type: str, local_ranks: int, threads: int, cores: int) -> bool:

@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         cmd = [*launcher(args.world_size), str(ROOT / "bench" / "run.py"), f"model={args.model}", "strategy=single",
                *strategy_overrides(c["config"]), f"micro_batch={args.micro_batch}", f"seq_len={args.seq_len}",
-               f"steps={args.steps}", f"warmup={args.warmup}", f"results_dir={results}", f"tag={tag}"]
+               f"steps={args.steps}", f"warmup={args.warmup}", f"results_dir={results}", f"tag={tag}",
+               "probe_parts=true"]
         subprocess.run(cmd, cwd=ROOT, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     df = load(results)
     rows = [r for r in df[(df.tag == tag) & (df.status == "ok")].to_dict("records")
