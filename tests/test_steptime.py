@@ -3,8 +3,12 @@ arithmetic, against independently computed numbers."""
 
 from __future__ import annotations
 
-import pytest
+import os
 
+import pytest
+import torch
+
+from bench.measure.parts import Parts, workloads
 from bench.plan.__main__ import PlanArgs, combinations, plan
 from bench.plan.costmodel import cost_context, predict_comm
 from bench.plan.steptime import DDP_BUCKET_BYTES, Rates, can_overlap, elementwise_per_token_block, predict_step
@@ -148,3 +152,85 @@ def test_readme_error_budget_is_the_committed_rows():
     assert len(rows) == 6 and all(r["pred_step_time_s"] > 0 and r["matmul_time_s"] > 0 for r in rows)
     table = budget_table({"results/tune-cpu (mini, 2 gloo ranks, CPU fp32)": rows})
     assert table in (ROOT / "README.md").read_text()
+
+
+# ---------------------------------------------------------------------------------- the model's own parts
+
+PARTS = Parts(block_s=0.10, block_matmul_s=0.08, rest_s=1.0, rest_matmul_s=0.8, adamw_fused_s_per_param=1e-9,
+              adamw_foreach_s_per_param=1e-8)
+
+
+def test_step_from_the_models_own_parts():
+    """With timed parts (bench/measure/parts.py) compute and memory-bound are the parts composed per strategy:
+    every block once (a checkpointed one's forward, a third, again), the rest once, AdamW per parameter of the
+    optimizer kind the strategy uses, the per-parameter copies at the memory bandwidth."""
+    cfg = get_config("mini")
+    r = Rates(50e9, 20e9, 1e9, PARTS)
+    P, L = cfg_params(cfg), 6
+    t = predict_step(cfg, StrategyConfig(), 1, 4, 256, 2, r)  # two micro-steps
+    assert t["compute_s"] == pytest.approx(2 * (L * 0.08 + 0.8))
+    assert t["memory_s"] == pytest.approx(2 * (L * 0.02 + 0.2) + P * 1e-9 + 12 * P / 20e9)
+    t = predict_step(cfg, StrategyConfig(dp="fsdp", ac="full"), 2, 4, 256, 1, r)
+    assert t["compute_s"] == pytest.approx(L * 0.08 * (1 + 1 / 3) + 0.8)
+    assert t["memory_s"] == pytest.approx(L * 0.02 * (1 + 1 / 3) + 0.2 + P / 2 * 1e-8 + 16 * P * 2 / 20e9)
+    t = predict_step(cfg, StrategyConfig(dp="ddp", ac="op"), 2, 4, 256, 1, r)  # op: only the other ops again
+    assert t["compute_s"] == pytest.approx(L * 0.08 + 0.8)
+    assert t["memory_s"] == pytest.approx(L * 0.02 * (1 + 1 / 3) + 0.2 + P * 1e-9 + 16 * P / 20e9)
+    t = predict_step(cfg, StrategyConfig(tp=2), 2, 4, 256, 1, r)
+    assert t["compute_s"] == pytest.approx((L * 0.08 + 0.8) / 2)
+    untied = get_config("mini", tie_embeddings=False)
+    t = predict_step(untied, StrategyConfig(pp=2), 2, 4, 256, 1, r)  # the busiest stage: 3 blocks and the head
+    assert t["compute_s"] == pytest.approx(3 * 0.08 + 0.8)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny", "tiny:hf"])
+def test_the_matmul_probes_do_exactly_the_parts_matmuls(preset):
+    """FlopCounterMode: the GEMMs (+ SDPA) the probe times alone are the FLOPs of the block's and of the rest's
+    forward + backward, so compute vs memory-bound splits what the model runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tests.test_parity import model_cfg
+
+    if preset.endswith(":hf"):
+        pytest.importorskip("transformers")
+    w = workloads(model_cfg(preset), 2, 32, torch.device("cpu"))
+
+    def flops(fn) -> int:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    assert flops(w["block_matmul"]) == flops(w["block"]) > 0
+    assert flops(w["rest_matmul"]) == flops(w["rest"]) > 0
+
+
+def _parts_worker(rank: int, world_size: int, cache: str) -> list[dict]:
+    from bench.harness.dist import DistInfo
+    from bench.harness.loop import train
+    from tests.test_parity import run_cfg
+
+    os.environ["N00BGPT_CACHE_DIR"] = cache
+    rows = []
+    for _ in range(2):
+        cfg = run_cfg({"dp": "ddp"}, 2, 1, steps=2, seq_len=32)
+        cfg.probe_parts = True
+        rows.append(train(cfg, DistInfo(rank, rank, world_size, 1, torch.device("cpu"), "gloo")).metrics)
+    return rows
+
+
+def test_probe_parts_rows_predict_from_one_cached_measurement(ranks, tmp_path):
+    """A run with probe_parts measures the parts on both ranks (the slowest rank's kept) and caches them; the
+    next run of the same shape reads them; each row's prediction is the model on its rates and those parts."""
+    from tests.test_parity import run_cfg
+
+    first, second = ranks(_parts_worker, str(tmp_path))[0]
+    assert first["pred_parts"]["source"] == "probe:measured parts"
+    assert second["pred_parts"] == {**first["pred_parts"], "source": "probe:cached parts"}
+    parts = Parts(**{k: v for k, v in first["pred_parts"].items() if k != "source"})
+    assert parts.block_s > 0 and parts.rest_s > parts.rest_matmul_s > 0 and parts.adamw_foreach_s_per_param > 0
+    cfg = run_cfg({"dp": "ddp"}, 2, 1, steps=2, seq_len=32)
+    for row in (first, second):
+        p = predict_step(cfg.model, cfg.strategy, 2, 2, 32, 1, Rates(row["peak_flops"], row["mem_bw_bytes_per_s"],
+                         row["link_bw_bytes_per_s"], parts), can_overlap("cpu", 2, 1, len(os.sched_getaffinity(0))))
+        assert row["pred_step_time_s"] == pytest.approx(p["step_s"])
+        assert row["pred_step_breakdown"]["memory_s"] == pytest.approx(p["memory_s"])

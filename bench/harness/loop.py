@@ -35,7 +35,7 @@ from bench.measure.comm import CommCounter
 from bench.measure.contention import ContentionMeter
 from bench.measure.nvml import NvmlSampler, energy_per_token
 from bench.measure.overlap import profiled_exposure
-from bench.measure.parts import Parts, probe_parts
+from bench.measure.parts import Parts, get_parts
 from bench.measure.peak_flops import get_peak_flops
 from bench.measure.profile import StepProfiler
 from bench.plan.costmodel import predict_comm, predict_memory
@@ -331,16 +331,17 @@ def combine(per_rank: list[dict], static: dict, losses: list[float], world_size:
 
 
 def predict_from_parts(cfg: RunConfig, info: DistInfo, b: Built) -> dict:
-    """``probe_parts``: the model's parts timed on every rank at once (bench/measure/parts.py), the slowest
-    rank's per part, and the step prediction redone with them (the columns it replaces, plus ``pred_parts``)."""
-    barrier = dist.barrier if info.world_size > 1 else (lambda: None)
-    mine = probe_parts(cfg.model, cfg.micro_batch, cfg.seq_len, info.device, barrier=barrier)
-    ranks = gather_objects(asdict(mine), info)
-    slowest = Parts(**{k: max(r[k] for r in ranks) for k in ranks[0]})
+    """``probe_parts``: the model's parts (bench/measure/parts.py: cached for this shape and host, or timed on
+    every rank at once now, the slowest rank's) and the step prediction redone with them (the columns it
+    replaces, plus ``pred_parts`` with their source)."""
+    local_ranks = max(1, info.world_size // max(1, info.nnodes))
+    parts, source = get_parts(cfg.model, cfg.micro_batch, cfg.seq_len, info.device, local_ranks,
+                              gather=lambda obj: gather_objects(obj, info),
+                              barrier=dist.barrier if info.world_size > 1 else (lambda: None), is_main=info.is_main)
     st = b.static
     return {**predict_step_columns(cfg, info, b.batch, st["peak_flops"], st["mem_bw_bytes_per_s"],
-                                   st["link_bw_bytes_per_s"], slowest),
-            "pred_parts": asdict(slowest)}
+                                   st["link_bw_bytes_per_s"], parts),
+            "pred_parts": {**asdict(parts), "source": source}}
 
 
 def train(cfg: RunConfig, info: DistInfo, progress: Progress | None = None,

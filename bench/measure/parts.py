@@ -18,20 +18,29 @@ computing too), after the timed window so it cannot disturb it:
   one-layer model's parameters.
 
 Every figure is the median of ``repeats`` timings after one untimed warm-up, seconds per micro-batch (per
-parameter for AdamW), on this rank; the row keeps the slowest rank's (max: the ranks of a step finish
-together). bench/plan/steptime.py turns them into per-strategy step times (``Parts``).
+parameter for AdamW), the slowest rank's (max: the ranks of a step finish together). bench/plan/steptime.py
+turns them into per-strategy step times (``Parts``). The parts do not depend on the strategy, so
+``get_parts`` caches them like the matmul peak (host, device, threads, ranks on the host, torch, model shape,
+micro-batch, sequence; ``N00BGPT_PEAK_CACHE=0`` measures afresh): every run of a tuning sweep then predicts
+from the same measurement, and ``torchrun --nproc_per_node=N -m bench.measure.parts model=... micro_batch=...
+seq_len=...`` measures them first (python -m bench.tune does).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import os
+import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from bench.measure.host import cpu_model
+from bench.measure.peak_flops import cache_get, cache_put
 from models import build_model
 from models.config import GPTConfig
 
@@ -95,47 +104,109 @@ def _gemms(rows: int, shapes: list[tuple[int, int]], device, repeat: int = 1):
     return run
 
 
+def workloads(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.device) -> dict:
+    """The functions ``probe_parts`` times, by part: ``block``, ``block_matmul``, ``rest``, ``rest_matmul`` (each
+    one forward + backward at ``micro_batch`` x ``seq_len``) and ``adamw_fused`` / ``adamw_foreach`` (one step
+    over the ``rest`` model's parameters, whose count is ``n_params``)."""
+    one = dataclasses.replace(cfg, n_layer=1, hf_path=None, dropout=0.0)
+    B, T, d, H = micro_batch, seq_len, cfg.n_embd, cfg.n_head
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    gen = torch.Generator(device=device).manual_seed(0)
+    idx = torch.randint(0, cfg.vocab_size, (B, T), device=device, generator=gen)
+    targets = torch.randint(0, cfg.vocab_size, (B, T), device=device, generator=gen)
+    x = torch.randn(B, T, d, device=device, generator=gen, requires_grad=True)
+    gy = torch.randn(B, T, d, device=device, generator=gen)
+    q, k, v = (torch.randn(B, H, T, d // H, device=device, generator=gen, requires_grad=True) for _ in range(3))
+    go = torch.randn(B, H, T, d // H, device=device, generator=gen)
+    gemm = _gemms(B * T, _gemm_shapes(cfg), device)
+
+    def block_matmul():
+        gemm()
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(go)
+        sync()
+
+    chunk = min(cfg.loss_chunk if cfg.loss_chunk and cfg.source == "native" else B * T, B * T)
+    head = _gemms(chunk, [(d, cfg.padded_vocab_size)], device, repeat=math.ceil(B * T / chunk))
+    rest = _part(one, device, with_block=False)
+    params = list(rest.parameters())
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opts = {kind: torch.optim.AdamW(params, lr=1e-4, fused=kind == "fused" or None,
+                                    foreach=kind == "foreach" or None) for kind in ("fused", "foreach")}
+    return {"block": _step(_part(one, device, with_block=True), (x,), gy, sync), "block_matmul": block_matmul,
+            "rest": _step(rest, (idx, targets), None, sync), "rest_matmul": lambda: (head(), sync()),
+            "adamw_fused": lambda: (opts["fused"].step(), sync()),
+            "adamw_foreach": lambda: (opts["foreach"].step(), sync()), "n_params": sum(p.numel() for p in params)}
+
+
 def probe_parts(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.device, repeats: int = 3,
                 barrier=lambda: None) -> Parts:
     """Time the parts (module docstring) of ``cfg``'s model at ``micro_batch`` x ``seq_len`` on ``device``; each
     timing starts with ``barrier()`` (the harness passes a process-group barrier, so the local ranks probe
     together)."""
-    one = dataclasses.replace(cfg, n_layer=1, hf_path=None, dropout=0.0)
-    B, T, d = micro_batch, seq_len, cfg.n_embd
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    gen = torch.Generator(device=device).manual_seed(0)
-    idx = torch.randint(0, cfg.vocab_size, (B, T), device=device, generator=gen)
-    targets = torch.randint(0, cfg.vocab_size, (B, T), device=device, generator=gen)
+    w = workloads(cfg, micro_batch, seq_len, device)
+    t = {name: _median_time(w[name], repeats, barrier) for name in
+         ("block", "block_matmul", "rest", "rest_matmul", "adamw_fused", "adamw_foreach")}
+    return Parts(t["block"], t["block_matmul"], t["rest"], t["rest_matmul"], t["adamw_fused"] / w["n_params"],
+                 t["adamw_foreach"] / w["n_params"])
 
-    x = torch.randn(B, T, d, device=device, generator=gen, requires_grad=True)
-    gy = torch.randn(B, T, d, device=device, generator=gen)
-    block_s = _median_time(_step(_part(one, device, with_block=True), (x,), gy, sync), repeats, barrier)
 
-    H = cfg.n_head
-    q, k, v = (torch.randn(B, H, T, d // H, device=device, generator=gen, requires_grad=True) for _ in range(3))
-    go = torch.randn(B, H, T, d // H, device=device, generator=gen)
-    gemm = _gemms(B * T, _gemm_shapes(cfg), device)
+def _key(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.device, local_ranks: int) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    shape = hashlib.sha1(repr(dataclasses.replace(cfg, name="", hf_path=None)).encode()).hexdigest()[:12]
+    return (f"parts|{platform.node()}|{device.type}|{name}|threads={torch.get_num_threads()}|ranks={local_ranks}|"
+            f"torch={torch.__version__}|model={shape}|mb={micro_batch}|seq={seq_len}")
 
-    def block_matmuls():
-        gemm()
-        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(go)
-        sync()
-    block_matmul_s = _median_time(block_matmuls, repeats, barrier)
 
-    rest = _part(one, device, with_block=False)
-    rest_s = _median_time(_step(rest, (idx, targets), None, sync), repeats, barrier)
+def get_parts(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.device, local_ranks: int,
+              gather=lambda obj: [obj], barrier=lambda: None, is_main: bool = True,
+              fresh: bool = False) -> tuple[Parts, str]:
+    """The parts (cached, or -- with ``fresh``, or none cached on some rank -- measured on every rank now, the
+    slowest rank's kept and cached) and where they came from. ``gather(obj)`` returns every rank's ``obj`` (a
+    collective: every rank calls it); only ``is_main`` writes the cache."""
+    key = _key(cfg, micro_batch, seq_len, device, local_ranks)
+    fields = [f.name for f in dataclasses.fields(Parts)]
+    use_cache = os.environ.get("N00BGPT_PEAK_CACHE", "1") != "0"
+    cached = [cache_get(f"{key}|{f}") for f in fields] if use_cache and not fresh else [None]
+    if all(all(v is not None for v in vals) for vals in gather(cached)):
+        return Parts(*cached), "probe:cached parts"
+    ranks = gather(dataclasses.asdict(probe_parts(cfg, micro_batch, seq_len, device, barrier=barrier)))
+    slowest = Parts(**{f: max(r[f] for r in ranks) for f in fields})
+    if use_cache and is_main:
+        for f in fields:
+            cache_put(f"{key}|{f}", getattr(slowest, f))
+    return slowest, "probe:measured parts"
 
-    chunk = cfg.loss_chunk if cfg.loss_chunk and cfg.source == "native" else B * T
-    chunk = min(chunk, B * T)
-    head = _gemms(chunk, [(d, cfg.padded_vocab_size)], device, repeat=math.ceil(B * T / chunk))
-    rest_matmul_s = _median_time(lambda: (head(), sync()), repeats, barrier)
 
-    params = [p for p in rest.parameters()]
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    n = sum(p.numel() for p in params)
-    adamw = {}
-    for kind in ("fused", "foreach"):
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=kind == "fused" or None, foreach=kind == "foreach" or None)
-        adamw[kind] = _median_time(lambda o=opt: (o.step(), sync()), repeats, barrier) / n
-    return Parts(block_s, block_matmul_s, rest_s, rest_matmul_s, adamw["fused"], adamw["foreach"])
+def main(argv: list[str] | None = None) -> None:
+    """``torchrun --nproc_per_node=N -m bench.measure.parts model=mini micro_batch=4 seq_len=256``: measure now
+    (whatever is cached) and cache the parts for runs of that shape on N ranks of this host; rank 0 prints
+    them as JSON (python -m bench.tune runs this first, so all its runs predict from one measurement)."""
+    import json
+    import sys
+
+    import torch.distributed as dist
+
+    from models import get_config
+
+    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv))
+    cfg = get_config(args.get("model", "mini"))
+    mb, seq = int(args.get("micro_batch", 4)), int(args.get("seq_len", 0)) or cfg.block_size
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        def gather(obj):
+            out = [None] * dist.get_world_size()
+            dist.all_gather_object(out, obj)
+            return out
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+        parts, source = get_parts(cfg, mb, seq, device, local, gather, dist.barrier, dist.get_rank() == 0, fresh=True)
+        if dist.get_rank() == 0:
+            print(json.dumps({"source": source, **dataclasses.asdict(parts)}))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

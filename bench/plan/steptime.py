@@ -18,6 +18,11 @@ bench/measure/bandwidth.py measure them; the planner takes them as ``peak_tflops
   (fused chunked loss) per token. Element size 4 bytes (2 under autocast). Per parameter on this rank:
   AdamW 28 bytes fused (DDP/single) or 56 foreach (DTensors), DDP's bucket copies 16, FSDP's copy-in/out
   16 per gather, gradient accumulation 12 per extra micro-step.
+- with ``Rates.parts`` (bench/measure/parts.py: the model's own block, embeddings + head + loss and their
+  matmuls timed at the run's micro-batch, an AdamW step per parameter) compute and the activations' memory-bound
+  time are those parts instead (``_from_parts``): per micro-step every block on the busiest rank once (a
+  checkpointed block's forward, a third of forward + backward, again), the rest once, split by tp; AdamW per
+  parameter of the kind the strategy uses (fused / foreach); the per-parameter copies stay bytes / ``mem_bw``.
 - **comm_s** = per collective, bytes (bench/plan/costmodel.py ``predict_comm``) x the algorithm's factor /
   ``link_bw``: all-reduce ``2 (n - 1) / n``, all-gather and reduce-scatter ``(n - 1) / n``, a send 1 (its
   receive is the same transfer), n the data-parallel group (the world without one).

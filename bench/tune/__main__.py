@@ -4,7 +4,9 @@
     python -m bench.tune model=gpt2-small world_size=8 top=5 steps=20 device_memory_gib=80
 
 1. This machine's rates: the matmul peak (bench/measure/peak_flops.py), the elementwise memory bandwidth and
-   the process group's all-reduce bus bandwidth (``torchrun -m bench.measure.bandwidth``; cached).
+   the process group's all-reduce bus bandwidth (``torchrun -m bench.measure.bandwidth``; cached), and the
+   model's own parts at the runs' shape (``torchrun -m bench.measure.parts``: measured now and cached; every
+   run, started with ``probe_parts=true``, predicts from this measurement).
 2. The planner's strategies (bench/plan/__main__.py ``combinations``; on a CPU fp32 ones without compile,
    which the probes describe) that fit ``device_memory_gib``, ranked by predicted tokens/s
    (bench/plan/steptime.py; overlap as this host allows it).
@@ -87,6 +89,21 @@ def measure_rates(world: int, device_type: str) -> tuple[Rates, dict]:
     return Rates(peak, bw["mem_bw"], bw["link_bw"]), {"peak_source": source, **bw}
 
 
+def measure_parts(args: TuneArgs, seq: int):
+    """The model's parts at the runs' shape on ``world_size`` ranks, measured now and cached, so that every run
+    (``probe_parts=true``) predicts from this one measurement (bench/measure/parts.py)."""
+    from bench.measure.parts import Parts
+
+    out = subprocess.run([*launcher(args.world_size), "-m", "bench.measure.parts", f"model={args.model}",
+                          f"micro_batch={args.micro_batch}", f"seq_len={seq}"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if out.returncode:
+        raise RuntimeError(f"parts probe failed: {out.stderr.strip().splitlines()[-1:]}")
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got.pop("source")
+    return Parts(**got)
+
+
 def ranked(args: TuneArgs, rates: Rates, device_type: str, memory_gib: float) -> list[dict]:
     """The planner's candidates that fit, fastest predicted first."""
     cfg = model_config(PlanArgs(model=args.model, world_size=args.world_size), [])
@@ -162,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                                             / args.world_size)
     try:
         rates, sources = measure_rates(args.world_size, device_type)
+        seq = args.seq_len or model_config(PlanArgs(model=args.model, world_size=args.world_size), []).block_size
+        rates.parts = measure_parts(args, seq)
         candidates = ranked(args, rates, device_type, memory_gib)
     except (RuntimeError, ValueError) as exc:
         fail("python -m bench.tune", str(exc))
