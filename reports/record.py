@@ -137,6 +137,11 @@ class RunRecord:
     link_bw_bytes_per_s: float = col("prediction", "bytes/s", "rank0", "all-reduce bus bandwidth of the group")
     link_bw_source: str = col("prediction", rule="rank0", doc="probe:measured or probe:cached; None in one "
                                                                 "process")
+    link_bw_by_kind: dict = col("prediction", "bytes/s", "rank0", "bus bandwidth per collective (all_reduce, "
+                                "all_gather, reduce_scatter); on a CPU host without a spare core measured with "
+                                "the ranks' compute threads busy: what the predicted communication uses")
+    link_bw_by_kind_source: str = col("prediction", rule="rank0", doc="probe:measured or probe:cached, "
+                                                                        "'contended' when so measured")
     comm_bytes_per_step: int = col("prediction", "bytes/step", "max", "observed collective bytes per rank")
     comm_breakdown: dict = col("prediction", "bytes/step", "rank0", "observed bytes by collective")
     comm_calls_per_step: dict = col("prediction", "calls/step", "rank0", "observed calls by collective")

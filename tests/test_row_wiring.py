@@ -124,8 +124,11 @@ def test_predicted_step_time_is_the_model_on_the_runs_own_rates(run):
     cfg = run_cfg({"dp": "ddp"}, 2, 1, steps=8, seq_len=32)
     overlap = can_overlap("cpu", 2, 1, len(os.sched_getaffinity(0)))
     p = predict_step(cfg.model, cfg.strategy, 2, 2, 32, 1,
-                     Rates(m["peak_flops"], m["mem_bw_bytes_per_s"], m["link_bw_bytes_per_s"]), overlap)
+                     Rates(m["peak_flops"], m["mem_bw_bytes_per_s"], m["link_bw_bytes_per_s"],
+                           link_bw_by_kind=m["link_bw_by_kind"]), overlap)
     assert m["pred_step_time_s"] == pytest.approx(p["step_s"]) and m["pred_tokens_per_sec"] == pytest.approx(
         p["tokens_per_sec"])
     assert m["pred_step_breakdown"]["compute_s"] == pytest.approx(p["compute_s"])
     assert m["link_bw_bytes_per_s"] > 0 and m["mem_bw_bytes_per_s"] > 0
+    assert set(m["link_bw_by_kind"]) == {"all_reduce", "all_gather", "reduce_scatter"}
+    assert ("contended" in m["link_bw_by_kind_source"]) == (not overlap)  # probed as the run communicates

@@ -130,6 +130,41 @@ def test_bandwidth_probes_measure_and_cache(monkeypatch, tmp_path, ranks):
     assert a[0] == b[0] > 0 and a[1] == b[1]  # both ranks agree (the slowest rank's time counts)
 
 
+def _collectives_worker(rank: int, world_size: int, cache: str):
+    import os
+
+    import torch
+
+    from bench.measure.bandwidth import collective_bandwidths
+
+    os.environ["N00BGPT_CACHE_DIR"] = cache
+    out = {c: collective_bandwidths(torch.device("cpu"), contended=c, nbytes=2**20, repeats=3) for c in (False, True)}
+    return out, collective_bandwidths(torch.device("cpu"), contended=True)
+
+
+def test_each_collective_is_probed_alone_and_beside_busy_compute(ranks, tmp_path):
+    """bench/measure/bandwidth.py ``collective_bandwidths``: every kind the strategies issue, the same on both
+    ranks (the slowest rank's time), cached per ``contended``; busy compute threads do not make them faster (25 % noise allowed)."""
+    a, b = ranks(_collectives_worker, str(tmp_path))
+    assert a == b
+    (idle, idle_src), (busy, busy_src) = a[0][False], a[0][True]
+    assert set(idle) == set(busy) == {"all_reduce", "all_gather", "reduce_scatter"}
+    assert all(v > 1e6 for v in [*idle.values(), *busy.values()])
+    assert idle_src == "probe:measured collectives" and busy_src == "probe:measured contended collectives"
+    assert a[1] == (busy, "probe:cached contended collectives")
+    # a matmul thread per rank competes with the collectives' threads on a host without spare cores
+    assert busy["all_reduce"] < 1.25 * idle["all_reduce"]
+
+
+def test_each_collective_uses_its_own_bandwidth():
+    cfg = get_config("mini")
+    by_kind = {"all_reduce": 1e9, "all_gather": 0.5e9, "reduce_scatter": 0.25e9}
+    s = StrategyConfig(dp="fsdp")
+    t = predict_step(cfg, s, 2, 4, 256, 1, Rates(50e9, 20e9, 1e9, link_bw_by_kind=by_kind), overlap=False)
+    comm = predict_comm(cfg, s, 2, 1, micro_batch=4, seq_len=256)
+    assert t["comm_s"] == pytest.approx(comm["all_gather"] * 0.5 / 0.5e9 + comm["reduce_scatter"] * 0.5 / 0.25e9)
+
+
 def _link_worker(rank: int, world_size: int, cache: str):
     import os
 
@@ -231,6 +266,7 @@ def test_probe_parts_rows_predict_from_one_cached_measurement(ranks, tmp_path):
     cfg = run_cfg({"dp": "ddp"}, 2, 1, steps=2, seq_len=32)
     for row in (first, second):
         p = predict_step(cfg.model, cfg.strategy, 2, 2, 32, 1, Rates(row["peak_flops"], row["mem_bw_bytes_per_s"],
-                         row["link_bw_bytes_per_s"], parts), can_overlap("cpu", 2, 1, len(os.sched_getaffinity(0))))
+                         row["link_bw_bytes_per_s"], parts, row["link_bw_by_kind"]),
+                         can_overlap("cpu", 2, 1, len(os.sched_getaffinity(0))))
         assert row["pred_step_time_s"] == pytest.approx(p["step_s"])
         assert row["pred_step_breakdown"]["memory_s"] == pytest.approx(p["memory_s"])

@@ -29,7 +29,7 @@ from bench.harness.faults import Faults
 from bench.harness.progress import Progress
 from bench.harness.turn import get_turnstile
 from bench.measure import memory, metrics
-from bench.measure.bandwidth import link_bandwidth, memory_bandwidth
+from bench.measure.bandwidth import collective_bandwidths, link_bandwidth, memory_bandwidth
 from bench.measure.combine import combine_ranks
 from bench.measure.comm import CommCounter
 from bench.measure.contention import ContentionMeter
@@ -99,6 +99,10 @@ def build(cfg: RunConfig, info: DistInfo, batch: dict) -> Built:
     peak, peak_source, probe_stats, (mem_bw, mem_bw_source) = broadcast_object(
         (*get_peak_flops(device, dtype_name), memory_bandwidth(device)) if info.is_main else None, info)
     link_bw, link_bw_source = link_bandwidth(device) if info.world_size > 1 else (None, None)
+    # each collective's bus bandwidth; on a CPU host with no spare core, with the ranks' compute threads busy,
+    # which is how this run's collectives will run (bench/measure/bandwidth.py)
+    by_kind, by_kind_source = (collective_bandwidths(device, contended=not _overlap(info))
+                               if info.world_size > 1 else (None, None))
     # What the process holds before the model exists (CPU: interpreter + libraries, warmed up first so their
     # lazily created state counts here; CUDA: ~0): the predicted peak is compared with peak - baseline.
     memory.warm_runtime(device)
@@ -121,11 +125,12 @@ def build(cfg: RunConfig, info: DistInfo, batch: dict) -> Built:
                             fused=fused or None, foreach=None if fused else True)
     data = build_data(cfg.data, cfg.model.vocab_size, cfg.micro_batch, cfg.seq_len, cfg.seed, device,
                       batch["dp_size"] * batch["grad_accum"], tokenizer_dir=cfg.model.hf_path)
-    pred_time = predict_step_columns(cfg, info, batch, peak, mem_bw, link_bw)
+    pred_time = predict_step_columns(cfg, info, batch, peak, mem_bw, link_bw, by_kind=by_kind)
     static = {
         "params": n_params,
         **pred_time, "mem_bw_bytes_per_s": mem_bw, "mem_bw_source": mem_bw_source,
         "link_bw_bytes_per_s": link_bw, "link_bw_source": link_bw_source,
+        "link_bw_by_kind": by_kind, "link_bw_by_kind_source": by_kind_source,
         "flops_per_token": train_flops_per_token(cfg.model, cfg.seq_len),
         "recompute_flops_per_token": recompute_flops_per_token(cfg.model, cfg.seq_len, s),
         "peak_flops": peak, "peak_flops_source": peak_source, **probe_stats,
@@ -140,16 +145,20 @@ def build(cfg: RunConfig, info: DistInfo, batch: dict) -> Built:
     return Built(model, mesh, opt, get_grad_scaler(s.amp, device.type), data, batch, static, baseline)
 
 
+def _overlap(info: DistInfo) -> bool:
+    """Whether this run's communication can run beside its compute (bench/plan/steptime.py ``can_overlap``)."""
+    local_ranks = max(1, info.world_size // max(1, info.nnodes))
+    return can_overlap(info.device.type, local_ranks, torch.get_num_threads(), len(os.sched_getaffinity(0)))
+
+
 def predict_step_columns(cfg: RunConfig, info: DistInfo, batch: dict, peak: float | None, mem_bw: float,
-                         link_bw: float | None, parts: Parts | None = None) -> dict:
-    """The step-time model's prediction (bench/plan/steptime.py) from this run's measured rates (and with
-    ``probe_parts``, the model's own parts), as columns."""
+                         link_bw: float | None, parts: Parts | None = None, by_kind: dict | None = None) -> dict:
+    """The step-time model's prediction (bench/plan/steptime.py) from this run's measured rates (each
+    collective's bandwidth; with ``probe_parts``, the model's own parts), as columns."""
     if not peak:
         return {}
-    local_ranks = max(1, info.world_size // max(1, info.nnodes))
-    overlap = can_overlap(info.device.type, local_ranks, torch.get_num_threads(), len(os.sched_getaffinity(0)))
     p = predict_step(cfg.model, cfg.strategy, info.world_size, cfg.micro_batch, cfg.seq_len, batch["grad_accum"],
-                     Rates(peak, mem_bw, link_bw, parts), overlap)
+                     Rates(peak, mem_bw, link_bw, parts, by_kind), _overlap(info))
     return {"pred_step_time_s": p["step_s"], "pred_tokens_per_sec": p["tokens_per_sec"],
             "pred_step_breakdown": {k: v for k, v in p.items() if k not in ("step_s", "tokens_per_sec")}}
 
@@ -340,7 +349,7 @@ def predict_from_parts(cfg: RunConfig, info: DistInfo, b: Built) -> dict:
                               barrier=dist.barrier if info.world_size > 1 else (lambda: None), is_main=info.is_main)
     st = b.static
     return {**predict_step_columns(cfg, info, b.batch, st["peak_flops"], st["mem_bw_bytes_per_s"],
-                                   st["link_bw_bytes_per_s"], parts),
+                                   st["link_bw_bytes_per_s"], parts, st["link_bw_by_kind"]),
             "pred_parts": {**asdict(parts), "source": source}}
 
 

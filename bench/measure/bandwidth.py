@@ -8,6 +8,12 @@ contended and is used for this run only, never cached).
 - ``link_bandwidth``: bus bandwidth of the run's process group (backend, world size), NCCL-tests' definition:
   an all-reduce of S bytes taking t s moves ``2 (n - 1) / n x S / t`` per rank. Every rank takes part; the
   slowest rank's time counts (the collective ends when the last rank's does).
+- ``collective_bandwidths``: the same bus bandwidth for each collective the strategies issue -- all-reduce,
+  all-gather, reduce-scatter (``(n - 1) / n x S / t`` for the last two) -- median of the trials: a backend's
+  collectives differ (gloo on this class of host: all-reduce 0.63, all-gather 0.34, reduce-scatter 0.21 GB/s
+  of bus bandwidth). ``contended=True`` times them while every rank keeps a matmul thread busy: a CPU host
+  with no spare core runs its collectives' threads beside the ranks' compute (measured here: all-reduce
+  0.72 -> 0.37 GB/s), which is how a run without a spare core communicates.
 """
 
 from __future__ import annotations
@@ -86,6 +92,65 @@ def link_bandwidth(device: torch.device, nbytes: int = 16 * 2**20, repeats: int 
     return best, "probe:measured all_reduce" + ("" if spread <= CONTENDED_SPREAD else " (contended: not cached)")
 
 
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
+
+
+def collective_bandwidths(device: torch.device, contended: bool = False, nbytes: int = 16 * 2**20,
+                          repeats: int = 5) -> tuple[dict[str, float], str]:
+    """({collective: bus bytes/s}, source) over the default process group (module docstring); call on every
+    rank. Cached per host, backend, world size, device, threads and ``contended``."""
+    import threading
+
+    import torch.distributed as dist
+
+    n, backend = dist.get_world_size(), dist.get_backend()
+    key = (f"coll|{platform.node()}|{backend}|world={n}|{_device_name(device)}|threads={torch.get_num_threads()}|"
+           f"contended={contended}")
+    hit = torch.tensor([cache_get(f"{key}|{k}") or 0.0 for k in COLLECTIVES], dtype=torch.float64, device=device)
+    dist.all_reduce(hit, op=dist.ReduceOp.MIN)  # every rank must agree to skip the probe
+    how = "contended " if contended else ""
+    if bool((hit > 0).all()):
+        return dict(zip(COLLECTIVES, hit.tolist())), f"probe:cached {how}collectives"
+    full = torch.ones(nbytes // 4, device=device)
+    shard = torch.ones(nbytes // 4 // n, device=device)
+    ops = {"all_reduce": (lambda: dist.all_reduce(full), 2 * (n - 1) / n),
+           "all_gather": (lambda: dist.all_gather_into_tensor(full, shard), (n - 1) / n),
+           "reduce_scatter": (lambda: dist.reduce_scatter_tensor(shard, full), (n - 1) / n)}
+    slowest = torch.zeros(1, dtype=torch.float64, device=device)
+    stop = threading.Event()
+
+    def busy():  # the other compute thread of a rank without a spare core (matmuls release the GIL)
+        a = torch.randn(512, 512, device=device)
+        while not stop.is_set():
+            torch.mm(a, a)
+
+    thread = threading.Thread(target=busy, daemon=True) if contended else None
+    if thread:
+        thread.start()
+    out = {}
+    try:
+        for kind, (op, factor) in ops.items():
+            op()  # warm-up
+            rates = []
+            for _ in range(repeats):
+                dist.barrier()
+                t0 = time.perf_counter()
+                op()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                slowest[0] = time.perf_counter() - t0
+                dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+                rates.append(factor * nbytes / slowest.item())
+            out[kind] = sorted(rates)[len(rates) // 2]
+    finally:
+        stop.set()
+        if thread:
+            thread.join()
+    for kind, value in out.items():
+        cache_put(f"{key}|{kind}", value)
+    return out, f"probe:measured {how}collectives"
+
+
 def main() -> None:
     """``torchrun --nproc_per_node=N -m bench.measure.bandwidth``: probe (and cache) this group's all-reduce bus
     bandwidth and the elementwise memory bandwidth; rank 0 prints them as JSON (bench.tune runs this)."""
@@ -100,10 +165,14 @@ def main() -> None:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
-        link = link_bandwidth(device) if dist.get_world_size() > 1 else (None, None)
+        multi = dist.get_world_size() > 1
+        link = link_bandwidth(device) if multi else (None, None)
+        contended = os.environ.get("N00BGPT_CONTENDED", "0") == "1"  # python -m bench.tune: a host without a spare core
+        kinds = collective_bandwidths(device, contended) if multi else (None, None)
         mem = memory_bandwidth(device) if dist.get_rank() == 0 else None
         if dist.get_rank() == 0:
-            print(json.dumps({"link_bw": link[0], "link_source": link[1], "mem_bw": mem[0], "mem_source": mem[1]}))
+            print(json.dumps({"link_bw": link[0], "link_source": link[1], "mem_bw": mem[0], "mem_source": mem[1],
+                              "link_bw_by_kind": kinds[0], "link_by_kind_source": kinds[1]}))
     finally:
         dist.destroy_process_group()
 

@@ -24,8 +24,10 @@ bench/measure/bandwidth.py measure them; the planner takes them as ``peak_tflops
   checkpointed block's forward, a third of forward + backward, again), the rest once, split by tp; AdamW per
   parameter of the kind the strategy uses (fused / foreach); the per-parameter copies stay bytes / ``mem_bw``.
 - **comm_s** = per collective, bytes (bench/plan/costmodel.py ``predict_comm``) x the algorithm's factor /
-  ``link_bw``: all-reduce ``2 (n - 1) / n``, all-gather and reduce-scatter ``(n - 1) / n``, a send 1 (its
-  receive is the same transfer), n the data-parallel group (the world without one).
+  that collective's bus bandwidth (``link_bw_by_kind``: probed per collective, on a CPU host without a spare
+  core with the ranks' compute threads busy; else the all-reduce's ``link_bw``): all-reduce ``2 (n - 1) / n``,
+  all-gather and reduce-scatter ``(n - 1) / n``, a send 1 (its receive is the same transfer), n the
+  data-parallel group (the world without one).
 - **exposed_comm_s**, the overlap rule per strategy, when the rank can overlap at all (a GPU's streams; on a
   CPU only with a spare core for the communication thread, ``overlap=``): DDP hides its all-reduce behind
   backward (2/3 of compute + memory) except the last 25 MB bucket; FSDP hides its gathers and
@@ -62,6 +64,7 @@ class Rates:
     mem_bw: float
     link_bw: float | None = None
     parts: object | None = None  # bench/measure/parts.py ``Parts``: the model's own parts timed at the run's shapes
+    link_bw_by_kind: dict | None = None  # bus bytes/s per collective (bench/measure/bandwidth.py); else link_bw
 
 
 def elementwise_per_token_block(cfg: GPTConfig) -> int:
@@ -111,7 +114,8 @@ def predict_step(cfg: GPTConfig, s: StrategyConfig, world: int, micro_batch: int
                 continue
             group = shape.dp if shape.dp > 1 else world
             factor = next((f for k, f in _FACTORS.items() if k in kind), _FACTORS["all_reduce"])(max(group, 2))
-            comm += nbytes * factor / rates.link_bw
+            bw = next((v for k, v in (rates.link_bw_by_kind or {}).items() if k in kind), rates.link_bw)
+            comm += nbytes * factor / bw
     exposed = comm
     if overlap and comm > 0 and shape.tp == 1 and shape.pp == 1:
         work = compute + memory

@@ -78,15 +78,18 @@ def measure_rates(world: int, device_type: str) -> tuple[Rates, dict]:
     """This host's rates (probes, cached), measured in a torchrun group of ``world`` ranks like the runs'."""
     from bench.measure.peak_flops import get_peak_flops
 
+    contended = not can_overlap(device_type, world, 1, len(os.sched_getaffinity(0)))  # as the runs will probe
     out = subprocess.run([*launcher(world), "-m", "bench.measure.bandwidth"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                      "N00BGPT_CONTENDED": "1" if contended else "0"})
     if out.returncode:
         raise RuntimeError(f"bandwidth probe failed: {out.stderr.strip().splitlines()[-1:]}")
     bw = json.loads(out.stdout.strip().splitlines()[-1])
     torch.set_num_threads(1 if device_type == "cpu" and world > 1 else torch.get_num_threads())
     dtype = "fp32" if device_type == "cpu" else "bf16"
     peak, source, _ = get_peak_flops(torch.device(device_type), dtype)
-    return Rates(peak, bw["mem_bw"], bw["link_bw"]), {"peak_source": source, **bw}
+    rates = Rates(peak, bw["mem_bw"], bw["link_bw"], link_bw_by_kind=bw["link_bw_by_kind"])
+    return rates, {"peak_source": source, **bw}
 
 
 def measure_parts(args: TuneArgs, seq: int):
@@ -188,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         fail("python -m bench.tune", f"no strategy for {args.model} fits {memory_gib:.1f} GiB per rank")
     print(f"[tune] rates: {rates.matmul_flops / 1e9:.1f} GFLOP/s matmul ({sources['peak_source']}), "
           f"{rates.mem_bw / 1e9:.1f} GB/s memory, "
-          + (f"{rates.link_bw / 1e9:.2f} GB/s link" if rates.link_bw else "one rank"), flush=True)
+          + (f"{rates.link_bw / 1e9:.2f} GB/s link (all-reduce); by collective "
+             + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in rates.link_bw_by_kind.items())
+             + f" GB/s ({sources['link_by_kind_source']})" if rates.link_bw else "one rank"), flush=True)
     chosen = candidates[:args.top]
     results = Path(args.results_dir)
     tag = f"tune:{os.getpid()}"
