@@ -144,7 +144,8 @@ def _collectives_worker(rank: int, world_size: int, cache: str):
 
 def test_each_collective_is_probed_alone_and_beside_busy_compute(ranks, tmp_path):
     """bench/measure/bandwidth.py ``collective_bandwidths``: every kind the strategies issue, the same on both
-    ranks (the slowest rank's time), cached per ``contended``; busy compute threads do not make them faster (25 % noise allowed)."""
+    ranks (the slowest rank's time), cached per ``contended``; busy compute threads do not make them faster
+    (25 % noise allowed)."""
     a, b = ranks(_collectives_worker, str(tmp_path))
     assert a == b
     (idle, idle_src), (busy, busy_src) = a[0][False], a[0][True]
