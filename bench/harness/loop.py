@@ -99,10 +99,6 @@ def build(cfg: RunConfig, info: DistInfo, batch: dict) -> Built:
     peak, peak_source, probe_stats, (mem_bw, mem_bw_source) = broadcast_object(
         (*get_peak_flops(device, dtype_name), memory_bandwidth(device)) if info.is_main else None, info)
     link_bw, link_bw_source = link_bandwidth(device) if info.world_size > 1 else (None, None)
-    # each collective's bus bandwidth; on a CPU host with no spare core, with the ranks' compute threads busy,
-    # which is how this run's collectives will run (bench/measure/bandwidth.py)
-    by_kind, by_kind_source = (collective_bandwidths(device, contended=not _overlap(info))
-                               if info.world_size > 1 else (None, None))
     # What the process holds before the model exists (CPU: interpreter + libraries, warmed up first so their
     # lazily created state counts here; CUDA: ~0): the predicted peak is compared with peak - baseline.
     memory.warm_runtime(device)
@@ -125,12 +121,11 @@ def build(cfg: RunConfig, info: DistInfo, batch: dict) -> Built:
                             fused=fused or None, foreach=None if fused else True)
     data = build_data(cfg.data, cfg.model.vocab_size, cfg.micro_batch, cfg.seq_len, cfg.seed, device,
                       batch["dp_size"] * batch["grad_accum"], tokenizer_dir=cfg.model.hf_path)
-    pred_time = predict_step_columns(cfg, info, batch, peak, mem_bw, link_bw, by_kind=by_kind)
+    pred_time = predict_step_columns(cfg, info, batch, peak, mem_bw, link_bw)
     static = {
         "params": n_params,
         **pred_time, "mem_bw_bytes_per_s": mem_bw, "mem_bw_source": mem_bw_source,
         "link_bw_bytes_per_s": link_bw, "link_bw_source": link_bw_source,
-        "link_bw_by_kind": by_kind, "link_bw_by_kind_source": by_kind_source,
         "flops_per_token": train_flops_per_token(cfg.model, cfg.seq_len),
         "recompute_flops_per_token": recompute_flops_per_token(cfg.model, cfg.seq_len, s),
         "peak_flops": peak, "peak_flops_source": peak_source, **probe_stats,
@@ -339,18 +334,30 @@ def combine(per_rank: list[dict], static: dict, losses: list[float], world_size:
     return out, times
 
 
-def predict_from_parts(cfg: RunConfig, info: DistInfo, b: Built) -> dict:
-    """``probe_parts``: the model's parts (bench/measure/parts.py: cached for this shape and host, or timed on
-    every rank at once now, the slowest rank's) and the step prediction redone with them (the columns it
-    replaces, plus ``pred_parts`` with their source)."""
-    local_ranks = max(1, info.world_size // max(1, info.nnodes))
-    parts, source = get_parts(cfg.model, cfg.micro_batch, cfg.seq_len, info.device, local_ranks,
-                              gather=lambda obj: gather_objects(obj, info),
-                              barrier=dist.barrier if info.world_size > 1 else (lambda: None), is_main=info.is_main)
-    st = b.static
-    return {**predict_step_columns(cfg, info, b.batch, st["peak_flops"], st["mem_bw_bytes_per_s"],
-                                   st["link_bw_bytes_per_s"], parts, st["link_bw_by_kind"]),
-            "pred_parts": {**asdict(parts), "source": source}}
+def finish_prediction(cfg: RunConfig, info: DistInfo, b: Built) -> dict:
+    """After the timed window (their buffers must not sit in the measured peak): each collective's bus bandwidth
+    (bench/measure/bandwidth.py; on a CPU host with no spare core with the ranks' compute threads busy, which is
+    how this run's collectives ran) and, with ``probe_parts``, the model's parts (bench/measure/parts.py: cached
+    for this shape and host, or timed on every rank at once now, the slowest rank's); the step prediction redone
+    with them (the columns it replaces, ``link_bw_by_kind``, ``pred_parts``)."""
+    out: dict = {}
+    by_kind = None
+    if info.world_size > 1:
+        by_kind, source = collective_bandwidths(info.device, contended=not _overlap(info))
+        out.update(link_bw_by_kind=by_kind, link_bw_by_kind_source=source)
+    parts = None
+    if cfg.probe_parts:
+        local_ranks = max(1, info.world_size // max(1, info.nnodes))
+        parts, source = get_parts(cfg.model, cfg.micro_batch, cfg.seq_len, info.device, local_ranks,
+                                  gather=lambda obj: gather_objects(obj, info),
+                                  barrier=dist.barrier if info.world_size > 1 else (lambda: None),
+                                  is_main=info.is_main)
+        out["pred_parts"] = {**asdict(parts), "source": source}
+    if by_kind or parts:
+        st = b.static
+        out.update(predict_step_columns(cfg, info, b.batch, st["peak_flops"], st["mem_bw_bytes_per_s"],
+                                        st["link_bw_bytes_per_s"], parts, by_kind))
+    return out
 
 
 def train(cfg: RunConfig, info: DistInfo, progress: Progress | None = None,
@@ -369,8 +376,8 @@ def train(cfg: RunConfig, info: DistInfo, progress: Progress | None = None,
         mine.update(measure_comm(step_fn, cfg.warmup + cfg.steps))
     if status == "ok" and cfg.measure_overlap and info.world_size > 1:
         mine.update(measure_overlap(step_fn, cfg.warmup + cfg.steps + 1, info.device))
-    if status == "ok" and cfg.probe_parts:
-        b.static.update(predict_from_parts(cfg, info, b))
+    if status == "ok":
+        b.static.update(finish_prediction(cfg, info, b))
     out, times = combine(gather_objects(mine, info), b.static, losses, info.world_size)
     reason = implausible(out) if times else None
     if reason and status == "ok":
