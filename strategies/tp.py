@@ -32,7 +32,7 @@ norms and the residual stream are 1/tp too.
 from __future__ import annotations
 
 import contextlib
-from functools import partial
+from functools import cache, partial
 
 from torch import nn
 
@@ -56,11 +56,13 @@ def tp_local_shape(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...
     return shape
 
 
+@cache
 def _styles(conv1d: bool):
     """(column-parallel, row-parallel) style classes: torch's for ``nn.Linear``; for GPT-2's ``Conv1D`` (weight
     stored (in, out), ``y = x @ W + b``) the same styles with the weight split along the other dimension --
     columns: weight Shard(1), bias Shard(0); rows: weight Shard(0), bias whole. Forward and backward are then
-    DTensor's own ``addmm`` sharding rules, as for a Linear."""
+    DTensor's own ``addmm`` sharding rules, as for a Linear. Built on first use (this module is imported by
+    the planner without torch's tensor-parallel machinery) and once per process (cached)."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
     if not conv1d:

@@ -165,6 +165,31 @@ def test_a_contended_probe_is_used_but_never_cached(monkeypatch, tmp_path):
     assert peak == 5e9 and source == "probe:measured matmul fp32" and (tmp_path / "peak_flops.json").exists()
 
 
+def test_a_probe_cached_on_another_cpu_model_is_not_read_back(monkeypatch, tmp_path):
+    """The cache directory travels (a shared home, a copied ~/.cache): a value probed with another CPU model,
+    thread count or torch version must be probed again, not read as this host's."""
+    monkeypatch.setenv("N00BGPT_CACHE_DIR", str(tmp_path))
+    rates = iter([7e9, 3e9, 4e9, 5e9])
+    monkeypatch.setattr(peak_flops, "probe_peak_flops", lambda d, t: peak_flops.Probe(next(rates), 0.01, 0.99))
+    monkeypatch.setattr(peak_flops, "cpu_model", lambda: "Intel(R) Xeon(R) Platinum 8481C")
+    assert peak_flops.get_peak_flops(torch.device("cpu"), "fp32")[:2] == (7e9, "probe:measured matmul fp32")
+    monkeypatch.setattr(peak_flops, "cpu_model", lambda: "AMD EPYC 9B14")
+    assert peak_flops.get_peak_flops(torch.device("cpu"), "fp32")[:2] == (3e9, "probe:measured matmul fp32")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert peak_flops.get_peak_flops(torch.device("cpu"), "fp32")[0] == 4e9
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(torch, "__version__", "9.9.9")
+    assert peak_flops.get_peak_flops(torch.device("cpu"), "fp32")[0] == 5e9
+    monkeypatch.undo()  # back to the AMD model, this torch and thread count: that value, from the cache
+    monkeypatch.setenv("N00BGPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(peak_flops, "cpu_model", lambda: "AMD EPYC 9B14")
+    assert peak_flops.get_peak_flops(torch.device("cpu"), "fp32")[:2] == (3e9, f"probe:cached matmul fp32 "
+                                                                              f"({tmp_path / 'peak_flops.json'})")
+
+
 def test_probe_reports_its_own_cpu_share_under_load():
     """Real probes: alone, the probe's CPU share is near 1; with the probe thread forced to share its core
     with a spinning process (both pinned to one core), it drops clearly -- the contention signal."""

@@ -18,13 +18,11 @@ contended and is used for this run only, never cached).
 
 from __future__ import annotations
 
-import platform
 import time
 
 import torch
 
-from bench.measure.host import cpu_model
-from bench.measure.peak_flops import CONTENDED_SPREAD, cache_get, cache_put
+from bench.measure.peak_flops import CONTENDED_SPREAD, cache_get, cache_put, probe_key
 
 
 def _best(trial, repeats: int) -> tuple[float, float]:
@@ -35,13 +33,9 @@ def _best(trial, repeats: int) -> tuple[float, float]:
     return best, (best - min(rates)) / best
 
 
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-
-
 def memory_bandwidth(device: torch.device, numel: int = 32 * 2**20, repeats: int = 5) -> tuple[float, str]:
     """(bytes/s, source) of ``c = a + b`` on ``device`` (see the module docstring)."""
-    key = f"membw|{platform.node()}|{device.type}|{_device_name(device)}|threads={torch.get_num_threads()}"
+    key = probe_key("membw", device)
     hit = cache_get(key)
     if hit is not None:
         return hit, "probe:cached add"
@@ -68,7 +62,7 @@ def link_bandwidth(device: torch.device, nbytes: int = 16 * 2**20, repeats: int 
     import torch.distributed as dist
 
     n, backend = dist.get_world_size(), dist.get_backend()
-    key = f"link|{platform.node()}|{backend}|world={n}|{_device_name(device)}"
+    key = probe_key("link", device, backend, f"world={n}")
     hit = torch.tensor([cache_get(key) or 0.0], dtype=torch.float64, device=device)
     dist.all_reduce(hit, op=dist.ReduceOp.MIN)  # every rank must agree to skip the probe
     if hit.item() > 0:
@@ -104,8 +98,7 @@ def collective_bandwidths(device: torch.device, contended: bool = False, nbytes:
     import torch.distributed as dist
 
     n, backend = dist.get_world_size(), dist.get_backend()
-    key = (f"coll|{platform.node()}|{backend}|world={n}|{_device_name(device)}|threads={torch.get_num_threads()}|"
-           f"contended={contended}")
+    key = probe_key("coll", device, backend, f"world={n}", f"contended={contended}")
     hit = torch.tensor([cache_get(f"{key}|{k}") or 0.0 for k in COLLECTIVES], dtype=torch.float64, device=device)
     dist.all_reduce(hit, op=dist.ReduceOp.MIN)  # every rank must agree to skip the probe
     how = "contended " if contended else ""

@@ -32,15 +32,13 @@ import dataclasses
 import hashlib
 import math
 import os
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from bench.measure.host import cpu_model
-from bench.measure.peak_flops import cache_get, cache_put
+from bench.measure.peak_flops import cache_get, cache_put, probe_key
 from models import build_model
 from models.config import GPTConfig
 
@@ -152,10 +150,8 @@ def probe_parts(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.de
 
 
 def _key(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.device, local_ranks: int) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     shape = hashlib.sha1(repr(dataclasses.replace(cfg, name="", hf_path=None)).encode()).hexdigest()[:12]
-    return (f"parts|{platform.node()}|{device.type}|{name}|threads={torch.get_num_threads()}|ranks={local_ranks}|"
-            f"torch={torch.__version__}|model={shape}|mb={micro_batch}|seq={seq_len}")
+    return probe_key("parts", device, f"ranks={local_ranks}", f"model={shape}", f"mb={micro_batch}", f"seq={seq_len}")
 
 
 def get_parts(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.device, local_ranks: int,

@@ -85,9 +85,18 @@ def _cache_path() -> Path:
     return Path(os.environ.get("N00BGPT_CACHE_DIR", Path.home() / ".cache" / "n00bgpt")) / "peak_flops.json"
 
 
-def _probe_key(device: torch.device, dtype: str) -> str:
+def probe_key(kind: str, device: torch.device, *fields) -> str:
+    """The cache key of a probe of ``kind`` on this host: host name, device type and model (the CPU's or the
+    GPU's), compute threads and torch version, then ``fields`` (what else the probe's value depends on). One
+    key format for every cached probe (matmul peak, bandwidths, the model's parts): a value measured on
+    another host, CPU model, thread count or torch is never read back as this one's."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-    return f"{platform.node()}|{device.type}|{name}|{dtype}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    return "|".join(map(str, (kind, platform.node(), device.type, name, f"threads={torch.get_num_threads()}",
+                              f"torch={torch.__version__}", *fields)))
+
+
+def _probe_key(device: torch.device, dtype: str) -> str:
+    return probe_key("matmul", device, dtype)
 
 
 def get_peak_flops(device: torch.device, dtype: str, allow_probe: bool = True) -> tuple[float | None, str, dict]:
