@@ -3,6 +3,7 @@ arithmetic, against independently computed numbers."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -102,6 +103,34 @@ def test_tuner_overrides_rebuild_every_planned_strategy():
         assert StrategyConfig(**typed) == s
 
 
+def test_tuner_candidates_and_ranking_use_each_compute_dtypes_parts():
+    """The tuner runs only what the step model describes -- never compile (its fusions are not modelled), and on
+    a CPU fp32 only -- and predicts each strategy from the parts of its own compute dtype: with bf16 parts twice
+    as fast as tf32 ones, every bf16 strategy is predicted faster than the same strategy in tf32, by the
+    parts' arithmetic."""
+    from bench.tune.__main__ import TuneArgs, candidates, ranked
+
+    args = TuneArgs(model="mini", world_size=2, micro_batch=2, seq_len=64)
+    gpu, note = candidates(args, "cuda", 80.0)
+    assert gpu and not any(s.compile for s in gpu) and {s.amp for s in gpu} == {"fp32", "bf16"}
+    assert note.startswith(f"{len(gpu)} candidates; left out: ") and " with compile (not modelled)" in note
+    cpu, note = candidates(args, "cpu", 80.0)
+    assert cpu and {(s.amp, s.compile) for s in cpu} == {("fp32", False)} and "16-bit on a CPU" in note
+    assert candidates(args, "cpu", 1e-3)[0] == []  # nothing fits
+    tf32 = Parts(0.02, 0.015, 0.03, 0.02, 1e-9, 2e-9)
+    bf16 = Parts(*(v / 2 for v in dataclasses.astuple(tf32)))
+    rates = Rates(1e12, 1e12, 1e11)
+    rows = {r["strategy"]: r for r in ranked(args, rates, "cuda", gpu, {"tf32": tf32, "bf16": bf16})}
+    assert [r["pred_tokens_per_sec"] for r in rows.values()] == sorted(
+        (r["pred_tokens_per_sec"] for r in rows.values()), reverse=True)
+    cfg = get_config("mini")
+    for s in gpu:
+        own = {"bf16": bf16, "fp32": tf32}[s.amp]  # fp32 on a GPU runs tf32 matmuls (tf32=true by default)
+        want = predict_step(cfg, s, 2, 2, 64, 1, dataclasses.replace(rates, parts=own))["tokens_per_sec"]
+        assert rows[s.canonical_name]["pred_tokens_per_sec"] == pytest.approx(want)
+    assert rows["ddp+bf16"]["pred_tokens_per_sec"] > rows["ddp"]["pred_tokens_per_sec"]
+
+
 def test_tuner_errors_and_report():
     row = {"strategy": "ddp", "pred_step_time_s": 0.9, "step_time_median_s": 1.0, "matmul_time_s": 0.5,
            "compute_time_s": 0.8, "exposed_comm_s": 0.1, "tokens_per_sec": 100.0, "pred_tokens_per_sec": 110.0,
@@ -177,16 +206,46 @@ def _link_worker(rank: int, world_size: int, cache: str):
 
 
 def test_readme_error_budget_is_the_committed_rows():
-    """README's error-budget table is recomputed from results/tune-cpu (python -m bench.tune's rows)."""
-    from bench.tune.__main__ import budget_table
-    from reports.load import load
+    """README's error-budget table is recomputed from the committed rows: results/tune-cpu (python -m bench.tune's
+    rows, each with its own prediction) and results/gpu (predicted from datasheet rates)."""
+    from bench.tune.budget import SETS, budget_table, load_set
     from tests.helpers import ROOT
 
-    df = load(ROOT / "results" / "tune-cpu")
-    rows = df[df.status == "ok"].to_dict("records")
-    assert len(rows) == 6 and all(r["pred_step_time_s"] > 0 and r["matmul_time_s"] > 0 for r in rows)
-    table = budget_table({"results/tune-cpu (mini, 2 gloo ranks, CPU fp32)": rows})
-    assert table in (ROOT / "README.md").read_text()
+    tune, gpu = (load_set(*where) for where in SETS.values())
+    assert len(tune) == 6 and all(r["pred_step_time_s"] > 0 and r["matmul_time_s"] > 0 for r in tune)
+    assert len(gpu) == 10 and all(r["pred_rates_source"].startswith("datasheet:H100 SXM5 ") for r in gpu)
+    assert budget_table() in (ROOT / "README.md").read_text()
+
+
+def test_datasheet_prediction_of_a_gpu_row_takes_its_compute_dtypes_peak():
+    """A committed H100 row is predicted from the datasheet peak of the dtype its matmuls ran in: the fp32 run
+    with TF32 allowed at 494.7 TFLOP/s, the bf16 run at 989.4 -- for the same model and shape, compute exactly
+    half; compute is the model's FLOPs counted by FlopCounterMode (on meta tensors) over that peak; rows from
+    before the chunked loss predict the plain head they ran."""
+    import json
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.tune.budget import datasheet_prediction
+    from models import build_model
+    from tests.helpers import ROOT
+
+    rows = {json.loads(line)["config"]["tag"]: json.loads(line)
+            for line in (ROOT / "results" / "gpu" / "runs.jsonl").read_text().splitlines()}
+    tf32, bf16 = rows["gpu_suite:small-tf32"], rows["gpu_suite:small-bf16"]
+    p32, p16 = datasheet_prediction(tf32), datasheet_prediction(bf16)
+    assert (p32["pred_rates_source"], p16["pred_rates_source"]) == ("datasheet:H100 SXM5 tf32",
+                                                                     "datasheet:H100 SXM5 bf16")
+    assert p32["pred_step_breakdown"]["compute_s"] == pytest.approx(2 * p16["pred_step_breakdown"]["compute_s"])
+    model = build_model(get_config("gpt2-small", pad_vocab_to=64, loss_chunk=0), "meta")
+    B, T = bf16["micro_batch"], bf16["seq_len"]
+    idx = torch.zeros(B, T, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        model(idx, idx).backward()
+    assert p16["pred_step_breakdown"]["compute_s"] == pytest.approx(counter.get_total_flops() / 989.4e12, rel=1e-3)
+    assert p16["pred_step_time_s"] == pytest.approx(sum(p16["pred_step_breakdown"][k] for k in (
+        "compute_s", "memory_s", "exposed_comm_s", "bubble_s")))
+    assert p16["pred_tokens_per_sec"] == pytest.approx(B * T / p16["pred_step_time_s"])
 
 
 # ---------------------------------------------------------------------------------- the model's own parts
@@ -237,6 +296,43 @@ def test_the_matmul_probes_do_exactly_the_parts_matmuls(preset):
 
     assert flops(w["block_matmul"]) == flops(w["block"]) > 0
     assert flops(w["rest_matmul"]) == flops(w["rest"]) > 0
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_parts_run_their_matmuls_in_the_runs_compute_dtype(dtype):
+    """Every matmul of every timed part (the model's block and rest under autocast as the harness runs them, and
+    the matmul probes) takes inputs of the run's compute dtype, and the FLOPs still match part for part."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tests.test_parity import model_cfg
+
+    mm_ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+    class Dtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in mm_ops:
+                self.seen.update(a.dtype for a in args if isinstance(a, torch.Tensor))
+            return func(*args, **(kwargs or {}))
+
+    w = workloads(model_cfg("tiny"), 2, 32, torch.device("cpu"), dtype)
+    want = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    with w["precision"]:
+        for part in ("block", "block_matmul", "rest", "rest_matmul"):
+            with Dtypes() as mode:
+                w[part]()
+            assert mode.seen == {want}, (part, mode.seen)
+        with FlopCounterMode(display=False) as a:
+            w["block"]()
+        with FlopCounterMode(display=False) as b:
+            w["block_matmul"]()
+        assert a.get_total_flops() == b.get_total_flops() > 0
+    with pytest.raises(ValueError, match="dtype='int8'.*fp32, tf32, bf16, fp16"):
+        workloads(model_cfg("tiny"), 2, 32, torch.device("cpu"), "int8")
 
 
 def _parts_worker(rank: int, world_size: int, cache: str) -> list[dict]:

@@ -351,7 +351,7 @@ def finish_prediction(cfg: RunConfig, info: DistInfo, b: Built) -> dict:
         parts, source = get_parts(cfg.model, cfg.micro_batch, cfg.seq_len, info.device, local_ranks,
                                   gather=lambda obj: gather_objects(obj, info),
                                   barrier=dist.barrier if info.world_size > 1 else (lambda: None),
-                                  is_main=info.is_main)
+                                  is_main=info.is_main, dtype=cfg.strategy.compute_dtype_name(info.device.type))
         out["pred_parts"] = {**asdict(parts), "source": source}
     if by_kind or parts:
         st = b.static

@@ -17,17 +17,21 @@ computing too), after the timed window so it cannot disturb it:
 - ``adamw_s_per_param``: one AdamW step per parameter, fused (plain tensors) and foreach (DTensors), over the
   one-layer model's parameters.
 
-Every figure is the median of ``repeats`` timings after one untimed warm-up, seconds per micro-batch (per
-parameter for AdamW), the slowest rank's (max: the ranks of a step finish together). bench/plan/steptime.py
-turns them into per-strategy step times (``Parts``). The parts do not depend on the strategy, so
-``get_parts`` caches them like the matmul peak (host, device, threads, ranks on the host, torch, model shape,
-micro-batch, sequence; ``N00BGPT_PEAK_CACHE=0`` measures afresh): every run of a tuning sweep then predicts
-from the same measurement, and ``torchrun --nproc_per_node=N -m bench.measure.parts model=... micro_batch=...
-seq_len=...`` measures them first (python -m bench.tune does).
+The matmuls run in the run's compute dtype (``dtype``: strategies/amp.py ``compute_dtype_name``): under bf16 or
+fp16 the parts' forward runs in autocast, as the harness runs it, and the matmul probes' tensors are 16-bit; on
+a GPU 'tf32' and 'fp32' allow TF32 matmuls or not. Every figure is the median of ``repeats`` timings after one
+untimed warm-up, seconds per micro-batch (per parameter for AdamW), the slowest rank's (max: the ranks of a
+step finish together). bench/plan/steptime.py turns them into per-strategy step times (``Parts``). The parts
+depend on the strategy only through its compute dtype, so ``get_parts`` caches them like the matmul peak (host,
+device, threads, ranks on the host, torch, model shape, micro-batch, sequence, dtype; ``N00BGPT_PEAK_CACHE=0``
+measures afresh): every run of a tuning sweep then predicts from the same measurement, and ``torchrun
+--nproc_per_node=N -m bench.measure.parts model=... micro_batch=... seq_len=... dtype=...`` measures them
+first (python -m bench.tune does).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -41,6 +45,8 @@ import torch.nn.functional as F
 from bench.measure.peak_flops import cache_get, cache_put, probe_key
 from models import build_model
 from models.config import GPTConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # autocast's 16-bit matmul dtypes
 
 
 @dataclasses.dataclass
@@ -72,10 +78,13 @@ def _part(cfg: GPTConfig, device: torch.device, with_block: bool) -> torch.nn.Mo
     return m
 
 
-def _step(module: torch.nn.Module, args: tuple, grad: torch.Tensor | None, sync):
-    """Forward + backward of ``module(*args)`` (with ``grad`` as the output's gradient, or a scalar loss)."""
+def _step(module: torch.nn.Module, args: tuple, grad: torch.Tensor | None, sync, forward_ctx):
+    """Forward (in ``forward_ctx()``) + backward of ``module(*args)`` (with ``grad`` as the output's gradient, or
+    a scalar loss)."""
     def run():
-        module(*args).backward(grad)
+        with forward_ctx():
+            out = module(*args)
+        out.backward(grad)
         sync()
     return run
 
@@ -87,11 +96,11 @@ def _gemm_shapes(cfg: GPTConfig) -> list[tuple[int, int]]:
     return [(d, 3 * d), (d, d), *mlp]
 
 
-def _gemms(rows: int, shapes: list[tuple[int, int]], device, repeat: int = 1):
+def _gemms(rows: int, shapes: list[tuple[int, int]], device, repeat: int = 1, dtype=torch.float32):
     """A function running, ``repeat`` times, forward + both backward GEMMs of each (in, out) at ``rows`` rows."""
     g = torch.Generator(device=device).manual_seed(0)
-    mats = [(torch.randn(rows, i, device=device, generator=g), torch.randn(o, i, device=device, generator=g),
-             torch.randn(rows, o, device=device, generator=g)) for i, o in shapes]
+    mats = [tuple(torch.randn(*shape, device=device, generator=g).to(dtype) for shape in ((rows, i), (o, i), (rows, o)))
+            for i, o in shapes]
 
     def run():
         for _ in range(repeat):
@@ -102,10 +111,38 @@ def _gemms(rows: int, shapes: list[tuple[int, int]], device, repeat: int = 1):
     return run
 
 
-def workloads(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.device) -> dict:
+def _precision(device: torch.device, dtype: str):
+    """The matmul precision of a run whose compute dtype (strategies/amp.py ``compute_dtype_name``) is ``dtype``:
+    (context for the model parts' forward, element dtype of the matmul probes' tensors, context for the whole
+    probe). 16-bit: autocast, as the harness runs forward + loss (under FSDP its mixed-precision policy casts
+    the parameters instead: the same 16-bit matmuls); 'tf32' / 'fp32' on CUDA: TF32 matmuls allowed or not,
+    restored afterwards."""
+    if dtype in ("bf16", "fp16"):
+        half = DTYPES[dtype]
+        return (lambda: torch.autocast(device.type, dtype=half)), half, contextlib.nullcontext()
+    if dtype not in ("fp32", "tf32"):
+        raise ValueError(f"parts dtype={dtype!r} is not one of fp32, tf32, bf16, fp16")
+    if device.type != "cuda":
+        return contextlib.nullcontext, torch.float32, contextlib.nullcontext()
+    return contextlib.nullcontext, torch.float32, _tf32(dtype == "tf32")
+
+
+@contextlib.contextmanager
+def _tf32(allow: bool):
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def workloads(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.device, dtype: str = "fp32") -> dict:
     """The functions ``probe_parts`` times, by part: ``block``, ``block_matmul``, ``rest``, ``rest_matmul`` (each
-    one forward + backward at ``micro_batch`` x ``seq_len``) and ``adamw_fused`` / ``adamw_foreach`` (one step
-    over the ``rest`` model's parameters, whose count is ``n_params``)."""
+    one forward + backward at ``micro_batch`` x ``seq_len``, matmuls in ``dtype``: ``_precision``) and
+    ``adamw_fused`` / ``adamw_foreach`` (one step over the ``rest`` model's fp32 parameters, whose count is
+    ``n_params``); ``precision``: the context every timing runs in."""
+    forward_ctx, mm_dtype, precision = _precision(device, dtype)
     one = dataclasses.replace(cfg, n_layer=1, hf_path=None, dropout=0.0)
     B, T, d, H = micro_batch, seq_len, cfg.n_embd, cfg.n_head
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -114,9 +151,10 @@ def workloads(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.devi
     targets = torch.randint(0, cfg.vocab_size, (B, T), device=device, generator=gen)
     x = torch.randn(B, T, d, device=device, generator=gen, requires_grad=True)
     gy = torch.randn(B, T, d, device=device, generator=gen)
-    q, k, v = (torch.randn(B, H, T, d // H, device=device, generator=gen, requires_grad=True) for _ in range(3))
-    go = torch.randn(B, H, T, d // H, device=device, generator=gen)
-    gemm = _gemms(B * T, _gemm_shapes(cfg), device)
+    q, k, v = (torch.randn(B, H, T, d // H, device=device, generator=gen, dtype=mm_dtype, requires_grad=True)
+               for _ in range(3))
+    go = torch.randn(B, H, T, d // H, device=device, generator=gen, dtype=mm_dtype)
+    gemm = _gemms(B * T, _gemm_shapes(cfg), device, dtype=mm_dtype)
 
     def block_matmul():
         gemm()
@@ -124,49 +162,53 @@ def workloads(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.devi
         sync()
 
     chunk = min(cfg.loss_chunk if cfg.loss_chunk and cfg.source == "native" else B * T, B * T)
-    head = _gemms(chunk, [(d, cfg.padded_vocab_size)], device, repeat=math.ceil(B * T / chunk))
+    head = _gemms(chunk, [(d, cfg.padded_vocab_size)], device, repeat=math.ceil(B * T / chunk), dtype=mm_dtype)
     rest = _part(one, device, with_block=False)
     params = list(rest.parameters())
     for p in params:
         p.grad = torch.zeros_like(p)
     opts = {kind: torch.optim.AdamW(params, lr=1e-4, fused=kind == "fused" or None,
                                     foreach=kind == "foreach" or None) for kind in ("fused", "foreach")}
-    return {"block": _step(_part(one, device, with_block=True), (x,), gy, sync), "block_matmul": block_matmul,
-            "rest": _step(rest, (idx, targets), None, sync), "rest_matmul": lambda: (head(), sync()),
+    return {"block": _step(_part(one, device, with_block=True), (x,), gy, sync, forward_ctx),
+            "block_matmul": block_matmul, "rest": _step(rest, (idx, targets), None, sync, forward_ctx),
+            "rest_matmul": lambda: (head(), sync()),
             "adamw_fused": lambda: (opts["fused"].step(), sync()),
-            "adamw_foreach": lambda: (opts["foreach"].step(), sync()), "n_params": sum(p.numel() for p in params)}
+            "adamw_foreach": lambda: (opts["foreach"].step(), sync()), "n_params": sum(p.numel() for p in params),
+            "precision": precision}
 
 
 def probe_parts(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.device, repeats: int = 3,
-                barrier=lambda: None) -> Parts:
-    """Time the parts (module docstring) of ``cfg``'s model at ``micro_batch`` x ``seq_len`` on ``device``; each
-    timing starts with ``barrier()`` (the harness passes a process-group barrier, so the local ranks probe
-    together)."""
-    w = workloads(cfg, micro_batch, seq_len, device)
-    t = {name: _median_time(w[name], repeats, barrier) for name in
-         ("block", "block_matmul", "rest", "rest_matmul", "adamw_fused", "adamw_foreach")}
+                barrier=lambda: None, dtype: str = "fp32") -> Parts:
+    """Time the parts (module docstring) of ``cfg``'s model at ``micro_batch`` x ``seq_len`` on ``device``, matmuls
+    in ``dtype`` (fp32, tf32, bf16, fp16: the run's compute dtype); each timing starts with ``barrier()`` (the
+    harness passes a process-group barrier, so the local ranks probe together)."""
+    w = workloads(cfg, micro_batch, seq_len, device, dtype)
+    with w["precision"]:
+        t = {name: _median_time(w[name], repeats, barrier) for name in
+             ("block", "block_matmul", "rest", "rest_matmul", "adamw_fused", "adamw_foreach")}
     return Parts(t["block"], t["block_matmul"], t["rest"], t["rest_matmul"], t["adamw_fused"] / w["n_params"],
                  t["adamw_foreach"] / w["n_params"])
 
 
-def _key(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.device, local_ranks: int) -> str:
+def _key(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.device, local_ranks: int, dtype: str) -> str:
     shape = hashlib.sha1(repr(dataclasses.replace(cfg, name="", hf_path=None)).encode()).hexdigest()[:12]
-    return probe_key("parts", device, f"ranks={local_ranks}", f"model={shape}", f"mb={micro_batch}", f"seq={seq_len}")
+    return probe_key("parts", device, f"ranks={local_ranks}", f"model={shape}", f"mb={micro_batch}", f"seq={seq_len}",
+                     f"dtype={dtype}")
 
 
 def get_parts(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.device, local_ranks: int,
               gather=lambda obj: [obj], barrier=lambda: None, is_main: bool = True,
-              fresh: bool = False) -> tuple[Parts, str]:
-    """The parts (cached, or -- with ``fresh``, or none cached on some rank -- measured on every rank now, the
-    slowest rank's kept and cached) and where they came from. ``gather(obj)`` returns every rank's ``obj`` (a
-    collective: every rank calls it); only ``is_main`` writes the cache."""
-    key = _key(cfg, micro_batch, seq_len, device, local_ranks)
+              fresh: bool = False, dtype: str = "fp32") -> tuple[Parts, str]:
+    """The parts with matmuls in ``dtype`` (cached, or -- with ``fresh``, or none cached on some rank -- measured
+    on every rank now, the slowest rank's kept and cached) and where they came from. ``gather(obj)`` returns
+    every rank's ``obj`` (a collective: every rank calls it); only ``is_main`` writes the cache."""
+    key = _key(cfg, micro_batch, seq_len, device, local_ranks, dtype)
     fields = [f.name for f in dataclasses.fields(Parts)]
     use_cache = os.environ.get("N00BGPT_PEAK_CACHE", "1") != "0"
     cached = [cache_get(f"{key}|{f}") for f in fields] if use_cache and not fresh else [None]
     if all(all(v is not None for v in vals) for vals in gather(cached)):
         return Parts(*cached), "probe:cached parts"
-    ranks = gather(dataclasses.asdict(probe_parts(cfg, micro_batch, seq_len, device, barrier=barrier)))
+    ranks = gather(dataclasses.asdict(probe_parts(cfg, micro_batch, seq_len, device, barrier=barrier, dtype=dtype)))
     slowest = Parts(**{f: max(r[f] for r in ranks) for f in fields})
     if use_cache and is_main:
         for f in fields:
@@ -175,9 +217,10 @@ def get_parts(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.devi
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``torchrun --nproc_per_node=N -m bench.measure.parts model=mini micro_batch=4 seq_len=256``: measure now
-    (whatever is cached) and cache the parts for runs of that shape on N ranks of this host; rank 0 prints
-    them as JSON (python -m bench.tune runs this first, so all its runs predict from one measurement)."""
+    """``torchrun --nproc_per_node=N -m bench.measure.parts model=mini micro_batch=4 seq_len=256 [dtype=bf16]``:
+    measure now (whatever is cached) and cache the parts for runs of that shape and compute dtype (fp32, tf32,
+    bf16, fp16; default fp32) on N ranks of this host; rank 0 prints them as JSON (python -m bench.tune runs
+    this first, so all its runs predict from one measurement)."""
     import json
     import sys
 
@@ -197,7 +240,8 @@ def main(argv: list[str] | None = None) -> None:
             dist.all_gather_object(out, obj)
             return out
         local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
-        parts, source = get_parts(cfg, mb, seq, device, local, gather, dist.barrier, dist.get_rank() == 0, fresh=True)
+        parts, source = get_parts(cfg, mb, seq, device, local, gather, dist.barrier, dist.get_rank() == 0, fresh=True,
+                                  dtype=args.get("dtype", "fp32"))
         if dist.get_rank() == 0:
             print(json.dumps({"source": source, **dataclasses.asdict(parts)}))
     finally:

@@ -7,9 +7,10 @@
    the process group's all-reduce bus bandwidth (``torchrun -m bench.measure.bandwidth``; cached), and the
    model's own parts at the runs' shape (``torchrun -m bench.measure.parts``: measured now and cached; every
    run, started with ``probe_parts=true``, predicts from this measurement).
-2. The planner's strategies (bench/plan/__main__.py ``combinations``; on a CPU fp32 ones without compile,
-   which the probes describe) that fit ``device_memory_gib``, ranked by predicted tokens/s
-   (bench/plan/steptime.py; overlap as this host allows it).
+2. The planner's strategies (bench/plan/__main__.py ``combinations``) that fit ``device_memory_gib`` and that
+   the step model describes (eager: compile's fusions are not modelled; on a CPU fp32 only), ranked by
+   predicted tokens/s (bench/plan/steptime.py, each with the parts of its compute dtype -- fp32, tf32, bf16 --
+   measured once per dtype; overlap as this host allows it).
 3. The top ``top`` run through the harness (``torchrun bench/run.py``, rows in ``results_dir``); each row
    carries its own prediction (from the rates it measured) and the measured components (the profiled
    steps: bench/measure/overlap.py).
@@ -36,6 +37,7 @@ from bench.launch.suite import ROOT, launcher
 from bench.plan.__main__ import PlanArgs, combinations, model_config
 from bench.plan.costmodel import predict_memory
 from bench.plan.steptime import Rates, can_overlap, predict_step
+from bench.tune.budget import errors, median
 from models.config import PRESETS
 from reports.cli import UsageError, fail, opt, parse
 from strategies.config import StrategyConfig
@@ -92,61 +94,57 @@ def measure_rates(world: int, device_type: str) -> tuple[Rates, dict]:
     return rates, {"peak_source": source, **bw}
 
 
-def measure_parts(args: TuneArgs, seq: int):
-    """The model's parts at the runs' shape on ``world_size`` ranks, measured now and cached, so that every run
-    (``probe_parts=true``) predicts from this one measurement (bench/measure/parts.py)."""
+def measure_parts(args: TuneArgs, seq: int, dtype: str):
+    """The model's parts at the runs' shape on ``world_size`` ranks with matmuls in ``dtype``, measured now and
+    cached, so that every run (``probe_parts=true``) of that compute dtype predicts from this one measurement
+    (bench/measure/parts.py)."""
     from bench.measure.parts import Parts
 
     out = subprocess.run([*launcher(args.world_size), "-m", "bench.measure.parts", f"model={args.model}",
-                          f"micro_batch={args.micro_batch}", f"seq_len={seq}"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          f"micro_batch={args.micro_batch}", f"seq_len={seq}", f"dtype={dtype}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if out.returncode:
-        raise RuntimeError(f"parts probe failed: {out.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"parts probe ({dtype}) failed: {out.stderr.strip().splitlines()[-1:]}")
     got = json.loads(out.stdout.strip().splitlines()[-1])
     got.pop("source")
     return Parts(**got)
 
 
-def ranked(args: TuneArgs, rates: Rates, device_type: str, memory_gib: float) -> list[dict]:
-    """The planner's candidates that fit, fastest predicted first."""
+def candidates(args: TuneArgs, device_type: str, memory_gib: float) -> tuple[list[StrategyConfig], str]:
+    """The planner's strategies (bench/plan/__main__.py ``combinations``) that fit ``memory_gib`` per rank and that
+    the step model describes, and a line saying what was left out: compile (its fusions are not modelled: the
+    parts are timed eager) and, on a CPU, 16-bit ones (~250x slower than fp32 without native bf16)."""
+    cfg = model_config(PlanArgs(model=args.model, world_size=args.world_size), [])
+    seq = args.seq_len or cfg.block_size
+    out, compiled, half, too_big = [], 0, 0, 0
+    for s in combinations(args.world_size, cfg, args.micro_batch, seq):
+        if s.compile:
+            compiled += 1
+        elif device_type == "cpu" and s.amp != "fp32":
+            half += 1
+        elif predict_memory(cfg, s, args.world_size, args.micro_batch, seq)["total"] > memory_gib * GIB:
+            too_big += 1
+        else:
+            out.append(s)
+    note = (f"{len(out)} candidates; left out: {compiled} with compile (not modelled), "
+            + (f"{half} 16-bit on a CPU, " if device_type == "cpu" else "") + f"{too_big} over {memory_gib:.1f} GiB")
+    return out, note
+
+
+def ranked(args: TuneArgs, rates: Rates, device_type: str, strategies: list[StrategyConfig],
+           parts: dict | None = None) -> list[dict]:
+    """``strategies`` fastest predicted first, each predicted from ``rates`` with the parts of its compute dtype
+    (``parts``: {dtype: Parts}; none: the generic rates)."""
     cfg = model_config(PlanArgs(model=args.model, world_size=args.world_size), [])
     seq = args.seq_len or cfg.block_size
     overlap = can_overlap(device_type, args.world_size, 1, len(os.sched_getaffinity(0)))  # torchrun: 1 thread
     rows = []
-    for s in combinations(args.world_size, cfg, args.micro_batch, seq):
-        if device_type == "cpu" and (s.amp != "fp32" or s.compile):
-            continue  # the CPU probes are fp32 eager: bf16 runs ~250x slower there, compile is not modelled
-        mem = predict_memory(cfg, s, args.world_size, args.micro_batch, seq)["total"]
-        if mem > memory_gib * GIB:
-            continue
-        t = predict_step(cfg, s, args.world_size, args.micro_batch, seq, 1, rates, overlap)
+    for s in strategies:
+        r = dataclasses.replace(rates, parts=(parts or {}).get(s.compute_dtype_name(device_type)))
+        t = predict_step(cfg, s, args.world_size, args.micro_batch, seq, 1, r, overlap)
         rows.append({"strategy": s.canonical_name, "config": s, "pred_tokens_per_sec": t["tokens_per_sec"],
                      "pred_step_s": t["step_s"]})
     return sorted(rows, key=lambda r: -r["pred_tokens_per_sec"])
-
-
-def _median(values) -> float:
-    """The median of the values that are not None (nan for none)."""
-    v = sorted(x for x in values if x is not None)
-    if not v:
-        return float("nan")
-    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
-
-
-def _err(pred, meas) -> float | None:
-    if pred is None or meas is None or not meas or meas != meas:
-        return None
-    return (pred - meas) / meas
-
-
-def errors(row: dict) -> dict:
-    """Signed relative errors (predicted - measured) / measured of one row: step and components."""
-    b = row.get("pred_step_breakdown") or {}
-    matmul, compute = row.get("matmul_time_s"), row.get("compute_time_s")
-    return {"step": _err(row.get("pred_step_time_s"), row.get("step_time_median_s")),
-            "compute": _err(b.get("compute_s"), matmul),
-            "memory": _err(b.get("memory_s"), None if matmul is None or compute is None else compute - matmul),
-            "exposed_comm": _err(b.get("exposed_comm_s"), row.get("exposed_comm_s"))}
 
 
 def report(rows: list[dict]) -> str:
@@ -165,9 +163,9 @@ def report(rows: list[dict]) -> str:
                       "exposed comm error": pct(e["exposed_comm"])})
     pred_order = [r["strategy"] for r in sorted(rows, key=lambda r: -r["pred_tokens_per_sec"])]
     meas_order = [r["strategy"] for r in sorted(rows, key=lambda r: -r["tokens_per_sec"])]
-    median = _median([abs(errors(r)["step"]) for r in rows if errors(r)["step"] is not None])
+    median_err = median([abs(errors(r)["step"]) for r in rows if errors(r)["step"] is not None])
     return (pd.DataFrame(table).to_markdown(index=False)
-            + f"\n\nmedian |step error|: {median:.1%}; predicted order: {', '.join(pred_order)}; measured order: "
+            + f"\n\nmedian |step error|: {median_err:.1%}; predicted order: {', '.join(pred_order)}; measured order: "
             + f"{', '.join(meas_order)} ({'agrees' if pred_order == meas_order else 'differs'})\n")
 
 
@@ -181,20 +179,21 @@ def main(argv: list[str] | None = None) -> int:
                                             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
                                             / args.world_size)
     try:
+        fits, note = candidates(args, device_type, memory_gib)
+        if not fits:
+            fail("python -m bench.tune", f"no strategy for {args.model} fits {memory_gib:.1f} GiB per rank ({note})")
+        print(f"[tune] {note}", flush=True)
         rates, sources = measure_rates(args.world_size, device_type)
         seq = args.seq_len or model_config(PlanArgs(model=args.model, world_size=args.world_size), []).block_size
-        rates.parts = measure_parts(args, seq)
-        candidates = ranked(args, rates, device_type, memory_gib)
+        parts = {dt: measure_parts(args, seq, dt) for dt in sorted({s.compute_dtype_name(device_type) for s in fits})}
+        chosen = ranked(args, rates, device_type, fits, parts)[:args.top]
     except (RuntimeError, ValueError) as exc:
         fail("python -m bench.tune", str(exc))
-    if not candidates:
-        fail("python -m bench.tune", f"no strategy for {args.model} fits {memory_gib:.1f} GiB per rank")
     print(f"[tune] rates: {rates.matmul_flops / 1e9:.1f} GFLOP/s matmul ({sources['peak_source']}), "
           f"{rates.mem_bw / 1e9:.1f} GB/s memory, "
           + (f"{rates.link_bw / 1e9:.2f} GB/s link (all-reduce); by collective "
              + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in rates.link_bw_by_kind.items())
              + f" GB/s ({sources['link_by_kind_source']})" if rates.link_bw else "one rank"), flush=True)
-    chosen = candidates[:args.top]
     results = Path(args.results_dir)
     tag = f"tune:{os.getpid()}"
     for i, c in enumerate(chosen):
@@ -218,28 +217,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def budget_row(name: str, rows: list[dict]) -> dict:
-    """One line of README's error budget: the median and largest |step error| over ``rows``, the median
-    signed error of each component, and whether the top 3 by prediction are the top 3 measured, in order."""
-    errs = [errors(r) for r in rows]
-    median = _median
-
-    def pct(v):
-        return f"{v:+.1%}"
-
-    steps = [abs(e["step"]) for e in errs]
-    pred = [r["strategy"] for r in sorted(rows, key=lambda r: -r["pred_tokens_per_sec"])][:3]
-    meas = [r["strategy"] for r in sorted(rows, key=lambda r: -r["tokens_per_sec"])][:3]
-    return {"rows": name, "runs": len(rows), "median abs step error": f"{median(steps):.1%}",
-            "max abs step error": f"{max(steps):.1%}",
-            **{f"median {k} error": pct(median(e[k] for e in errs)) for k in ("compute", "memory", "exposed_comm")},
-            "top 3 order": "agrees" if pred == meas else f"differs (predicted {', '.join(pred)}; measured "
-                                                           f"{', '.join(meas)})"}
-
-
-def budget_table(sets: dict[str, list[dict]]) -> str:
-    import pandas as pd
-
-    return pd.DataFrame([budget_row(name, rows) for name, rows in sets.items()]).to_markdown(index=False)

@@ -1,0 +1,138 @@
+"""The step-time model's error budget: how far its predictions are from committed measured rows (README).
+
+    python -m bench.tune.budget        # the table README shows, from results/tune-cpu and results/gpu
+
+Two kinds of rows:
+
+- **the tuner's** (``python -m bench.tune``; results/tune-cpu): every row carries the prediction its own run
+  made from the rates it measured (the probes, the model's parts: ``pred_step_time_s``, ``pred_step_breakdown``),
+  set against the measured step and components (the profiled steps);
+- **rows without a prediction** (results/gpu: H100 rows measured before the step model existed): predicted here
+  the way the planner predicts a device not at hand (``python -m bench.plan device=...``): the row's model,
+  strategy and shape, its GPU's datasheet rates from bench/hardware.py (the dense peak in the row's compute
+  dtype, the HBM bandwidth; no efficiency factor, no parts). Their errors say how far datasheet rates alone are
+  from a measured GPU, which is what a user of the planner gets before renting one.
+
+Errors are signed, (predicted - measured) / measured. The top-3 check compares the three fastest predicted with
+the three fastest measured among the rows of the most common shape (model, micro-batch, sequence, ranks), so
+runs of different models are never ranked against each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+
+from bench.hardware import lookup_device
+from bench.plan.steptime import Rates, predict_step
+from models.config import GPTConfig, get_config
+from strategies.config import StrategyConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+SETS = {  # README's budget lines: label -> (folder of committed rows, how they are predicted)
+    "results/tune-cpu (mini, 2 gloo ranks, CPU fp32; the runs' own probes)": ("results/tune-cpu", "row"),
+    "results/gpu (H100, 1 GPU; datasheet rates only)": ("results/gpu", "datasheet"),
+}
+
+
+def median(values) -> float:
+    """The median of the values that are not None (nan for none)."""
+    v = sorted(x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x)))
+    if not v:
+        return float("nan")
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
+def _err(pred, meas) -> float | None:
+    if pred is None or meas is None or not meas or meas != meas:
+        return None
+    return (pred - meas) / meas
+
+
+def errors(row: dict) -> dict:
+    """Signed relative errors (predicted - measured) / measured of one row: step and components (None where the
+    row has no measured component)."""
+    b = row.get("pred_step_breakdown") or {}
+    matmul, compute = row.get("matmul_time_s"), row.get("compute_time_s")
+    if isinstance(matmul, float) and math.isnan(matmul):
+        matmul = None
+    return {"step": _err(row.get("pred_step_time_s"), row.get("step_time_median_s")),
+            "compute": _err(b.get("compute_s"), matmul),
+            "memory": _err(b.get("memory_s"), None if matmul is None or compute is None else compute - matmul),
+            "exposed_comm": _err(b.get("exposed_comm_s"), row.get("exposed_comm_s"))}
+
+
+def datasheet_prediction(row: dict, link_bw: float | None = None) -> dict:
+    """The planner's prediction for a committed GPU row from its device's datasheet rates (module docstring):
+    ``pred_step_time_s``, ``pred_tokens_per_sec``, ``pred_step_breakdown`` and ``pred_rates_source``.
+    ``link_bw`` (bus bytes/s) is needed beyond one rank."""
+    conf = row["config"]
+    known = {f.name for f in dataclasses.fields(GPTConfig)} - {"name"}
+    model = {k: v for k, v in conf["model"].items() if k in known}
+    model.setdefault("loss_chunk", 0)  # rows from before the chunked loss existed ran the plain head
+    cfg = get_config(conf["model"]["name"], **model)
+    s = StrategyConfig(**{k: v for k, v in conf["strategy"].items()
+                          if k in {f.name for f in dataclasses.fields(StrategyConfig)}})
+    found = lookup_device(row["device_name"])
+    if found is None:
+        raise ValueError(f"device {row['device_name']!r} is not in bench/hardware.py's table")
+    label, peaks, hbm = found
+    dtype = s.compute_dtype_name("cuda")
+    t = predict_step(cfg, s, row["world_size"], row["micro_batch"], row["seq_len"], row["grad_accum"],
+                     Rates(peaks[dtype], hbm, link_bw))
+    return {"pred_step_time_s": t["step_s"], "pred_tokens_per_sec": t["tokens_per_sec"],
+            "pred_step_breakdown": {k: v for k, v in t.items() if k.endswith("_s") and k != "step_s"},
+            "pred_rates_source": f"datasheet:{label} {dtype}"}
+
+
+def _top3(rows: list[dict]) -> str:
+    shape = Counter((r["model"], r["micro_batch"], r["seq_len"], r["world_size"]) for r in rows).most_common(1)[0][0]
+    same = [r for r in rows if (r["model"], r["micro_batch"], r["seq_len"], r["world_size"]) == shape]
+    pred = [r["strategy"] for r in sorted(same, key=lambda r: -r["pred_tokens_per_sec"])][:3]
+    meas = [r["strategy"] for r in sorted(same, key=lambda r: -r["tokens_per_sec"])][:3]
+    return "agrees" if pred == meas else f"differs (predicted {', '.join(pred)}; measured {', '.join(meas)})"
+
+
+def budget_row(name: str, rows: list[dict]) -> dict:
+    """One line of README's error budget: the median and largest |step error| over ``rows``, the median
+    signed error of each component ('–' where no row measured it), and the top-3 check."""
+    errs = [errors(r) for r in rows]
+
+    def pct(v):
+        return "–" if math.isnan(v) else f"{v:+.1%}"
+
+    steps = [abs(e["step"]) for e in errs]
+    return {"rows": name, "runs": len(rows), "median abs step error": f"{median(steps):.1%}",
+            "max abs step error": f"{max(steps):.1%}",
+            **{f"median {k} error": pct(median(e[k] for e in errs)) for k in ("compute", "memory", "exposed_comm")},
+            "top 3 order": _top3(rows)}
+
+
+def load_set(folder: str, how: str) -> list[dict]:
+    """The ok rows of a committed folder, each with its prediction (its own, or the datasheet one)."""
+    from reports.load import load
+
+    rows = load(ROOT / folder).query("status == 'ok'").to_dict("records")
+    if how == "datasheet":
+        rows = [{**r, **datasheet_prediction(r)} for r in rows]
+    return rows
+
+
+def budget_table(sets: dict[str, list[dict]] | None = None) -> str:
+    """README's error-budget table (markdown) from ``sets`` (label -> rows; default: ``SETS`` loaded)."""
+    import pandas as pd
+
+    sets = sets if sets is not None else {label: load_set(*where) for label, where in SETS.items()}
+    return pd.DataFrame([budget_row(name, rows) for name, rows in sets.items()]).to_markdown(index=False)
+
+
+def main() -> int:
+    print(budget_table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
