@@ -108,7 +108,7 @@ def test_tuner_candidates_and_ranking_use_each_compute_dtypes_parts():
     a CPU fp32 only -- and predicts each strategy from the parts of its own compute dtype: with bf16 parts twice
     as fast as tf32 ones, every bf16 strategy is predicted faster than the same strategy in tf32, by the
     parts' arithmetic."""
-    from bench.tune.__main__ import TuneArgs, candidates, ranked
+    from bench.tune.__main__ import TuneArgs, candidates, model_args, ranked
 
     args = TuneArgs(model="mini", world_size=2, micro_batch=2, seq_len=64)
     gpu, note = candidates(args, "cuda", 80.0)
@@ -117,6 +117,11 @@ def test_tuner_candidates_and_ranking_use_each_compute_dtypes_parts():
     cpu, note = candidates(args, "cpu", 80.0)
     assert cpu and {(s.amp, s.compile) for s in cpu} == {("fp32", False)} and "16-bit on a CPU" in note
     assert candidates(args, "cpu", 1e-3)[0] == []  # nothing fits
+    assert not any(s.tp > 1 or s.pp > 1 for s in cpu)  # mini's 50,257 classes do not split, its head is tied
+    mesh = dataclasses.replace(args, model_overrides=["pad_vocab_to=64", "tie_embeddings=false"])
+    assert model_args(mesh) == ["model=mini", "model.pad_vocab_to=64", "model.tie_embeddings=false"]
+    cpu_mesh = candidates(mesh, "cpu", 80.0)[0]
+    assert {(s.tp, s.sp, s.pp) for s in cpu_mesh} >= {(2, False, 1), (2, True, 1), (1, False, 2)}
     tf32 = Parts(0.02, 0.015, 0.03, 0.02, 1e-9, 2e-9)
     bf16 = Parts(*(v / 2 for v in dataclasses.astuple(tf32)))
     rates = Rates(1e12, 1e12, 1e11)

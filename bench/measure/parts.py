@@ -217,7 +217,8 @@ def get_parts(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.devi
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``torchrun --nproc_per_node=N -m bench.measure.parts model=mini micro_batch=4 seq_len=256 [dtype=bf16]``:
+    """``torchrun --nproc_per_node=N -m bench.measure.parts model=mini micro_batch=4 seq_len=256 [dtype=bf16]
+    [model.<field>=value ...]``:
     measure now (whatever is cached) and cache the parts for runs of that shape and compute dtype (fp32, tf32,
     bf16, fp16; default fp32) on N ranks of this host; rank 0 prints them as JSON (python -m bench.tune runs
     this first, so all its runs predict from one measurement)."""
@@ -225,11 +226,16 @@ def main(argv: list[str] | None = None) -> None:
     import sys
 
     import torch.distributed as dist
+    from omegaconf import OmegaConf
 
     from models import get_config
 
-    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else argv
+    args = dict(a.split("=", 1) for a in argv if not a.startswith("model."))
     cfg = get_config(args.get("model", "mini"))
+    overrides = [a.removeprefix("model.") for a in argv if a.startswith("model.")]  # as bench/run.py takes them
+    if overrides:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(overrides)))
     mb, seq = int(args.get("micro_batch", 4)), int(args.get("seq_len", 0)) or cfg.block_size
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")

@@ -2,6 +2,7 @@
 
     python -m bench.tune model=mini world_size=2 top=3
     python -m bench.tune model=gpt2-small world_size=8 top=5 steps=20 device_memory_gib=80
+    python -m bench.tune model=mini world_size=2 top=30 model.pad_vocab_to=64 model.tie_embeddings=false  # + tp, pp
 
 1. This machine's rates: the matmul peak (bench/measure/peak_flops.py), the elementwise memory bandwidth and
    the process group's all-reduce bus bandwidth (``torchrun -m bench.measure.bandwidth``; cached), and the
@@ -56,6 +57,8 @@ class TuneArgs:
     warmup: int = opt(3, "untimed steps first")
     device_memory_gib: float = opt(0.0, "memory per rank; 0 = a GPU's memory, or the host's RAM / world_size")
     results_dir: str = opt("results/tune", "where the runs' rows and tune.md go")
+    model_overrides: list[str] = opt([], "model fields, given as model.<field>=value like bench/run.py's (e.g. "
+                                         "model.pad_vocab_to=64 for tp, model.tie_embeddings=false for pp)")
 
     def __post_init__(self) -> None:
         if self.model not in PRESETS:
@@ -63,6 +66,16 @@ class TuneArgs:
         for key in ("world_size", "top", "micro_batch", "steps"):
             if getattr(self, key) < 1:
                 raise UsageError(f"{key}={getattr(self, key)} is invalid; must be >= 1")
+
+
+def tuned_model(args: TuneArgs):
+    """The preset with the ``model.<field>=`` overrides (validated as the planner validates them)."""
+    return model_config(PlanArgs(model=args.model, world_size=args.world_size), args.model_overrides)
+
+
+def model_args(args: TuneArgs) -> list[str]:
+    """The model's arguments for bench/run.py and bench.measure.parts."""
+    return [f"model={args.model}", *(f"model.{o}" for o in args.model_overrides)]
 
 
 def strategy_overrides(s: StrategyConfig) -> list[str]:
@@ -100,7 +113,7 @@ def measure_parts(args: TuneArgs, seq: int, dtype: str):
     (bench/measure/parts.py)."""
     from bench.measure.parts import Parts
 
-    out = subprocess.run([*launcher(args.world_size), "-m", "bench.measure.parts", f"model={args.model}",
+    out = subprocess.run([*launcher(args.world_size), "-m", "bench.measure.parts", *model_args(args),
                           f"micro_batch={args.micro_batch}", f"seq_len={seq}", f"dtype={dtype}"], cwd=ROOT,
                          capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if out.returncode:
@@ -114,7 +127,7 @@ def candidates(args: TuneArgs, device_type: str, memory_gib: float) -> tuple[lis
     """The planner's strategies (bench/plan/__main__.py ``combinations``) that fit ``memory_gib`` per rank and that
     the step model describes, and a line saying what was left out: compile (its fusions are not modelled: the
     parts are timed eager) and, on a CPU, 16-bit ones (~250x slower than fp32 without native bf16)."""
-    cfg = model_config(PlanArgs(model=args.model, world_size=args.world_size), [])
+    cfg = tuned_model(args)
     seq = args.seq_len or cfg.block_size
     out, compiled, half, too_big = [], 0, 0, 0
     for s in combinations(args.world_size, cfg, args.micro_batch, seq):
@@ -135,7 +148,7 @@ def ranked(args: TuneArgs, rates: Rates, device_type: str, strategies: list[Stra
            parts: dict | None = None) -> list[dict]:
     """``strategies`` fastest predicted first, each predicted from ``rates`` with the parts of its compute dtype
     (``parts``: {dtype: Parts}; none: the generic rates)."""
-    cfg = model_config(PlanArgs(model=args.model, world_size=args.world_size), [])
+    cfg = tuned_model(args)
     seq = args.seq_len or cfg.block_size
     overlap = can_overlap(device_type, args.world_size, 1, len(os.sched_getaffinity(0)))  # torchrun: 1 thread
     rows = []
@@ -170,7 +183,10 @@ def report(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(TuneArgs, argv, "python -m bench.tune", __doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    model_overrides = [a.removeprefix("model.") for a in argv if a.startswith("model.")]
+    args = parse(TuneArgs, [a for a in argv if not a.startswith("model.")], "python -m bench.tune", __doc__)
+    args.model_overrides += model_overrides
     from reports.load import load
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -184,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             fail("python -m bench.tune", f"no strategy for {args.model} fits {memory_gib:.1f} GiB per rank ({note})")
         print(f"[tune] {note}", flush=True)
         rates, sources = measure_rates(args.world_size, device_type)
-        seq = args.seq_len or model_config(PlanArgs(model=args.model, world_size=args.world_size), []).block_size
+        seq = args.seq_len or tuned_model(args).block_size
         parts = {dt: measure_parts(args, seq, dt) for dt in sorted({s.compute_dtype_name(device_type) for s in fits})}
         chosen = ranked(args, rates, device_type, fits, parts)[:args.top]
     except (RuntimeError, ValueError) as exc:
@@ -199,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, c in enumerate(chosen):
         print(f"[tune] {i + 1}/{len(chosen)}: {c['strategy']} (predicted {c['pred_tokens_per_sec']:,.0f} tokens/s)",
               flush=True)
-        cmd = [*launcher(args.world_size), str(ROOT / "bench" / "run.py"), f"model={args.model}", "strategy=single",
+        cmd = [*launcher(args.world_size), str(ROOT / "bench" / "run.py"), *model_args(args), "strategy=single",
                *strategy_overrides(c["config"]), f"micro_batch={args.micro_batch}", f"seq_len={args.seq_len}",
                f"steps={args.steps}", f"warmup={args.warmup}", f"results_dir={results}", f"tag={tag}",
                "probe_parts=true"]
@@ -210,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         fail("python -m bench.tune", f"no ok run in {results} (see the runs' errors there)")
     text = report(rows)
-    (results / "tune.md").write_text(f"# python -m bench.tune {' '.join(argv or sys.argv[1:])}\n\n{text}")
+    (results / "tune.md").write_text(f"# python -m bench.tune {' '.join(argv)}\n\n{text}")
     print(text)
     return 0
 
