@@ -165,6 +165,34 @@ def test_a_contended_probe_is_used_but_never_cached(monkeypatch, tmp_path):
     assert peak == 5e9 and source == "probe:measured matmul fp32" and (tmp_path / "peak_flops.json").exists()
 
 
+def _put_many(cache: str, writer: int, start) -> None:
+    import os
+
+    os.environ["N00BGPT_CACHE_DIR"] = cache
+    start.wait()
+    for i in range(100):
+        peak_flops.cache_put(f"w{writer}|{i}", float(i))
+
+
+def test_concurrent_cache_writers_lose_no_key(tmp_path):
+    """The ranks of a group and parallel runs write one cache file: four processes writing 100 keys each at once
+    leave all 400 (a read-modify-write without the lock lost keys: a collective probe then measured again)."""
+    import json
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Event()
+    procs = [ctx.Process(target=_put_many, args=(str(tmp_path), w, start)) for w in range(4)]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 4
+    cache = json.loads((tmp_path / "peak_flops.json").read_text())
+    assert cache == {f"w{w}|{i}": float(i) for w in range(4) for i in range(100)}
+
+
 def test_a_probe_cached_on_another_cpu_model_is_not_read_back(monkeypatch, tmp_path):
     """The cache directory travels (a shared home, a copied ~/.cache): a value probed with another CPU model,
     thread count or torch version must be probed again, not read as this host's."""

@@ -59,8 +59,11 @@ def test_overlap_rules_per_strategy():
             assert hidden["compute_s"] == pytest.approx(train_flops_per_token(cfg, 256) * 1024 / 2 / 50e9)
     s = StrategyConfig(pp=2, pp_microbatches=4)
     t = predict_step(get_config("mini", tie_embeddings=False), s, 2, 4, 256, 1, RATES)
-    b = bubble_fraction(s)
-    assert t["bubble_s"] == pytest.approx((t["compute_s"] + t["memory_s"]) * b / (1 - b)) and b > 0
+    # the fill and drain are rank 0's chunks (3 blocks, no head): 3 blocks' forward + backward / 4 micro-batches
+    d, h, T, n = 256, 1024, 256, 4 * 256
+    block_flops = 3 * (2 * d * 3 * d + 2 * T * d + 2 * T * d + 2 * d * d + 2 * d * h * 2)
+    block_bytes = 3 * (9 * d + 2 * h) * 4  # two LayerNorms, two residual adds, GELU; backward twice the forward
+    assert t["bubble_s"] == pytest.approx(3 * n * (block_flops / 50e9 + block_bytes / 20e9) / 4)
     with pytest.raises(ValueError, match="needs link_bw"):
         predict_step(cfg, StrategyConfig(dp="ddp"), 2, 4, 256, 1, Rates(50e9, 20e9))
     assert can_overlap("cuda", 8, 1, 2) and not can_overlap("cpu", 2, 1, 2) and can_overlap("cpu", 2, 1, 4)
@@ -122,7 +125,7 @@ def test_tuner_candidates_and_ranking_use_each_compute_dtypes_parts():
     assert model_args(mesh) == ["model=mini", "model.pad_vocab_to=64", "model.tie_embeddings=false"]
     cpu_mesh = candidates(mesh, "cpu", 80.0)[0]
     assert {(s.tp, s.sp, s.pp) for s in cpu_mesh} >= {(2, False, 1), (2, True, 1), (1, False, 2)}
-    tf32 = Parts(0.02, 0.015, 0.03, 0.02, 1e-9, 2e-9)
+    tf32 = Parts(0.02, 0.015, 0.03, 0.02, 1e-9, 2e-9, 0.04, 0.03)
     bf16 = Parts(*(v / 2 for v in dataclasses.astuple(tf32)))
     rates = Rates(1e12, 1e12, 1e11)
     rows = {r["strategy"]: r for r in ranked(args, rates, "cuda", gpu, {"tf32": tf32, "bf16": bf16})}
@@ -280,6 +283,34 @@ def test_step_from_the_models_own_parts():
     untied = get_config("mini", tie_embeddings=False)
     t = predict_step(untied, StrategyConfig(pp=2), 2, 4, 256, 1, r)  # the busiest stage: 3 blocks and the head
     assert t["compute_s"] == pytest.approx(3 * 0.08 + 0.8)
+    assert t["bubble_s"] == pytest.approx(3 * 0.10 / 2)  # rank 0's 3 blocks, once per pipeline micro-batch (2)
+    plain = dataclasses.replace(PARTS, rest_plain_s=1.5, rest_plain_matmul_s=0.9)  # the head tp and pp run
+    t = predict_step(untied, StrategyConfig(pp=2), 2, 4, 256, 1, dataclasses.replace(r, parts=plain))
+    assert t["compute_s"] == pytest.approx(3 * 0.08 + 0.9)
+    assert t["memory_s"] == pytest.approx(3 * 0.02 + 0.6 + cfg_params(untied) / 2 * 1e-9, rel=0.05)
+    t = predict_step(cfg, StrategyConfig(tp=2), 2, 4, 256, 1, dataclasses.replace(r, parts=plain))
+    assert t["compute_s"] == pytest.approx((L * 0.08 + 0.9) / 2)
+    t = predict_step(cfg, StrategyConfig(dp="ddp"), 2, 4, 256, 1, dataclasses.replace(r, parts=plain))
+    assert t["compute_s"] == pytest.approx(L * 0.08 + 0.8)  # the fused loss: the model's own rest
+
+
+def test_pipeline_bubble_is_the_other_ranks_chunks():
+    """Equal ranks give the textbook share b / (1 - b) of the busy time; a heavy last stage makes the fill and
+    drain the lighter ranks' chunks; interleaved ranks hold every p-th chunk."""
+    from bench.plan.steptime import pipeline_bubble
+
+    cfg = get_config("mini", n_layer=8, tie_embeddings=False)
+    for s in (StrategyConfig(pp=4, pp_microbatches=8), StrategyConfig(pp=2, pp_schedule="gpipe", pp_microbatches=4),
+              StrategyConfig(pp=2, pp_schedule="interleaved1f1b", pp_virtual=2, pp_microbatches=4)):
+        b = bubble_fraction(s)
+        busy = cfg.n_layer / s.pp * 1.0  # each rank's blocks at 1 s each, no head
+        assert pipeline_bubble(cfg, s, 1.0, 0.0, 0.0) == pytest.approx(busy * b / (1 - b))
+    s = StrategyConfig(pp=4, pp_microbatches=8)
+    assert pipeline_bubble(cfg, s, 1.0, 0.5, 10.0) == pytest.approx(3 * 2 * 1.5 / 8)  # 3 light ranks, 2 blocks each
+    v2 = StrategyConfig(pp=2, pp_schedule="interleaved1f1b", pp_virtual=2, pp_microbatches=2)
+    odd = get_config("mini", n_layer=6, tie_embeddings=False)  # chunks of 2, 2, 1, 1 blocks: rank 0 holds 2 + 1
+    assert pipeline_bubble(odd, v2, 1.0, 0.0, 0.0) == pytest.approx(3 / (2 * 2))  # ranks equal (3 blocks each)
+    assert pipeline_bubble(odd, v2, 1.0, 0.0, 5.0) == pytest.approx(3 / 4)  # rank 1 + head busiest: rank 0's 3
 
 
 @pytest.mark.parametrize("preset", ["tiny", "llama-tiny", "tiny:hf"])
@@ -301,6 +332,23 @@ def test_the_matmul_probes_do_exactly_the_parts_matmuls(preset):
 
     assert flops(w["block_matmul"]) == flops(w["block"]) > 0
     assert flops(w["rest_matmul"]) == flops(w["rest"]) > 0
+    if preset.endswith(":hf"):  # HF's head is the plain one: nothing more to time
+        assert "rest_plain" not in w
+    else:  # the plain head too (tp, pp, compile run it), the same FLOPs in one piece
+        assert flops(w["rest_plain_matmul"]) == flops(w["rest_plain"]) == flops(w["rest"])
+
+
+def test_the_parts_of_a_plain_head_model_are_cached_without_the_plain_variant(monkeypatch, tmp_path):
+    """A model whose own loss is the plain one has no separate plain parts; its six parts cache and read back."""
+    from bench.measure.parts import get_parts
+    from tests.test_parity import model_cfg
+
+    monkeypatch.setenv("N00BGPT_CACHE_DIR", str(tmp_path))
+    cfg = dataclasses.replace(model_cfg("tiny"), loss_chunk=0)
+    first, src1 = get_parts(cfg, 2, 32, torch.device("cpu"), 1)
+    again, src2 = get_parts(cfg, 2, 32, torch.device("cpu"), 1)
+    assert (src1, src2) == ("probe:measured parts", "probe:cached parts") and again == first
+    assert first.rest_plain_s is None and first.rest_s > first.rest_matmul_s > 0
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -14,6 +14,8 @@ computing too), after the timed window so it cannot disturb it:
 - ``rest_s``: the parts outside the blocks -- token (+ position) embedding, final norm, head and loss --
   forward + backward (the one-layer model cut to a stage holding no block);
 - ``rest_matmul_s``: the head's three GEMMs alone (in the fused loss's chunks when the model uses it);
+- ``rest_plain_s``, ``rest_plain_matmul_s`` (when the model's own loss is the fused chunked one): the same with
+  the plain head -- the whole logits, then the loss -- which tensor and pipeline parallelism and compile run;
 - ``adamw_s_per_param``: one AdamW step per parameter, fused (plain tensors) and foreach (DTensors), over the
   one-layer model's parameters.
 
@@ -57,6 +59,10 @@ class Parts:
     rest_matmul_s: float
     adamw_fused_s_per_param: float
     adamw_foreach_s_per_param: float
+    # the rest with the plain head (logits, then the loss), as tp, pp and compile run it, when the model's own
+    # path is the fused chunked loss; None: not measured (the model's path is the plain one: use rest_s)
+    rest_plain_s: float | None = None
+    rest_plain_matmul_s: float | None = None
 
 
 def _median_time(fn, repeats: int, barrier) -> float:
@@ -161,9 +167,16 @@ def workloads(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.devi
         F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(go)
         sync()
 
-    chunk = min(cfg.loss_chunk if cfg.loss_chunk and cfg.source == "native" else B * T, B * T)
+    fused = bool(cfg.loss_chunk) and cfg.source == "native"
+    chunk = min(cfg.loss_chunk, B * T) if fused else B * T
     head = _gemms(chunk, [(d, cfg.padded_vocab_size)], device, repeat=math.ceil(B * T / chunk), dtype=mm_dtype)
     rest = _part(one, device, with_block=False)
+    plain = {}
+    if fused:  # the plain head as well: tp (loss_parallel), pp (the schedule's loss) and compile run it
+        rest_plain = _part(dataclasses.replace(one, loss_chunk=0), device, with_block=False)
+        head_plain = _gemms(B * T, [(d, cfg.padded_vocab_size)], device, dtype=mm_dtype)
+        plain = {"rest_plain": _step(rest_plain, (idx, targets), None, sync, forward_ctx),
+                 "rest_plain_matmul": lambda: (head_plain(), sync())}
     params = list(rest.parameters())
     for p in params:
         p.grad = torch.zeros_like(p)
@@ -171,10 +184,13 @@ def workloads(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.devi
                                     foreach=kind == "foreach" or None) for kind in ("fused", "foreach")}
     return {"block": _step(_part(one, device, with_block=True), (x,), gy, sync, forward_ctx),
             "block_matmul": block_matmul, "rest": _step(rest, (idx, targets), None, sync, forward_ctx),
-            "rest_matmul": lambda: (head(), sync()),
+            "rest_matmul": lambda: (head(), sync()), **plain,
             "adamw_fused": lambda: (opts["fused"].step(), sync()),
             "adamw_foreach": lambda: (opts["foreach"].step(), sync()), "n_params": sum(p.numel() for p in params),
             "precision": precision}
+
+
+PLAIN = ("rest_plain", "rest_plain_matmul")
 
 
 def probe_parts(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.device, repeats: int = 3,
@@ -183,11 +199,11 @@ def probe_parts(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.de
     in ``dtype`` (fp32, tf32, bf16, fp16: the run's compute dtype); each timing starts with ``barrier()`` (the
     harness passes a process-group barrier, so the local ranks probe together)."""
     w = workloads(cfg, micro_batch, seq_len, device, dtype)
+    names = ["block", "block_matmul", "rest", "rest_matmul", "adamw_fused", "adamw_foreach"]
     with w["precision"]:
-        t = {name: _median_time(w[name], repeats, barrier) for name in
-             ("block", "block_matmul", "rest", "rest_matmul", "adamw_fused", "adamw_foreach")}
+        t = {name: _median_time(w[name], repeats, barrier) for name in names + [n for n in PLAIN if n in w]}
     return Parts(t["block"], t["block_matmul"], t["rest"], t["rest_matmul"], t["adamw_fused"] / w["n_params"],
-                 t["adamw_foreach"] / w["n_params"])
+                 t["adamw_foreach"] / w["n_params"], *(t.get(n) for n in PLAIN))
 
 
 def _key(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.device, local_ranks: int, dtype: str) -> str:
@@ -204,10 +220,12 @@ def get_parts(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.devi
     every rank's ``obj`` (a collective: every rank calls it); only ``is_main`` writes the cache."""
     key = _key(cfg, micro_batch, seq_len, device, local_ranks, dtype)
     fields = [f.name for f in dataclasses.fields(Parts)]
+    if not (cfg.loss_chunk and cfg.source == "native"):  # the model's own head is the plain one: nothing more
+        fields = [f for f in fields if f.removesuffix("_s") not in PLAIN]
     use_cache = os.environ.get("N00BGPT_PEAK_CACHE", "1") != "0"
     cached = [cache_get(f"{key}|{f}") for f in fields] if use_cache and not fresh else [None]
     if all(all(v is not None for v in vals) for vals in gather(cached)):
-        return Parts(*cached), "probe:cached parts"
+        return Parts(**dict(zip(fields, cached))), "probe:cached parts"
     ranks = gather(dataclasses.asdict(probe_parts(cfg, micro_batch, seq_len, device, barrier=barrier, dtype=dtype)))
     slowest = Parts(**{f: max(r[f] for r in ranks) for f in fields})
     if use_cache and is_main:

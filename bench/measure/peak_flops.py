@@ -138,17 +138,23 @@ def cache_get(key: str) -> float | None:
 
 
 def cache_put(key: str, value: float) -> None:
-    """Store a clean probe's value (atomic replace; a read-only home is not an error)."""
+    """Store a clean probe's value: read, update and atomically replace the file under an exclusive lock (the
+    ranks of a group and parallel runs share one cache: without it, two writers that read the same file each
+    drop the other's new key); a read-only home is not an error."""
+    import fcntl
+
     path = _cache_path()
     try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    cache[key] = value
-    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, path)
+        with open(path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                cache = json.loads(path.read_text())
+            except (OSError, ValueError):
+                cache = {}
+            cache[key] = value
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache, indent=1))
+            os.replace(tmp, path)
     except OSError:
         pass

@@ -21,7 +21,8 @@ bench/measure/bandwidth.py measure them; the planner takes them as ``peak_tflops
 - with ``Rates.parts`` (bench/measure/parts.py: the model's own block, embeddings + head + loss and their
   matmuls timed at the run's micro-batch, an AdamW step per parameter) compute and the activations' memory-bound
   time are those parts instead (``_from_parts``): per micro-step every block on the busiest rank once (a
-  checkpointed block's forward, a third of forward + backward, again), the rest once, split by tp; AdamW per
+  checkpointed block's forward, a third of forward + backward, again), the rest once (with the head the
+  strategy runs: the fused chunked loss, or the plain one under tp, pp and compile), split by tp; AdamW per
   parameter of the kind the strategy uses (fused / foreach); the per-parameter copies stay bytes / ``mem_bw``.
 - **comm_s** = per collective, bytes (bench/plan/costmodel.py ``predict_comm``) x the algorithm's factor /
   that collective's bus bandwidth (``link_bw_by_kind``: probed per collective, on a CPU host without a spare
@@ -33,7 +34,9 @@ bench/measure/bandwidth.py measure them; the planner takes them as ``peak_tflops
   backward (2/3 of compute + memory) except the last 25 MB bucket; FSDP hides its gathers and
   reduce-scatters behind compute (prefetch) except one unit's (1 / (L + 1)); tensor-parallel all-reduces
   and pipeline sends are on the critical path (exposed). Without overlap all communication is exposed.
-- **bubble_s** = (compute + memory) x b / (1 - b), b the pipeline's bubble fraction (strategies/pp.py).
+- **bubble_s** = the other pipeline ranks' chunks of fill and drain (``pipeline_bubble``): sum over the ranks
+  but the busiest of their forward + backward per micro-step / (m v); with equal ranks (compute + memory) x
+  b / (1 - b), b the pipeline's bubble fraction (strategies/pp.py).
 """
 
 from __future__ import annotations
@@ -42,12 +45,12 @@ from dataclasses import dataclass
 
 from bench.plan.costmodel import cost_context, fused_loss, predict_comm
 from models.config import GPTConfig
-from models.flops import train_flops_per_token
+from models.flops import block_forward_flops_per_token, train_flops_per_token
 from strategies import recompute_flops_per_token
 from strategies.ac import checkpointed_block_ids
 from strategies.config import StrategyConfig
 from strategies.mesh import mesh_shape
-from strategies.pp import bubble_fraction, virtual_stages
+from strategies.pp import n_microbatches, stage_blocks, virtual_stages
 
 DDP_BUCKET_BYTES = 25 * 2**20
 # collective -> factor on its full-tensor bytes, with n the ranks in the collective
@@ -85,11 +88,11 @@ def predict_step(cfg: GPTConfig, s: StrategyConfig, world: int, micro_batch: int
     compute = flops / shape.tp / shape.pp / rates.matmul_flops
 
     elem = 2 if s.amp in ("bf16", "fp16") else 4
-    per_block = elementwise_per_token_block(cfg)
+    per_block_elems = elementwise_per_token_block(cfg)
     recomputed = len(checkpointed_block_ids(cfg.n_layer, s.ac, s.ac_every)) if s.ac in ("full", "selective") else 0
     if s.ac == "op":
         recomputed = cfg.n_layer  # op-level: the elementwise part of every block runs again
-    block_elems = per_block * (3 * cfg.n_layer + recomputed) / shape.pp / shape.tp
+    block_elems = per_block_elems * (3 * cfg.n_layer + recomputed) / shape.pp / shape.tp
     head_elems = (6 if fused_loss(cfg, s, shape.tp, shape.pp) else 7) * cfg.padded_vocab_size / shape.tp
     act_bytes = tokens * (block_elems * elem + head_elems * 4)
     P = ctx.P / (ctx.shard_world if ctx.shard_world > 1 else 1)  # parameters this rank updates
@@ -124,8 +127,20 @@ def predict_step(cfg: GPTConfig, s: StrategyConfig, world: int, micro_batch: int
             exposed = max(comm - 2 / 3 * work, min(last, comm))
         elif s.dp == "fsdp":
             exposed = max(comm - work, comm / (cfg.n_layer + 1))
-    b = bubble_fraction(s)
-    bubble = (compute + memory) * b / (1 - b) if b else 0.0
+    bubble = 0.0
+    if shape.pp > 1:
+        if rates.parts is not None:
+            per_block, again, head = _parts_units(cfg, s, shape, rates.parts)
+        else:
+            per_block = (3 * block_forward_flops_per_token(cfg, seq_len) / rates.matmul_flops
+                         + 3 * per_block_elems * elem / rates.mem_bw) * tokens / grad_accum / shape.tp
+            again = (block_forward_flops_per_token(cfg, seq_len) / rates.matmul_flops
+                     + per_block_elems * elem / rates.mem_bw) * tokens / grad_accum / shape.tp
+            head = (3 * 2 * cfg.n_embd * cfg.padded_vocab_size / shape.tp / rates.matmul_flops
+                    + head_elems * 4 / rates.mem_bw) * tokens / grad_accum  # head_elems: already split by tp
+            if s.ac == "op":
+                again = per_block_elems * elem / rates.mem_bw * tokens / grad_accum / shape.tp
+        bubble = grad_accum * pipeline_bubble(cfg, s, per_block, again * recomputed / cfg.n_layer, head)
     step = compute + memory + exposed + bubble
     global_tokens = tokens * shape.dp
     return {"compute_s": compute, "memory_s": memory, "comm_s": comm, "exposed_comm_s": exposed,
@@ -143,11 +158,45 @@ def _from_parts(cfg: GPTConfig, s: StrategyConfig, shape, grad_accum: int, recom
     again = recomputed * blocks / cfg.n_layer
     block_mm = parts.block_matmul_s / shape.tp
     block_other = max(parts.block_s - parts.block_matmul_s, 0.0) / shape.tp
-    rest_mm = parts.rest_matmul_s / shape.tp
-    rest_other = max(parts.rest_s - parts.rest_matmul_s, 0.0) / shape.tp
+    rest_s, rest_mm_s = _rest(cfg, s, shape, parts)
+    rest_mm = rest_mm_s / shape.tp
+    rest_other = max(rest_s - rest_mm_s, 0.0) / shape.tp
     compute = grad_accum * (block_mm * (blocks + (0 if s.ac == "op" else again) / 3) + rest_mm)
     memory = grad_accum * (block_other * (blocks + again / 3) + rest_other)
     return compute, memory
+
+
+def _rest(cfg: GPTConfig, s: StrategyConfig, shape, parts) -> tuple[float, float]:
+    """(rest, its matmuls) in seconds per micro-step: the head the strategy runs -- the fused chunked loss, or the
+    plain one (logits, then the loss) under tp, pp and compile, when the parts measured it."""
+    if parts.rest_plain_s is not None and not fused_loss(cfg, s, shape.tp, shape.pp):
+        return parts.rest_plain_s, parts.rest_plain_matmul_s
+    return parts.rest_s, parts.rest_matmul_s
+
+
+def _parts_units(cfg: GPTConfig, s: StrategyConfig, shape, parts) -> tuple[float, float, float]:
+    """(one block's forward + backward, a checkpointed block's extra forward, the rest) in seconds per micro-step
+    from the timed parts, split by tp (as ``_from_parts`` composes them)."""
+    mm, other = parts.block_matmul_s / shape.tp, max(parts.block_s - parts.block_matmul_s, 0.0) / shape.tp
+    again = (other if s.ac == "op" else mm + other) / 3
+    return mm + other, again, _rest(cfg, s, shape, parts)[0] / shape.tp
+
+
+def pipeline_bubble(cfg: GPTConfig, s: StrategyConfig, per_block: float, again_per_block: float,
+                    head: float) -> float:
+    """Seconds per micro-step the busiest pipeline rank waits in the schedule's fill and drain: the other ranks'
+    forward + backward of one pipeline micro-batch chunk each, ``sum_{r != busiest} a_r / (m v)``, with ``a_r``
+    rank r's work per micro-step (its blocks x ``per_block`` + ``again_per_block``, the rest ``head`` -- embeddings,
+    head and loss -- on the rank holding the last stage), m pipeline micro-batches, v stages per rank. With equal
+    ranks this is the textbook ``b / (1 - b)`` of the busy time (b = (p - 1) / (v m + p - 1), Narayanan et al.
+    2021); with a heavy last stage (a 50k-class head) the fill and drain are the lighter ranks' chunks, not the
+    busiest one's: on mini with pp=2 the textbook rule made the bubble 0.97 s where the run measured ~0.5 s."""
+    p, v, m = s.pp, virtual_stages(s), n_microbatches(s)
+    stages = stage_blocks(cfg.n_layer, p * v)
+    work = [sum(len(stages[c]) for c in range(r, p * v, p)) * (per_block + again_per_block) for r in range(p)]
+    work[(p * v - 1) % p] += head
+    busiest = max(range(p), key=lambda r: work[r])
+    return sum(w for r, w in enumerate(work) if r != busiest) / (m * v)
 
 
 def can_overlap(device_type: str, local_ranks: int, threads: int, cores: int) -> bool:
