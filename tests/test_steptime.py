@@ -12,7 +12,14 @@ import torch
 from bench.measure.parts import Parts, workloads
 from bench.plan.__main__ import PlanArgs, combinations, plan
 from bench.plan.costmodel import cost_context, predict_comm
-from bench.plan.steptime import DDP_BUCKET_BYTES, Rates, can_overlap, elementwise_per_token_block, predict_step
+from bench.plan.steptime import (
+    DDP_BUCKET_BYTES,
+    Rates,
+    can_overlap,
+    elementwise_per_token_block,
+    parts_micro_batch,
+    predict_step,
+)
 from bench.tune.__main__ import errors, report, strategy_overrides
 from models import get_config, train_flops_per_token
 from strategies import StrategyConfig
@@ -111,7 +118,7 @@ def test_tuner_candidates_and_ranking_use_each_compute_dtypes_parts():
     a CPU fp32 only -- and predicts each strategy from the parts of its own compute dtype: with bf16 parts twice
     as fast as tf32 ones, every bf16 strategy is predicted faster than the same strategy in tf32, by the
     parts' arithmetic."""
-    from bench.tune.__main__ import TuneArgs, candidates, model_args, ranked
+    from bench.tune.__main__ import TuneArgs, candidates, model_args, parts_key, ranked
 
     args = TuneArgs(model="mini", world_size=2, micro_batch=2, seq_len=64)
     gpu, note = candidates(args, "cuda", 80.0)
@@ -128,7 +135,9 @@ def test_tuner_candidates_and_ranking_use_each_compute_dtypes_parts():
     tf32 = Parts(0.02, 0.015, 0.03, 0.02, 1e-9, 2e-9, 0.04, 0.03)
     bf16 = Parts(*(v / 2 for v in dataclasses.astuple(tf32)))
     rates = Rates(1e12, 1e12, 1e11)
-    rows = {r["strategy"]: r for r in ranked(args, rates, "cuda", gpu, {"tf32": tf32, "bf16": bf16})}
+    by = {(dt, mb): p for dt, p in (("tf32", tf32), ("bf16", bf16)) for mb in (1, 2)}  # micro-batch 2; pp: 1
+    rows = {r["strategy"]: r for r in ranked(args, rates, "cuda", gpu, by)}
+    assert {parts_key(s, "cuda", 2) for s in gpu} <= set(by) and parts_key(gpu[0], "cpu", 2)[0] == "fp32"
     assert [r["pred_tokens_per_sec"] for r in rows.values()] == sorted(
         (r["pred_tokens_per_sec"] for r in rows.values()), reverse=True)
     cfg = get_config("mini")
@@ -281,13 +290,15 @@ def test_step_from_the_models_own_parts():
     t = predict_step(cfg, StrategyConfig(tp=2), 2, 4, 256, 1, r)
     assert t["compute_s"] == pytest.approx((L * 0.08 + 0.8) / 2)
     untied = get_config("mini", tie_embeddings=False)
+    # under pp the parts are a pipeline micro-batch's (micro_batch / m = 2 sequences), run m = 2 times
+    assert parts_micro_batch(StrategyConfig(pp=2), 4) == 2 and parts_micro_batch(StrategyConfig(dp="ddp"), 4) == 4
     t = predict_step(untied, StrategyConfig(pp=2), 2, 4, 256, 1, r)  # the busiest stage: 3 blocks and the head
-    assert t["compute_s"] == pytest.approx(3 * 0.08 + 0.8)
-    assert t["bubble_s"] == pytest.approx(3 * 0.10 / 2)  # rank 0's 3 blocks, once per pipeline micro-batch (2)
+    assert t["compute_s"] == pytest.approx(2 * (3 * 0.08 + 0.8))
+    assert t["bubble_s"] == pytest.approx(3 * 0.10)  # rank 0's 3 blocks for one pipeline micro-batch
     plain = dataclasses.replace(PARTS, rest_plain_s=1.5, rest_plain_matmul_s=0.9)  # the head tp and pp run
     t = predict_step(untied, StrategyConfig(pp=2), 2, 4, 256, 1, dataclasses.replace(r, parts=plain))
-    assert t["compute_s"] == pytest.approx(3 * 0.08 + 0.9)
-    assert t["memory_s"] == pytest.approx(3 * 0.02 + 0.6 + cfg_params(untied) / 2 * 1e-9, rel=0.05)
+    assert t["compute_s"] == pytest.approx(2 * (3 * 0.08 + 0.9))
+    assert t["memory_s"] == pytest.approx(2 * (3 * 0.02 + 0.6) + cfg_params(untied) / 2 * 1e-9, rel=0.05)
     t = predict_step(cfg, StrategyConfig(tp=2), 2, 4, 256, 1, dataclasses.replace(r, parts=plain))
     assert t["compute_s"] == pytest.approx((L * 0.08 + 0.9) / 2)
     t = predict_step(cfg, StrategyConfig(dp="ddp"), 2, 4, 256, 1, dataclasses.replace(r, parts=plain))

@@ -39,7 +39,7 @@ from bench.measure.parts import Parts, get_parts
 from bench.measure.peak_flops import get_peak_flops
 from bench.measure.profile import StepProfiler
 from bench.plan.costmodel import predict_comm, predict_memory
-from bench.plan.steptime import Rates, can_overlap, predict_step
+from bench.plan.steptime import Rates, can_overlap, parts_micro_batch, predict_step
 from models import build_model, count_params, train_flops_per_token
 from reports.record import implausible
 from strategies import (
@@ -348,7 +348,8 @@ def finish_prediction(cfg: RunConfig, info: DistInfo, b: Built) -> dict:
     parts = None
     if cfg.probe_parts:
         local_ranks = max(1, info.world_size // max(1, info.nnodes))
-        parts, source = get_parts(cfg.model, cfg.micro_batch, cfg.seq_len, info.device, local_ranks,
+        parts, source = get_parts(cfg.model, parts_micro_batch(cfg.strategy, cfg.micro_batch), cfg.seq_len,
+                                  info.device, local_ranks,
                                   gather=lambda obj: gather_objects(obj, info),
                                   barrier=dist.barrier if info.world_size > 1 else (lambda: None),
                                   is_main=info.is_main, dtype=cfg.strategy.compute_dtype_name(info.device.type))

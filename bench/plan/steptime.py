@@ -19,7 +19,8 @@ bench/measure/bandwidth.py measure them; the planner takes them as ``peak_tflops
   AdamW 28 bytes fused (DDP/single) or 56 foreach (DTensors), DDP's bucket copies 16, FSDP's copy-in/out
   16 per gather, gradient accumulation 12 per extra micro-step.
 - with ``Rates.parts`` (bench/measure/parts.py: the model's own block, embeddings + head + loss and their
-  matmuls timed at the run's micro-batch, an AdamW step per parameter) compute and the activations' memory-bound
+  matmuls timed at the run's micro-batch -- a pipeline micro-batch under pp, ``parts_micro_batch`` -- and an
+  AdamW step per parameter) compute and the activations' memory-bound
   time are those parts instead (``_from_parts``): per micro-step every block on the busiest rank once (a
   checkpointed block's forward, a third of forward + backward, again), the rest once (with the head the
   strategy runs: the fused chunked loss, or the plain one under tp, pp and compile), split by tp; AdamW per
@@ -148,11 +149,12 @@ def predict_step(cfg: GPTConfig, s: StrategyConfig, world: int, micro_batch: int
 
 
 def _from_parts(cfg: GPTConfig, s: StrategyConfig, shape, grad_accum: int, recomputed: int, parts) -> tuple:
-    """(compute_s, activation memory-bound s) from the model's own parts timed at this micro-batch (``parts``):
-    per micro-step, the rank's blocks (the busiest pipeline rank's: ceil(L / stages) per stage) each cost the
-    block's matmul and other time, split by tp; a checkpointed block's forward (a third of forward + backward)
-    runs again -- its matmuls and its other ops under ``full``/``selective``, the other ops only under ``op``;
-    the rest (embeddings, head, loss) once on the rank that holds the head, split by tp."""
+    """(compute_s, activation memory-bound s) from the model's own parts timed at ``parts_micro_batch``: per
+    micro-step (per pipeline micro-batch, m times, under pp), the rank's blocks (the busiest pipeline rank's:
+    ceil(L / stages) per stage) each cost the block's matmul and other time, split by tp; a checkpointed block's
+    forward (a third of forward + backward) runs again -- its matmuls and its other ops under
+    ``full``/``selective``, the other ops only under ``op``; the rest (embeddings, head, loss) once on the rank
+    that holds the head, split by tp."""
     v = virtual_stages(s)
     blocks = -(-cfg.n_layer // (shape.pp * v)) * v  # on the busiest pipeline rank
     again = recomputed * blocks / cfg.n_layer
@@ -161,9 +163,18 @@ def _from_parts(cfg: GPTConfig, s: StrategyConfig, shape, grad_accum: int, recom
     rest_s, rest_mm_s = _rest(cfg, s, shape, parts)
     rest_mm = rest_mm_s / shape.tp
     rest_other = max(rest_s - rest_mm_s, 0.0) / shape.tp
-    compute = grad_accum * (block_mm * (blocks + (0 if s.ac == "op" else again) / 3) + rest_mm)
-    memory = grad_accum * (block_other * (blocks + again / 3) + rest_other)
+    runs = grad_accum * (n_microbatches(s) if shape.pp > 1 else 1)  # parts per pipeline micro-batch under pp
+    compute = runs * (block_mm * (blocks + (0 if s.ac == "op" else again) / 3) + rest_mm)
+    memory = runs * (block_other * (blocks + again / 3) + rest_other)
     return compute, memory
+
+
+def parts_micro_batch(s: StrategyConfig, micro_batch: int) -> int:
+    """The micro-batch the model's parts are timed at for strategy ``s``: the shape its blocks and head run at --
+    a pipeline micro-batch (``micro_batch / m``) under pp, else the micro-batch. (On a CPU the head's cost per
+    token depends on it: mini's plain head took 2.5 s for 4 sequences, where a pp2 1f1b run spent 0.6 s outside
+    matmuls for the whole step in micro-batches of 2.)"""
+    return micro_batch // n_microbatches(s) if s.pp > 1 else micro_batch
 
 
 def _rest(cfg: GPTConfig, s: StrategyConfig, shape, parts) -> tuple[float, float]:
@@ -177,9 +188,10 @@ def _rest(cfg: GPTConfig, s: StrategyConfig, shape, parts) -> tuple[float, float
 def _parts_units(cfg: GPTConfig, s: StrategyConfig, shape, parts) -> tuple[float, float, float]:
     """(one block's forward + backward, a checkpointed block's extra forward, the rest) in seconds per micro-step
     from the timed parts, split by tp (as ``_from_parts`` composes them)."""
-    mm, other = parts.block_matmul_s / shape.tp, max(parts.block_s - parts.block_matmul_s, 0.0) / shape.tp
+    m = n_microbatches(s) if shape.pp > 1 else 1  # parts per pipeline micro-batch under pp
+    mm, other = m * parts.block_matmul_s / shape.tp, m * max(parts.block_s - parts.block_matmul_s, 0.0) / shape.tp
     again = (other if s.ac == "op" else mm + other) / 3
-    return mm + other, again, _rest(cfg, s, shape, parts)[0] / shape.tp
+    return mm + other, again, m * _rest(cfg, s, shape, parts)[0] / shape.tp
 
 
 def pipeline_bubble(cfg: GPTConfig, s: StrategyConfig, per_block: float, again_per_block: float,

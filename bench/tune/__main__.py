@@ -11,7 +11,8 @@
 2. The planner's strategies (bench/plan/__main__.py ``combinations``) that fit ``device_memory_gib`` and that
    the step model describes (eager: compile's fusions are not modelled; on a CPU fp32 only), ranked by
    predicted tokens/s (bench/plan/steptime.py, each with the parts of its compute dtype -- fp32, tf32, bf16 --
-   measured once per dtype; overlap as this host allows it).
+   and of the micro-batch they run at -- a pipeline micro-batch under pp -- measured once per pair; overlap as
+   this host allows it).
 3. The top ``top`` run through the harness (``torchrun bench/run.py``, rows in ``results_dir``); each row
    carries its own prediction (from the rates it measured) and the measured components (the profiled
    steps: bench/measure/overlap.py).
@@ -37,7 +38,7 @@ import torch
 from bench.launch.suite import ROOT, launcher
 from bench.plan.__main__ import PlanArgs, combinations, model_config
 from bench.plan.costmodel import predict_memory
-from bench.plan.steptime import Rates, can_overlap, predict_step
+from bench.plan.steptime import Rates, can_overlap, parts_micro_batch, predict_step
 from bench.tune.budget import errors, median
 from models.config import PRESETS
 from reports.cli import UsageError, fail, opt, parse
@@ -107,14 +108,14 @@ def measure_rates(world: int, device_type: str) -> tuple[Rates, dict]:
     return rates, {"peak_source": source, **bw}
 
 
-def measure_parts(args: TuneArgs, seq: int, dtype: str):
-    """The model's parts at the runs' shape on ``world_size`` ranks with matmuls in ``dtype``, measured now and
-    cached, so that every run (``probe_parts=true``) of that compute dtype predicts from this one measurement
-    (bench/measure/parts.py)."""
+def measure_parts(args: TuneArgs, seq: int, dtype: str, micro_batch: int):
+    """The model's parts at ``micro_batch`` x ``seq`` on ``world_size`` ranks with matmuls in ``dtype``, measured
+    now and cached, so that every run (``probe_parts=true``) of that compute dtype and parts micro-batch predicts
+    from this one measurement (bench/measure/parts.py)."""
     from bench.measure.parts import Parts
 
     out = subprocess.run([*launcher(args.world_size), "-m", "bench.measure.parts", *model_args(args),
-                          f"micro_batch={args.micro_batch}", f"seq_len={seq}", f"dtype={dtype}"], cwd=ROOT,
+                          f"micro_batch={micro_batch}", f"seq_len={seq}", f"dtype={dtype}"], cwd=ROOT,
                          capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if out.returncode:
         raise RuntimeError(f"parts probe ({dtype}) failed: {out.stderr.strip().splitlines()[-1:]}")
@@ -144,16 +145,21 @@ def candidates(args: TuneArgs, device_type: str, memory_gib: float) -> tuple[lis
     return out, note
 
 
+def parts_key(s: StrategyConfig, device_type: str, micro_batch: int) -> tuple[str, int]:
+    """Which parts measurement predicts ``s``: its compute dtype and the micro-batch its parts run at."""
+    return s.compute_dtype_name(device_type), parts_micro_batch(s, micro_batch)
+
+
 def ranked(args: TuneArgs, rates: Rates, device_type: str, strategies: list[StrategyConfig],
            parts: dict | None = None) -> list[dict]:
     """``strategies`` fastest predicted first, each predicted from ``rates`` with the parts of its compute dtype
-    (``parts``: {dtype: Parts}; none: the generic rates)."""
+    and parts micro-batch (``parts``: {(dtype, micro_batch): Parts}; none: the generic rates)."""
     cfg = tuned_model(args)
     seq = args.seq_len or cfg.block_size
     overlap = can_overlap(device_type, args.world_size, 1, len(os.sched_getaffinity(0)))  # torchrun: 1 thread
     rows = []
     for s in strategies:
-        r = dataclasses.replace(rates, parts=(parts or {}).get(s.compute_dtype_name(device_type)))
+        r = dataclasses.replace(rates, parts=(parts or {}).get(parts_key(s, device_type, args.micro_batch)))
         t = predict_step(cfg, s, args.world_size, args.micro_batch, seq, 1, r, overlap)
         rows.append({"strategy": s.canonical_name, "config": s, "pred_tokens_per_sec": t["tokens_per_sec"],
                      "pred_step_s": t["step_s"]})
@@ -201,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[tune] {note}", flush=True)
         rates, sources = measure_rates(args.world_size, device_type)
         seq = args.seq_len or tuned_model(args).block_size
-        parts = {dt: measure_parts(args, seq, dt) for dt in sorted({s.compute_dtype_name(device_type) for s in fits})}
+        parts = {k: measure_parts(args, seq, *k) for k in sorted({parts_key(s, device_type, args.micro_batch)
+                                                                   for s in fits})}
         chosen = ranked(args, rates, device_type, fits, parts)[:args.top]
     except (RuntimeError, ValueError) as exc:
         fail("python -m bench.tune", str(exc))
