@@ -160,6 +160,8 @@ def test_tuner_errors_and_report():
     assert "| ddp" in text and "-10.0%" in text and "+30.0%" in text
     assert "median |step error|: 20.0%" in text and "(differs)" in text  # the median of 10 % and 30 %
     assert "(agrees)" in report([row])
+    pipe = {**row, "pred_step_breakdown": {**row["pred_step_breakdown"], "bubble_s": 0.05}}
+    assert errors(pipe)["exposed_comm"] == pytest.approx(1.0)  # a pipeline rank waits out its bubble in a receive
 
 
 def test_bandwidth_probes_measure_and_cache(monkeypatch, tmp_path, ranks):
@@ -228,8 +230,12 @@ def test_readme_error_budget_is_the_committed_rows():
     from bench.tune.budget import SETS, budget_table, load_set
     from tests.helpers import ROOT
 
-    tune, gpu = (load_set(*where) for where in SETS.values())
-    assert len(tune) == 6 and all(r["pred_step_time_s"] > 0 and r["matmul_time_s"] > 0 for r in tune)
+    tune, tune_all, gpu = (load_set(*where) for where in SETS.values())
+    for rows, n in ((tune, 6), (tune_all, 40)):
+        assert len(rows) == n and all(r["pred_step_time_s"] > 0 and r["matmul_time_s"] > 0 for r in rows)
+    assert {r["config"]["strategy"]["pp"] for r in tune_all} == {1, 2}
+    assert {(r["config"]["strategy"]["tp"], r["config"]["strategy"]["sp"]) for r in tune_all} == {
+        (1, False), (2, False), (2, True)}
     assert len(gpu) == 10 and all(r["pred_rates_source"].startswith("datasheet:H100 SXM5 ") for r in gpu)
     assert budget_table() in (ROOT / "README.md").read_text()
 

@@ -1,10 +1,10 @@
 """The step-time model's error budget: how far its predictions are from committed measured rows (README).
 
-    python -m bench.tune.budget        # the table README shows, from results/tune-cpu and results/gpu
+    python -m bench.tune.budget        # the table README shows: results/tune-cpu, tune-cpu-all and gpu
 
 Two kinds of rows:
 
-- **the tuner's** (``python -m bench.tune``; results/tune-cpu): every row carries the prediction its own run
+- **the tuner's** (``python -m bench.tune``; results/tune-cpu, results/tune-cpu-all): every row carries the prediction its own run
   made from the rates it measured (the probes, the model's parts: ``pred_step_time_s``, ``pred_step_breakdown``),
   set against the measured step and components (the profiled steps);
 - **rows without a prediction** (results/gpu: H100 rows measured before the step model existed): predicted here
@@ -34,6 +34,7 @@ from strategies.config import StrategyConfig
 ROOT = Path(__file__).resolve().parents[2]
 SETS = {  # README's budget lines: label -> (folder of committed rows, how they are predicted)
     "results/tune-cpu (mini, 2 gloo ranks, CPU fp32; the runs' own probes)": ("results/tune-cpu", "row"),
+    "results/tune-cpu-all (the same with every strategy: + tp, sp, pp)": ("results/tune-cpu-all", "row"),
     "results/gpu (H100, 1 GPU; datasheet rates only)": ("results/gpu", "datasheet"),
 }
 
@@ -54,15 +55,20 @@ def _err(pred, meas) -> float | None:
 
 def errors(row: dict) -> dict:
     """Signed relative errors (predicted - measured) / measured of one row: step and components (None where the
-    row has no measured component)."""
+    row has no measured component). Measured compute is the profiled steps' matmul time, memory-bound the rest
+    of their compute time, exposed communication the time only communication ran -- which on a pipeline rank
+    includes the bubble, spent waiting in a receive, so the prediction compared with it is exposed + bubble."""
     b = row.get("pred_step_breakdown") or {}
     matmul, compute = row.get("matmul_time_s"), row.get("compute_time_s")
     if isinstance(matmul, float) and math.isnan(matmul):
         matmul = None
+    exposed = b.get("exposed_comm_s")
+    if exposed is not None:
+        exposed += b.get("bubble_s") or 0.0  # a pipeline rank waits out its bubble in a receive: measured as comm
     return {"step": _err(row.get("pred_step_time_s"), row.get("step_time_median_s")),
             "compute": _err(b.get("compute_s"), matmul),
             "memory": _err(b.get("memory_s"), None if matmul is None or compute is None else compute - matmul),
-            "exposed_comm": _err(b.get("exposed_comm_s"), row.get("exposed_comm_s"))}
+            "exposed_comm": _err(exposed, row.get("exposed_comm_s"))}
 
 
 def datasheet_prediction(row: dict, link_bw: float | None = None) -> dict:
