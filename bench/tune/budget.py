@@ -4,9 +4,9 @@
 
 Two kinds of rows:
 
-- **the tuner's** (``python -m bench.tune``; results/tune-cpu, results/tune-cpu-all): every row carries the prediction its own run
-  made from the rates it measured (the probes, the model's parts: ``pred_step_time_s``, ``pred_step_breakdown``),
-  set against the measured step and components (the profiled steps);
+- **the tuner's** (``python -m bench.tune``; results/tune-cpu, results/tune-cpu-all): every row carries the
+  prediction its own run made from the rates it measured (the probes, the model's parts: ``pred_step_time_s``,
+  ``pred_step_breakdown``), set against the measured step and components (the profiled steps);
 - **rows without a prediction** (results/gpu: H100 rows measured before the step model existed): predicted here
   the way the planner predicts a device not at hand (``python -m bench.plan device=...``): the row's model,
   strategy and shape, its GPU's datasheet rates from bench/hardware.py (the dense peak in the row's compute
