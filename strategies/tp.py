@@ -149,8 +149,10 @@ def apply_tp(model: nn.Module, tp_mesh, sp: bool) -> nn.Module:
         if sp and layout.sp_split == "drop":  # positions added to the full sequence, then each rank keeps its shard
             top[layout.drop] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
                                                   use_local_output=True)
-        if sp and layout.sp_split == "first_block":
-            next(iter(model.blocks.values())).register_forward_pre_hook(_split_sequence(tp_mesh))
+        if sp and layout.sp_split == "first_block":  # cut before the first block; with none (the parts probe's
+            first = next(iter(model.blocks.values()), None)  # embeddings + head: bench/measure/parts.py), before
+            target = first if first is not None else norm  # the final norm, ahead of its own input hook
+            target.register_forward_pre_hook(_split_sequence(tp_mesh), prepend=first is None)
     if head is not None:  # logits stay a vocabulary-sharded DTensor for loss_parallel
         top[layout.head] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
     if norm is not None and sp:

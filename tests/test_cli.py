@@ -14,7 +14,7 @@ from tests.helpers import ROOT
 ENTRY_POINTS = {  # module -> a key it documents
     "bench.plan": "world_size", "bench.gate": "ab", "bench.gate.study": "gates", "bench.gate.noise": "rounds",
     "bench.gate.ci_suite": "repeats", "bench.launch.gpu_suite": "only", "bench.launch.slurm": "nodes",
-    "bench.launch.overhead": "micro_batch", "reports": "baseline", "models": "format",
+    "bench.launch.overhead": "micro_batch", "reports": "baseline", "models": "format", "bench.tune.parts": "tp",
 }
 
 

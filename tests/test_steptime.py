@@ -133,9 +133,9 @@ def test_tuner_candidates_and_ranking_use_each_compute_dtypes_parts():
     cpu_mesh = candidates(mesh, "cpu", 80.0)[0]
     assert {(s.tp, s.sp, s.pp) for s in cpu_mesh} >= {(2, False, 1), (2, True, 1), (1, False, 2)}
     tf32 = Parts(0.02, 0.015, 0.03, 0.02, 1e-9, 2e-9, 0.04, 0.03)
-    bf16 = Parts(*(v / 2 for v in dataclasses.astuple(tf32)))
+    bf16 = Parts(*(v / 2 for v in dataclasses.astuple(tf32)[:8]))  # the timings (not tp, sp)
     rates = Rates(1e12, 1e12, 1e11)
-    by = {(dt, mb): p for dt, p in (("tf32", tf32), ("bf16", bf16)) for mb in (1, 2)}  # micro-batch 2; pp: 1
+    by = {(dt, mb, 1, False): p for dt, p in (("tf32", tf32), ("bf16", bf16)) for mb in (1, 2)}  # pp: mb 1
     rows = {r["strategy"]: r for r in ranked(args, rates, "cuda", gpu, by)}
     assert {parts_key(s, "cuda", 2) for s in gpu} <= set(by) and parts_key(gpu[0], "cpu", 2)[0] == "fp32"
     assert [r["pred_tokens_per_sec"] for r in rows.values()] == sorted(
@@ -146,6 +146,20 @@ def test_tuner_candidates_and_ranking_use_each_compute_dtypes_parts():
         want = predict_step(cfg, s, 2, 2, 64, 1, dataclasses.replace(rates, parts=own))["tokens_per_sec"]
         assert rows[s.canonical_name]["pred_tokens_per_sec"] == pytest.approx(want)
     assert rows["ddp+bf16"]["pred_tokens_per_sec"] > rows["ddp"]["pred_tokens_per_sec"]
+    # tensor-parallel candidates are predicted from parts timed split (tp, sp), the others from whole ones
+    from bench.tune.__main__ import tuned_model
+    split = Parts(0.015, 0.008, 0.03, 0.01, None, 3e-9, tp=2, block_comm_s=0.002, rest_comm_s=0.001)
+    by = {("fp32", mb, 1, False): tf32 for mb in (1, 2)}
+    by.update({("fp32", 2, 2, sp): dataclasses.replace(split, sp=sp) for sp in (False, True)})
+    rows = ranked(mesh, rates, "cpu", cpu_mesh, by)
+    assert {parts_key(r["config"], "cpu", 2) for r in rows} == set(by)
+    for r in rows:
+        s = r["config"]
+        own = by[parts_key(s, "cpu", 2)]
+        assert own.tp == s.tp and own.sp == s.sp
+        want = predict_step(tuned_model(mesh), s, 2, 2, 64, 1, dataclasses.replace(rates, parts=own),
+                            can_overlap("cpu", 2, 1, len(os.sched_getaffinity(0))))
+        assert r["pred_tokens_per_sec"] == pytest.approx(want["tokens_per_sec"])
 
 
 def test_tuner_errors_and_report():
@@ -311,6 +325,122 @@ def test_step_from_the_models_own_parts():
     assert t["compute_s"] == pytest.approx(L * 0.08 + 0.8)  # the fused loss: the model's own rest
 
 
+def test_step_from_tensor_parallel_parts():
+    """Parts timed as tensor parallelism splits them (``Parts.tp``) are not split again; their waits in
+    collectives are tp's communication (exposed), replacing tp's bytes / bandwidth, while the other techniques'
+    bytes still count; their time outside matmuls and collectives is memory-bound."""
+    cfg, L = get_config("mini"), 6
+    split = Parts(block_s=0.07, block_matmul_s=0.04, rest_s=1.2, rest_matmul_s=0.5, adamw_foreach_s_per_param=2e-9,
+                  tp=2, block_comm_s=0.01, rest_comm_s=0.1)
+    r = Rates(50e9, 20e9, 1e9, split)
+    s = StrategyConfig(tp=2)
+    t = predict_step(cfg, s, 2, 4, 256, 1, r)
+    P = cost_context(cfg, s, 2, 4, 256).P  # this rank's (split) parameters
+    assert t["compute_s"] == pytest.approx(L * 0.04 + 0.5)
+    assert t["memory_s"] == pytest.approx(L * (0.07 - 0.04 - 0.01) + (1.2 - 0.5 - 0.1) + P * 2e-9)
+    assert t["comm_s"] == t["exposed_comm_s"] == pytest.approx(L * 0.01 + 0.1)
+    t = predict_step(cfg, StrategyConfig(tp=2, ac="full"), 2, 4, 256, 1, r)  # forward again: its collectives too
+    assert t["compute_s"] == pytest.approx(L * 0.04 * (1 + 1 / 3) + 0.5)
+    assert t["comm_s"] == pytest.approx(L * 0.01 * (1 + 1 / 2) + 0.1)
+    ddp = StrategyConfig(dp="ddp", tp=2)  # 4 ranks: dp2 x tp2; DDP's all-reduce still from its bytes
+    from strategies.tp import TECHNIQUE as TP
+    whole = predict_comm(cfg, ddp, 4, 1, micro_batch=4, seq_len=256)
+    rest = predict_comm(cfg, ddp, 4, 1, micro_batch=4, seq_len=256, without=("tp",))
+    assert rest["all_reduce"] == whole["all_reduce"] - TP.comm(cost_context(cfg, ddp, 4, 4, 256))["all_reduce"] > 0
+    t = predict_step(cfg, ddp, 4, 4, 256, 1, r)
+    assert t["comm_s"] == pytest.approx(L * 0.01 + 0.1 + rest["all_reduce"] * 1.0 / 1e9)  # 2 (n - 1) / n, n = 2
+    with pytest.raises(ValueError, match="tp=2 ranks cannot predict a tp=4 step"):
+        predict_step(cfg, StrategyConfig(tp=4), 4, 4, 256, 1, r)
+
+
+def _tp_parts_worker(rank: int, world_size: int, presets: list[str]) -> dict:
+    """Per preset and sp: one tp rank's local FLOPs of each timed part and of its matmul probe (DTensor's ops
+    declined, so the local ops they run are counted; none on the fake tensors of its sharding propagation),
+    and the unsplit probes' FLOPs (FlopCounterMode); then CommClock on a constructed wait."""
+    import time
+    from functools import partial
+
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+    from bench.measure.comm import CommClock
+    from bench.measure.parts import Sharding
+    from strategies.mesh import build_mesh
+    from strategies.tp import apply_tp, maybe_loss_parallel
+    from tests.test_parity import model_cfg
+
+    class LocalFlops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.flops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            from torch._subclasses.fake_tensor import FakeTensor
+            if any(issubclass(t, (DTensor, AsyncCollectiveTensor)) for t in types):
+                return NotImplemented
+            out = func(*args, **(kwargs or {}))
+            count = flop_registry.get(func._overloadpacket)
+            if count is not None and not any(issubclass(t, FakeTensor) for t in types):
+                self.flops += count(*args, **(kwargs or {}), out_val=out)
+            return out
+
+    def local(fn) -> int:
+        with LocalFlops() as m:
+            fn()
+        return m.flops
+
+    def whole(fn) -> int:
+        with FlopCounterMode(display=False) as m:
+            fn()
+        return m.get_total_flops()
+
+    out = {}
+    for preset in presets:
+        for sp in (False, True):
+            s = StrategyConfig(tp=2, sp=sp)
+            mesh = build_mesh(s, "cpu")
+            shard = Sharding(2, sp, partial(apply_tp, tp_mesh=mesh["tp"], sp=sp), lambda s=s: maybe_loss_parallel(s))
+            w = workloads(model_cfg(preset), 2, 32, torch.device("cpu"), shard=shard)
+            one = workloads(model_cfg(preset), 2, 32, torch.device("cpu"))
+            out[preset, sp] = {name: local(w[name]) for name in ("block", "block_matmul", "rest", "rest_matmul")}
+            out[preset, sp].update(whole_block=whole(one["block_matmul"]),
+                                   whole_rest=whole(one.get("rest_plain_matmul", one["rest_matmul"])))
+    mesh = build_mesh(StrategyConfig(tp=2), "cpu")
+    dt = distribute_tensor(torch.ones(4, 1000), mesh["tp"], [Shard(0)])
+    torch.distributed.barrier()
+    start = time.perf_counter()
+    with CommClock() as clock:
+        time.sleep(0.1 if rank == 0 else 0.6)  # not communication: never counted
+        dt.redistribute(placements=[Replicate()]).to_local().sum()  # an all-gather; rank 0 waits ~0.5 s in it
+    out["clock"] = clock.seconds, time.perf_counter() - start
+    return out
+
+
+def test_tensor_parallel_parts_are_one_ranks_split(ranks):
+    """Under tp=2 every timed part (the model's block and rest, parallelised as the run does it) does exactly
+    its matmul probe's FLOPs on each rank, and those are half the unsplit ones: the probes are one rank's
+    shapes; CommClock counts the wait inside a collective and not the compute (a sleep) before it."""
+    presets = ["tiny", "llama-tiny"]
+    try:
+        import transformers  # noqa: F401
+        presets.append("tiny:hf")
+    except ImportError:
+        pass
+    for rank, got in enumerate(ranks(_tp_parts_worker, presets)):
+        for preset in presets:
+            for sp in (False, True):
+                f = got[preset, sp]
+                assert f["block"] == f["block_matmul"] > 0 and 2 * f["block_matmul"] == f["whole_block"], (preset, sp)
+                assert f["rest"] == f["rest_matmul"] > 0 and 2 * f["rest_matmul"] == f["whole_rest"], (preset, sp)
+        seconds, elapsed = got["clock"]
+        if rank == 0:  # waited for rank 1's 0.6 s sleep, not for its own 0.1 s
+            assert 0.35 < seconds < elapsed - 0.08, got["clock"]
+        else:  # rank 1 arrived last: the all-gather completes at once
+            assert seconds < 0.2 < 0.6 < elapsed, got["clock"]
+
+
 def test_pipeline_bubble_is_the_other_ranks_chunks():
     """Equal ranks give the textbook share b / (1 - b) of the busy time; a heavy last stage makes the fill and
     drain the lighter ranks' chunks; interleaved ranks hold every p-th chunk."""
@@ -412,8 +542,8 @@ def _parts_worker(rank: int, world_size: int, cache: str) -> list[dict]:
 
     os.environ["N00BGPT_CACHE_DIR"] = cache
     rows = []
-    for _ in range(2):
-        cfg = run_cfg({"dp": "ddp"}, 2, 1, steps=2, seq_len=32)
+    for strategy in ({"dp": "ddp"}, {"dp": "ddp"}, {"tp": 2}):
+        cfg = run_cfg(strategy, 2, 1, steps=2, seq_len=32)
         cfg.probe_parts = True
         rows.append(train(cfg, DistInfo(rank, rank, world_size, 1, torch.device("cpu"), "gloo")).metrics)
     return rows
@@ -424,15 +554,52 @@ def test_probe_parts_rows_predict_from_one_cached_measurement(ranks, tmp_path):
     next run of the same shape reads them; each row's prediction is the model on its rates and those parts."""
     from tests.test_parity import run_cfg
 
-    first, second = ranks(_parts_worker, str(tmp_path))[0]
+    first, second, tp = ranks(_parts_worker, str(tmp_path))[0]
     assert first["pred_parts"]["source"] == "probe:measured parts"
     assert second["pred_parts"] == {**first["pred_parts"], "source": "probe:cached parts"}
     parts = Parts(**{k: v for k, v in first["pred_parts"].items() if k != "source"})
     assert parts.block_s > 0 and parts.rest_s > parts.rest_matmul_s > 0 and parts.adamw_foreach_s_per_param > 0
-    cfg = run_cfg({"dp": "ddp"}, 2, 1, steps=2, seq_len=32)
-    for row in (first, second):
-        p = predict_step(cfg.model, cfg.strategy, 2, 2, 32, 1, Rates(row["peak_flops"], row["mem_bw_bytes_per_s"],
-                         row["link_bw_bytes_per_s"], parts, row["link_bw_by_kind"]),
-                         can_overlap("cpu", 2, 1, len(os.sched_getaffinity(0))))
-        assert row["pred_step_time_s"] == pytest.approx(p["step_s"])
-        assert row["pred_step_breakdown"]["memory_s"] == pytest.approx(p["memory_s"])
+    assert parts.tp == 1 and parts.block_comm_s == 0
+    # a tensor-parallel run times its own split parts (not the cached whole ones), with their collectives' waits
+    split = Parts(**{k: v for k, v in tp["pred_parts"].items() if k != "source"})
+    assert tp["pred_parts"]["source"] == "probe:measured parts" and split.tp == 2 and not split.sp
+    assert 0 < split.block_comm_s < split.block_s and 0 < split.rest_comm_s < split.rest_s
+    assert split.adamw_fused_s_per_param is None and split.rest_plain_s is None
+    for row, strategy, p in ((first, {"dp": "ddp"}, parts), (second, {"dp": "ddp"}, parts), (tp, {"tp": 2}, split)):
+        cfg = run_cfg(strategy, 2, 1, steps=2, seq_len=32)
+        pred = predict_step(cfg.model, cfg.strategy, 2, 2, 32, 1, Rates(row["peak_flops"], row["mem_bw_bytes_per_s"],
+                            row["link_bw_bytes_per_s"], p, row["link_bw_by_kind"]),
+                            can_overlap("cpu", 2, 1, len(os.sched_getaffinity(0))))
+        assert row["pred_step_time_s"] == pytest.approx(pred["step_s"])
+        assert row["pred_step_breakdown"]["memory_s"] == pytest.approx(pred["memory_s"])
+    assert tp["pred_step_breakdown"]["comm_s"] == pytest.approx(4 * split.block_comm_s + split.rest_comm_s)  # 4 blocks
+
+
+def test_the_tuners_parts_probe_caches_the_split_parts_runs_read(tmp_path, monkeypatch):
+    """``torchrun -m bench.tune.parts ... tp=2 sp=true`` (what python -m bench.tune runs per parts key) times the
+    parts split on 2 gloo ranks and caches them under the key a tp2+sp run of that shape reads."""
+    import json
+    import subprocess
+    import sys
+
+    from bench.measure.parts import Sharding, _key
+    from bench.measure.peak_flops import cache_get
+    from tests.helpers import ROOT
+
+    monkeypatch.setenv("N00BGPT_CACHE_DIR", str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "bench.tune.parts", "model=tiny", "micro_batch=2", "seq_len=32", "tp=2", "sp=true"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["source"] == "probe:measured parts" and (got["tp"], got["sp"]) == (2, True)
+    assert 0 < got["block_comm_s"] < got["block_s"] and got["adamw_fused_s_per_param"] is None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the key names the probing ranks' threads (OMP_NUM_THREADS=1, as torchrun's ranks)
+    try:
+        key = _key(get_config("tiny"), 2, 32, torch.device("cpu"), 2, "fp32", Sharding(2, True, None))
+    finally:
+        torch.set_num_threads(threads)
+    for field in ("block_s", "block_matmul_s", "rest_s", "block_comm_s", "rest_comm_s", "adamw_foreach_s_per_param"):
+        assert cache_get(f"{key}|{field}") == pytest.approx(got[field]), field

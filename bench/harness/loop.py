@@ -17,6 +17,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -35,7 +36,7 @@ from bench.measure.comm import CommCounter
 from bench.measure.contention import ContentionMeter
 from bench.measure.nvml import NvmlSampler, energy_per_token
 from bench.measure.overlap import profiled_exposure
-from bench.measure.parts import Parts, get_parts
+from bench.measure.parts import Parts, Sharding, get_parts
 from bench.measure.peak_flops import get_peak_flops
 from bench.measure.profile import StepProfiler
 from bench.plan.costmodel import predict_comm, predict_memory
@@ -54,6 +55,7 @@ from strategies import (
 from strategies.config import StrategyError
 from strategies.mesh import build_mesh, dp_coordinate, mesh_shape
 from strategies.pp import Pipeline, bubble_fraction
+from strategies.tp import apply_tp
 
 
 @dataclass
@@ -334,6 +336,14 @@ def combine(per_rank: list[dict], static: dict, losses: list[float], world_size:
     return out, times
 
 
+def parts_sharding(s, mesh) -> Sharding | None:
+    """How strategy ``s`` splits the model's parts (bench/measure/parts.py times them so): tensor parallelism on
+    ``mesh``'s tp dimension, forward and backward in loss_parallel; None without it."""
+    if s.tp == 1:
+        return None
+    return Sharding(s.tp, s.sp, partial(apply_tp, tp_mesh=mesh["tp"], sp=s.sp), lambda: maybe_loss_parallel(s))
+
+
 def finish_prediction(cfg: RunConfig, info: DistInfo, b: Built) -> dict:
     """After the timed window (their buffers must not sit in the measured peak): each collective's bus bandwidth
     (bench/measure/bandwidth.py; on a CPU host with no spare core with the ranks' compute threads busy, which is
@@ -352,7 +362,8 @@ def finish_prediction(cfg: RunConfig, info: DistInfo, b: Built) -> dict:
                                   info.device, local_ranks,
                                   gather=lambda obj: gather_objects(obj, info),
                                   barrier=dist.barrier if info.world_size > 1 else (lambda: None),
-                                  is_main=info.is_main, dtype=cfg.strategy.compute_dtype_name(info.device.type))
+                                  is_main=info.is_main, dtype=cfg.strategy.compute_dtype_name(info.device.type),
+                                  shard=parts_sharding(cfg.strategy, b.mesh))
         out["pred_parts"] = {**asdict(parts), "source": source}
     if by_kind or parts:
         st = b.static

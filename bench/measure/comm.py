@@ -9,13 +9,18 @@ received. DTensor's own collectives (tensor parallelism, the vocabulary-parallel
 
 The harness measures one extra training step after the timed window (a dispatch mode slows every op,
 so it never runs while timing), on every rank.
+
+``CommClock`` is its clock: the seconds a rank's thread spends inside collectives and their waits (the model's
+parts under tensor parallelism, bench/measure/parts.py, split their time with it).
 """
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 
 import torch
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -74,3 +79,32 @@ class CommCounter(TorchDispatchMode):
     def summary(self) -> dict:
         return {"bytes": dict(self.bytes_by_kind), "calls": dict(self.calls_by_kind),
                 "total": sum(self.bytes_by_kind.values())}
+
+
+class CommClock(TorchDispatchMode):
+    """Seconds (``seconds``) this thread spends inside c10d collectives and their waits (``wait_tensor``) while
+    active: the time the rank's compute is held up by communication. A gloo collective runs while its caller
+    waits, so on a CPU this is all of it -- for collectives that reach the dispatcher to their end: functional
+    ones (DTensor's, compiled code's) are timed through their ``wait_tensor``, but a c10d op's ``Work.wait()``
+    is not an op, so a direct ``dist.all_reduce`` counts only its launch (DDP's and FSDP's are not timed
+    here). On a GPU each one is timed alone (``sync``: the device synchronised before and after, so a
+    collective's kernel is not mistaken for the compute queued before it). Ops on tensor subclasses are
+    declined -- DTensor's (as ``CommCounter`` does) and the async result of a functional collective, whose
+    first use waits -- so the collectives and waits they desugar into are timed."""
+
+    def __init__(self, sync=lambda: None):
+        super().__init__()
+        self.seconds = 0.0
+        self.sync = sync
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(issubclass(t, (DTensor, AsyncCollectiveTensor)) for t in types):
+            return NotImplemented
+        if func.namespace not in ("c10d", "_c10d_functional"):
+            return func(*args, **(kwargs or {}))
+        self.sync()
+        t = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        self.sync()
+        self.seconds += time.perf_counter() - t
+        return out

@@ -126,8 +126,9 @@ def combinations(world: int, model: GPTConfig | None = None, micro_batch: int = 
     return list(out.values())
 
 
-def model_config(args: PlanArgs, overrides: list[str]) -> GPTConfig:
-    """The preset with ``model.<field>=value`` overrides applied (as bench/run.py takes them), validated."""
+def model_config(args: PlanArgs, overrides: list[str], prog: str = "python -m bench.plan") -> GPTConfig:
+    """The preset with ``model.<field>=value`` overrides applied (as bench/run.py takes them), validated (a bad
+    one stops ``prog`` with one line)."""
     cfg = get_config(args.model, pad_vocab_to=args.pad_vocab_to)
     if not overrides:
         return cfg
@@ -138,7 +139,7 @@ def model_config(args: PlanArgs, overrides: list[str]) -> GPTConfig:
         while cause.__cause__ is not None:
             cause = cause.__cause__
         fields = ", ".join(f.name for f in dataclasses.fields(GPTConfig))
-        fail("python -m bench.plan", f"{' '.join(str(cause).split()[:30])} (model keys: {fields})")
+        fail(prog, f"{' '.join(str(cause).split()[:30])} (model keys: {fields})")
 
 
 def plan(args: PlanArgs, model_overrides: list[str] = ()) -> list[dict]:

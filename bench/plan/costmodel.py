@@ -298,10 +298,11 @@ def predict_memory(cfg: GPTConfig, s: StrategyConfig, world: int, micro_batch: i
 
 def predict_comm(cfg: GPTConfig, s: StrategyConfig, world: int, grad_accum: int = 1,
                  groups: ParamGroups | None = None, micro_batch: int = 1, seq_len: int = 0,
-                 pp_rank: int | None = None, shapes: list | None = None) -> dict[str, int]:
+                 pp_rank: int | None = None, shapes: list | None = None, without: tuple = ()) -> dict[str, int]:
     """Bytes per step per rank by collective (full-tensor sizes; each technique's ``comm`` hook), and ``total``.
     Tensor and pipeline parallelism move activations, so their terms need ``micro_batch`` and ``seq_len``
-    (0 = the model's context). Pipeline ranks differ: ``pp_rank``, or (None) the one that moves most."""
+    (0 = the model's context). Pipeline ranks differ: ``pp_rank``, or (None) the one that moves most.
+    ``without``: names of techniques whose bytes to leave out (the step model's measured tensor parallelism)."""
     if world <= 1:
         return {"total": 0}
     if groups is not None and mesh_shape(s, world).pp * mesh_shape(s, world).tp > 1:
@@ -312,6 +313,8 @@ def predict_comm(cfg: GPTConfig, s: StrategyConfig, world: int, grad_accum: int 
         ctx = cost_context(cfg, s, world, micro_batch, seq_len or cfg.block_size, grad_accum, groups, rank, shapes)
         out: dict[str, int] = {}
         for t in TECHNIQUES:
+            if t.name in without:
+                continue
             for name, nbytes in t.comm(ctx).items():
                 out[name] = out.get(name, 0) + nbytes
         out["total"] = sum(out.values())

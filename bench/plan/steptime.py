@@ -25,6 +25,10 @@ bench/measure/bandwidth.py measure them; the planner takes them as ``peak_tflops
   checkpointed block's forward, a third of forward + backward, again), the rest once (with the head the
   strategy runs: the fused chunked loss, or the plain one under tp, pp and compile), split by tp; AdamW per
   parameter of the kind the strategy uses (fused / foreach); the per-parameter copies stay bytes / ``mem_bw``.
+  Parts timed *as tensor parallelism splits them* (``Parts.tp``, what the harness measures for a tp run) are not
+  split again: their matmuls are compute, their time outside matmuls and collectives memory-bound, and the
+  seconds they waited in collectives (a checkpointed block's forward: half its forward + backward's again)
+  replace tensor parallelism's bytes / bandwidth as its communication.
 - **comm_s** = per collective, bytes (bench/plan/costmodel.py ``predict_comm``) x the algorithm's factor /
   that collective's bus bandwidth (``link_bw_by_kind``: probed per collective, on a CPU host without a spare
   core with the ranks' compute threads busy; else the all-reduce's ``link_bw``): all-reduce ``2 (n - 1) / n``,
@@ -100,16 +104,18 @@ def predict_step(cfg: GPTConfig, s: StrategyConfig, world: int, micro_batch: int
     fused_adamw = s.dp != "fsdp" and shape.tp == 1  # plain tensors: fused AdamW; DTensors: foreach
     gathers = (2 if s.reshard_after_forward else 1) * grad_accum if s.dp == "fsdp" else 0
     copy_bytes = P * ((16 if s.dp == "ddp" else 0) + 12 * (grad_accum - 1)) + 16 * ctx.P * gathers
+    tp_comm = None  # tensor parallelism's communication, when the parts measured it
     if rates.parts is not None:
-        compute, memory = _from_parts(cfg, s, shape, grad_accum, recomputed, rates.parts)
+        compute, memory, tp_comm = _from_parts(cfg, s, shape, grad_accum, recomputed, rates.parts)
         memory += P * (rates.parts.adamw_fused_s_per_param if fused_adamw else rates.parts.adamw_foreach_s_per_param)
         memory += copy_bytes / rates.mem_bw
     else:
         param_bytes = P * (28 if fused_adamw else 56) + copy_bytes
         memory = (act_bytes + param_bytes) / rates.mem_bw
 
-    comm_bytes = predict_comm(cfg, s, world, grad_accum, micro_batch=micro_batch, seq_len=seq_len)
-    comm = 0.0
+    comm_bytes = predict_comm(cfg, s, world, grad_accum, micro_batch=micro_batch, seq_len=seq_len,
+                              without=("tp",) if tp_comm is not None else ())
+    comm = tp_comm or 0.0
     if world > 1:
         if not rates.link_bw:
             raise ValueError("a multi-rank step needs link_bw (bytes/s of the process group's all-reduce)")
@@ -149,24 +155,39 @@ def predict_step(cfg: GPTConfig, s: StrategyConfig, world: int, micro_batch: int
 
 
 def _from_parts(cfg: GPTConfig, s: StrategyConfig, shape, grad_accum: int, recomputed: int, parts) -> tuple:
-    """(compute_s, activation memory-bound s) from the model's own parts timed at ``parts_micro_batch``: per
-    micro-step (per pipeline micro-batch, m times, under pp), the rank's blocks (the busiest pipeline rank's:
-    ceil(L / stages) per stage) each cost the block's matmul and other time, split by tp; a checkpointed block's
-    forward (a third of forward + backward) runs again -- its matmuls and its other ops under
-    ``full``/``selective``, the other ops only under ``op``; the rest (embeddings, head, loss) once on the rank
-    that holds the head, split by tp."""
+    """(compute_s, activation memory-bound s, tensor parallelism's communication s or None) from the model's own
+    parts timed at ``parts_micro_batch``: per micro-step (per pipeline micro-batch, m times, under pp), the rank's
+    blocks (the busiest pipeline rank's: ceil(L / stages) per stage) each cost the block's matmul and other time,
+    split by tp (unless timed split, ``_tp_div``); a checkpointed block's forward (a third of forward +
+    backward) runs again -- its matmuls and its other ops under ``full``/``selective``, the other ops only under
+    ``op``; the rest (embeddings, head, loss) once on the rank that holds the head. Parts timed split also give
+    the seconds spent in their collectives: per block (again half of them for a recomputed forward) and rest."""
     v = virtual_stages(s)
     blocks = -(-cfg.n_layer // (shape.pp * v)) * v  # on the busiest pipeline rank
     again = recomputed * blocks / cfg.n_layer
-    block_mm = parts.block_matmul_s / shape.tp
-    block_other = max(parts.block_s - parts.block_matmul_s, 0.0) / shape.tp
-    rest_s, rest_mm_s = _rest(cfg, s, shape, parts)
-    rest_mm = rest_mm_s / shape.tp
-    rest_other = max(rest_s - rest_mm_s, 0.0) / shape.tp
+    div = _tp_div(shape, parts)
+    block_mm = parts.block_matmul_s / div
+    block_other = max(parts.block_s - parts.block_matmul_s - parts.block_comm_s, 0.0) / div
+    rest_s, rest_mm_s, rest_comm_s = _rest(cfg, s, shape, parts)
+    rest_mm = rest_mm_s / div
+    rest_other = max(rest_s - rest_mm_s - rest_comm_s, 0.0) / div
     runs = grad_accum * (n_microbatches(s) if shape.pp > 1 else 1)  # parts per pipeline micro-batch under pp
     compute = runs * (block_mm * (blocks + (0 if s.ac == "op" else again) / 3) + rest_mm)
     memory = runs * (block_other * (blocks + again / 3) + rest_other)
-    return compute, memory
+    comm = None
+    if parts.tp > 1:
+        comm = runs * (parts.block_comm_s * (blocks + (0 if s.ac == "op" else again) / 2) + rest_comm_s)
+    return compute, memory, comm
+
+
+def _tp_div(shape, parts) -> int:
+    """How many ways the timed parts still split: tp for whole parts, 1 for parts timed as the run's tensor
+    parallelism splits them (bench/measure/parts.py ``Sharding``)."""
+    if parts.tp == 1:
+        return shape.tp
+    if parts.tp != shape.tp:
+        raise ValueError(f"parts timed on tp={parts.tp} ranks cannot predict a tp={shape.tp} step")
+    return 1
 
 
 def parts_micro_batch(s: StrategyConfig, micro_batch: int) -> int:
@@ -177,21 +198,24 @@ def parts_micro_batch(s: StrategyConfig, micro_batch: int) -> int:
     return micro_batch // n_microbatches(s) if s.pp > 1 else micro_batch
 
 
-def _rest(cfg: GPTConfig, s: StrategyConfig, shape, parts) -> tuple[float, float]:
-    """(rest, its matmuls) in seconds per micro-step: the head the strategy runs -- the fused chunked loss, or the
-    plain one (logits, then the loss) under tp, pp and compile, when the parts measured it."""
+def _rest(cfg: GPTConfig, s: StrategyConfig, shape, parts) -> tuple[float, float, float]:
+    """(rest, its matmuls, its collectives) in seconds per micro-step: the head the strategy runs -- the fused
+    chunked loss, or the plain one (logits, then the loss) under tp, pp and compile, when the parts measured it
+    (tensor-parallel parts: always the plain vocabulary-parallel one)."""
     if parts.rest_plain_s is not None and not fused_loss(cfg, s, shape.tp, shape.pp):
-        return parts.rest_plain_s, parts.rest_plain_matmul_s
-    return parts.rest_s, parts.rest_matmul_s
+        return parts.rest_plain_s, parts.rest_plain_matmul_s, 0.0
+    return parts.rest_s, parts.rest_matmul_s, parts.rest_comm_s
 
 
 def _parts_units(cfg: GPTConfig, s: StrategyConfig, shape, parts) -> tuple[float, float, float]:
     """(one block's forward + backward, a checkpointed block's extra forward, the rest) in seconds per micro-step
     from the timed parts, split by tp (as ``_from_parts`` composes them)."""
     m = n_microbatches(s) if shape.pp > 1 else 1  # parts per pipeline micro-batch under pp
-    mm, other = m * parts.block_matmul_s / shape.tp, m * max(parts.block_s - parts.block_matmul_s, 0.0) / shape.tp
-    again = (other if s.ac == "op" else mm + other) / 3
-    return mm + other, again, m * _rest(cfg, s, shape, parts)[0] / shape.tp
+    div = _tp_div(shape, parts)
+    block = m * parts.block_s / div  # with its collectives, when timed split
+    other = m * max(parts.block_s - parts.block_matmul_s - parts.block_comm_s, 0.0) / div
+    again = (other if s.ac == "op" else block) / 3
+    return block, again, m * _rest(cfg, s, shape, parts)[0] / div
 
 
 def pipeline_bubble(cfg: GPTConfig, s: StrategyConfig, per_block: float, again_per_block: float,

@@ -6,8 +6,9 @@
 
 1. This machine's rates: the matmul peak (bench/measure/peak_flops.py), the elementwise memory bandwidth and
    the process group's all-reduce bus bandwidth (``torchrun -m bench.measure.bandwidth``; cached), and the
-   model's own parts at the runs' shape (``torchrun -m bench.measure.parts``: measured now and cached; every
-   run, started with ``probe_parts=true``, predicts from this measurement).
+   model's own parts at the runs' shape (``torchrun -m bench.tune.parts``: measured now and cached; every
+   run, started with ``probe_parts=true``, predicts from this measurement), split as each candidate's tensor
+   parallelism splits them.
 2. The planner's strategies (bench/plan/__main__.py ``combinations``) that fit ``device_memory_gib`` and that
    the step model describes (eager: compile's fusions are not modelled; on a CPU fp32 only), ranked by
    predicted tokens/s (bench/plan/steptime.py, each with the parts of its compute dtype -- fp32, tf32, bf16 --
@@ -71,11 +72,12 @@ class TuneArgs:
 
 def tuned_model(args: TuneArgs):
     """The preset with the ``model.<field>=`` overrides (validated as the planner validates them)."""
-    return model_config(PlanArgs(model=args.model, world_size=args.world_size), args.model_overrides)
+    return model_config(PlanArgs(model=args.model, world_size=args.world_size), args.model_overrides,
+                        "python -m bench.tune")
 
 
 def model_args(args: TuneArgs) -> list[str]:
-    """The model's arguments for bench/run.py and bench.measure.parts."""
+    """The model's arguments for bench/run.py and bench.tune.parts."""
     return [f"model={args.model}", *(f"model.{o}" for o in args.model_overrides)]
 
 
@@ -108,14 +110,15 @@ def measure_rates(world: int, device_type: str) -> tuple[Rates, dict]:
     return rates, {"peak_source": source, **bw}
 
 
-def measure_parts(args: TuneArgs, seq: int, dtype: str, micro_batch: int):
-    """The model's parts at ``micro_batch`` x ``seq`` on ``world_size`` ranks with matmuls in ``dtype``, measured
-    now and cached, so that every run (``probe_parts=true``) of that compute dtype and parts micro-batch predicts
-    from this one measurement (bench/measure/parts.py)."""
+def measure_parts(args: TuneArgs, seq: int, dtype: str, micro_batch: int, tp: int = 1, sp: bool = False):
+    """The model's parts at ``micro_batch`` x ``seq`` on ``world_size`` ranks with matmuls in ``dtype``, split over
+    ``tp`` ranks (``sp``), measured now and cached, so that every run (``probe_parts=true``) of that parts key
+    predicts from this one measurement (bench/tune/parts.py)."""
     from bench.measure.parts import Parts
 
-    out = subprocess.run([*launcher(args.world_size), "-m", "bench.measure.parts", *model_args(args),
-                          f"micro_batch={micro_batch}", f"seq_len={seq}", f"dtype={dtype}"], cwd=ROOT,
+    split = [f"tp={tp}", f"sp={str(sp).lower()}"]
+    out = subprocess.run([*launcher(args.world_size), "-m", "bench.tune.parts", *model_args(args),
+                          f"micro_batch={micro_batch}", f"seq_len={seq}", f"dtype={dtype}", *split], cwd=ROOT,
                          capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if out.returncode:
         raise RuntimeError(f"parts probe ({dtype}) failed: {out.stderr.strip().splitlines()[-1:]}")
@@ -145,15 +148,16 @@ def candidates(args: TuneArgs, device_type: str, memory_gib: float) -> tuple[lis
     return out, note
 
 
-def parts_key(s: StrategyConfig, device_type: str, micro_batch: int) -> tuple[str, int]:
-    """Which parts measurement predicts ``s``: its compute dtype and the micro-batch its parts run at."""
-    return s.compute_dtype_name(device_type), parts_micro_batch(s, micro_batch)
+def parts_key(s: StrategyConfig, device_type: str, micro_batch: int) -> tuple[str, int, int, bool]:
+    """Which parts measurement predicts ``s``: its compute dtype, the micro-batch its parts run at and its
+    tensor-parallel split (tp, sp)."""
+    return s.compute_dtype_name(device_type), parts_micro_batch(s, micro_batch), s.tp, s.sp and s.tp > 1
 
 
 def ranked(args: TuneArgs, rates: Rates, device_type: str, strategies: list[StrategyConfig],
            parts: dict | None = None) -> list[dict]:
     """``strategies`` fastest predicted first, each predicted from ``rates`` with the parts of its compute dtype
-    and parts micro-batch (``parts``: {(dtype, micro_batch): Parts}; none: the generic rates)."""
+    and parts micro-batch (``parts``: {``parts_key``: Parts}; none: the generic rates)."""
     cfg = tuned_model(args)
     seq = args.seq_len or cfg.block_size
     overlap = can_overlap(device_type, args.world_size, 1, len(os.sched_getaffinity(0)))  # torchrun: 1 thread
