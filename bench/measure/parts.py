@@ -35,7 +35,8 @@ fp16 the parts' forward runs in autocast, as the harness runs it, and the matmul
 a GPU 'tf32' and 'fp32' allow TF32 matmuls or not. Every figure is the median of ``repeats`` timings after one
 untimed warm-up, seconds per micro-batch (per parameter for AdamW), the slowest rank's (max: the ranks of a
 step finish together). bench/plan/steptime.py turns them into per-strategy step times (``Parts``). The parts
-depend on the strategy only through its compute dtype, so ``get_parts`` caches them like the matmul peak (host,
+depend on the strategy only through its compute dtype, micro-batch and tensor-parallel split, so ``get_parts``
+caches them like the matmul peak (host,
 device, threads, ranks on the host, torch, model shape, micro-batch, sequence, dtype, tensor-parallel split;
 ``N00BGPT_PEAK_CACHE=0`` measures afresh): every run of a tuning sweep then predicts from the same measurement,
 and ``torchrun --nproc_per_node=N -m bench.tune.parts model=... micro_batch=... seq_len=... dtype=... tp=...``

@@ -3,6 +3,7 @@
     python -m bench.tune model=mini world_size=2 top=3
     python -m bench.tune model=gpt2-small world_size=8 top=5 steps=20 device_memory_gib=80
     python -m bench.tune model=mini world_size=2 top=30 model.pad_vocab_to=64 model.tie_embeddings=false  # + tp, pp
+    python -m bench.tune model=mini world_size=2 top=16 match=tp2 model.pad_vocab_to=64 model.tie_embeddings=false
 
 1. This machine's rates: the matmul peak (bench/measure/peak_flops.py), the elementwise memory bandwidth and
    the process group's all-reduce bus bandwidth (``torchrun -m bench.measure.bandwidth``; cached), and the
@@ -59,6 +60,7 @@ class TuneArgs:
     warmup: int = opt(3, "untimed steps first")
     device_memory_gib: float = opt(0.0, "memory per rank; 0 = a GPU's memory, or the host's RAM / world_size")
     results_dir: str = opt("results/tune", "where the runs' rows and tune.md go")
+    match: str = opt("", "only the candidates whose name contains this (e.g. tp2: the tensor-parallel family)")
     model_overrides: list[str] = opt([], "model fields, given as model.<field>=value like bench/run.py's (e.g. "
                                          "model.pad_vocab_to=64 for tp, model.tie_embeddings=false for pp)")
 
@@ -206,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                                             / args.world_size)
     try:
         fits, note = candidates(args, device_type, memory_gib)
+        if args.match:
+            fits = [s for s in fits if args.match in s.canonical_name]
+            note += f"; {len(fits)} named *{args.match}*"
         if not fits:
             fail("python -m bench.tune", f"no strategy for {args.model} fits {memory_gib:.1f} GiB per rank ({note})")
         print(f"[tune] {note}", flush=True)
