@@ -239,17 +239,23 @@ def _link_worker(rank: int, world_size: int, cache: str):
 
 
 def test_readme_error_budget_is_the_committed_rows():
-    """README's error-budget table is recomputed from the committed rows: results/tune-cpu (python -m bench.tune's
-    rows, each with its own prediction) and results/gpu (predicted from datasheet rates)."""
+    """README's error-budget table is recomputed from the committed rows: results/tune-cpu, tune-cpu-all and
+    tune-cpu-tp (python -m bench.tune's rows, each with its own prediction; the tp re-run superseding the
+    first sweep's tp rows in the line for today's model) and results/gpu (predicted from datasheet rates)."""
     from bench.tune.budget import SETS, budget_table, load_set
     from tests.helpers import ROOT
 
-    tune, tune_all, gpu = (load_set(*where) for where in SETS.values())
-    for rows, n in ((tune, 6), (tune_all, 40)):
+    tune, tune_all, tune_tp, today, gpu = (load_set(*where) for where in SETS.values())
+    for rows, n in ((tune, 6), (tune_all, 40), (tune_tp, 16), (today, 40)):
         assert len(rows) == n and all(r["pred_step_time_s"] > 0 and r["matmul_time_s"] > 0 for r in rows)
-    assert {r["config"]["strategy"]["pp"] for r in tune_all} == {1, 2}
-    assert {(r["config"]["strategy"]["tp"], r["config"]["strategy"]["sp"]) for r in tune_all} == {
-        (1, False), (2, False), (2, True)}
+    for rows in (tune_all, today):
+        assert {r["config"]["strategy"]["pp"] for r in rows} == {1, 2}
+        assert {(r["config"]["strategy"]["tp"], r["config"]["strategy"]["sp"]) for r in rows} == {
+            (1, False), (2, False), (2, True)}
+    # the re-run tensor-parallel rows predicted from parts timed split, and superseding the first sweep's
+    assert all(r["pred_parts"]["tp"] == 2 and r["pred_parts"]["block_comm_s"] > 0 for r in tune_tp)
+    assert [r for r in today if r["config"]["strategy"]["tp"] == 2] == tune_tp
+    assert {r["strategy"] for r in today} == {r["strategy"] for r in tune_all}
     assert len(gpu) == 10 and all(r["pred_rates_source"].startswith("datasheet:H100 SXM5 ") for r in gpu)
     assert budget_table() in (ROOT / "README.md").read_text()
 

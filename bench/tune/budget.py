@@ -32,9 +32,14 @@ from models.config import GPTConfig, get_config
 from strategies.config import StrategyConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-SETS = {  # README's budget lines: label -> (folder of committed rows, how they are predicted)
+SETS = {  # README's budget lines: label -> (folder(s) of committed rows, how they are predicted)
     "results/tune-cpu (mini, 2 gloo ranks, CPU fp32; the runs' own probes)": ("results/tune-cpu", "row"),
-    "results/tune-cpu-all (the same with every strategy: + tp, sp, pp)": ("results/tune-cpu-all", "row"),
+    "results/tune-cpu-all (the same with every strategy: + tp, sp, pp; tp from unsplit parts)":
+        ("results/tune-cpu-all", "row"),
+    "results/tune-cpu-tp (the 16 tensor-parallel ones again, parts timed as tp splits them)":
+        ("results/tune-cpu-tp", "row"),
+    "every strategy, today's model (tune-cpu-all's dp and pp rows + tune-cpu-tp; two hosts)":
+        ("results/tune-cpu-all+results/tune-cpu-tp", "row"),
     "results/gpu (H100, 1 GPU; datasheet rates only)": ("results/gpu", "datasheet"),
 }
 
@@ -118,10 +123,16 @@ def budget_row(name: str, rows: list[dict]) -> dict:
 
 
 def load_set(folder: str, how: str) -> list[dict]:
-    """The ok rows of a committed folder, each with its prediction (its own, or the datasheet one)."""
+    """The ok rows of a committed folder, each with its prediction (its own, or the datasheet one). Several
+    folders joined by '+': a later folder's rows supersede the earlier ones' rows of the same strategies (a
+    family run again after the step model changed)."""
     from reports.load import load
 
-    rows = load(ROOT / folder).query("status == 'ok'").to_dict("records")
+    rows: list[dict] = []
+    for one in folder.split("+"):
+        later = load(ROOT / one).query("status == 'ok'").to_dict("records")
+        again = {r["strategy"] for r in later}
+        rows = [r for r in rows if r["strategy"] not in again] + later
     if how == "datasheet":
         rows = [{**r, **datasheet_prediction(r)} for r in rows]
     return rows
