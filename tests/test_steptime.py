@@ -569,7 +569,8 @@ def test_probe_parts_rows_predict_from_one_cached_measurement(ranks, tmp_path):
     # a tensor-parallel run times its own split parts (not the cached whole ones), with their collectives' waits
     split = Parts(**{k: v for k, v in tp["pred_parts"].items() if k != "source"})
     assert tp["pred_parts"]["source"] == "probe:measured parts" and split.tp == 2 and not split.sp
-    assert 0 < split.block_comm_s < split.block_s and 0 < split.rest_comm_s < split.rest_s
+    # (each a median of its own timings -- the clock's run is separate -- so only their sign is certain under load)
+    assert split.block_comm_s > 0 and split.rest_comm_s > 0
     assert split.adamw_fused_s_per_param is None and split.rest_plain_s is None
     for row, strategy, p in ((first, {"dp": "ddp"}, parts), (second, {"dp": "ddp"}, parts), (tp, {"tp": 2}, split)):
         cfg = run_cfg(strategy, 2, 1, steps=2, seq_len=32)
@@ -600,7 +601,7 @@ def test_the_tuners_parts_probe_caches_the_split_parts_runs_read(tmp_path, monke
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["source"] == "probe:measured parts" and (got["tp"], got["sp"]) == (2, True)
-    assert 0 < got["block_comm_s"] < got["block_s"] and got["adamw_fused_s_per_param"] is None
+    assert got["block_comm_s"] > 0 and got["rest_comm_s"] > 0 and got["adamw_fused_s_per_param"] is None
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the key names the probing ranks' threads (OMP_NUM_THREADS=1, as torchrun's ranks)
     try:
