@@ -201,12 +201,15 @@ def _collectives_worker(rank: int, world_size: int, cache: str):
 
     os.environ["N00BGPT_CACHE_DIR"] = cache
     out = {c: collective_bandwidths(torch.device("cpu"), contended=c, nbytes=2**20, repeats=3) for c in (False, True)}
-    return out, collective_bandwidths(torch.device("cpu"), contended=True)
+    again = collective_bandwidths(torch.device("cpu"), contended=True)
+    fresh = collective_bandwidths(torch.device("cpu"), contended=True, nbytes=2**20, repeats=3, fresh=True)
+    return out, again, fresh, collective_bandwidths(torch.device("cpu"), contended=True)
 
 
 def test_each_collective_is_probed_alone_and_beside_busy_compute(ranks, tmp_path):
     """bench/measure/bandwidth.py ``collective_bandwidths``: every kind the strategies issue, the same on both
-    ranks (the slowest rank's time), cached per ``contended``. (How much busy compute slows them is a measured
+    ranks (the slowest rank's time), cached per ``contended``; ``fresh`` probes again and replaces the cached
+    value. (How much busy compute slows them is a measured
     fact of a host, README's figures, not a bound a test on a shared CI host can hold: one run measured the
     idle all-reduce at 0.19 GB/s and the contended one at 0.69.)"""
     a, b = ranks(_collectives_worker, str(tmp_path))
@@ -216,6 +219,8 @@ def test_each_collective_is_probed_alone_and_beside_busy_compute(ranks, tmp_path
     assert all(v > 1e6 for v in [*idle.values(), *busy.values()])
     assert idle_src == "probe:measured collectives" and busy_src == "probe:measured contended collectives"
     assert a[1] == (busy, "probe:cached contended collectives")
+    fresh, fresh_src = a[2]  # fresh=True (python -m bench.tune): probed now, whatever is cached, and cached
+    assert fresh_src == "probe:measured contended collectives" and a[3] == (fresh, "probe:cached contended collectives")
 
 
 def test_each_collective_uses_its_own_bandwidth():

@@ -13,7 +13,11 @@ contended and is used for this run only, never cached).
   collectives differ (gloo on this class of host: all-reduce 0.63, all-gather 0.34, reduce-scatter 0.21 GB/s
   of bus bandwidth). ``contended=True`` times them while every rank keeps a matmul thread busy: a CPU host
   with no spare core runs its collectives' threads beside the ranks' compute (measured here: all-reduce
-  0.72 -> 0.37 GB/s), which is how a run without a spare core communicates.
+  0.72 -> 0.37 GB/s), which is how a run without a spare core communicates. Gloo's collectives are noisy even
+  on a quiet host (trials of one probe spread 20-60 %, medians of back-to-back probes up to 2x apart): the
+  median of 9 trials, and never a spread test (it would never cache). So a value cached at a busy moment
+  would stay: ``fresh=True`` (``N00BGPT_FRESH_PROBES=1`` for ``main``) probes now and replaces the cached
+  value -- python -m bench.tune does, so that every run of its sweep predicts from rates measured with it.
 """
 
 from __future__ import annotations
@@ -33,10 +37,12 @@ def _best(trial, repeats: int) -> tuple[float, float]:
     return best, (best - min(rates)) / best
 
 
-def memory_bandwidth(device: torch.device, numel: int = 32 * 2**20, repeats: int = 5) -> tuple[float, str]:
-    """(bytes/s, source) of ``c = a + b`` on ``device`` (see the module docstring)."""
+def memory_bandwidth(device: torch.device, numel: int = 32 * 2**20, repeats: int = 5,
+                     fresh: bool = False) -> tuple[float, str]:
+    """(bytes/s, source) of ``c = a + b`` on ``device`` (see the module docstring; ``fresh``: not from the
+    cache)."""
     key = probe_key("membw", device)
-    hit = cache_get(key)
+    hit = None if fresh else cache_get(key)
     if hit is not None:
         return hit, "probe:cached add"
     a, b = torch.rand(numel, device=device), torch.rand(numel, device=device)
@@ -57,13 +63,15 @@ def memory_bandwidth(device: torch.device, numel: int = 32 * 2**20, repeats: int
     return best, "probe:measured add" + ("" if spread <= CONTENDED_SPREAD else " (contended: not cached)")
 
 
-def link_bandwidth(device: torch.device, nbytes: int = 16 * 2**20, repeats: int = 5) -> tuple[float, str]:
-    """(bus bytes/s, source) of an all-reduce over the default process group; call on every rank."""
+def link_bandwidth(device: torch.device, nbytes: int = 16 * 2**20, repeats: int = 5,
+                   fresh: bool = False) -> tuple[float, str]:
+    """(bus bytes/s, source) of an all-reduce over the default process group; call on every rank (``fresh``:
+    not from the cache)."""
     import torch.distributed as dist
 
     n, backend = dist.get_world_size(), dist.get_backend()
     key = probe_key("link", device, backend, f"world={n}")
-    hit = torch.tensor([cache_get(key) or 0.0], dtype=torch.float64, device=device)
+    hit = torch.tensor([0.0 if fresh else cache_get(key) or 0.0], dtype=torch.float64, device=device)
     dist.all_reduce(hit, op=dist.ReduceOp.MIN)  # every rank must agree to skip the probe
     if hit.item() > 0:
         return hit.item(), "probe:cached all_reduce"
@@ -90,16 +98,17 @@ COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
 
 
 def collective_bandwidths(device: torch.device, contended: bool = False, nbytes: int = 16 * 2**20,
-                          repeats: int = 5) -> tuple[dict[str, float], str]:
+                          repeats: int = 9, fresh: bool = False) -> tuple[dict[str, float], str]:
     """({collective: bus bytes/s}, source) over the default process group (module docstring); call on every
-    rank. Cached per host, backend, world size, device, threads and ``contended``."""
+    rank. Cached per host, backend, world size, device, threads and ``contended``; ``fresh``: probed now."""
     import threading
 
     import torch.distributed as dist
 
     n, backend = dist.get_world_size(), dist.get_backend()
     key = probe_key("coll", device, backend, f"world={n}", f"contended={contended}")
-    hit = torch.tensor([cache_get(f"{key}|{k}") or 0.0 for k in COLLECTIVES], dtype=torch.float64, device=device)
+    hit = torch.tensor([0.0 if fresh else cache_get(f"{key}|{k}") or 0.0 for k in COLLECTIVES], dtype=torch.float64,
+                       device=device)
     dist.all_reduce(hit, op=dist.ReduceOp.MIN)  # every rank must agree to skip the probe
     how = "contended " if contended else ""
     if bool((hit > 0).all()):
@@ -146,7 +155,9 @@ def collective_bandwidths(device: torch.device, contended: bool = False, nbytes:
 
 def main() -> None:
     """``torchrun --nproc_per_node=N -m bench.measure.bandwidth``: probe (and cache) this group's all-reduce bus
-    bandwidth and the elementwise memory bandwidth; rank 0 prints them as JSON (bench.tune runs this)."""
+    bandwidth, each collective's and the elementwise memory bandwidth (``N00BGPT_CONTENDED=1``: the collectives
+    beside busy compute; ``N00BGPT_FRESH_PROBES=1``: measured now whatever is cached); rank 0 prints them as
+    JSON (bench.tune runs this)."""
     import json
     import os
 
@@ -159,10 +170,11 @@ def main() -> None:
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
         multi = dist.get_world_size() > 1
-        link = link_bandwidth(device) if multi else (None, None)
+        fresh = os.environ.get("N00BGPT_FRESH_PROBES", "0") == "1"
+        link = link_bandwidth(device, fresh=fresh) if multi else (None, None)
         contended = os.environ.get("N00BGPT_CONTENDED", "0") == "1"  # python -m bench.tune: a host without a spare core
-        kinds = collective_bandwidths(device, contended) if multi else (None, None)
-        mem = memory_bandwidth(device) if dist.get_rank() == 0 else None
+        kinds = collective_bandwidths(device, contended, fresh=fresh) if multi else (None, None)
+        mem = memory_bandwidth(device, fresh=fresh) if dist.get_rank() == 0 else None
         if dist.get_rank() == 0:
             print(json.dumps({"link_bw": link[0], "link_source": link[1], "mem_bw": mem[0], "mem_source": mem[1],
                               "link_bw_by_kind": kinds[0], "link_by_kind_source": kinds[1]}))

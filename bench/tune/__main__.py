@@ -6,7 +6,7 @@
     python -m bench.tune model=mini world_size=2 top=16 match=tp2 model.pad_vocab_to=64 model.tie_embeddings=false
 
 1. This machine's rates: the matmul peak (bench/measure/peak_flops.py), the elementwise memory bandwidth and
-   the process group's all-reduce bus bandwidth (``torchrun -m bench.measure.bandwidth``; cached), and the
+   the process group's bus bandwidths (``torchrun -m bench.measure.bandwidth``: measured now and cached), and the
    model's own parts at the runs' shape (``torchrun -m bench.tune.parts``: measured now and cached; every
    run, started with ``probe_parts=true``, predicts from this measurement), split as each candidate's tensor
    parallelism splits them.
@@ -95,13 +95,15 @@ def strategy_overrides(s: StrategyConfig) -> list[str]:
 
 
 def measure_rates(world: int, device_type: str) -> tuple[Rates, dict]:
-    """This host's rates (probes, cached), measured in a torchrun group of ``world`` ranks like the runs'."""
+    """This host's rates, measured in a torchrun group of ``world`` ranks like the runs': the bandwidths now
+    (cached for the sweep's runs), the matmul peak as cached when its probe was clean."""
     from bench.measure.peak_flops import get_peak_flops
 
     contended = not can_overlap(device_type, world, 1, len(os.sched_getaffinity(0)))  # as the runs will probe
     out = subprocess.run([*launcher(world), "-m", "bench.measure.bandwidth"], cwd=ROOT, capture_output=True,
                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1",
-                                                      "N00BGPT_CONTENDED": "1" if contended else "0"})
+                                                      "N00BGPT_CONTENDED": "1" if contended else "0",
+                                                      "N00BGPT_FRESH_PROBES": "1"})
     if out.returncode:
         raise RuntimeError(f"bandwidth probe failed: {out.stderr.strip().splitlines()[-1:]}")
     bw = json.loads(out.stdout.strip().splitlines()[-1])
