@@ -59,6 +59,7 @@ class Technique:
     cost_setup: Callable = _none
     memory: Callable = _none
     comm: Callable = field(default=lambda ctx: {})
+    comm_group: Callable = field(default=lambda ctx: ctx.world)  # ranks in its collectives (a ring's n)
     recompute_flops: Callable = field(default=lambda model_cfg, seq_len, s: 0)
     plan_axes: Callable = field(default=lambda world_size: {})
 

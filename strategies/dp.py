@@ -97,6 +97,7 @@ TECHNIQUE = Technique(
                   "or keep them until backward (ZeRO-2-like).")),
     apply=_apply, validate=_validate, validate_for=_validate_for, name_part=_name,
     cost_setup=_cost_setup, memory=_memory, comm=_comm,
+    comm_group=lambda ctx: ctx.dp,  # beside tp on one data-parallel rank nothing crosses a link
     plan_axes=lambda world: {"dp": ["none", "ddp", "fsdp"],  # none: one process, or one model-parallel replica
                              "reshard_after_forward": [True, False]},
 )

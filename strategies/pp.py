@@ -242,6 +242,7 @@ TECHNIQUE = Technique(
             Field("pp_virtual", int, 2, "Stages per rank for pp_schedule=interleaved1f1b.")),
     apply=_apply, validate=_validate, validate_for=_validate_for, validate_run=validate_run, name_part=_name,
     cost_setup=_cost_setup, memory=_memory, comm=_comm,
+    comm_group=lambda ctx: 2,  # point to point: a sender and a receiver
     plan_axes=lambda world: {"pp": [p for p in (1, 2, 4, 8) if world % p == 0],
                              "pp_schedule": ["1f1b", "interleaved1f1b", "gpipe"]},
 )

@@ -289,6 +289,6 @@ TECHNIQUE = Technique(
             Field("sp", bool, False, "With tp >= 2: sequence parallelism (norms on a sequence shard; "
                   "all-gather + reduce-scatter instead of all-reduce).")),
     apply=_apply, validate=_validate, validate_for=_validate_for, validate_run=validate_run, name_part=_name,
-    comm=_comm,
+    comm=_comm, comm_group=lambda ctx: ctx.tp,
     plan_axes=lambda world: {"tp": [t for t in (1, 2, 4, 8) if world % t == 0], "sp": [False, True]},
 )

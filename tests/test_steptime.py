@@ -232,6 +232,28 @@ def test_each_collective_uses_its_own_bandwidth():
     assert t["comm_s"] == pytest.approx(comm["all_gather"] * 0.5 / 0.5e9 + comm["reduce_scatter"] * 0.5 / 0.25e9)
 
 
+def test_each_technique_rings_over_its_own_group():
+    """A collective's ring factor counts the ranks of the technique that issues it: on 8 ranks as dp2 x tp4, DDP's
+    all-reduce runs over 2 ranks (2 (n - 1) / n = 1) and tp's over 4 (1.5), never both over the world; DDP beside
+    tp on one data-parallel rank all-reduces over itself and crosses no link."""
+    from strategies.dp import TECHNIQUE as DP
+    from strategies.tp import TECHNIQUE as TP
+
+    cfg = get_config("mini")
+    rates = Rates(50e9, 20e9, 1e9)
+    s = StrategyConfig(dp="ddp", tp=4)
+    ctx = cost_context(cfg, s, 8, 4, 256)
+    dp_bytes, tp_bytes = DP.comm(ctx)["all_reduce"], TP.comm(ctx)["all_reduce"]
+    assert (DP.comm_group(ctx), TP.comm_group(ctx)) == (2, 4) and dp_bytes > 0 and tp_bytes > 0
+    t = predict_step(cfg, s, 8, 4, 256, 1, rates, overlap=False)
+    assert t["comm_s"] == pytest.approx(dp_bytes * 1.0 / 1e9 + tp_bytes * 1.5 / 1e9)
+    alone = predict_step(cfg, StrategyConfig(tp=2), 2, 4, 256, 1, rates, overlap=False)
+    beside = predict_step(cfg, StrategyConfig(dp="ddp", tp=2), 2, 4, 256, 1, rates, overlap=False)
+    assert predict_comm(cfg, StrategyConfig(dp="ddp", tp=2), 2, 1, micro_batch=4, seq_len=256)["all_reduce"] > \
+        predict_comm(cfg, StrategyConfig(tp=2), 2, 1, micro_batch=4, seq_len=256)["all_reduce"]  # issued, counted
+    assert beside["comm_s"] == pytest.approx(alone["comm_s"])  # ... but over one rank: no time
+
+
 def _link_worker(rank: int, world_size: int, cache: str):
     import os
 

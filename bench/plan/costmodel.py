@@ -296,28 +296,42 @@ def predict_memory(cfg: GPTConfig, s: StrategyConfig, world: int, micro_batch: i
     return best
 
 
-def predict_comm(cfg: GPTConfig, s: StrategyConfig, world: int, grad_accum: int = 1,
-                 groups: ParamGroups | None = None, micro_batch: int = 1, seq_len: int = 0,
-                 pp_rank: int | None = None, shapes: list | None = None, without: tuple = ()) -> dict[str, int]:
-    """Bytes per step per rank by collective (full-tensor sizes; each technique's ``comm`` hook), and ``total``.
-    Tensor and pipeline parallelism move activations, so their terms need ``micro_batch`` and ``seq_len``
-    (0 = the model's context). Pipeline ranks differ: ``pp_rank``, or (None) the one that moves most.
-    ``without``: names of techniques whose bytes to leave out (the step model's measured tensor parallelism)."""
+def comm_by_technique(cfg: GPTConfig, s: StrategyConfig, world: int, grad_accum: int = 1,
+                      groups: ParamGroups | None = None, micro_batch: int = 1, seq_len: int = 0,
+                      pp_rank: int | None = None, shapes: list | None = None,
+                      without: tuple = ()) -> dict[str, tuple[int, dict[str, int]]]:
+    """Per technique that communicates: (the ranks in its collectives -- its ``comm_group``: the data-parallel
+    degree, the tensor-parallel degree, 2 for a pipeline's point-to-point sends -- and its bytes per step per
+    rank by collective, full-tensor sizes, from its ``comm`` hook). Tensor and pipeline parallelism move
+    activations, so their terms need ``micro_batch`` and ``seq_len`` (0 = the model's context). Pipeline ranks
+    differ: ``pp_rank``, or (None) the one that moves most in all. ``without``: names of techniques to leave
+    out (the step model's measured tensor parallelism)."""
     if world <= 1:
-        return {"total": 0}
+        return {}
     if groups is not None and mesh_shape(s, world).pp * mesh_shape(s, world).tp > 1:
         groups = None
     shapes = shapes if shapes is not None or groups is not None else param_shapes(cfg)
-    best: dict[str, int] = {}
+    best: dict[str, tuple[int, dict[str, int]]] = {}
+    most = -1
     for rank in _pp_ranks(s, world, pp_rank):
         ctx = cost_context(cfg, s, world, micro_batch, seq_len or cfg.block_size, grad_accum, groups, rank, shapes)
-        out: dict[str, int] = {}
-        for t in TECHNIQUES:
-            if t.name in without:
-                continue
-            for name, nbytes in t.comm(ctx).items():
-                out[name] = out.get(name, 0) + nbytes
-        out["total"] = sum(out.values())
-        if out["total"] > best.get("total", -1):
-            best = out
+        out = {t.name: (t.comm_group(ctx), t.comm(ctx)) for t in TECHNIQUES if t.name not in without}
+        out = {name: (n, kinds) for name, (n, kinds) in out.items() if kinds}
+        total = sum(sum(kinds.values()) for _, kinds in out.values())
+        if total > most:
+            best, most = out, total
     return best
+
+
+def predict_comm(cfg: GPTConfig, s: StrategyConfig, world: int, grad_accum: int = 1,
+                 groups: ParamGroups | None = None, micro_batch: int = 1, seq_len: int = 0,
+                 pp_rank: int | None = None, shapes: list | None = None, without: tuple = ()) -> dict[str, int]:
+    """Bytes per step per rank by collective (full-tensor sizes, every technique's summed: ``comm_by_technique``
+    with the same arguments), and ``total``."""
+    out: dict[str, int] = {}
+    for _, kinds in comm_by_technique(cfg, s, world, grad_accum, groups, micro_batch, seq_len, pp_rank, shapes,
+                                      without).values():
+        for name, nbytes in kinds.items():
+            out[name] = out.get(name, 0) + nbytes
+    out["total"] = sum(out.values())
+    return out

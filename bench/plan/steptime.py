@@ -32,8 +32,10 @@ bench/measure/bandwidth.py measure them; the planner takes them as ``peak_tflops
 - **comm_s** = per collective, bytes (bench/plan/costmodel.py ``predict_comm``) x the algorithm's factor /
   that collective's bus bandwidth (``link_bw_by_kind``: probed per collective, on a CPU host without a spare
   core with the ranks' compute threads busy; else the all-reduce's ``link_bw``): all-reduce ``2 (n - 1) / n``,
-  all-gather and reduce-scatter ``(n - 1) / n``, a send 1 (its receive is the same transfer), n the
-  data-parallel group (the world without one).
+  all-gather and reduce-scatter ``(n - 1) / n``, a send 1 (its receive is the same transfer), n the ranks in
+  the technique's collectives (its ``comm_group``: data parallelism's over the dp ranks, tensor parallelism's
+  over the tp group; bench/plan/costmodel.py ``comm_by_technique``). A collective over one rank (DDP beside
+  tp on a single data-parallel rank) crosses no link: 0 s.
 - **exposed_comm_s**, the overlap rule per strategy, when the rank can overlap at all (a GPU's streams; on a
   CPU only with a spare core for the communication thread, ``overlap=``): DDP hides its all-reduce behind
   backward (2/3 of compute + memory) except the last 25 MB bucket; FSDP hides its gathers and
@@ -48,7 +50,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bench.plan.costmodel import cost_context, fused_loss, predict_comm
+from bench.plan.costmodel import comm_by_technique, cost_context, fused_loss
 from models.config import GPTConfig
 from models.flops import block_forward_flops_per_token, train_flops_per_token
 from strategies import recompute_flops_per_token
@@ -73,6 +75,11 @@ class Rates:
     link_bw: float | None = None
     parts: object | None = None  # bench/measure/parts.py ``Parts``: the model's own parts timed at the run's shapes
     link_bw_by_kind: dict | None = None  # bus bytes/s per collective (bench/measure/bandwidth.py); else link_bw
+
+
+def _bus_bw(rates: Rates, kind: str) -> float:
+    """Bus bytes/s of collective ``kind``: its own probe (``link_bw_by_kind``), else the all-reduce's ``link_bw``."""
+    return (rates.link_bw_by_kind or {}).get(kind) or rates.link_bw
 
 
 def elementwise_per_token_block(cfg: GPTConfig) -> int:
@@ -113,24 +120,21 @@ def predict_step(cfg: GPTConfig, s: StrategyConfig, world: int, micro_batch: int
         param_bytes = P * (28 if fused_adamw else 56) + copy_bytes
         memory = (act_bytes + param_bytes) / rates.mem_bw
 
-    comm_bytes = predict_comm(cfg, s, world, grad_accum, micro_batch=micro_batch, seq_len=seq_len,
-                              without=("tp",) if tp_comm is not None else ())
+    by_technique = comm_by_technique(cfg, s, world, grad_accum, micro_batch=micro_batch, seq_len=seq_len,
+                                     without=("tp",) if tp_comm is not None else ())
     comm = tp_comm or 0.0
-    if world > 1:
-        if not rates.link_bw:
-            raise ValueError("a multi-rank step needs link_bw (bytes/s of the process group's all-reduce)")
-        for kind, nbytes in comm_bytes.items():
-            if kind in ("total", "recv"):  # a send is also the peer's receive: one transfer, counted once
+    if by_technique and not rates.link_bw:
+        raise ValueError("a multi-rank step needs link_bw (bytes/s of the process group's all-reduce)")
+    for group, kinds in by_technique.values():
+        for kind, nbytes in kinds.items():
+            if kind == "recv":  # a send is also the peer's receive: one transfer, counted once
                 continue
-            group = shape.dp if shape.dp > 1 else world
-            factor = next((f for k, f in _FACTORS.items() if k in kind), _FACTORS["all_reduce"])(max(group, 2))
-            bw = next((v for k, v in (rates.link_bw_by_kind or {}).items() if k in kind), rates.link_bw)
-            comm += nbytes * factor / bw
+            comm += nbytes * _FACTORS[kind](group) / _bus_bw(rates, kind)
     exposed = comm
     if overlap and comm > 0 and shape.tp == 1 and shape.pp == 1:
         work = compute + memory
         if s.dp == "ddp":
-            last = min(DDP_BUCKET_BYTES, 4 * ctx.P) * _FACTORS["all_reduce"](world) / rates.link_bw
+            last = min(DDP_BUCKET_BYTES, 4 * ctx.P) * _FACTORS["all_reduce"](shape.dp) / _bus_bw(rates, "all_reduce")
             exposed = max(comm - 2 / 3 * work, min(last, comm))
         elif s.dp == "fsdp":
             exposed = max(comm - work, comm / (cfg.n_layer + 1))
