@@ -133,15 +133,18 @@ class RunRecord:
                            "parts.py: block_s, block_matmul_s, rest_s, rest_matmul_s per micro-batch; "
                            "adamw_*_s_per_param); the prediction above then uses them")
     mem_bw_bytes_per_s: float = col("prediction", "bytes/s", "rank0", "elementwise add probe (rank 0)")
-    mem_bw_source: str = col("prediction", rule="rank0", doc="probe:measured or probe:cached")
+    mem_bw_source: str = col("prediction", rule="rank0", doc="probe:measured or probe:cached; a probe whose "
+                             "trials spread > 15 % or that shared the host with other work (> 20 % of its CPU) "
+                             "says so, '(...: not cached)'")
     link_bw_bytes_per_s: float = col("prediction", "bytes/s", "rank0", "all-reduce bus bandwidth of the group")
-    link_bw_source: str = col("prediction", rule="rank0", doc="probe:measured or probe:cached; None in one "
-                                                                "process")
+    link_bw_source: str = col("prediction", rule="rank0", doc="probe:measured or probe:cached, '(...: not "
+                              "cached)' as mem_bw_source; None in one process")
     link_bw_by_kind: dict = col("prediction", "bytes/s", "rank0", "bus bandwidth per collective (all_reduce, "
                                 "all_gather, reduce_scatter); on a CPU host without a spare core measured with "
                                 "the ranks' compute threads busy: what the predicted communication uses")
     link_bw_by_kind_source: str = col("prediction", rule="rank0", doc="probe:measured or probe:cached, "
-                                                                        "'contended' when so measured")
+                                      "'contended' when measured beside busy compute, '(neighbours N% of the "
+                                      "host: not cached)' when other work shared the host")
     comm_bytes_per_step: int = col("prediction", "bytes/step", "max", "observed collective bytes per rank")
     comm_breakdown: dict = col("prediction", "bytes/step", "rank0", "observed bytes by collective")
     comm_calls_per_step: dict = col("prediction", "calls/step", "rank0", "observed calls by collective")

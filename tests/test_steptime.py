@@ -200,10 +200,11 @@ def _collectives_worker(rank: int, world_size: int, cache: str):
     from bench.measure.bandwidth import collective_bandwidths
 
     os.environ["N00BGPT_CACHE_DIR"] = cache
-    out = {c: collective_bandwidths(torch.device("cpu"), contended=c, nbytes=2**20, repeats=3) for c in (False, True)}
-    again = collective_bandwidths(torch.device("cpu"), contended=True)
-    fresh = collective_bandwidths(torch.device("cpu"), contended=True, nbytes=2**20, repeats=3, fresh=True)
-    return out, again, fresh, collective_bandwidths(torch.device("cpu"), contended=True)
+    cpu, quiet = torch.device("cpu"), {"neighbours_max": 1.0}  # about caching: whatever else shares the CI host
+    out = {c: collective_bandwidths(cpu, contended=c, nbytes=2**20, repeats=3, **quiet) for c in (False, True)}
+    again = collective_bandwidths(cpu, contended=True)
+    fresh = collective_bandwidths(cpu, contended=True, nbytes=2**20, repeats=3, fresh=True, **quiet)
+    return out, again, fresh, collective_bandwidths(cpu, contended=True)
 
 
 def test_each_collective_is_probed_alone_and_beside_busy_compute(ranks, tmp_path):
@@ -221,6 +222,63 @@ def test_each_collective_is_probed_alone_and_beside_busy_compute(ranks, tmp_path
     assert a[1] == (busy, "probe:cached contended collectives")
     fresh, fresh_src = a[2]  # fresh=True (python -m bench.tune): probed now, whatever is cached, and cached
     assert fresh_src == "probe:measured contended collectives" and a[3] == (fresh, "probe:cached contended collectives")
+
+
+def test_neighbour_share_subtracts_every_probing_rank_per_host():
+    """``neighbour_share``: per host, (busy - its ranks' CPU) / total, the two ranks of one host reading the same
+    counters; the busiest host counts; unreadable hosts are skipped."""
+    from bench.measure.contention import neighbour_share
+
+    # host a: 2 cores x 2 s = 4 s, 3.0 s busy, ranks 1.2 + 1.0 s -> 0.8 / 4; host b: 1.5 busy of 2, rank 0.5 -> 0.5
+    assert neighbour_share([("a", 3.0, 4.0, 1.2), ("a", 3.02, 4.0, 1.0), ("b", 1.5, 2.0, 0.5)]) == pytest.approx(0.5)
+    assert neighbour_share([("a", 3.0, 4.0, 1.2), ("a", 3.0, 4.0, 1.0)]) == pytest.approx(0.2)
+    assert neighbour_share([("a", 1.0, 4.0, 1.5)]) == 0.0  # accounting jitter never goes below nothing
+    assert neighbour_share([("a", None, None, 1.0)]) is None
+
+
+def _spin(seconds: float) -> None:
+    import time
+
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def _neighbour_worker(rank: int, world_size: int, cache: str, limit: float):
+    import os
+
+    import torch
+
+    from bench.measure.bandwidth import collective_bandwidths, memory_bandwidth
+
+    os.environ["N00BGPT_CACHE_DIR"] = cache
+    kinds = collective_bandwidths(torch.device("cpu"), nbytes=2**20, repeats=9, neighbours_max=limit)
+    mem = memory_bandwidth(torch.device("cpu"), numel=2**22, repeats=9, neighbours_max=limit) if rank == 0 else None
+    again = collective_bandwidths(torch.device("cpu"))  # what a later run on the host reads: not the busy probe
+    return kinds[1], mem and mem[1], again[1]
+
+
+def test_a_probe_beside_a_busy_neighbour_is_not_cached(ranks, tmp_path):
+    """A process outside the probe keeps a core busy while the bandwidths are probed: the share the probes
+    measure includes it (a core is 1 / cores of the host, half of that allowed for the accounting), so
+    neither the collectives nor the memory probe is cached and their sources say how busy the host was; the
+    next probe on the host measures again."""
+    import multiprocessing
+    import os
+    import re
+
+    cores = os.cpu_count() or 1
+    neighbour = multiprocessing.get_context("spawn").Process(target=_spin, args=(60.0,), daemon=True)
+    neighbour.start()
+    try:
+        a, _ = ranks(_neighbour_worker, str(tmp_path), 0.5 / cores)
+    finally:
+        neighbour.terminate()
+        neighbour.join()
+    for source in a[:2]:
+        share = re.search(r"\(.*neighbours (\d+)% of the host: not cached\)", source)
+        assert share and int(share.group(1)) / 100 >= 0.5 / cores, source
+    assert a[2].startswith("probe:measured collectives")  # nothing was cached: measured again
 
 
 def test_each_collective_uses_its_own_bandwidth():

@@ -18,15 +18,50 @@ contended and is used for this run only, never cached).
   median of 9 trials, and never a spread test (it would never cache). So a value cached at a busy moment
   would stay: ``fresh=True`` (``N00BGPT_FRESH_PROBES=1`` for ``main``) probes now and replaces the cached
   value -- python -m bench.tune does, so that every run of its sweep predicts from rates measured with it.
+
+Every probe also records how busy the rest of the host was while it ran (bench/measure/contention.py
+``neighbour_share``: the host's CPU time not spent by the probing ranks, steal included, as a fraction of
+all of it). A probe that shared the host with more than ``NEIGHBOURS_MAX`` (a fifth) is used for the run
+that took it and never cached, and its source says so -- "probe:measured add (neighbours 48% of the host:
+not cached)" -- so that a bandwidth probed beside someone else's job is not reused on a quiet host.
 """
 
 from __future__ import annotations
 
+import socket
 import time
 
 import torch
 
+from bench.measure.contention import NeighbourMeter, neighbour_share
 from bench.measure.peak_flops import CONTENDED_SPREAD, cache_get, cache_put, probe_key
+
+NEIGHBOURS_MAX = 0.2  # above this share of the host's CPU taken by other work, a probe is not cached
+
+
+def _neighbours(meter: NeighbourMeter, group: bool) -> float | None:
+    """The share of the host other work took since ``meter`` started (``neighbour_share``), over every rank of
+    the default process group when ``group`` (collective: every rank calls it)."""
+    sample = (socket.gethostname(), *meter.stop())
+    if not group:
+        return neighbour_share([sample])
+    import torch.distributed as dist
+
+    samples = [None] * dist.get_world_size()
+    dist.all_gather_object(samples, sample)
+    return neighbour_share(samples)
+
+
+def _verdict(what: str, spread: float | None, share: float | None, neighbours_max: float) -> tuple[bool, str]:
+    """(cache it?, source) of a probe just measured: not cached when its trials spread by more than
+    ``CONTENDED_SPREAD`` (``spread``: None for a median probe, which never judges its spread) or other work took
+    more than ``neighbours_max`` of the host while it ran; the source names each reason."""
+    why = []
+    if spread is not None and spread > CONTENDED_SPREAD:
+        why.append(f"contended: trials spread {spread:.0%}")
+    if share is not None and share > neighbours_max:
+        why.append(f"neighbours {share:.0%} of the host")
+    return not why, f"probe:measured {what}" + (f" ({', '.join(why)}: not cached)" if why else "")
 
 
 def _best(trial, repeats: int) -> tuple[float, float]:
@@ -38,9 +73,9 @@ def _best(trial, repeats: int) -> tuple[float, float]:
 
 
 def memory_bandwidth(device: torch.device, numel: int = 32 * 2**20, repeats: int = 5,
-                     fresh: bool = False) -> tuple[float, str]:
+                     fresh: bool = False, neighbours_max: float = NEIGHBOURS_MAX) -> tuple[float, str]:
     """(bytes/s, source) of ``c = a + b`` on ``device`` (see the module docstring; ``fresh``: not from the
-    cache)."""
+    cache; ``neighbours_max``: the share of the host other work may take while a probe that is cached runs)."""
     key = probe_key("membw", device)
     hit = None if fresh else cache_get(key)
     if hit is not None:
@@ -57,16 +92,18 @@ def memory_bandwidth(device: torch.device, numel: int = 32 * 2**20, repeats: int
             torch.cuda.synchronize(device)
         return 3 * numel * 4 / (time.perf_counter() - t0)
 
+    meter = NeighbourMeter().start()
     best, spread = _best(trial, repeats)
-    if spread <= CONTENDED_SPREAD:
+    keep, source = _verdict("add", spread, _neighbours(meter, False), neighbours_max)
+    if keep:
         cache_put(key, best)
-    return best, "probe:measured add" + ("" if spread <= CONTENDED_SPREAD else " (contended: not cached)")
+    return best, source
 
 
 def link_bandwidth(device: torch.device, nbytes: int = 16 * 2**20, repeats: int = 5,
-                   fresh: bool = False) -> tuple[float, str]:
+                   fresh: bool = False, neighbours_max: float = NEIGHBOURS_MAX) -> tuple[float, str]:
     """(bus bytes/s, source) of an all-reduce over the default process group; call on every rank (``fresh``:
-    not from the cache)."""
+    not from the cache; ``neighbours_max`` as for ``memory_bandwidth``, over every rank's host)."""
     import torch.distributed as dist
 
     n, backend = dist.get_world_size(), dist.get_backend()
@@ -88,19 +125,25 @@ def link_bandwidth(device: torch.device, nbytes: int = 16 * 2**20, repeats: int 
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         return 2 * (n - 1) / n * nbytes / slowest.item()
 
+    meter = NeighbourMeter().start()
     best, spread = _best(trial, repeats)
-    if spread <= CONTENDED_SPREAD:
+    # every rank took part in every trial: its spread is the slowest rank's, the same on every rank
+    keep, source = _verdict("all_reduce", spread, _neighbours(meter, True), neighbours_max)
+    if keep:
         cache_put(key, best)
-    return best, "probe:measured all_reduce" + ("" if spread <= CONTENDED_SPREAD else " (contended: not cached)")
+    return best, source
 
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
 
 
 def collective_bandwidths(device: torch.device, contended: bool = False, nbytes: int = 16 * 2**20,
-                          repeats: int = 9, fresh: bool = False) -> tuple[dict[str, float], str]:
+                          repeats: int = 9, fresh: bool = False,
+                          neighbours_max: float = NEIGHBOURS_MAX) -> tuple[dict[str, float], str]:
     """({collective: bus bytes/s}, source) over the default process group (module docstring); call on every
-    rank. Cached per host, backend, world size, device, threads and ``contended``; ``fresh``: probed now."""
+    rank. Cached per host, backend, world size, device, threads and ``contended``; ``fresh``: probed now;
+    ``neighbours_max`` as for ``memory_bandwidth``, over every rank's host (the busy thread of ``contended`` is
+    the probe's own CPU, not a neighbour's)."""
     import threading
 
     import torch.distributed as dist
@@ -127,6 +170,7 @@ def collective_bandwidths(device: torch.device, contended: bool = False, nbytes:
             torch.mm(a, a)
 
     thread = threading.Thread(target=busy, daemon=True) if contended else None
+    meter = NeighbourMeter().start()
     if thread:
         thread.start()
     out = {}
@@ -148,9 +192,10 @@ def collective_bandwidths(device: torch.device, contended: bool = False, nbytes:
         stop.set()
         if thread:
             thread.join()
-    for kind, value in out.items():
+    keep, source = _verdict(f"{how}collectives", None, _neighbours(meter, True), neighbours_max)
+    for kind, value in out.items() if keep else ():
         cache_put(f"{key}|{kind}", value)
-    return out, f"probe:measured {how}collectives"
+    return out, source
 
 
 def main() -> None:

@@ -10,6 +10,11 @@
 - ``steal_pct``: CPU time the hypervisor gave to other guests over the window, percent of all CPU time
   (/proc/stat ``steal`` jiffies delta / total jiffies delta x 100). Across ranks: max.
 Values that cannot be read (not Linux) are None. GPU clocks and throttling: bench/measure/nvml.py.
+
+A probe (bench/measure/bandwidth.py) asks a different question -- did other work share the host while it
+ran? -- answered by ``NeighbourMeter`` and ``neighbour_share``: the host's busy CPU time over the probe (steal
+counted: another guest ran on our cores) minus the CPU time of the probing processes, as a fraction of all
+the host's CPU time.
 """
 
 from __future__ import annotations
@@ -21,17 +26,21 @@ from pathlib import Path
 import torch
 
 
-def _proc_stat() -> tuple[int, int] | None:
-    """(steal jiffies, total jiffies) of the host's aggregate 'cpu' line."""
+def _cpu_line() -> list[int] | None:
+    """The host's aggregate /proc/stat 'cpu' line: user nice system idle iowait irq softirq steal (jiffies)."""
     try:
         fields = Path("/proc/stat").read_text().splitlines()[0].split()
     except (OSError, IndexError):
         return None
     if fields[0] != "cpu" or len(fields) < 9:
         return None
-    vals = [int(v) for v in fields[1:]]
-    # user nice system idle iowait irq softirq steal [guest guest_nice: already inside user/nice]
-    return vals[7], sum(vals[:8])
+    return [int(v) for v in fields[1:9]]  # [guest guest_nice follow: already inside user and nice]
+
+
+def _proc_stat() -> tuple[int, int] | None:
+    """(steal jiffies, total jiffies) of the host's aggregate 'cpu' line."""
+    vals = _cpu_line()
+    return None if vals is None else (vals[7], sum(vals))
 
 
 def _load_per_core() -> float | None:
@@ -56,3 +65,37 @@ class ContentionMeter:
             steal = 100.0 * (stat[0] - self._stat[0]) / (stat[1] - self._stat[1])
         return {"cpu_util": cpu / (wall * torch.get_num_threads()) if wall > 0 else None,
                 "host_load_per_core": _load_per_core(), "steal_pct": steal}
+
+
+class NeighbourMeter:
+    """What a probe needs to tell whether other work shared the host while it ran: ``start()`` before its
+    trials, ``stop() -> (host busy s, host total s, this process's CPU s)`` after them (host figures None where
+    /proc/stat cannot be read). Busy: user + nice + system + irq + softirq + steal (every state but idle and
+    iowait); this process's CPU: all its threads' (``time.process_time``), collective threads included."""
+
+    def start(self) -> NeighbourMeter:
+        self._cpu, self._line = time.process_time(), _cpu_line()
+        return self
+
+    def stop(self) -> tuple[float | None, float | None, float]:
+        ours, line = time.process_time() - self._cpu, _cpu_line()
+        if line is None or self._line is None:
+            return None, None, ours
+        hz = os.sysconf("SC_CLK_TCK")
+        delta = [b - a for a, b in zip(self._line, line)]
+        return (sum(delta) - delta[3] - delta[4]) / hz, sum(delta) / hz, ours
+
+
+def neighbour_share(samples: list[tuple[str, float | None, float | None, float]]) -> float | None:
+    """The largest fraction of a host's CPU time that other work took while a probe ran, from every probing
+    rank's ``(host name, *NeighbourMeter.stop())``: per host ``(busy - sum of its ranks' CPU) / total`` (its
+    ranks read the same host counters; the first one's are used), clipped to [0, 1]; None if no host could be
+    read. A fraction of the whole host: one busy neighbour process on a 2-core host is about 0.5."""
+    hosts: dict[str, list] = {}
+    for host, busy, total, ours in samples:
+        if busy is None or not total:
+            continue
+        h = hosts.setdefault(host, [busy, total, 0.0])
+        h[2] += ours
+    shares = [min(max((busy - ours) / total, 0.0), 1.0) for busy, total, ours in hosts.values()]
+    return max(shares) if shares else None
