@@ -170,11 +170,9 @@ def _from_parts(cfg: GPTConfig, s: StrategyConfig, shape, grad_accum: int, recom
     blocks = -(-cfg.n_layer // (shape.pp * v)) * v  # on the busiest pipeline rank
     again = recomputed * blocks / cfg.n_layer
     div = _tp_div(shape, parts)
-    block_mm = parts.block_matmul_s / div
-    block_other = max(parts.block_s - parts.block_matmul_s - parts.block_comm_s, 0.0) / div
+    block_mm, block_other = _split(parts.block_s, parts.block_matmul_s, parts.block_comm_s, div)
     rest_s, rest_mm_s, rest_comm_s = _rest(cfg, s, shape, parts)
-    rest_mm = rest_mm_s / div
-    rest_other = max(rest_s - rest_mm_s - rest_comm_s, 0.0) / div
+    rest_mm, rest_other = _split(rest_s, rest_mm_s, rest_comm_s, div)
     runs = grad_accum * (n_microbatches(s) if shape.pp > 1 else 1)  # parts per pipeline micro-batch under pp
     compute = runs * (block_mm * (blocks + (0 if s.ac == "op" else again) / 3) + rest_mm)
     memory = runs * (block_other * (blocks + again / 3) + rest_other)
@@ -182,6 +180,12 @@ def _from_parts(cfg: GPTConfig, s: StrategyConfig, shape, grad_accum: int, recom
     if parts.tp > 1:
         comm = runs * (parts.block_comm_s * (blocks + (0 if s.ac == "op" else again) / 2) + rest_comm_s)
     return compute, memory, comm
+
+
+def _split(part_s: float, matmul_s: float, comm_s: float, div: int) -> tuple[float, float]:
+    """(matmul s, other s) of a timed part, each divided ``div`` ways: other is the part's time outside its
+    matmuls and its collectives (the memory-bound operators), never below 0."""
+    return matmul_s / div, max(part_s - matmul_s - comm_s, 0.0) / div
 
 
 def _tp_div(shape, parts) -> int:
@@ -217,7 +221,7 @@ def _parts_units(cfg: GPTConfig, s: StrategyConfig, shape, parts) -> tuple[float
     m = n_microbatches(s) if shape.pp > 1 else 1  # parts per pipeline micro-batch under pp
     div = _tp_div(shape, parts)
     block = m * parts.block_s / div  # with its collectives, when timed split
-    other = m * max(parts.block_s - parts.block_matmul_s - parts.block_comm_s, 0.0) / div
+    other = m * _split(parts.block_s, parts.block_matmul_s, parts.block_comm_s, div)[1]
     again = (other if s.ac == "op" else block) / 3
     return block, again, m * _rest(cfg, s, shape, parts)[0] / div
 
