@@ -168,6 +168,8 @@ class RunRecord:
     device_name: str = col("provenance", doc="GPU or CPU model", setup=True)
     device_count: int = col("provenance", "devices")
     cpu_threads: int = col("provenance", "threads", doc="torch intra-op threads")
+    allocator: str = col("provenance", doc="the allocator and its settings: 'glibc', 'glibc (MALLOC_MMAP_THRESHOLD_"
+                         "=65536)', 'jemalloc', 'cuda caching (expandable_segments:True)' (bench/harness/env.py)")
     config: dict = col("config", doc="the resolved Hydra configuration")
 
     def to_row(self) -> dict:

@@ -146,3 +146,30 @@ def test_git_sha_is_a_commit_or_nothing(tmp_path, monkeypatch):
     assert env.git_sha() is None
     monkeypatch.setenv("N00BGPT_GIT_SHA", "0123abcd" * 5)
     assert env.git_sha() == "0123abcd" * 5
+
+
+def test_allocator_names_the_malloc_mapped_into_the_process_and_its_settings():
+    """``allocator``: a malloc loaded into the process (its library in /proc/self/maps, as LD_PRELOAD puts it)
+    wins; else glibc with the tunables set in the environment; a GPU run names the caching allocator and its
+    configuration. A real child process started with a fixed mmap threshold reports it."""
+    import os
+
+    import torch
+
+    from bench.harness.env import allocator
+
+    cpu = torch.device("cpu")
+    libc = "7f0000000000-7f0000001000 r-xp 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+    jemalloc = "7f0000002000-7f0000003000 r-xp 00000000 08:01 2 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n"
+    assert allocator(cpu, libc + jemalloc, {"MALLOC_MMAP_THRESHOLD_": "65536"}) == "jemalloc"
+    assert allocator(cpu, libc, {}) == "glibc"
+    assert allocator(cpu, libc + "7f0000004000-7f0000005000 rw-p 00000000 00:00 0 [heap]\n",
+                     {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "2", "OTHER": "1"}) == \
+        "glibc (MALLOC_MMAP_THRESHOLD_=65536, MALLOC_ARENA_MAX=2)"
+    assert allocator(torch.device("cuda"), "", {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}) == \
+        "cuda caching (expandable_segments:True)"
+    assert allocator(torch.device("cuda"), "", {}) == "cuda caching"
+    out = subprocess.run([sys.executable, "-c", "import torch; from bench.harness.env import allocator; "
+                          "print(allocator(torch.device('cpu')))"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}, timeout=120)
+    assert out.stdout.strip() == "glibc (MALLOC_MMAP_THRESHOLD_=65536)", out.stderr[-500:]
