@@ -281,6 +281,35 @@ def test_a_probe_beside_a_busy_neighbour_is_not_cached(ranks, tmp_path):
     assert a[2].startswith("probe:measured collectives")  # nothing was cached: measured again
 
 
+def test_order_verdict_agrees_only_up_to_ties_the_measurement_cannot_order():
+    """Three runs predicted a, b, c: measured c, b, a with every p10-p90 range apart differs; measured b, a, c
+    with a's and b's ranges overlapping agrees up to that tie; a left-out run measured clearly faster than one
+    of the three differs, however close the named ones are; one tied with the third is a tie. Runs that take
+    different tokens per step are ordered by throughput, not step time."""
+    from bench.tune.budget import order_verdict
+
+    def run(name, pred_tps, median, spread=0.02, tokens=1):
+        return {"strategy": name, "pred_tokens_per_sec": pred_tps, "tokens_per_sec": tokens / median,
+                "global_batch_tokens": tokens, "step_time_median_s": median, "step_time_p10_s": median - spread,
+                "step_time_p90_s": median + spread}
+
+    assert order_verdict([run("a", 3, 1.0), run("b", 2, 1.1), run("c", 1, 1.2)]) == "agrees"
+    assert order_verdict([run("a", 3, 1.2), run("b", 2, 1.1), run("c", 1, 1.0)]) == \
+        "differs (predicted a, b, c; measured c, b, a)"
+    tie = order_verdict([run("a", 3, 1.01), run("b", 2, 1.0), run("c", 1, 1.2)])
+    assert tie == "agrees up to ties (predicted a, b, c; measured b, a, c; 1 reversed pair, each within the other's " \
+        "p10-p90 step range)"
+    four = [run("a", 4, 1.01), run("b", 3, 1.0), run("c", 2, 1.2), run("d", 1, 1.1)]
+    assert order_verdict(four).startswith("differs")  # d (1.1 +- 0.02) beats c (1.2 +- 0.02): not a tie
+    four[3] = run("d", 1, 1.19)  # d within c's range: left out on a tie
+    assert "measured b, a, d; 2 reversed pairs" in order_verdict(four)
+    assert "measured b, a, d, c; 2 reversed pairs" in order_verdict(four, k=4)
+    assert order_verdict([run("a", 3, 1.0), run("b", 2, 1.1), run("c", 1, 1.2), run("d", 0, 1.21)]) == "agrees"
+    # twice the tokens in 1.9 s is faster than one step's tokens in 1.0 s, whatever the step times say
+    assert order_verdict([run("a", 2, 1.9, tokens=2), run("b", 1, 1.0)], k=2) == "agrees"
+    assert order_verdict([run("a", 2, 2.2, tokens=2), run("b", 1, 1.0)], k=2).startswith("differs")
+
+
 def test_each_collective_uses_its_own_bandwidth():
     cfg = get_config("mini")
     by_kind = {"all_reduce": 1e9, "all_gather": 0.5e9, "reduce_scatter": 0.25e9}
@@ -324,21 +353,30 @@ def _link_worker(rank: int, world_size: int, cache: str):
 
 
 def test_readme_error_budget_is_the_committed_rows():
-    """README's error-budget table is recomputed from the committed rows: results/tune-cpu, tune-cpu-all and
-    tune-cpu-tp (python -m bench.tune's rows, each with its own prediction; the tp re-run superseding the
-    first sweep's tp rows in the line for today's model) and results/gpu (predicted from datasheet rates)."""
+    """README's error-budget table is recomputed from the committed rows: results/tune-cpu, tune-cpu-all,
+    tune-cpu-tp and tune-cpu-tp-r2 (python -m bench.tune's rows, each with its own prediction; the latest tp
+    re-run superseding the first sweep's tp rows in the line for today's model) and results/gpu (predicted
+    from datasheet rates)."""
     from bench.tune.budget import SETS, budget_table, load_set
     from tests.helpers import ROOT
 
-    tune, tune_all, tune_tp, today, gpu = (load_set(*where) for where in SETS.values())
-    for rows, n in ((tune, 6), (tune_all, 40), (tune_tp, 16), (today, 40)):
+    tune, tune_all, tune_tp1, tune_tp, today, gpu = (load_set(*where) for where in SETS.values())
+    for rows, n in ((tune, 6), (tune_all, 40), (tune_tp1, 16), (tune_tp, 16), (today, 40)):
         assert len(rows) == n and all(r["pred_step_time_s"] > 0 and r["matmul_time_s"] > 0 for r in rows)
     for rows in (tune_all, today):
         assert {r["config"]["strategy"]["pp"] for r in rows} == {1, 2}
         assert {(r["config"]["strategy"]["tp"], r["config"]["strategy"]["sp"]) for r in rows} == {
             (1, False), (2, False), (2, True)}
     # the re-run tensor-parallel rows predicted from parts timed split, and superseding the first sweep's
-    assert all(r["pred_parts"]["tp"] == 2 and r["pred_parts"]["block_comm_s"] > 0 for r in tune_tp)
+    assert all(r["pred_parts"]["tp"] == 2 and r["pred_parts"]["block_comm_s"] > 0 for r in tune_tp1 + tune_tp)
+    # the second re-run: DDP beside tp2 on one data-parallel rank is charged no all-reduce time
+    from strategies.ac import checkpointed_block_ids
+
+    ddp = [r for r in tune_tp if r["config"]["strategy"]["dp"] == "ddp"]
+    again = {r["run_id"]: len(checkpointed_block_ids(6, r["config"]["strategy"]["ac"], 2)) / 2 for r in ddp}
+    assert len(ddp) == 4 and all(r["pred_step_breakdown"]["comm_s"] == pytest.approx(
+        r["pred_parts"]["block_comm_s"] * (6 + again[r["run_id"]]) + r["pred_parts"]["rest_comm_s"]) for r in ddp)
+    assert sorted(again.values()) == [0, 0, 3, 3]  # ac(full): every block's forward (and collectives) again
     assert [r for r in today if r["config"]["strategy"]["tp"] == 2] == tune_tp
     assert {r["strategy"] for r in today} == {r["strategy"] for r in tune_all}
     assert len(gpu) == 10 and all(r["pred_rates_source"].startswith("datasheet:H100 SXM5 ") for r in gpu)

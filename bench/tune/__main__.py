@@ -41,7 +41,7 @@ from bench.launch.suite import ROOT, launcher
 from bench.plan.__main__ import PlanArgs, combinations, model_config
 from bench.plan.costmodel import predict_memory
 from bench.plan.steptime import Rates, can_overlap, parts_micro_batch, predict_step
-from bench.tune.budget import errors, median
+from bench.tune.budget import errors, median, order_verdict
 from models.config import PRESETS
 from reports.cli import UsageError, fail, opt, parse
 from strategies.config import StrategyConfig
@@ -193,7 +193,7 @@ def report(rows: list[dict]) -> str:
     median_err = median([abs(errors(r)["step"]) for r in rows if errors(r)["step"] is not None])
     return (pd.DataFrame(table).to_markdown(index=False)
             + f"\n\nmedian |step error|: {median_err:.1%}; predicted order: {', '.join(pred_order)}; measured order: "
-            + f"{', '.join(meas_order)} ({'agrees' if pred_order == meas_order else 'differs'})\n")
+            + f"{', '.join(meas_order)}: {order_verdict(rows, len(rows)).split(' (predicted')[0]}\n")
 
 
 def main(argv: list[str] | None = None) -> int:

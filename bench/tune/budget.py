@@ -1,6 +1,6 @@
 """The step-time model's error budget: how far its predictions are from committed measured rows (README).
 
-    python -m bench.tune.budget        # the table README shows: results/tune-cpu, tune-cpu-all and gpu
+    python -m bench.tune.budget        # the table README shows: results/tune-cpu*, and gpu
 
 Two kinds of rows:
 
@@ -15,7 +15,9 @@ Two kinds of rows:
 
 Errors are signed, (predicted - measured) / measured. The top-3 check compares the three fastest predicted with
 the three fastest measured among the rows of the most common shape (model, micro-batch, sequence, ranks), so
-runs of different models are never ranked against each other.
+runs of different models are never ranked against each other; two runs whose p10-p90 step ranges overlap are
+not ordered by the measurement, and an order that differs only among such runs is reported as agreeing up
+to those ties, which it names (``order_verdict``).
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ SETS = {  # README's budget lines: label -> (folder(s) of committed rows, how th
         ("results/tune-cpu-all", "row"),
     "results/tune-cpu-tp (the 16 tensor-parallel ones again, parts timed as tp splits them)":
         ("results/tune-cpu-tp", "row"),
-    "every strategy, today's model (tune-cpu-all's dp and pp rows + tune-cpu-tp; two hosts)":
-        ("results/tune-cpu-all+results/tune-cpu-tp", "row"),
+    "results/tune-cpu-tp-r2 (the same again, each collective rung over its own group)":
+        ("results/tune-cpu-tp-r2", "row"),
+    "every strategy, today's model (tune-cpu-all's dp and pp rows + tune-cpu-tp-r2; two hosts)":
+        ("results/tune-cpu-all+results/tune-cpu-tp-r2", "row"),
     "results/gpu (H100, 1 GPU; datasheet rates only)": ("results/gpu", "datasheet"),
 }
 
@@ -99,12 +103,41 @@ def datasheet_prediction(row: dict, link_bw: float | None = None) -> dict:
             "pred_rates_source": f"datasheet:{label} {dtype}"}
 
 
+def faster(a: dict, b: dict) -> bool:
+    """Whether the measurement orders run ``a`` before run ``b``: a's throughput at its slowest usual step beats
+    b's at its fastest (global tokens per step / ``step_time_p90_s`` of a > the same / ``step_time_p10_s`` of b;
+    runs of one shape can differ in tokens per step -- 2 data-parallel ranks take twice a tp2 pair's). Runs
+    whose p10-p90 ranges overlap are tied: their medians' order is within their own step-to-step spread, which
+    a re-run can reverse."""
+    return a["global_batch_tokens"] / a["step_time_p90_s"] > b["global_batch_tokens"] / b["step_time_p10_s"]
+
+
+def order_verdict(rows: list[dict], k: int = 3) -> str:
+    """Whether the ``k`` fastest predicted runs (tokens/s) are the ``k`` fastest measured, in order: 'agrees'
+    (same names, same order); 'agrees up to ties (...)' when the predicted list contradicts no order
+    the measurement establishes (``faster``): no run it leaves out was measured faster than one it names, and
+    no run it names was measured faster than one it ranks above it; else 'differs (...)'. Both name the
+    predicted and the measured lists; the ties say how many pairs the medians order against the prediction."""
+    pred = sorted(rows, key=lambda r: -r["pred_tokens_per_sec"])[:k]
+    meas = sorted(rows, key=lambda r: -r["tokens_per_sec"])[:k]
+    names, measured = [r["strategy"] for r in pred], [r["strategy"] for r in meas]
+    if names == measured:
+        return "agrees"
+    lists = f"predicted {', '.join(names)}; measured {', '.join(measured)}"
+    rest = [r for r in rows if all(r is not q for q in pred)]
+    if any(faster(o, q) for o in rest for q in pred) or \
+            any(faster(pred[j], pred[i]) for i in range(len(pred)) for j in range(i + 1, len(pred))):
+        return f"differs ({lists})"
+    rank = {id(r): i for i, r in enumerate(pred)}
+    ties = sum(1 for a in pred for b in rows if b is not a and b["tokens_per_sec"] > a["tokens_per_sec"]
+               and rank.get(id(b), k) > rank[id(a)])
+    return f"agrees up to ties ({lists}; {ties} reversed pair{'s' * (ties != 1)}, each within the other's p10-p90 " \
+           f"step range)"
+
+
 def _top3(rows: list[dict]) -> str:
     shape = Counter((r["model"], r["micro_batch"], r["seq_len"], r["world_size"]) for r in rows).most_common(1)[0][0]
-    same = [r for r in rows if (r["model"], r["micro_batch"], r["seq_len"], r["world_size"]) == shape]
-    pred = [r["strategy"] for r in sorted(same, key=lambda r: -r["pred_tokens_per_sec"])][:3]
-    meas = [r["strategy"] for r in sorted(same, key=lambda r: -r["tokens_per_sec"])][:3]
-    return "agrees" if pred == meas else f"differs (predicted {', '.join(pred)}; measured {', '.join(meas)})"
+    return order_verdict([r for r in rows if (r["model"], r["micro_batch"], r["seq_len"], r["world_size"]) == shape])
 
 
 def budget_row(name: str, rows: list[dict]) -> dict:
