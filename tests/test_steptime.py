@@ -165,17 +165,67 @@ def test_tuner_candidates_and_ranking_use_each_compute_dtypes_parts():
 def test_tuner_errors_and_report():
     row = {"strategy": "ddp", "pred_step_time_s": 0.9, "step_time_median_s": 1.0, "matmul_time_s": 0.5,
            "compute_time_s": 0.8, "exposed_comm_s": 0.1, "tokens_per_sec": 100.0, "pred_tokens_per_sec": 110.0,
-           "pred_step_breakdown": {"compute_s": 0.6, "memory_s": 0.15, "exposed_comm_s": 0.15}}
+           "pred_step_breakdown": {"compute_s": 0.6, "memory_s": 0.15, "exposed_comm_s": 0.15},
+           "step_time_p10_s": 0.99, "step_time_p90_s": 1.01, "global_batch_tokens": 100, "steal_pct": 2.5}
     e = errors(row)
     assert e == pytest.approx({"step": -0.1, "compute": 0.2, "memory": -0.5, "exposed_comm": 0.5})
     other = {**row, "strategy": "fsdp", "tokens_per_sec": 120.0, "pred_tokens_per_sec": 90.0,
-             "pred_step_time_s": 1.3}
+             "pred_step_time_s": 1.3, "global_batch_tokens": 120}  # 120 tokens a step: 118.8-121.2 tokens/s
     text = report([row, other])
-    assert "| ddp" in text and "-10.0%" in text and "+30.0%" in text
-    assert "median |step error|: 20.0%" in text and "(differs)" in text  # the median of 10 % and 30 %
-    assert "(agrees)" in report([row])
+    assert "| ddp" in text and "-10.0%" in text and "+30.0%" in text and "990-1010" in text and "2.5%" in text
+    assert "median |step error|: 20.0%" in text and text.endswith(": differs\n")  # the median of 10 % and 30 %
+    assert report([row]).endswith(": agrees\n")
+    tied = {**other, "step_time_p90_s": 1.25}  # at its p90 96 tokens/s: below ddp's best, 101
+    assert report([row, tied]).endswith(": agrees up to ties\n")
     pipe = {**row, "pred_step_breakdown": {**row["pred_step_breakdown"], "bubble_s": 0.05}}
     assert errors(pipe)["exposed_comm"] == pytest.approx(1.0)  # a pipeline rank waits out its bubble in a receive
+
+
+def test_repeats_run_in_alternating_rounds_and_pool_their_steps(tmp_path):
+    """``repeats=3`` runs A B C, C B A, A B C; ``combine_repeats`` pools one sweep's runs of a strategy: the
+    step statistics of all their timed steps together (numpy's percentiles of the concatenated logs, as
+    bench/measure/metrics.py defines them), throughput from the pooled steps, the prediction and components
+    as the runs' medians, the worst steal; another sweep's run (another tag) and a lone run stay as they are;
+    without the per-step logs, the median of medians and the widest p10-p90."""
+    import json
+
+    import numpy as np
+
+    from bench.tune.__main__ import run_order
+    from bench.tune.budget import combine_repeats
+
+    assert run_order(["a", "b", "c"], 3) == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    assert run_order(["a", "b"], 1) == ["a", "b"]
+    steps = {"r1": [1.0, 1.2, 1.1], "r2": [1.6, 1.5, 1.4, 1.7], "r3": [2.0]}
+    (tmp_path / "steps").mkdir()
+    for run_id, times in steps.items():
+        lines = [{"step": 0, "phase": "warmup", "loss": 1.0, "step_time_s": None}]
+        lines += [{"step": i + 1, "phase": "timed", "loss": 1.0, "step_time_s": v} for i, v in enumerate(times)]
+        (tmp_path / "steps" / f"{run_id}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+    def run(run_id, tag, pred, steal):
+        t = steps[run_id]
+        return {"run_id": run_id, "tag": tag, "strategy": "ddp", "global_batch_tokens": 1000, "world_size": 2,
+                "step_time_median_s": float(np.median(t)), "step_time_p10_s": min(t), "step_time_p90_s": max(t),
+                "tokens_per_sec": 1000 / float(np.mean(t)), "pred_step_time_s": pred, "pred_tokens_per_sec": 1000 / pred,
+                "pred_step_breakdown": {"compute_s": pred / 2}, "matmul_time_s": pred / 4, "compute_time_s": 0.5,
+                "exposed_comm_s": 0.1, "comm_time_s": 0.2, "steal_pct": steal}
+
+    lone = {**run("r3", "t1", 2.0, 0.0), "strategy": "fsdp"}
+    rows = [run("r1", "t1", 1.0, 0.5), lone, run("r2", "t1", 1.2, 9.0), run("r3", "t2", 2.0, 0.0)]
+    pooled, alone, other = combine_repeats(rows, tmp_path)
+    both = steps["r1"] + steps["r2"]
+    assert pooled["repeats"] == 2 and pooled["run_ids"] == ["r1", "r2"]
+    assert pooled["step_time_median_s"] == pytest.approx(np.percentile(both, 50))
+    assert (pooled["step_time_p10_s"], pooled["step_time_p90_s"]) == pytest.approx(
+        (np.percentile(both, 10), np.percentile(both, 90)))
+    assert pooled["tokens_per_sec"] == pytest.approx(7 * 1000 / sum(both))
+    assert pooled["pred_step_time_s"] == pytest.approx(1.1) and pooled["pred_step_breakdown"]["compute_s"] == 0.55
+    assert pooled["matmul_time_s"] == pytest.approx(0.275) and pooled["steal_pct"] == 9.0
+    assert alone is lone and other == rows[3]
+    no_logs = combine_repeats(rows[:3], tmp_path / "elsewhere")[0]
+    assert no_logs["step_time_median_s"] == pytest.approx((1.1 + 1.55) / 2)
+    assert (no_logs["step_time_p10_s"], no_logs["step_time_p90_s"]) == (1.0, 1.7)
 
 
 def test_bandwidth_probes_measure_and_cache(monkeypatch, tmp_path, ranks):

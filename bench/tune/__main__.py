@@ -4,6 +4,7 @@
     python -m bench.tune model=gpt2-small world_size=8 top=5 steps=20 device_memory_gib=80
     python -m bench.tune model=mini world_size=2 top=30 model.pad_vocab_to=64 model.tie_embeddings=false  # + tp, pp
     python -m bench.tune model=mini world_size=2 top=16 match=tp2 model.pad_vocab_to=64 model.tie_embeddings=false
+    python -m bench.tune model=mini world_size=2 top=16 match=tp2 repeats=2 ...     # each run twice, ABBA, pooled
 
 1. This machine's rates: the matmul peak (bench/measure/peak_flops.py), the elementwise memory bandwidth and
    the process group's bus bandwidths (``torchrun -m bench.measure.bandwidth``: measured now and cached), and the
@@ -18,10 +19,13 @@
 3. The top ``top`` run through the harness (``torchrun bench/run.py``, rows in ``results_dir``); each row
    carries its own prediction (from the rates it measured) and the measured components (the profiled
    steps: bench/measure/overlap.py).
-4. The report (stdout and ``<results_dir>/tune.md``): per run, predicted and measured step time and the
-   signed error (predicted - measured) / measured of the step and of each component -- compute (matmul
-   time), memory-bound (compute time outside matmuls), exposed communication -- and whether the predicted
-   order of the runs is the measured one.
+   With ``repeats=N`` every chosen strategy runs N times, in rounds that alternate the order (ABBA), and
+   its runs' timed steps are pooled (bench/tune/budget.py ``combine_repeats``).
+4. The report (stdout and ``<results_dir>/tune.md``): per strategy, its runs, predicted and measured step time
+   with the measured p10-p90 and the host's steal (the most of any of its runs), the signed error (predicted -
+   measured) / measured of the step and of each component -- compute (matmul time), memory-bound (compute time
+   outside matmuls), exposed communication -- and whether the predicted order of the runs is the measured one,
+   or agrees with it up to runs the measurement cannot order (``order_verdict``).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from bench.launch.suite import ROOT, launcher
 from bench.plan.__main__ import PlanArgs, combinations, model_config
 from bench.plan.costmodel import predict_memory
 from bench.plan.steptime import Rates, can_overlap, parts_micro_batch, predict_step
-from bench.tune.budget import errors, median, order_verdict
+from bench.tune.budget import combine_repeats, errors, median, order_verdict
 from models.config import PRESETS
 from reports.cli import UsageError, fail, opt, parse
 from strategies.config import StrategyConfig
@@ -61,13 +65,15 @@ class TuneArgs:
     device_memory_gib: float = opt(0.0, "memory per rank; 0 = a GPU's memory, or the host's RAM / world_size")
     results_dir: str = opt("results/tune", "where the runs' rows and tune.md go")
     match: str = opt("", "only the candidates whose name contains this (e.g. tp2: the tensor-parallel family)")
+    repeats: int = opt(1, "runs of each chosen strategy, in rounds that alternate the order (ABBA: a drifting "
+                          "neighbour meets every strategy early and late); their timed steps are pooled")
     model_overrides: list[str] = opt([], "model fields, given as model.<field>=value like bench/run.py's (e.g. "
                                          "model.pad_vocab_to=64 for tp, model.tie_embeddings=false for pp)")
 
     def __post_init__(self) -> None:
         if self.model not in PRESETS:
             raise UsageError(f"model={self.model!r} is not a preset; valid: {', '.join(PRESETS)}")
-        for key in ("world_size", "top", "micro_batch", "steps"):
+        for key in ("world_size", "top", "micro_batch", "steps", "repeats"):
             if getattr(self, key) < 1:
                 raise UsageError(f"{key}={getattr(self, key)} is invalid; must be >= 1")
 
@@ -174,6 +180,12 @@ def ranked(args: TuneArgs, rates: Rates, device_type: str, strategies: list[Stra
     return sorted(rows, key=lambda r: -r["pred_tokens_per_sec"])
 
 
+def run_order(chosen: list, repeats: int) -> list:
+    """The runs of a sweep: ``repeats`` rounds of ``chosen``, every other round reversed (A B C, C B A, A B C...),
+    so that a neighbour's load drifting over the sweep meets each strategy both early and late."""
+    return [c for k in range(repeats) for c in (chosen if k % 2 == 0 else chosen[::-1])]
+
+
 def report(rows: list[dict]) -> str:
     """The predicted-vs-measured table (markdown) and the order check."""
     import pandas as pd
@@ -184,8 +196,13 @@ def report(rows: list[dict]) -> str:
     table = []
     for r in rows:
         e = errors(r)
-        table.append({"strategy": r["strategy"], "pred step (ms)": f"{r['pred_step_time_s'] * 1e3:.1f}",
-                      "measured step (ms)": f"{r['step_time_median_s'] * 1e3:.1f}", "step error": pct(e["step"]),
+        steal = r.get("steal_pct")
+        table.append({"strategy": r["strategy"], "runs": r.get("repeats", 1),
+                      "pred step (ms)": f"{r['pred_step_time_s'] * 1e3:.1f}",
+                      "measured step (ms)": f"{r['step_time_median_s'] * 1e3:.1f}",
+                      "p10-p90 (ms)": f"{r['step_time_p10_s'] * 1e3:.0f}-{r['step_time_p90_s'] * 1e3:.0f}",
+                      "steal": "–" if steal is None or steal != steal else f"{steal:.1f}%",
+                      "step error": pct(e["step"]),
                       "compute error": pct(e["compute"]), "memory-bound error": pct(e["memory"]),
                       "exposed comm error": pct(e["exposed_comm"])})
     pred_order = [r["strategy"] for r in sorted(rows, key=lambda r: -r["pred_tokens_per_sec"])]
@@ -230,8 +247,9 @@ def main(argv: list[str] | None = None) -> int:
              + f" GB/s ({sources['link_by_kind_source']})" if rates.link_bw else "one rank"), flush=True)
     results = Path(args.results_dir)
     tag = f"tune:{os.getpid()}"
-    for i, c in enumerate(chosen):
-        print(f"[tune] {i + 1}/{len(chosen)}: {c['strategy']} (predicted {c['pred_tokens_per_sec']:,.0f} tokens/s)",
+    plan = run_order(chosen, args.repeats)
+    for i, c in enumerate(plan):
+        print(f"[tune] {i + 1}/{len(plan)}: {c['strategy']} (predicted {c['pred_tokens_per_sec']:,.0f} tokens/s)",
               flush=True)
         cmd = [*launcher(args.world_size), str(ROOT / "bench" / "run.py"), *model_args(args), "strategy=single",
                *strategy_overrides(c["config"]), f"micro_batch={args.micro_batch}", f"seq_len={args.seq_len}",
@@ -239,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
                "probe_parts=true"]
         subprocess.run(cmd, cwd=ROOT, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     df = load(results)
-    rows = [r for r in df[(df.tag == tag) & (df.status == "ok")].to_dict("records")
-            if not (isinstance(r.get("pred_step_time_s"), float) and math.isnan(r["pred_step_time_s"]))]
+    ok = df[(df.tag == tag) & (df.status == "ok")].to_dict("records")
+    rows = combine_repeats([r for r in ok if not (isinstance(r.get("pred_step_time_s"), float)
+                                                  and math.isnan(r["pred_step_time_s"]))], results)
     if not rows:
         fail("python -m bench.tune", f"no ok run in {results} (see the runs' errors there)")
     text = report(rows)

@@ -155,15 +155,71 @@ def budget_row(name: str, rows: list[dict]) -> dict:
             "top 3 order": _top3(rows)}
 
 
+def combine_repeats(rows: list[dict], folder: Path | None = None) -> list[dict]:
+    """One row per (tag, strategy): the repeats of one sweep (``python -m bench.tune repeats=N``) pooled, in the
+    order of their first run. The step statistics and throughput are those of every repeat's timed steps
+    together (their per-step logs under ``folder``, bench/measure/metrics.py's definitions), so a repeat that
+    ran beside a busy neighbour widens the p10-p90 range instead of deciding the order alone; without the logs,
+    the median of the repeats' medians and the widest p10-p90. The prediction, its breakdown and the measured
+    components are the repeats' medians; ``repeats`` counts them, ``steal_pct`` is the largest. A row that is
+    its sweep's only run of a strategy is returned as it is."""
+    from bench.measure.metrics import step_time_stats, throughput
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r.get("tag"), r["strategy"]), []).append(r)
+    out = []
+    for group in groups.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        steps = _pooled_steps(group, folder)
+        first = group[0]
+        row = {**first, "repeats": len(group), "run_ids": [r["run_id"] for r in group]}
+        if steps:
+            row.update(step_time_stats(steps), **throughput(steps, first["global_batch_tokens"],
+                                                            first["world_size"]))
+        else:
+            row.update(step_time_median_s=median(r["step_time_median_s"] for r in group),
+                       step_time_p10_s=min(r["step_time_p10_s"] for r in group),
+                       step_time_p90_s=max(r["step_time_p90_s"] for r in group),
+                       tokens_per_sec=median(r["tokens_per_sec"] for r in group))
+        for key in ("pred_step_time_s", "pred_tokens_per_sec", "matmul_time_s", "compute_time_s", "exposed_comm_s",
+                    "comm_time_s"):
+            row[key] = median(r.get(key) for r in group)
+        row["pred_step_breakdown"] = {k: median((r.get("pred_step_breakdown") or {}).get(k) for r in group)
+                                      for k in first.get("pred_step_breakdown") or {}}
+        row["steal_pct"] = max((r.get("steal_pct") for r in group if r.get("steal_pct") is not None), default=None)
+        out.append(row)
+    return out
+
+
+def _pooled_steps(group: list[dict], folder: Path | None) -> list[float]:
+    """Every timed step time of the group's runs (their per-step logs), or [] if any log is missing."""
+    from reports.load import ResultsError, load_steps
+
+    if folder is None:
+        return []
+    steps: list[float] = []
+    for r in group:
+        try:
+            log = load_steps(folder, r["run_id"])
+        except ResultsError:
+            return []
+        steps += [float(v) for v in log[log.phase == "timed"].step_time_s]
+    return steps
+
+
 def load_set(folder: str, how: str) -> list[dict]:
-    """The ok rows of a committed folder, each with its prediction (its own, or the datasheet one). Several
+    """The ok rows of a committed folder (a sweep's repeats of one strategy pooled: ``combine_repeats``), each
+    with its prediction (its own, or the datasheet one). Several
     folders joined by '+': a later folder's rows supersede the earlier ones' rows of the same strategies (a
     family run again after the step model changed)."""
     from reports.load import load
 
     rows: list[dict] = []
     for one in folder.split("+"):
-        later = load(ROOT / one).query("status == 'ok'").to_dict("records")
+        later = combine_repeats(load(ROOT / one).query("status == 'ok'").to_dict("records"), ROOT / one)
         again = {r["strategy"] for r in later}
         rows = [r for r in rows if r["strategy"] not in again] + later
     if how == "datasheet":
