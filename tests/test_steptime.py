@@ -207,7 +207,8 @@ def test_repeats_run_in_alternating_rounds_and_pool_their_steps(tmp_path):
         t = steps[run_id]
         return {"run_id": run_id, "tag": tag, "strategy": "ddp", "global_batch_tokens": 1000, "world_size": 2,
                 "step_time_median_s": float(np.median(t)), "step_time_p10_s": min(t), "step_time_p90_s": max(t),
-                "tokens_per_sec": 1000 / float(np.mean(t)), "pred_step_time_s": pred, "pred_tokens_per_sec": 1000 / pred,
+                "tokens_per_sec": 1000 / float(np.mean(t)), "pred_step_time_s": pred,
+                "pred_tokens_per_sec": 1000 / pred,
                 "pred_step_breakdown": {"compute_s": pred / 2}, "matmul_time_s": pred / 4, "compute_time_s": 0.5,
                 "exposed_comm_s": 0.1, "comm_time_s": 0.2, "steal_pct": steal}
 
