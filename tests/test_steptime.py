@@ -361,6 +361,68 @@ def test_order_verdict_agrees_only_up_to_ties_the_measurement_cannot_order():
     assert order_verdict([run("a", 2, 2.2, tokens=2), run("b", 1, 1.0)], k=2).startswith("differs")
 
 
+def test_parts_timed_beside_a_busy_neighbour_are_not_cached(monkeypatch, tmp_path):
+    """The parts probe measures the host's share taken by other work as it times the parts: with a process
+    spinning on a core beside it (1 / cores of the host; the limit set to half of that), the parts serve this
+    run only -- the source says how busy the host was -- and the next call measures them again."""
+    import multiprocessing
+    import re
+
+    from bench.measure.parts import get_parts
+    from tests.test_parity import model_cfg
+
+    monkeypatch.setenv("N00BGPT_CACHE_DIR", str(tmp_path))
+    cores = os.cpu_count() or 1
+    monkeypatch.setenv("N00BGPT_NEIGHBOURS_MAX", str(0.5 / cores))
+    cfg = dataclasses.replace(model_cfg("tiny"), loss_chunk=0)
+    neighbour = multiprocessing.get_context("spawn").Process(target=_spin, args=(60.0,), daemon=True)
+    neighbour.start()
+    try:
+        first, src1 = get_parts(cfg, 2, 32, torch.device("cpu"), 1)
+        _, src2 = get_parts(cfg, 2, 32, torch.device("cpu"), 1)
+    finally:
+        neighbour.terminate()
+        neighbour.join()
+    share = re.fullmatch(r"probe:measured parts \(neighbours (\d+)% of the host: not cached\)", src1)
+    assert share and int(share.group(1)) / 100 >= 0.5 / cores, src1
+    assert src2.startswith("probe:measured parts") and first.block_s > 0
+
+
+def test_the_tuner_probes_again_while_a_probe_saw_other_work(monkeypatch):
+    """``quiet_probes``: rates and parts measured again (after the pause) while any source says "not cached"
+    (a contended matmul peak, a bandwidth or parts probe beside other work) -- not for the deliberately
+    "contended collectives" of a host without a spare core -- at most ``probe_tries`` times; what was still
+    contended at the last try is returned to be reported."""
+    from bench.measure.parts import Parts
+    from bench.tune import __main__ as tune
+
+    monkeypatch.setattr(tune, "PROBE_PAUSE_S", 0.0)
+    calls = {"rates": 0, "parts": 0}
+    noisy_until = {"n": 2}
+
+    def rates(world, device_type):
+        calls["rates"] += 1
+        busy = calls["rates"] <= noisy_until["n"]
+        return RATES, {"peak_source": "probe:measured matmul fp32" + (" (contended: not cached)" if busy else ""),
+                       "mem_source": "probe:measured add", "link_source": "probe:measured all_reduce",
+                       "link_by_kind_source": "probe:measured contended collectives"}
+
+    def parts(args, seq, *key):
+        calls["parts"] += 1
+        return Parts(0.1, 0.05, 1.0, 0.5), "probe:measured parts"
+
+    monkeypatch.setattr(tune, "measure_rates", rates)
+    monkeypatch.setattr(tune, "measure_parts", parts)
+    args = tune.TuneArgs(model="mini", probe_tries=3)
+    got, _, p, noisy = tune.quiet_probes(args, 256, "cpu", [("fp32", 4, 1, False), ("fp32", 4, 2, False)])
+    assert (calls, noisy, got) == ({"rates": 3, "parts": 6}, [], RATES) and len(p) == 2  # clean at the 3rd try
+    calls.update(rates=0, parts=0)
+    noisy_until["n"] = 9
+    *_, noisy = tune.quiet_probes(args, 256, "cpu", [("fp32", 4, 1, False)])
+    assert calls == {"rates": 3, "parts": 3}
+    assert noisy == ["matmul peak: probe:measured matmul fp32 (contended: not cached)"]
+
+
 def test_each_collective_uses_its_own_bandwidth():
     cfg = get_config("mini")
     by_kind = {"all_reduce": 1e9, "all_gather": 0.5e9, "reduce_scatter": 0.25e9}

@@ -21,28 +21,25 @@ contended and is used for this run only, never cached).
 
 Every probe also records how busy the rest of the host was while it ran (bench/measure/contention.py
 ``neighbour_share``: the host's CPU time not spent by the probing ranks, steal included, as a fraction of
-all of it). A probe that shared the host with more than ``NEIGHBOURS_MAX`` (a fifth) is used for the run
+all of it). A probe that shared the host with more than a fifth of it (``neighbours_max()``) is used for the run
 that took it and never cached, and its source says so -- "probe:measured add (neighbours 48% of the host:
 not cached)" -- so that a bandwidth probed beside someone else's job is not reused on a quiet host.
 """
 
 from __future__ import annotations
 
-import socket
 import time
 
 import torch
 
-from bench.measure.contention import NeighbourMeter, neighbour_share
+from bench.measure.contention import NeighbourMeter, neighbour_share, neighbours_max
 from bench.measure.peak_flops import CONTENDED_SPREAD, cache_get, cache_put, probe_key
-
-NEIGHBOURS_MAX = 0.2  # above this share of the host's CPU taken by other work, a probe is not cached
 
 
 def _neighbours(meter: NeighbourMeter, group: bool) -> float | None:
     """The share of the host other work took since ``meter`` started (``neighbour_share``), over every rank of
     the default process group when ``group`` (collective: every rank calls it)."""
-    sample = (socket.gethostname(), *meter.stop())
+    sample = meter.sample()
     if not group:
         return neighbour_share([sample])
     import torch.distributed as dist
@@ -52,14 +49,15 @@ def _neighbours(meter: NeighbourMeter, group: bool) -> float | None:
     return neighbour_share(samples)
 
 
-def _verdict(what: str, spread: float | None, share: float | None, neighbours_max: float) -> tuple[bool, str]:
+def _verdict(what: str, spread: float | None, share: float | None, limit: float | None) -> tuple[bool, str]:
     """(cache it?, source) of a probe just measured: not cached when its trials spread by more than
     ``CONTENDED_SPREAD`` (``spread``: None for a median probe, which never judges its spread) or other work took
-    more than ``neighbours_max`` of the host while it ran; the source names each reason."""
+    more than ``limit`` of the host while it ran (None: ``neighbours_max()``); the source names each reason."""
+    limit = neighbours_max() if limit is None else limit
     why = []
     if spread is not None and spread > CONTENDED_SPREAD:
         why.append(f"contended: trials spread {spread:.0%}")
-    if share is not None and share > neighbours_max:
+    if share is not None and share > limit:
         why.append(f"neighbours {share:.0%} of the host")
     return not why, f"probe:measured {what}" + (f" ({', '.join(why)}: not cached)" if why else "")
 
@@ -73,9 +71,10 @@ def _best(trial, repeats: int) -> tuple[float, float]:
 
 
 def memory_bandwidth(device: torch.device, numel: int = 32 * 2**20, repeats: int = 5,
-                     fresh: bool = False, neighbours_max: float = NEIGHBOURS_MAX) -> tuple[float, str]:
+                     fresh: bool = False, neighbours_max: float | None = None) -> tuple[float, str]:
     """(bytes/s, source) of ``c = a + b`` on ``device`` (see the module docstring; ``fresh``: not from the
-    cache; ``neighbours_max``: the share of the host other work may take while a probe that is cached runs)."""
+    cache; ``neighbours_max``: the share of the host other work may take while a probe that is cached runs,
+    default bench/measure/contention.py ``neighbours_max()``)."""
     key = probe_key("membw", device)
     hit = None if fresh else cache_get(key)
     if hit is not None:
@@ -101,7 +100,7 @@ def memory_bandwidth(device: torch.device, numel: int = 32 * 2**20, repeats: int
 
 
 def link_bandwidth(device: torch.device, nbytes: int = 16 * 2**20, repeats: int = 5,
-                   fresh: bool = False, neighbours_max: float = NEIGHBOURS_MAX) -> tuple[float, str]:
+                   fresh: bool = False, neighbours_max: float | None = None) -> tuple[float, str]:
     """(bus bytes/s, source) of an all-reduce over the default process group; call on every rank (``fresh``:
     not from the cache; ``neighbours_max`` as for ``memory_bandwidth``, over every rank's host)."""
     import torch.distributed as dist
@@ -139,7 +138,7 @@ COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
 
 def collective_bandwidths(device: torch.device, contended: bool = False, nbytes: int = 16 * 2**20,
                           repeats: int = 9, fresh: bool = False,
-                          neighbours_max: float = NEIGHBOURS_MAX) -> tuple[dict[str, float], str]:
+                          neighbours_max: float | None = None) -> tuple[dict[str, float], str]:
     """({collective: bus bytes/s}, source) over the default process group (module docstring); call on every
     rank. Cached per host, backend, world size, device, threads and ``contended``; ``fresh``: probed now;
     ``neighbours_max`` as for ``memory_bandwidth``, over every rank's host (the busy thread of ``contended`` is

@@ -67,6 +67,16 @@ class ContentionMeter:
                 "host_load_per_core": _load_per_core(), "steal_pct": steal}
 
 
+NEIGHBOURS_MAX = 0.2  # above this share of the host's CPU taken by other work, a probe is not cached
+
+
+def neighbours_max() -> float:
+    """The share of a host other work may take while a probe that is cached runs: ``N00BGPT_NEIGHBOURS_MAX``
+    (1 caches every probe: the test suite sets it so that tests of caching do not depend on the CI host's
+    neighbours), else ``NEIGHBOURS_MAX``."""
+    return float(os.environ.get("N00BGPT_NEIGHBOURS_MAX", NEIGHBOURS_MAX))
+
+
 class NeighbourMeter:
     """What a probe needs to tell whether other work shared the host while it ran: ``start()`` before its
     trials, ``stop() -> (host busy s, host total s, this process's CPU s)`` after them (host figures None where
@@ -84,6 +94,12 @@ class NeighbourMeter:
         hz = os.sysconf("SC_CLK_TCK")
         delta = [b - a for a, b in zip(self._line, line)]
         return (sum(delta) - delta[3] - delta[4]) / hz, sum(delta) / hz, ours
+
+    def sample(self) -> tuple[str, float | None, float | None, float]:
+        """``(host name, *stop())``: one rank's entry for ``neighbour_share``."""
+        import socket
+
+        return (socket.gethostname(), *self.stop())
 
 
 def neighbour_share(samples: list[tuple[str, float | None, float | None, float]]) -> float | None:

@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.measure.comm import CommClock
+from bench.measure.contention import NeighbourMeter, neighbour_share, neighbours_max
 from bench.measure.peak_flops import cache_get, cache_put, probe_key
 from models import build_model
 from models.config import GPTConfig
@@ -299,7 +300,9 @@ def get_parts(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.devi
               gather=lambda obj: [obj], barrier=lambda: None, is_main: bool = True,
               fresh: bool = False, dtype: str = "fp32", shard: Sharding | None = None) -> tuple[Parts, str]:
     """The parts with matmuls in ``dtype``, split as ``shard`` says (cached, or -- with ``fresh``, or none cached
-    on some rank -- measured on every rank now, the slowest rank's kept and cached) and where they came from.
+    on some rank -- measured on every rank now, the slowest rank's kept and cached unless other work took more
+    than ``neighbours_max()`` of a host while they were timed, bench/measure/contention.py) and where they came
+    from.
     ``gather(obj)`` returns every rank's ``obj`` (a collective: every rank calls it); only ``is_main`` writes
     the cache."""
     key = _key(cfg, micro_batch, seq_len, device, local_ranks, dtype, shard)
@@ -309,9 +312,14 @@ def get_parts(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.devi
     cached = [cache_get(f"{key}|{f}") for f in fields] if use_cache and not fresh else [None]
     if all(all(v is not None for v in vals) for vals in gather(cached)):
         return Parts(**dict(zip(fields, cached)), **split), "probe:cached parts"
-    ranks = gather(dataclasses.asdict(probe_parts(cfg, micro_batch, seq_len, device, barrier=barrier, dtype=dtype,
-                                                  shard=shard)))
-    slowest = Parts(**{f: max(r[f] for r in ranks) for f in fields}, **split)
+    meter = NeighbourMeter().start()
+    measured = dataclasses.asdict(probe_parts(cfg, micro_batch, seq_len, device, barrier=barrier, dtype=dtype,
+                                              shard=shard))
+    ranks = gather((measured, meter.sample()))
+    slowest = Parts(**{f: max(r[f] for r, _ in ranks) for f in fields}, **split)
+    share = neighbour_share([s for _, s in ranks])
+    if share is not None and share > neighbours_max():  # probed beside other work: this run's only
+        return slowest, f"probe:measured parts (neighbours {share:.0%} of the host: not cached)"
     if use_cache and is_main:
         for f in fields:
             cache_put(f"{key}|{f}", getattr(slowest, f))
