@@ -467,14 +467,14 @@ def _link_worker(rank: int, world_size: int, cache: str):
 
 def test_readme_error_budget_is_the_committed_rows():
     """README's error-budget table is recomputed from the committed rows: results/tune-cpu, tune-cpu-all,
-    tune-cpu-tp and tune-cpu-tp-r2 (python -m bench.tune's rows, each with its own prediction; the latest tp
-    re-run superseding the first sweep's tp rows in the line for today's model) and results/gpu (predicted
-    from datasheet rates)."""
+    tune-cpu-tp, tune-cpu-tp-r2, -ab and -ab2 (python -m bench.tune's rows, each with its own prediction, a
+    sweep's repeats pooled; the latest tp sweep superseding the first sweep's tp rows in the line for today's
+    model) and results/gpu (predicted from datasheet rates)."""
     from bench.tune.budget import SETS, budget_table, load_set
     from tests.helpers import ROOT
 
-    tune, tune_all, tune_tp1, tune_tp, today, gpu = (load_set(*where) for where in SETS.values())
-    for rows, n in ((tune, 6), (tune_all, 40), (tune_tp1, 16), (tune_tp, 16), (today, 40)):
+    tune, tune_all, tune_tp1, tune_tp, ab, ab2, today, gpu = (load_set(*where) for where in SETS.values())
+    for rows, n in ((tune, 6), (tune_all, 40), (tune_tp1, 16), (tune_tp, 16), (ab, 16), (ab2, 16), (today, 40)):
         assert len(rows) == n and all(r["pred_step_time_s"] > 0 and r["matmul_time_s"] > 0 for r in rows)
     for rows in (tune_all, today):
         assert {r["config"]["strategy"]["pp"] for r in rows} == {1, 2}
@@ -490,7 +490,8 @@ def test_readme_error_budget_is_the_committed_rows():
     assert len(ddp) == 4 and all(r["pred_step_breakdown"]["comm_s"] == pytest.approx(
         r["pred_parts"]["block_comm_s"] * (6 + again[r["run_id"]]) + r["pred_parts"]["rest_comm_s"]) for r in ddp)
     assert sorted(again.values()) == [0, 0, 3, 3]  # ac(full): every block's forward (and collectives) again
-    assert [r for r in today if r["config"]["strategy"]["tp"] == 2] == tune_tp
+    assert [r for r in today if r["config"]["strategy"]["tp"] == 2] == ab2
+    assert all(r["repeats"] == 2 and len(r["run_ids"]) == 2 for r in ab + ab2)  # each strategy's two runs pooled
     assert {r["strategy"] for r in today} == {r["strategy"] for r in tune_all}
     assert len(gpu) == 10 and all(r["pred_rates_source"].startswith("datasheet:H100 SXM5 ") for r in gpu)
     assert budget_table() in (ROOT / "README.md").read_text()

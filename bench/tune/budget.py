@@ -42,8 +42,12 @@ SETS = {  # README's budget lines: label -> (folder(s) of committed rows, how th
         ("results/tune-cpu-tp", "row"),
     "results/tune-cpu-tp-r2 (the same again, each collective rung over its own group)":
         ("results/tune-cpu-tp-r2", "row"),
-    "every strategy, today's model (tune-cpu-all's dp and pp rows + tune-cpu-tp-r2; two hosts)":
-        ("results/tune-cpu-all+results/tune-cpu-tp-r2", "row"),
+    "results/tune-cpu-tp-ab (the same, repeats=2 pooled; parts probed beside other work)":
+        ("results/tune-cpu-tp-ab", "row"),
+    "results/tune-cpu-tp-ab2 (the same, repeats=2 pooled; probes tried 3 times)":
+        ("results/tune-cpu-tp-ab2", "row"),
+    "every strategy, today's model (tune-cpu-all's dp and pp rows + tune-cpu-tp-ab2; two hosts)":
+        ("results/tune-cpu-all+results/tune-cpu-tp-ab2", "row"),
     "results/gpu (H100, 1 GPU; datasheet rates only)": ("results/gpu", "datasheet"),
 }
 
