@@ -490,7 +490,7 @@ def test_readme_error_budget_is_the_committed_rows():
     assert len(ddp) == 4 and all(r["pred_step_breakdown"]["comm_s"] == pytest.approx(
         r["pred_parts"]["block_comm_s"] * (6 + again[r["run_id"]]) + r["pred_parts"]["rest_comm_s"]) for r in ddp)
     assert sorted(again.values()) == [0, 0, 3, 3]  # ac(full): every block's forward (and collectives) again
-    assert [r for r in today if r["config"]["strategy"]["tp"] == 2] == ab2
+    assert [r["run_ids"] for r in today if r["config"]["strategy"]["tp"] == 2] == [r["run_ids"] for r in ab2]
     assert all(r["repeats"] == 2 and len(r["run_ids"]) == 2 for r in ab + ab2)  # each strategy's two runs pooled
     assert {r["strategy"] for r in today} == {r["strategy"] for r in tune_all}
     assert len(gpu) == 10 and all(r["pred_rates_source"].startswith("datasheet:H100 SXM5 ") for r in gpu)
