@@ -150,7 +150,9 @@ def quiet_probes(args: TuneArgs, seq: int, device_type: str, keys: list) -> tupl
     probe while other processes or guests took more than a fifth of the host (bench/measure/contention.py) --
     says "not cached" in its source, and every run of the sweep would inherit its bias (one sweep here
     predicted its tp2 family 22-30 % slow from parts timed at such a moment), so all are measured again after
-    ``PROBE_PAUSE_S``; the last try stands."""
+    ``PROBE_PAUSE_S``; the last try stands. A value the last try still measured beside other work was not
+    cached, so the runs measure it again themselves (``probe_parts=true``: after their timed window) and each
+    predicts from its own moment's parts."""
     import time
 
     for attempt in range(1, args.probe_tries + 1):
