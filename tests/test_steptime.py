@@ -251,7 +251,7 @@ def _collectives_worker(rank: int, world_size: int, cache: str):
     from bench.measure.bandwidth import collective_bandwidths
 
     os.environ["N00BGPT_CACHE_DIR"] = cache
-    cpu, quiet = torch.device("cpu"), {"neighbours_max": 1.0}  # about caching: whatever else shares the CI host
+    cpu, quiet = torch.device("cpu"), {"neighbours_limit": 1.0}  # about caching: whatever else shares the CI host
     out = {c: collective_bandwidths(cpu, contended=c, nbytes=2**20, repeats=3, **quiet) for c in (False, True)}
     again = collective_bandwidths(cpu, contended=True)
     fresh = collective_bandwidths(cpu, contended=True, nbytes=2**20, repeats=3, fresh=True, **quiet)
@@ -303,8 +303,8 @@ def _neighbour_worker(rank: int, world_size: int, cache: str, limit: float):
     from bench.measure.bandwidth import collective_bandwidths, memory_bandwidth
 
     os.environ["N00BGPT_CACHE_DIR"] = cache
-    kinds = collective_bandwidths(torch.device("cpu"), nbytes=2**20, repeats=9, neighbours_max=limit)
-    mem = memory_bandwidth(torch.device("cpu"), numel=2**22, repeats=9, neighbours_max=limit) if rank == 0 else None
+    kinds = collective_bandwidths(torch.device("cpu"), nbytes=2**20, repeats=9, neighbours_limit=limit)
+    mem = memory_bandwidth(torch.device("cpu"), numel=2**22, repeats=9, neighbours_limit=limit) if rank == 0 else None
     again = collective_bandwidths(torch.device("cpu"))  # what a later run on the host reads: not the busy probe
     return kinds[1], mem and mem[1], again[1]
 

@@ -52,7 +52,7 @@ def _neighbours(meter: NeighbourMeter, group: bool) -> float | None:
 
 def _verdict(what: str, spread: float | None, share: float | None, limit: float | None) -> tuple[bool, str]:
     """(cache it?, source) of a probe just measured: not cached when its trials spread by more than
-    ``CONTENDED_SPREAD`` (``spread``: None for a median probe, which never judges its spread) or other work took
+    ``CONTENDED_SPREAD`` (``spread``: None for a collective probe, which never judges its spread) or other work took
     more than ``limit`` of the host while it ran (None: ``neighbours_max()``); the source names each reason."""
     limit = neighbours_max() if limit is None else limit
     why = []
@@ -72,9 +72,9 @@ def _best(trial, repeats: int) -> tuple[float, float]:
 
 
 def memory_bandwidth(device: torch.device, numel: int = 32 * 2**20, repeats: int = 5,
-                     fresh: bool = False, neighbours_max: float | None = None) -> tuple[float, str]:
+                     fresh: bool = False, neighbours_limit: float | None = None) -> tuple[float, str]:
     """(bytes/s, source) of ``c = a + b`` on ``device`` (see the module docstring; ``fresh``: not from the
-    cache; ``neighbours_max``: the share of the host other work may take while a probe that is cached runs,
+    cache; ``neighbours_limit``: the share of the host other work may take while a probe that is cached runs,
     default bench/measure/contention.py ``neighbours_max()``)."""
     key = probe_key("membw", device)
     hit = None if fresh else cache_get(key)
@@ -94,16 +94,16 @@ def memory_bandwidth(device: torch.device, numel: int = 32 * 2**20, repeats: int
 
     meter = NeighbourMeter().start()
     best, spread = _best(trial, repeats)
-    keep, source = _verdict("add", spread, _neighbours(meter, False), neighbours_max)
+    keep, source = _verdict("add", spread, _neighbours(meter, False), neighbours_limit)
     if keep:
         cache_put(key, best)
     return best, source
 
 
 def link_bandwidth(device: torch.device, nbytes: int = 16 * 2**20, repeats: int = 5,
-                   fresh: bool = False, neighbours_max: float | None = None) -> tuple[float, str]:
+                   fresh: bool = False, neighbours_limit: float | None = None) -> tuple[float, str]:
     """(bus bytes/s, source) of an all-reduce over the default process group; call on every rank (``fresh``:
-    not from the cache; ``neighbours_max`` as for ``memory_bandwidth``, over every rank's host)."""
+    not from the cache; ``neighbours_limit`` as for ``memory_bandwidth``, over every rank's host)."""
     import torch.distributed as dist
 
     n, backend = dist.get_world_size(), dist.get_backend()
@@ -129,7 +129,7 @@ def link_bandwidth(device: torch.device, nbytes: int = 16 * 2**20, repeats: int 
     best, _ = _best(trial, repeats)
     # judged by its neighbours only: gloo's trials spread 20-60 % on a quiet host (module docstring), so a
     # spread test flagged three probes in a row here and never cached
-    keep, source = _verdict("all_reduce", None, _neighbours(meter, True), neighbours_max)
+    keep, source = _verdict("all_reduce", None, _neighbours(meter, True), neighbours_limit)
     if keep:
         cache_put(key, best)
     return best, source
@@ -140,10 +140,10 @@ COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
 
 def collective_bandwidths(device: torch.device, contended: bool = False, nbytes: int = 16 * 2**20,
                           repeats: int = 9, fresh: bool = False,
-                          neighbours_max: float | None = None) -> tuple[dict[str, float], str]:
+                          neighbours_limit: float | None = None) -> tuple[dict[str, float], str]:
     """({collective: bus bytes/s}, source) over the default process group (module docstring); call on every
     rank. Cached per host, backend, world size, device, threads and ``contended``; ``fresh``: probed now;
-    ``neighbours_max`` as for ``memory_bandwidth``, over every rank's host (the busy thread of ``contended`` is
+    ``neighbours_limit`` as for ``memory_bandwidth``, over every rank's host (the busy thread of ``contended`` is
     the probe's own CPU, not a neighbour's)."""
     import threading
 
@@ -193,7 +193,7 @@ def collective_bandwidths(device: torch.device, contended: bool = False, nbytes:
         stop.set()
         if thread:
             thread.join()
-    keep, source = _verdict(f"{how}collectives", None, _neighbours(meter, True), neighbours_max)
+    keep, source = _verdict(f"{how}collectives", None, _neighbours(meter, True), neighbours_limit)
     for kind, value in out.items() if keep else ():
         cache_put(f"{key}|{kind}", value)
     return out, source

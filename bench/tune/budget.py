@@ -17,7 +17,7 @@ Errors are signed, (predicted - measured) / measured. The top-3 check compares t
 the three fastest measured among the rows of the most common shape (model, micro-batch, sequence, ranks), so
 runs of different models are never ranked against each other; two runs whose p10-p90 step ranges overlap are
 not ordered by the measurement, and an order that differs only among such runs is reported as agreeing up
-to those ties, which it names (``order_verdict``).
+to those ties, with both lists and the number of reversed pairs (``order_verdict``).
 """
 
 from __future__ import annotations
