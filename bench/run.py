@@ -41,6 +41,7 @@ from bench.harness.env import environment  # noqa: E402
 from bench.harness.loop import TrainOutcome, plan_batch, train  # noqa: E402
 from bench.harness.progress import Progress  # noqa: E402
 from bench.harness.table import append_row, claim_run, dead_ranks, register_rank, write_steps  # noqa: E402
+from bench.plan.annotate import annotate_run  # noqa: E402
 from reports.record import RunRecord  # noqa: E402
 from strategies.config import StrategyError  # noqa: E402
 from strategies.mesh import layout_columns  # noqa: E402
@@ -53,8 +54,9 @@ def say(info: DistInfo | None, msg: str) -> None:
 
 
 def build_row(cfg: RunConfig, raw: DictConfig, info: DistInfo, run_id: str, status: str, error: str | None,
-              outcome: TrainOutcome | None, preset: str | None, batch: dict) -> RunRecord:
-    """The run's record: identity, setup, metrics (None when the run failed before measuring), provenance."""
+              outcome: TrainOutcome | None, preset: str | None, batch: dict, predicted: dict) -> RunRecord:
+    """The run's record: identity, setup, predictions, metrics (None when the run failed before measuring),
+    provenance."""
     setup = {
         "run_id": run_id,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -68,7 +70,7 @@ def build_row(cfg: RunConfig, raw: DictConfig, info: DistInfo, run_id: str, stat
         "status": status, "error": error,
     }
     metrics = outcome.metrics if outcome is not None else {}
-    return RunRecord(**{**setup, **metrics, **environment(info.device),
+    return RunRecord(**{**setup, **predicted, **metrics, **environment(info.device),
                         "config": OmegaConf.to_container(raw, resolve=True)})
 
 
@@ -115,6 +117,7 @@ def main(raw: DictConfig) -> None:
         progress = Progress(cfg.warmup + cfg.steps, cfg.warmup, info.is_main, say=lambda m: say(info, m))
         outcome = train(cfg, info, progress=progress, run_id=run_id, batch=batch)
         status = outcome.status
+        predicted = annotate_run(cfg, info, batch, outcome)  # every rank together, outside the timed loop
         if status == "nan":
             error = "non-finite loss: " + ", ".join(f"{v}" for v in outcome.losses[-3:])
         elif status == "suspect":
@@ -136,9 +139,11 @@ def main(raw: DictConfig) -> None:
         status = "timeout" if _is_timeout(exc) else ("oom" if _is_cpu_oom(exc) else "error")
         traceback.print_exc()
 
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the run is over: nothing may cut the row in half
-    row = build_row(cfg, raw, info, run_id, status, error, outcome, preset, batch)
     collective = status in ("ok", "nan", "suspect")  # decided together on every rank: rank 0 writes
+    if not collective:
+        predicted = annotate_run(cfg, info, batch, None)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the run is over: nothing may cut the row in half
+    row = build_row(cfg, raw, info, run_id, status, error, outcome, preset, batch, predicted)
     if (collective and info.is_main) or (not collective and claim_run(cfg.results_dir, run_id)):
         path = append_row(cfg.results_dir, row)
         if outcome is not None:
@@ -148,7 +153,7 @@ def main(raw: DictConfig) -> None:
                         for i, loss in enumerate(outcome.losses)]
             write_steps(cfg.results_dir, run_id, step_log)
         if status in ("ok", "suspect"):
-            m = outcome.metrics
+            m = {**predicted, **outcome.metrics}
             mfu = f"{m['mfu']:.1%}" if m.get("mfu") is not None else "n/a"
             comm = (f", comm {m['comm_bytes_per_step'] / 1e6:,.1f} MB/step (predicted "
                     f"{m['pred_comm_bytes_per_step'] / 1e6:,.1f})" if m.get("comm_bytes_per_step") else "")

@@ -3,6 +3,7 @@
 Imports nothing from bench/, strategies/ or reports/.
 """
 
+from models.build import build_model
 from models.config import ARCHS, PRESETS, GPTConfig, get_config
 from models.flops import (
     adamw_fp32_state_bytes,
@@ -11,7 +12,7 @@ from models.flops import (
     param_count,
     train_flops_per_token,
 )
-from models.gpt import GPT, Block, build_model, count_params
+from models.gpt import GPT, Block, count_params
 
 __all__ = [
     "ARCHS", "PRESETS", "GPTConfig", "get_config", "GPT", "Block", "build_model", "count_params",

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from models.build import build_model
+from models.cli import opt, parse  # the one CLI style (a leaf module)
 from models.config import PRESETS
 from models.flops import adamw_fp32_state_bytes, non_embedding_param_count, param_count, train_flops_per_token
-from models.gpt import build_model, count_params
-from reports.cli import opt, parse  # the one CLI style (a leaf module)
+from models.gpt import count_params
 
 
 def family_rows() -> list[dict]:

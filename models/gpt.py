@@ -21,6 +21,7 @@ from torch import nn
 
 from models.config import GPTConfig
 from models.loss import fused_lm_loss
+from models.weights import canonical_name, copy_full_into, load_pretrained_into, qkv_to_head_major
 
 
 class RMSNorm(nn.Module):
@@ -55,22 +56,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos, sin = cos[:T].to(x.dtype), sin[:T].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-def qkv_to_head_major(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Rows of a fused q/k/v projection from GPT-2's (3, H, hd) order to the model's (H, 3, hd) order.
-
-    The model keeps each head's q, k and v rows together (Megatron-LM's layout) so that tensor parallelism
-    can split the fused projection by rows and give every rank whole heads; ``qkv_from_head_major`` is
-    the inverse (the documented mapping to and from GPT-2 checkpoints)."""
-    rest = w.shape[1:]
-    return w.reshape(3, n_head, -1, *rest).transpose(0, 1).reshape(w.shape)
-
-
-def qkv_from_head_major(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Inverse of ``qkv_to_head_major``: (H, 3, hd) rows back to (3, H, hd)."""
-    rest = w.shape[1:]
-    return w.reshape(n_head, 3, -1, *rest).transpose(0, 1).reshape(w.shape)
 
 
 class CausalSelfAttention(nn.Module):
@@ -143,7 +128,9 @@ def init_tensors(cfg: GPTConfig, seed: int, device: torch.device, dtypes: dict |
     gen = torch.Generator(device=device).manual_seed(seed)
     std_resid = 0.02 / math.sqrt(2 * cfg.n_layer)
     dtypes = dtypes or {}
-    for name, meta in build_model(dataclasses.replace(cfg, source="native"), "meta").named_parameters():
+    with torch.device("meta"):
+        shapes = GPT(dataclasses.replace(cfg, source="native")).named_parameters()
+    for name, meta in shapes:
         full = torch.empty(meta.shape, dtype=dtypes.get(name, meta.dtype), device=device)
         if name.endswith("bias"):
             full.zero_()
@@ -220,9 +207,7 @@ class GPT(nn.Module):
         if device.type == "meta":
             raise RuntimeError("init_weights: materialise the model first (model.to_empty(device=...))")
         own = {canonical_name(name): p for name, p in self.named_parameters()}
-        if self.cfg.hf_path:  # a checkpoint's weights instead of the seeded draw (models/convert.py)
-            from models.convert import load_pretrained_into
-
+        if self.cfg.hf_path:  # a checkpoint's weights instead of the seeded draw (models/weights.py)
             load_pretrained_into(own, self.cfg, "native", device)
         else:
             for name, full in init_tensors(self.cfg, seed, device, {n: p.dtype for n, p in own.items()}):
@@ -277,37 +262,6 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 # Attribute names under which strategies hold a wrapped block (strategies/ac.py's CheckpointWrapper keeps it
 # as ``.block``; torch's own wrappers use the other two): not part of a parameter's model name.
-_WRAPPER_SEGMENTS = {"block", "_checkpoint_wrapped_module", "_orig_mod"}
-
-
-def canonical_name(name: str) -> str:
-    """A parameter's name in the bare model: ``blocks.0.block.attn.qkv.weight`` -> ``blocks.0.attn.qkv.weight``."""
-    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
-
-
-def copy_full_into(p: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy a full-shape tensor into ``p``, keeping only the local shard when ``p`` is a DTensor."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if isinstance(p, DTensor):
-        # src_data_rank=None: every rank holds the same full tensor, so slice locally, no comms.
-        local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
-        p.to_local().copy_(local)
-    else:
-        p.copy_(full)
-
-
-def build_model(cfg: GPTConfig, device: str | torch.device = "meta") -> nn.Module:
-    """Build the module tree on ``device`` (``meta`` by default: no memory is allocated): the family's GPT, or
-    with ``cfg.source='hf'`` the Hugging Face model behind the same interface (models/hf.py)."""
-    if cfg.source == "hf":
-        from models.hf import build_hf  # transformers only when asked for
-
-        return build_hf(cfg, device)
-    with torch.device(device):
-        return GPT(cfg)
-
-
 def count_params(model: nn.Module) -> int:
     """Number of distinct parameters (tied tensors counted once), global shapes under FSDP."""
     return sum(p.numel() for p in model.parameters())

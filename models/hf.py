@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from models.config import GPTConfig
-from models.convert import HF_EXTRA, hf_config_dict, load_pretrained_into, to_hf
-from models.gpt import canonical_name, copy_full_into, init_tensors, lm_loss
+from models.gpt import init_tensors, lm_loss
+from models.weights import HF_EXTRA, canonical_name, copy_full_into, hf_config_dict, load_pretrained_into, to_hf
 
 
 def require_transformers():

@@ -14,8 +14,8 @@ import sys
 import warnings
 from dataclasses import dataclass
 
+from models.cli import opt, parse
 from reports import build, compare
-from reports.cli import opt, parse
 from reports.load import ResultsError, TornLineWarning, load
 
 

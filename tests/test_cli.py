@@ -1,4 +1,4 @@
-"""One command-line style: every ``python -m`` entry point takes key=value overrides (reports/cli.py over its
+"""One command-line style: every ``python -m`` entry point takes key=value overrides (models/cli.py over its
 dataclass), answers --help with its keys, and refuses an unknown key or a bad value in one line, exit 2."""
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def test_a_real_command_line(tmp_path):
 def test_values_are_typed_and_lists_take_commas_or_brackets():
     from dataclasses import dataclass
 
-    from reports.cli import opt, parse
+    from models.cli import opt, parse
 
     @dataclass
     class Args:

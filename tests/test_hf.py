@@ -39,7 +39,8 @@ from bench.harness.config import ConfigError, RunConfig  # noqa: E402
 from bench.harness.data import build_data, data_problem, load_tokens  # noqa: E402
 from models import build_model, count_params, get_config, param_count, train_flops_per_token  # noqa: E402
 from models.config import GPTConfig  # noqa: E402
-from models.convert import hf_to_native_state, load_native, native_to_hf_state, save_native  # noqa: E402
+from models.convert import hf_to_native_state, native_to_hf_state  # noqa: E402
+from models.weights import load_native, save_native  # noqa: E402
 from strategies import StrategyConfig  # noqa: E402
 from tests.helpers import ROOT, run_cli  # noqa: E402
 from tests.test_grads import RTOL as GRAD_RTOL  # noqa: E402

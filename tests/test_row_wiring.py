@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import bench.harness.loop as loop
+import bench.plan.annotate as annotate
 from bench.harness.dist import DistInfo
 from tests.test_parity import run_cfg
 
@@ -60,10 +61,12 @@ def _worker(rank: int, world_size: int) -> dict:
         return observed
 
     loop.make_step = make_step
-    loop.predict_comm = lambda *a, **k: {"all_reduce": 1, "total": 1}  # a wrong prediction, on purpose
+    annotate.predict_comm = lambda *a, **k: {"all_reduce": 1, "total": 1}  # a wrong prediction, on purpose
     out = loop.train(cfg, info)
+    hwm = _vm_hwm()  # the training run's, before the probes that follow it
+    out.metrics.update(annotate.annotate_run(cfg, info, loop.plan_batch(cfg, info), out))  # what bench/run.py adds
     return {"metrics": out.metrics, "status": out.status, "seen": seen[cfg.warmup:cfg.warmup + cfg.steps],
-            "hwm": _vm_hwm(), "params": params[0]}
+            "hwm": hwm, "params": params[0]}
 
 
 @pytest.fixture(scope="module")

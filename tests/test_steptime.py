@@ -780,7 +780,8 @@ def test_the_parts_run_their_matmuls_in_the_runs_compute_dtype(dtype):
 
 def _parts_worker(rank: int, world_size: int, cache: str) -> list[dict]:
     from bench.harness.dist import DistInfo
-    from bench.harness.loop import train
+    from bench.harness.loop import plan_batch, train
+    from bench.plan.annotate import annotate_run
     from tests.test_parity import run_cfg
 
     os.environ["N00BGPT_CACHE_DIR"] = cache
@@ -788,7 +789,9 @@ def _parts_worker(rank: int, world_size: int, cache: str) -> list[dict]:
     for strategy in ({"dp": "ddp"}, {"dp": "ddp"}, {"tp": 2}):
         cfg = run_cfg(strategy, 2, 1, steps=2, seq_len=32)
         cfg.probe_parts = True
-        rows.append(train(cfg, DistInfo(rank, rank, world_size, 1, torch.device("cpu"), "gloo")).metrics)
+        info = DistInfo(rank, rank, world_size, 1, torch.device("cpu"), "gloo")
+        out = train(cfg, info)
+        rows.append({**out.metrics, **annotate_run(cfg, info, plan_batch(cfg, info), out)})
     return rows
 
 

@@ -175,7 +175,7 @@ def test_applying_twice_in_one_process_gives_the_same_model():
 def test_wrapped_blocks_get_the_bare_models_initial_weights(ac):
     """init_weights draws in the whole model's order by bare parameter names; a checkpoint wrapper's extra path
     segment must not hide a parameter from it (it would stay uninitialised memory)."""
-    from models.gpt import canonical_name as _canonical
+    from models.weights import canonical_name as _canonical
 
     bare = fresh()
     wrapped = apply_strategies(build_model(get_config("tiny"), "meta"), StrategyConfig(ac=ac), torch.device("cpu"), 0)

@@ -32,7 +32,7 @@ if __package__ in (None, ""):
 from bench.gate import regress  # noqa: E402
 from bench.launch import suite  # noqa: E402
 from bench.launch.suite import Entry  # noqa: E402
-from reports.cli import opt, parse  # noqa: E402
+from models.cli import opt, parse  # noqa: E402
 
 BASELINE = suite.ROOT / "results" / "baselines" / "ci-cpu"
 COMMON = ["seq_len=128", "micro_batch=4", "steps=30", "warmup=5", "log_every=0", "device=cpu"]
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         shutil.copytree(results, BASELINE, ignore=shutil.ignore_patterns(".claims"))
         print(f"ci_suite: baseline replaced: {BASELINE}")
     if args.gate:
-        return regress.main([f"baseline={BASELINE}", f"candidate={results}", f"thresholds={args.thresholds}"])
+        return regress.check(BASELINE, results, args.thresholds)
     return 1 if failed else 0
 
 

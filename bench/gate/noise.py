@@ -30,8 +30,8 @@ from bench.gate import (
     regress,  # noqa: E402
 )
 from bench.launch import suite  # noqa: E402
+from models.cli import opt, parse  # noqa: E402
 from reports.build import markdown_table  # noqa: E402
-from reports.cli import opt, parse  # noqa: E402
 from reports.load import load  # noqa: E402
 
 

@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
 from reports.aggregate import format_value
-from reports.cli import UsageError, opt, parse
 from reports.compare import compare
 from reports.load import ResultsError, load
 from reports.record import SETUP_KEYS, VARIANT_KEYS
@@ -148,34 +146,10 @@ def render(table: pd.DataFrame) -> str:
     return shown[["setup", "metric", "baseline", "candidate", "delta", "threshold", "verdict"]].to_string(index=False)
 
 
-@dataclass
-class GateArgs:
-    ab: bool = opt(False, "same-run A/B gate (what CI runs): the CI matrix with this tree and with rev's code")
-    rev: str = opt("", "ab: the baseline revision (default: results/baselines/BASE_REV)")
-    rounds: int = opt(0, "ab: rounds, i.e. pairs per entry (0: 2 taking turns, 4 run by run)")
-    mode: str = opt("auto", "ab: turns (step by step), runs (run after run), or auto (turns when rev can)")
-    out: str = opt("ab_out", "ab: folder for both sides' rows and ab.json")
-    slow_pct: float = opt(0.0, "ab: slow the candidate by exactly this percentage (the gate study)")
-    entries: list[str] = opt([], "ab: only these CI matrix entries")
-    baseline: list[str] = opt([], "committed numbers: baseline result files/folders/globs")
-    candidate: list[str] = opt([], "committed numbers: candidate result files/folders/globs")
-    thresholds: str = opt("", f"YAML thresholds (default {DEFAULT_THRESHOLDS.name}; ab: thresholds_ab.yaml)")
-
-    def __post_init__(self) -> None:
-        if not self.ab and not (self.baseline and self.candidate):
-            raise UsageError("baseline= and candidate= are required (or ab=true)")
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse(GateArgs, argv, "python -m bench.gate", __doc__)
-    if args.ab:
-        from bench.gate import ab as ab_gate
-
-        return ab_gate.main(args.rev or None, args.out, args.rounds or None, args.thresholds or None, args.slow_pct,
-                            args.entries or None, args.mode)
+def check(baseline, candidate, thresholds: str | None = None) -> int:
+    """Gate committed numbers: print the verdict table; 0 every check holds, 1 a regression, 2 unusable input."""
     try:
-        thresholds = load_thresholds(args.thresholds or None)
-        table = gate(_load(args.baseline, "baseline"), _load(args.candidate, "candidate"), thresholds)
+        table = gate(_load(baseline, "baseline"), _load(candidate, "candidate"), load_thresholds(thresholds or None))
     except GateInputError as exc:
         print(f"regress: error: {exc}", file=sys.stderr)
         return 2
@@ -184,7 +158,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nregress: {fails} regression(s) in {len(table)} checks" if fails else
           f"\nregress: all {len(table)} checks hold ({int((table.verdict == 'SKIP').sum())} skipped)")
     return 1 if fails else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

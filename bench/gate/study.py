@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.gate.ab import ROOT
+from models.cli import opt, parse
 from reports.build import markdown_table
-from reports.cli import opt, parse
 
 
 def spin_forever() -> subprocess.Popen:

@@ -20,7 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from bench.harness.data import data_problem
 from bench.harness.table import run_ids
 from models.config import PRESETS, GPTConfig
-from models.convert import HF_EXTRA, config_from_pretrained
+from models.weights import HF_EXTRA, config_from_pretrained
 from reports.record import RUNS_FILE
 from strategies.config import StrategyConfig, StrategyError
 

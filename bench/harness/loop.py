@@ -12,12 +12,10 @@ step itself unless a ``debug_*`` option is set.
 from __future__ import annotations
 
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from functools import partial
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -30,17 +28,13 @@ from bench.harness.faults import Faults
 from bench.harness.progress import Progress
 from bench.harness.turn import get_turnstile
 from bench.measure import memory, metrics
-from bench.measure.bandwidth import collective_bandwidths, link_bandwidth, memory_bandwidth
 from bench.measure.combine import combine_ranks
 from bench.measure.comm import CommCounter
 from bench.measure.contention import ContentionMeter
 from bench.measure.nvml import NvmlSampler, energy_per_token
 from bench.measure.overlap import profiled_exposure
-from bench.measure.parts import Parts, Sharding, get_parts
 from bench.measure.peak_flops import get_peak_flops
 from bench.measure.profile import StepProfiler
-from bench.plan.costmodel import predict_comm, predict_memory
-from bench.plan.steptime import Rates, can_overlap, parts_micro_batch, predict_step
 from models import build_model, count_params, train_flops_per_token
 from reports.record import implausible
 from strategies import (
@@ -54,8 +48,7 @@ from strategies import (
 )
 from strategies.config import StrategyError
 from strategies.mesh import build_mesh, dp_coordinate, mesh_shape
-from strategies.pp import Pipeline, bubble_fraction
-from strategies.tp import apply_tp
+from strategies.pp import Pipeline
 
 
 @dataclass
@@ -64,6 +57,7 @@ class TrainOutcome:
     metrics: dict  # RunRecord columns
     losses: list[float] = field(default_factory=list)  # global mean loss per step (warm-up included)
     step_times_s: list[float] = field(default_factory=list)  # combined timed step times
+    mesh: object = None  # the run's DeviceMesh (bench/plan/annotate.py times the model's parts on it)
 
 
 def plan_batch(cfg: RunConfig, info: DistInfo) -> dict:
@@ -85,7 +79,7 @@ class Built:
     scaler: object
     data: object
     batch: dict
-    static: dict  # record columns known before training (params, FLOPs per token, peak, predictions)
+    static: dict  # record columns known before training (params, FLOPs per token, peak FLOP/s, batch)
     mem_baseline_bytes: int  # what this process held before the model existed
 
 
@@ -96,20 +90,14 @@ def build(cfg: RunConfig, info: DistInfo, batch: dict) -> Built:
         torch.set_float32_matmul_precision("high" if s.tf32 else "highest")  # high = TF32 matmuls
         torch.backends.cudnn.allow_tf32 = s.tf32
 
-    # Peak FLOP/s and memory bandwidth first, on rank 0 alone (a probe must not compete with training), then
-    # shared; the collective's bus bandwidth on every rank together (bench/measure/bandwidth.py).
-    peak, peak_source, probe_stats, (mem_bw, mem_bw_source) = broadcast_object(
-        (*get_peak_flops(device, dtype_name), memory_bandwidth(device)) if info.is_main else None, info)
-    link_bw, link_bw_source = link_bandwidth(device) if info.world_size > 1 else (None, None)
+    # Peak FLOP/s (MFU's denominator) first, on rank 0 alone (a probe must not compete with training), then shared.
+    peak, peak_source, probe_stats = broadcast_object(get_peak_flops(device, dtype_name) if info.is_main else None,
+                                                      info)
     # What the process holds before the model exists (CPU: interpreter + libraries, warmed up first so their
     # lazily created state counts here; CUDA: ~0): the predicted peak is compared with peak - baseline.
     memory.warm_runtime(device)
     model = build_model(cfg.model, "meta")  # meta: no memory, but a library it needs (transformers) is loaded now
     baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else memory.current_rss_bytes()
-    pred_mem = predict_memory(cfg.model, s, info.world_size, cfg.micro_batch, cfg.seq_len)
-    pred_comm = predict_comm(cfg.model, s, info.world_size, batch["grad_accum"], micro_batch=cfg.micro_batch,
-                             seq_len=cfg.seq_len)
-
     torch.manual_seed(cfg.seed)
     n_params = count_params(model)
     mesh = build_mesh(s, device.type)
@@ -123,41 +111,15 @@ def build(cfg: RunConfig, info: DistInfo, batch: dict) -> Built:
                             fused=fused or None, foreach=None if fused else True)
     data = build_data(cfg.data, cfg.model.vocab_size, cfg.micro_batch, cfg.seq_len, cfg.seed, device,
                       batch["dp_size"] * batch["grad_accum"], tokenizer_dir=cfg.model.hf_path)
-    pred_time = predict_step_columns(cfg, info, batch, peak, mem_bw, link_bw)
     static = {
         "params": n_params,
-        **pred_time, "mem_bw_bytes_per_s": mem_bw, "mem_bw_source": mem_bw_source,
-        "link_bw_bytes_per_s": link_bw, "link_bw_source": link_bw_source,
         "flops_per_token": train_flops_per_token(cfg.model, cfg.seq_len),
         "recompute_flops_per_token": recompute_flops_per_token(cfg.model, cfg.seq_len, s),
         "peak_flops": peak, "peak_flops_source": peak_source, **probe_stats,
         "dtype": dtype_name,
-        "pred_peak_mem_bytes": pred_mem["total"],
-        "pred_mem_breakdown": {k: v for k, v in pred_mem.items() if k != "total"},
-        "pred_comm_bytes_per_step": pred_comm["total"],
-        "pred_comm_breakdown": {k: v for k, v in pred_comm.items() if k != "total"},
-        "pred_bubble_fraction": bubble_fraction(s),
         **batch,
     }
     return Built(model, mesh, opt, get_grad_scaler(s.amp, device.type), data, batch, static, baseline)
-
-
-def _overlap(info: DistInfo) -> bool:
-    """Whether this run's communication can run beside its compute (bench/plan/steptime.py ``can_overlap``)."""
-    local_ranks = max(1, info.world_size // max(1, info.nnodes))
-    return can_overlap(info.device.type, local_ranks, torch.get_num_threads(), len(os.sched_getaffinity(0)))
-
-
-def predict_step_columns(cfg: RunConfig, info: DistInfo, batch: dict, peak: float | None, mem_bw: float,
-                         link_bw: float | None, parts: Parts | None = None, by_kind: dict | None = None) -> dict:
-    """The step-time model's prediction (bench/plan/steptime.py) from this run's measured rates (each
-    collective's bandwidth; with ``probe_parts``, the model's own parts), as columns."""
-    if not peak:
-        return {}
-    p = predict_step(cfg.model, cfg.strategy, info.world_size, cfg.micro_batch, cfg.seq_len, batch["grad_accum"],
-                     Rates(peak, mem_bw, link_bw, parts, by_kind), _overlap(info))
-    return {"pred_step_time_s": p["step_s"], "pred_tokens_per_sec": p["tokens_per_sec"],
-            "pred_step_breakdown": {k: v for k, v in p.items() if k not in ("step_s", "tokens_per_sec")}}
 
 
 def param_groups(model: torch.nn.Module) -> list[dict]:
@@ -336,42 +298,6 @@ def combine(per_rank: list[dict], static: dict, losses: list[float], world_size:
     return out, times
 
 
-def parts_sharding(s, mesh) -> Sharding | None:
-    """How strategy ``s`` splits the model's parts (bench/measure/parts.py times them so): tensor parallelism on
-    ``mesh``'s tp dimension, forward and backward in loss_parallel; None without it."""
-    if s.tp == 1:
-        return None
-    return Sharding(s.tp, s.sp, partial(apply_tp, tp_mesh=mesh["tp"], sp=s.sp), lambda: maybe_loss_parallel(s))
-
-
-def finish_prediction(cfg: RunConfig, info: DistInfo, b: Built) -> dict:
-    """After the timed window (their buffers must not sit in the measured peak): each collective's bus bandwidth
-    (bench/measure/bandwidth.py; on a CPU host with no spare core with the ranks' compute threads busy, which is
-    how this run's collectives ran) and, with ``probe_parts``, the model's parts (bench/measure/parts.py: cached
-    for this shape and host, or timed on every rank at once now, the slowest rank's); the step prediction redone
-    with them (the columns it replaces, ``link_bw_by_kind``, ``pred_parts``)."""
-    out: dict = {}
-    by_kind = None
-    if info.world_size > 1:
-        by_kind, source = collective_bandwidths(info.device, contended=not _overlap(info))
-        out.update(link_bw_by_kind=by_kind, link_bw_by_kind_source=source)
-    parts = None
-    if cfg.probe_parts:
-        local_ranks = max(1, info.world_size // max(1, info.nnodes))
-        parts, source = get_parts(cfg.model, parts_micro_batch(cfg.strategy, cfg.micro_batch), cfg.seq_len,
-                                  info.device, local_ranks,
-                                  gather=lambda obj: gather_objects(obj, info),
-                                  barrier=dist.barrier if info.world_size > 1 else (lambda: None),
-                                  is_main=info.is_main, dtype=cfg.strategy.compute_dtype_name(info.device.type),
-                                  shard=parts_sharding(cfg.strategy, b.mesh))
-        out["pred_parts"] = {**asdict(parts), "source": source}
-    if by_kind or parts:
-        st = b.static
-        out.update(predict_step_columns(cfg, info, b.batch, st["peak_flops"], st["mem_bw_bytes_per_s"],
-                                        st["link_bw_bytes_per_s"], parts, by_kind))
-    return out
-
-
 def train(cfg: RunConfig, info: DistInfo, progress: Progress | None = None,
           run_id: str = "run", batch: dict | None = None) -> TrainOutcome:
     """build -> run_steps -> combine on every rank. ``batch``: plan_batch's result when the caller has it."""
@@ -388,10 +314,8 @@ def train(cfg: RunConfig, info: DistInfo, progress: Progress | None = None,
         mine.update(measure_comm(step_fn, cfg.warmup + cfg.steps))
     if status == "ok" and cfg.measure_overlap and info.world_size > 1:
         mine.update(measure_overlap(step_fn, cfg.warmup + cfg.steps + 1, info.device))
-    if status == "ok":
-        b.static.update(finish_prediction(cfg, info, b))
     out, times = combine(gather_objects(mine, info), b.static, losses, info.world_size)
     reason = implausible(out) if times else None
     if reason and status == "ok":
         status, out["suspect_reason"] = "suspect", reason
-    return TrainOutcome(status=status, metrics=out, losses=losses, step_times_s=times)
+    return TrainOutcome(status=status, metrics=out, losses=losses, step_times_s=times, mesh=b.mesh)

@@ -36,8 +36,8 @@ from bench.harness.config import ConfigError, RunConfig, to_run_config  # noqa: 
 from bench.harness.dist import DistInfo  # noqa: E402
 from bench.harness.loop import train  # noqa: E402
 from models import get_config  # noqa: E402
+from models.cli import UsageError, opt, parse  # noqa: E402
 from reports import load  # noqa: E402
-from reports.cli import UsageError, opt, parse  # noqa: E402
 from strategies import StrategyConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

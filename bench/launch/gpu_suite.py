@@ -24,7 +24,7 @@ if __package__ in (None, ""):
 
 from bench.launch import suite  # noqa: E402
 from bench.launch.suite import Entry  # noqa: E402
-from reports.cli import opt, parse  # noqa: E402
+from models.cli import opt, parse  # noqa: E402
 
 ROOT = suite.ROOT
 

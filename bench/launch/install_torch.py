@@ -15,7 +15,7 @@ several GB of them; the CPU index's carry ``+cpu`` and none). If neither source 
 before installing anything, with one message saying how to go on, instead of letting pip fetch the CUDA
 build. pip is asked with ``--dry-run --report`` (metadata only, a few seconds) before anything is installed.
 It runs before anything else is installed, so it parses its one ``key=value`` option itself (the other tools
-use reports/cli.py, which needs OmegaConf).
+use models/cli.py, which needs OmegaConf).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from bench.harness.config import RunConfig  # noqa: E402
 from bench.harness.dist import DistInfo  # noqa: E402
 from bench.harness.loop import train  # noqa: E402
 from models import build_model, get_config  # noqa: E402
-from reports.cli import opt, parse  # noqa: E402
+from models.cli import opt, parse  # noqa: E402
 from strategies import StrategyConfig  # noqa: E402
 
 

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from reports.cli import UsageError, opt, parse
+from models.cli import UsageError, opt, parse
 
 ROOT = Path(__file__).resolve().parents[2]
 

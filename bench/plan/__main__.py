@@ -34,8 +34,8 @@ from omegaconf import OmegaConf  # noqa: E402
 from bench.hardware import GPU_TABLE, lookup_device  # noqa: E402
 from bench.plan.costmodel import param_shapes, predict_comm, predict_memory  # noqa: E402
 from bench.plan.steptime import Rates, predict_step  # noqa: E402
+from models.cli import UsageError, fail, opt, parse  # noqa: E402
 from models.config import PRESETS, GPTConfig, get_config  # noqa: E402
-from reports.cli import UsageError, fail, opt, parse  # noqa: E402
 from strategies.config import TECHNIQUES, StrategyConfig, StrategyError  # noqa: E402
 from strategies.mesh import mesh_shape  # noqa: E402
 from strategies.pp import bubble_fraction  # noqa: E402

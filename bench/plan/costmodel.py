@@ -50,9 +50,9 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from models.build import build_model
 from models.config import GPTConfig
-from models.convert import to_hf
-from models.gpt import build_model
+from models.weights import to_hf
 from strategies.base import CostContext
 from strategies.config import TECHNIQUES, StrategyConfig
 from strategies.mesh import mesh_shape

@@ -47,8 +47,8 @@ from bench.plan.__main__ import PlanArgs, combinations, model_config
 from bench.plan.costmodel import predict_memory
 from bench.plan.steptime import Rates, can_overlap, parts_micro_batch, predict_step
 from bench.tune.budget import combine_repeats, errors, median, order_verdict
+from models.cli import UsageError, fail, opt, parse
 from models.config import PRESETS
-from reports.cli import UsageError, fail, opt, parse
 from strategies.config import StrategyConfig
 
 GIB = 2**30

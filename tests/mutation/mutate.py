@@ -23,8 +23,8 @@ from typing import NamedTuple
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from models.cli import fail, opt, parse  # noqa: E402
 from reports.build import markdown_table  # noqa: E402
-from reports.cli import fail, opt, parse  # noqa: E402
 from tests.helpers import copy_tree  # noqa: E402
 
 
