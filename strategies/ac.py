@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from models.flops import block_forward_flops_per_token
-from strategies.base import Field, StrategyError, Technique
+from strategies.base import StrategyError
 
 MODES = ("none", "full", "selective", "op")
 
@@ -93,39 +93,12 @@ def recompute_flops_per_token(cfg, seq_len: int, ac: str = "none", ac_every: int
     return n * (block_forward_flops_per_token(cfg, seq_len) - 2 * cfg.n_embd * cfg.hidden_dim)
 
 
-def _validate(s) -> None:
+def validate(s) -> None:
     if s.ac_every < 1:
         raise StrategyError(f"strategy.ac_every={s.ac_every} is invalid; must be >= 1")
 
 
-def _name(s) -> str | None:
+def name_part(s) -> str | None:
     if s.ac == "selective":
         return f"ac(selective/{s.ac_every})"
     return None if s.ac == "none" else f"ac({s.ac})"
-
-
-def _memory(parts: dict, ctx) -> None:
-    """Full/selective checkpointing keeps each checkpointed block's input instead of its activations, plus, in
-    backward, one checkpointed block's recomputed activations at a time: what the block saves minus its input,
-    which the checkpoint already holds (``block - resid``; under autocast the recompute also recasts that
-    block's weights, inside the ``autocast_weights`` bound: the checkpointed blocks' forward copies are freed
-    by then). Measured per block in tests/test_costmodel.py. Op-level is predicted as none (an upper bound)."""
-    if ctx.s.ac not in ("full", "selective"):
-        return
-    ck = len(set(checkpointed_block_ids(ctx.model.n_layer, ctx.s.ac, ctx.s.ac_every)) & set(ctx.block_ids))
-    block, resid = ctx.block_bytes(ctx.mode), ctx.resid_bytes(ctx.mode)
-    recomputed = block - resid if ck else 0
-    parts["activations"] = ck * resid + (ctx.L - ck) * block + recomputed
-
-
-TECHNIQUE = Technique(
-    name="ac", order=10, name_order=10,
-    fields=(Field("ac", str, "none", "Activation checkpointing: 'none', 'full' (every block), 'selective' (every "
-                  "ac_every-th block) or 'op' (op-level: keep matmul/attention outputs, recompute elementwise ops).",
-                  MODES),
-            Field("ac_every", int, 2, "For ac='selective': checkpoint blocks 0, k, 2k, ... with k = ac_every.")),
-    apply=lambda model, s, ctx: apply_ac(model, s.ac, s.ac_every) if s.ac != "none" else model,
-    validate=_validate, name_part=_name, memory=_memory,
-    recompute_flops=lambda cfg, seq_len, s: recompute_flops_per_token(cfg, seq_len, s.ac, s.ac_every),
-    plan_axes=lambda world: {"ac": ["none", "full"]},
-)

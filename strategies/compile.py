@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from strategies.base import Field, StrategyError, Technique
+from strategies.base import StrategyError
 
 MODES = ("block", "model")
 
@@ -29,19 +29,13 @@ def apply_compile(model: nn.Module, mode: str = "block") -> nn.Module:
     return model
 
 
-def _validate(s) -> None:
+def validate(s) -> None:
     if s.dp == "fsdp" and s.compile and s.compile_mode == "model":
         raise StrategyError("strategy.compile_mode='model' with dp=fsdp is not supported: FSDP2 hooks would sit "
                             "inside the compiled graph; use compile_mode=block (per-block compile, as torchtitan)")
 
 
-TECHNIQUE = Technique(
-    name="compile", order=20, name_order=30,
-    fields=(Field("compile", bool, False, "torch.compile the model."),
-            Field("compile_mode", str, "block", "'block' compiles each transformer block (torchtitan's choice), "
-                  "'model' the whole model.", MODES)),
-    apply=lambda model, s, ctx: apply_compile(model, s.compile_mode) if s.compile else model,
-    validate=_validate,
-    name_part=lambda s: ("compile" if s.compile_mode == "block" else "compile(model)") if s.compile else None,
-    # not in the cost model: compiled blocks fuse and free differently (bench/plan/costmodel.py)
-)
+def name_part(s) -> str | None:
+    if not s.compile:
+        return None
+    return "compile" if s.compile_mode == "block" else "compile(model)"

@@ -1,90 +1,97 @@
-"""Strategy configuration, built from the techniques: every module of this package that defines
-``TECHNIQUE`` (strategies/base.py) contributes its fields, checks and canonical-name part.
+"""``StrategyConfig``: one point in the strategy space, every field written here with its meaning and choices.
 
-A strategy is a combination along orthogonal axes -- data parallelism (none/ddp/fsdp), activation
-checkpointing, mixed precision, compilation, and whatever module is added next. ``StrategyConfig`` is a
-real dataclass (Hydra's ``strategy`` group schema, bench/conf/strategy/*.yaml its presets) whose
-``__post_init__`` checks every field's choices and runs every technique's ``validate``;
-``canonical_name`` gives the one string every result row carries, e.g. ``fsdp+ac(full)+bf16+compile``.
+A strategy is a combination along orthogonal axes: data parallelism (none/ddp/fsdp), pipeline and tensor (and
+sequence) parallelism on a device mesh, activation checkpointing, compilation and mixed precision. This is
+Hydra's ``strategy`` group schema (bench/conf/strategy/*.yaml are its presets, each setting a few fields);
+``__post_init__`` checks every field's choices and each technique's own rules (strategies/<name>.py
+``validate``), so a bad value stops before any work with one line; ``canonical_name`` is the one string every
+result row carries, e.g. ``fsdp+ac(full)+bf16+compile`` or ``fsdp+pp2(1f1b)+tp2+sp``.
+
+Adding a field: write it below with its ``doc`` (and ``choices``), check it in its module's ``validate``, add its
+name part in ``canonical_name`` (docs/strategies.md has the whole checklist).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-import pkgutil
+from dataclasses import dataclass, field
 
-from strategies.base import StrategyError, Technique
+from strategies import ac, amp, compile, dp, pp, tp  # their checks and name parts (methods below)
+from strategies.ac import MODES as AC_MODES  # the choices: constants, as the field names shadow the modules
+from strategies.amp import DTYPES
+from strategies.base import StrategyError
+from strategies.compile import MODES as COMPILE_MODES
+from strategies.dp import MODES as DP_MODES
+from strategies.pp import SCHEDULES
 
-__all__ = ["TECHNIQUES", "StrategyConfig", "StrategyError"]
-
-_NOT_TECHNIQUES = {"base", "config"}
-
-
-def discover() -> list[Technique]:
-    """The ``TECHNIQUE`` of every module in this package, in apply order."""
-    import strategies
-
-    found = []
-    for info in pkgutil.iter_modules(strategies.__path__):
-        if info.name in _NOT_TECHNIQUES or info.name.startswith("_"):
-            continue
-        technique = getattr(importlib.import_module(f"strategies.{info.name}"), "TECHNIQUE", None)
-        if technique is not None:
-            found.append(technique)
-    names = [f.name for t in found for f in t.fields]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise RuntimeError(f"strategy fields declared by two techniques: {dupes}")
-    return sorted(found, key=lambda t: t.order)
+__all__ = ["StrategyConfig", "StrategyError"]
 
 
-TECHNIQUES: list[Technique] = discover()
-_FIELDS = [f for t in TECHNIQUES for f in t.fields]
+def _f(default, doc: str, choices: tuple = ()):
+    """A field with its help text (``bench/run.py --help`` and docs/strategies.md show it) and its valid values."""
+    return field(default=default, metadata={"doc": doc, "choices": choices})
 
 
-def _post_init(self) -> None:
-    for f in _FIELDS:
-        value = getattr(self, f.name)
-        if f.choices and value not in f.choices:
-            raise StrategyError(f"strategy.{f.name}={value!r} is invalid; valid values: {', '.join(f.choices)}")
-    for t in TECHNIQUES:
-        t.validate(self)
+@dataclass
+class StrategyConfig:
+    """One point in the strategy space (presets: bench/conf/strategy/*.yaml); each field's ``doc`` says what it
+    does."""
 
+    # data parallelism (strategies/dp.py, ddp.py, fsdp.py)
+    dp: str = _f("none", "Data parallelism: 'none' (single process), 'ddp' (DistributedDataParallel) or 'fsdp' "
+                 "(FSDP2 fully_shard).", DP_MODES)
+    reshard_after_forward: bool = _f(True, "FSDP only: free unsharded params after forward (ZeRO-3) or keep them "
+                                     "until backward (ZeRO-2-like).")
+    # pipeline parallelism (strategies/pp.py)
+    pp: int = _f(1, "Pipeline-parallel degree (stages across ranks; 1 = off). The data-parallel degree is "
+                 "world_size / (tp x pp).")
+    pp_schedule: str = _f("1f1b", "Pipeline schedule: 'gpipe', '1f1b' or 'interleaved1f1b' (pp_virtual stages per "
+                          "rank).", tuple(SCHEDULES))
+    pp_microbatches: int = _f(0, "Pipeline micro-batches per training micro-batch (0 = pp); must divide micro_batch.")
+    pp_virtual: int = _f(2, "Stages per rank for pp_schedule=interleaved1f1b.")
+    # tensor and sequence parallelism (strategies/tp.py)
+    tp: int = _f(1, "Tensor-parallel degree (ranks per tensor-parallel group; 1 = off). The data-parallel degree "
+                 "is world_size / tp.")
+    sp: bool = _f(False, "With tp >= 2: sequence parallelism (norms on a sequence shard; all-gather + "
+                  "reduce-scatter instead of all-reduce).")
+    # activation checkpointing (strategies/ac.py)
+    ac: str = _f("none", "Activation checkpointing: 'none', 'full' (every block), 'selective' (every ac_every-th "
+                 "block) or 'op' (op-level: keep matmul/attention outputs, recompute elementwise ops).", AC_MODES)
+    ac_every: int = _f(2, "For ac='selective': checkpoint blocks 0, k, 2k, ... with k = ac_every.")
+    # torch.compile (strategies/compile.py)
+    compile: bool = _f(False, "torch.compile the model.")
+    compile_mode: str = _f("block", "'block' compiles each transformer block (torchtitan's choice), 'model' the "
+                           "whole model.", COMPILE_MODES)
+    # mixed precision (strategies/amp.py)
+    amp: str = _f("fp32", "Compute dtype: 'fp32', 'bf16' or 'fp16' (fp16 adds a GradScaler; GPU only).",
+                  tuple(DTYPES))
+    tf32: bool = _f(True, "CUDA fp32 runs: allow TF32 tensor-core matmuls (torch.backends.cuda.matmul.allow_tf32).")
 
-def _validate_for(self, device_type: str, world_size: int) -> None:
-    """Checks that depend on where the run happens. Raises StrategyError; warns for slow-but-valid."""
-    for t in TECHNIQUES:
-        t.validate_for(self, device_type, world_size)
+    def __post_init__(self) -> None:
+        for f in self.__dataclass_fields__.values():
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value not in choices:
+                raise StrategyError(f"strategy.{f.name}={value!r} is invalid; valid values: {', '.join(choices)}")
+        for check in (pp.validate, tp.validate, ac.validate, compile.validate, dp.validate):
+            check(self)
 
+    def validate_for(self, device_type: str, world_size: int) -> None:
+        """Checks that depend on where the run happens. Raises StrategyError; warns for slow-but-valid."""
+        for check in (pp.validate_for, tp.validate_for, dp.validate_for, amp.validate_for):
+            check(self, device_type, world_size)
 
-def _validate_run(self, model_cfg, seq_len: int, micro_batch: int) -> None:
-    """Checks against the model's shape and the batch (tp against the heads, pp against the blocks, ...)."""
-    for t in TECHNIQUES:
-        t.validate_run(self, model_cfg, seq_len, micro_batch)
+    def validate_run(self, model_cfg, seq_len: int, micro_batch: int) -> None:
+        """Checks against the model's shape and the batch (tp against the heads, pp against the blocks, ...)."""
+        for check in (pp.validate_run, tp.validate_run):
+            check(self, model_cfg, seq_len, micro_batch)
 
+    @property
+    def canonical_name(self) -> str:
+        """Each technique's part joined with '+': 'single' | 'ddp' | 'fsdp' | 'fsdp(no-reshard)', then 'pp2(1f1b)',
+        'tp2+sp', 'ac(...)', 'bf16'/'fp16', 'compile[(model)]'."""
+        parts = (dp.name_part(self), pp.name_part(self), tp.name_part(self), ac.name_part(self),
+                 amp.name_part(self), compile.name_part(self))
+        return "+".join(p for p in parts if p)
 
-def _canonical_name(self) -> str:
-    """Each technique's part in name order, joined with '+': 'single' | 'ddp' | 'fsdp' | 'fsdp(no-reshard)',
-    then '+ac(...)', '+bf16'/'+fp16', '+compile[(model)]', ..."""
-    parts = (t.name_part(self) for t in sorted(TECHNIQUES, key=lambda t: t.name_order))
-    return "+".join(p for p in parts if p)
-
-
-def _compute_dtype_name(self, device_type: str) -> str:
-    from strategies.amp import compute_dtype_name
-
-    return compute_dtype_name(self, device_type)
-
-
-StrategyConfig = dataclasses.make_dataclass(
-    "StrategyConfig",
-    [(f.name, f.type, dataclasses.field(default=f.default, metadata={"doc": f.doc, "choices": f.choices}))
-     for f in _FIELDS],
-    namespace={"__post_init__": _post_init, "validate_for": _validate_for, "validate_run": _validate_run,
-               "canonical_name": property(_canonical_name), "compute_dtype_name": _compute_dtype_name},
-)
-StrategyConfig.__module__ = __name__
-StrategyConfig.__doc__ = ("One point in the strategy space (presets: bench/conf/strategy/*.yaml). Fields:\n"
-                          + "\n".join(f"- {f.name} ({f.type.__name__}, default {f.default!r}): {f.doc}"
-                                      for f in _FIELDS))
+    def compute_dtype_name(self, device_type: str) -> str:
+        """The dtype matmuls run in: 'bf16', 'fp16', 'tf32' (CUDA fp32 with TF32 allowed) or 'fp32'."""
+        return amp.compute_dtype_name(self, device_type)

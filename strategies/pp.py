@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from models.gpt import lm_loss
-from strategies.base import Field, StrategyError, Technique
+from strategies.base import StrategyError
 
 # torch.distributed.pipelining's schedule classes by name (imported when a pipeline is built: the planner
 # and the cost model load this module without needing them)
@@ -118,7 +118,7 @@ class Pipeline(nn.Module):
         raise RuntimeError("a Pipeline trains through step(x, y) (its schedule runs forward and backward)")
 
 
-def _validate(s) -> None:
+def validate(s) -> None:
     if s.pp < 1:
         raise StrategyError(f"strategy.pp={s.pp} is invalid; must be >= 1 (1 = no pipeline parallelism)")
     if s.pp > 1 and s.dp == "ddp":
@@ -155,13 +155,13 @@ def validate_run(s, model_cfg, seq_len: int, micro_batch: int) -> None:
                             "(last stage) cannot share one matrix; use model.tie_embeddings=false")
 
 
-def _validate_for(s, device_type: str, world_size: int) -> None:
+def validate_for(s, device_type: str, world_size: int) -> None:
     if s.pp > 1 and world_size % (s.pp * s.tp):
         raise StrategyError(f"strategy.pp={s.pp} x tp={s.tp} does not divide the world size {world_size}; "
                             f"launch a multiple of {s.pp * s.tp} processes")
 
 
-def _name(s) -> str | None:
+def name_part(s) -> str | None:
     if s.pp == 1:
         return None
     v = virtual_stages(s)
@@ -189,60 +189,9 @@ def in_flight_chunks(s, pp_rank: int) -> int:
     return min(m * v, (s.pp - pp_rank - 1) * 2 + (v - 1) * s.pp + 1)
 
 
-def _cost_setup(ctx) -> None:
-    """Activations held at the peak: the in-flight chunks' tokens (per block of this rank); the output
-    stage's: all micro-batches under gpipe, one otherwise (the last stage runs each backward at once)."""
-    if ctx.pp == 1:
-        return
-    s, per_mb = ctx.s, ctx.tokens / n_microbatches(ctx.s)
-    ctx.act_tokens = round(per_mb * in_flight_chunks(s, ctx.pp_rank) / virtual_stages(s))
-    ctx.head_tokens = ctx.tokens if s.pp_schedule == "gpipe" else round(per_mb)
-    ctx.head_step_tokens = round(per_mb)
-
-
-def _memory(parts: dict, ctx) -> None:
-    """The last stage's PipelineStage keeps each micro-batch's output (the logits, in the matmul dtype) until
-    that micro-batch's backward: one (mb/m, T, V/tp) buffer beside the output stage's usual terms."""
-    if ctx.pp > 1 and ctx.has_head:
-        parts["head"] += ctx.head_tokens * ctx.model.padded_vocab_size * (4 if ctx.mode == "fp32" else 2) // ctx.tp
-
-
-def _comm(ctx) -> dict:
-    """Point-to-point bytes per step of this pipeline rank: per pipeline micro-batch and stage boundary of
-    each stage it holds, the hidden states forward (mb/m x T x d) and their gradient backward, in the
-    residual stream's dtype (fp32, or 16-bit under FSDP's bf16 policy); a sequence shard of them with sp."""
-    if ctx.pp == 1:
-        return {}
-    s, n_stages = ctx.s, ctx.pp * virtual_stages(ctx.s)
-    ids = stage_ids(ctx.pp_rank, ctx.pp, virtual_stages(s))
-    inner = sum(1 for i in ids if i < n_stages - 1)  # boundaries after a held stage
-    outer = sum(1 for i in ids if i > 0)  # ... before one
-    size = ctx.grad_accum * ctx.tokens * ctx.model.n_embd * (2 if ctx.mode == "half" else 4)
-    size //= ctx.tp if s.sp else 1
-    return {"send": size * (inner + outer), "recv": size * (inner + outer)}
-
-
-def _apply(model, s, ctx):
-    if s.pp == 1:
-        return model
-    pp_rank = ctx.mesh["pp"].get_local_rank()
+def split_pipeline(model: nn.Module, s, pp_mesh) -> Pipeline:
+    """The (meta-device) model cut into this pipeline rank's stages (``stage_ids``), in a ``Pipeline``."""
+    pp_rank = pp_mesh.get_local_rank()
     n_stages = s.pp * virtual_stages(s)
     ids = stage_ids(pp_rank, s.pp, virtual_stages(s))
     return Pipeline([split_stage(model, i, n_stages) for i in ids], ids, n_stages)
-
-
-TECHNIQUE = Technique(
-    name="pp", order=1, name_order=4,
-    fields=(Field("pp", int, 1, "Pipeline-parallel degree (stages across ranks; 1 = off). The data-parallel "
-                  "degree is world_size / (tp x pp)."),
-            Field("pp_schedule", str, "1f1b", "Pipeline schedule: 'gpipe', '1f1b' or 'interleaved1f1b' "
-                  "(pp_virtual stages per rank).", tuple(SCHEDULES)),
-            Field("pp_microbatches", int, 0, "Pipeline micro-batches per training micro-batch (0 = pp); must "
-                  "divide micro_batch."),
-            Field("pp_virtual", int, 2, "Stages per rank for pp_schedule=interleaved1f1b.")),
-    apply=_apply, validate=_validate, validate_for=_validate_for, validate_run=validate_run, name_part=_name,
-    cost_setup=_cost_setup, memory=_memory, comm=_comm,
-    comm_group=lambda ctx: 2,  # point to point: a sender and a receiver
-    plan_axes=lambda world: {"pp": [p for p in (1, 2, 4, 8) if world % p == 0],
-                             "pp_schedule": ["1f1b", "interleaved1f1b", "gpipe"]},
-)

@@ -37,7 +37,7 @@ from functools import cache, partial
 from torch import nn
 
 from models.parts import NATIVE_LLAMA, TPLayout, submodule, tp_layout
-from strategies.base import Field, StrategyError, Technique
+from strategies.base import StrategyError
 
 
 def tp_local_shape(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
@@ -203,7 +203,7 @@ def maybe_loss_parallel(s):
     return loss_parallel()
 
 
-def _validate(s) -> None:
+def validate(s) -> None:
     if s.tp < 1:
         raise StrategyError(f"strategy.tp={s.tp} is invalid; must be >= 1 (1 = no tensor parallelism)")
     if s.sp and s.tp == 1:
@@ -228,67 +228,13 @@ def validate_run(s, model_cfg, seq_len: int, micro_batch: int) -> None:
                             "parallelism is not supported; use model.dropout=0")
 
 
-def _validate_for(s, device_type: str, world_size: int) -> None:
+def validate_for(s, device_type: str, world_size: int) -> None:
     if s.tp > 1 and world_size % s.tp:
         raise StrategyError(f"strategy.tp={s.tp} does not divide the world size {world_size}; "
                             f"launch a multiple of {s.tp} processes")
 
 
-def _name(s) -> str | None:
+def name_part(s) -> str | None:
     if s.tp == 1:
         return None
     return f"tp{s.tp}" + ("+sp" if s.sp else "")
-
-
-def _elem_bytes(mode: str) -> tuple[int, int, int]:
-    """Bytes per element of (the column-parallel inputs and their gradients, the row-parallel outputs and
-    their gradients, the embedding output) in activation precision ``mode``: fp32 all 4; autocast keeps
-    norms and the residual stream in fp32 but the linears' outputs are 16-bit; FSDP's bf16 policy all 2."""
-    return {"fp32": (4, 4, 4), "autocast": (4, 2, 4), "half": (2, 2, 2)}[mode]
-
-
-def _comm(ctx) -> dict:
-    """Bytes per step this rank's tensor-parallel group moves (full-tensor sizes, as the cost model counts):
-    per micro-step of n tokens, with the blocks, embedding and head this rank holds (L blocks):
-
-    - plain TP, all-reduce: forward 2 per block (attention and MLP outputs) + 1 (embedding); backward 1 per
-      column-parallel module per block (``TPLayout.column_inputs``: each re-enters its own DTensor) + 1
-      (head input); loss_parallel's 3 all-reduces of n fp32 values (max, sum of exp, target logit);
-    - SP: all-gather 4 per block (2 forward inputs, 2 backward output gradients) + 1 (head input) + 1
-      (embedding gradient); reduce-scatter 4 per block + 1 (head input gradient) + 1 (the family's llama's
-      embedding output; gpt2 and HF models all-reduce it and cut it locally); all-reduce: loss 3 x n fp32,
-      plus once per step the replicated norm parameters' partial gradients.
-    Sizes n d e with e from ``_elem_bytes``."""
-    if ctx.tp == 1:
-        return {}
-    cfg, n, L, ga = ctx.model, ctx.tokens, ctx.L, ctx.grad_accum
-    e_in, e_out, e_emb = _elem_bytes(ctx.mode)
-    nd, emb, head = n * cfg.n_embd, ctx.has_embedding, ctx.has_head
-    loss = 3 * n * 4 if head else 0
-    layout = tp_layout(cfg)
-    if not ctx.s.sp:
-        per_micro = nd * (L * (2 * e_out + layout.column_inputs * e_in) + emb * e_emb + head * e_in) + loss
-        return {"all_reduce": ga * per_micro}
-    emb_whole = layout.sp_split != "embedding"  # all-reduced whole (positions added, or HF), then cut locally
-    gather = nd * (L * 2 * (e_in + e_out) + head * e_in + emb * e_emb)
-    scatter = nd * (L * 2 * (e_out + e_in) + head * e_in + (emb and not emb_whole) * e_emb)
-    reduce = ga * (nd * (emb and emb_whole) * e_emb + loss) + 4 * ctx.replicated_norm
-    return {"all_gather": ga * gather, "reduce_scatter": ga * scatter, "all_reduce": reduce}
-
-
-def _apply(model, s, ctx):
-    if s.tp == 1:
-        return model
-    return apply_tp(model, ctx.mesh["tp"], s.sp)
-
-
-TECHNIQUE = Technique(
-    name="tp", order=5, name_order=5,
-    fields=(Field("tp", int, 1, "Tensor-parallel degree (ranks per tensor-parallel group; 1 = off). The "
-                  "data-parallel degree is world_size / tp."),
-            Field("sp", bool, False, "With tp >= 2: sequence parallelism (norms on a sequence shard; "
-                  "all-gather + reduce-scatter instead of all-reduce).")),
-    apply=_apply, validate=_validate, validate_for=_validate_for, validate_run=validate_run, name_part=_name,
-    comm=_comm, comm_group=lambda ctx: ctx.tp,
-    plan_axes=lambda world: {"tp": [t for t in (1, 2, 4, 8) if world % t == 0], "sp": [False, True]},
-)

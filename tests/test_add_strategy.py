@@ -1,6 +1,8 @@
-"""Adding a strategy is its module plus its preset: a copy of this tree with exactly two files added
-(tests/data/toy_strategy: a technique that holds N MiB on every rank, and its preset) runs it through the
-harness (alone and composed with FSDP on 2 gloo ranks), the cost model, the planner and the report."""
+"""Adding a strategy is docs/strategies.md's checklist: a copy of this tree with two files added
+(tests/data/toy_strategy: a technique that holds N MiB on every rank, and its preset) and four one-place edits
+(``EDITS``: its field, check and name part in strategies/config.py, its line in the composer, its memory term,
+its planner axis) runs it through the harness (alone and composed with FSDP on 2 gloo ranks), the cost model,
+the planner and the report."""
 
 from __future__ import annotations
 
@@ -18,12 +20,42 @@ TOY = ROOT / "tests" / "data" / "toy_strategy"
 FAST = ["model=tiny", "steps=3", "warmup=1", "micro_batch=2", "seq_len=32", "log_every=0"]
 
 
+# (file, text, the text that replaces it): the checklist's one-place edits, each found exactly once
+EDITS = [
+    # 2. its field (with its doc), its check and its part of the name: strategies/config.py
+    ("strategies/config.py", "from strategies.base import StrategyError\n",
+     "from strategies import ballast\nfrom strategies.base import StrategyError\n"),
+    ("strategies/config.py", "    def __post_init__(self) -> None:\n",
+     '    ballast_mib: int = _f(0, "Toy: MiB of extra memory held on every rank (tests only).")\n\n'
+     "    def __post_init__(self) -> None:\n"),
+    ("strategies/config.py", "dp.validate):", "dp.validate, ballast.validate):"),
+    ("strategies/config.py", "compile.name_part(self))", "compile.name_part(self), ballast.name_part(self))"),
+    # 3. its line in the composer, where its order puts it (after sharding: it needs materialised weights)
+    ("strategies/__init__.py", "from strategies.ac import apply_ac\n",
+     "from strategies.ac import apply_ac\nfrom strategies.ballast import apply_ballast\n"),
+    ("strategies/__init__.py", "    materialise()  # (6.",
+     "    if cfg.ballast_mib:\n        materialise()\n"
+     "        parts = [apply_ballast(m, cfg.ballast_mib, device) for m in parts]\n    materialise()  # (6."),
+    # 4. its memory term: bench/plan/terms.py
+    ("bench/plan/terms.py", '    Terms("amp", setup=amp_setup, memory=amp_memory),\n',
+     '    Terms("amp", setup=amp_setup, memory=amp_memory),\n'
+     '    Terms("ballast", memory=lambda parts, ctx: parts.update(ballast=ctx.s.ballast_mib * 2**20)),\n'),
+    # 5. the values the planner tries: bench/plan/__main__.py
+    ("bench/plan/__main__.py", '"amp": ["fp32", "bf16"]}', '"amp": ["fp32", "bf16"], "ballast_mib": [0, 128]}'),
+]
+
+
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
-    """This tree's files (as git sees them, uncommitted edits included) plus the toy's two files."""
+    """This tree's files (as git sees them, uncommitted edits included) plus the toy's two files and the edits."""
     dest = copy_tree(tmp_path_factory.mktemp("toy") / "repo")
-    shutil.copy(TOY / "ballast.py", dest / "strategies" / "ballast.py")
-    shutil.copy(TOY / "ballast.yaml", dest / "bench" / "conf" / "strategy" / "ballast.yaml")
+    shutil.copy(TOY / "ballast.py", dest / "strategies" / "ballast.py")  # 1. the module
+    shutil.copy(TOY / "ballast.yaml", dest / "bench" / "conf" / "strategy" / "ballast.yaml")  # 6. its preset
+    for name, old, new in EDITS:
+        path = dest / name
+        text = path.read_text()
+        assert text.count(old) == 1, (name, old)
+        path.write_text(text.replace(old, new))
     return dest
 
 
@@ -86,7 +118,8 @@ def test_its_bad_value_is_one_line_and_exit_2(tree, tmp_path):
 
 def test_without_the_module_nothing_knows_it():
     """The product itself has no trace of the toy: it exists only in the copy."""
-    from strategies import TECHNIQUES, StrategyConfig
+    from bench.plan.terms import TERMS
+    from strategies import StrategyConfig
 
-    assert "ballast" not in {t.name for t in TECHNIQUES}
+    assert "ballast" not in {t.name for t in TERMS}
     assert "ballast_mib" not in StrategyConfig.__dataclass_fields__

@@ -436,15 +436,15 @@ def test_each_technique_rings_over_its_own_group():
     """A collective's ring factor counts the ranks of the technique that issues it: on 8 ranks as dp2 x tp4, DDP's
     all-reduce runs over 2 ranks (2 (n - 1) / n = 1) and tp's over 4 (1.5), never both over the world; DDP beside
     tp on one data-parallel rank all-reduces over itself and crosses no link."""
-    from strategies.dp import TECHNIQUE as DP
-    from strategies.tp import TECHNIQUE as TP
+    from bench.plan.terms import TERMS
 
+    DP, TP = (next(t for t in TERMS if t.name == name) for name in ("dp", "tp"))
     cfg = get_config("mini")
     rates = Rates(50e9, 20e9, 1e9)
     s = StrategyConfig(dp="ddp", tp=4)
     ctx = cost_context(cfg, s, 8, 4, 256)
     dp_bytes, tp_bytes = DP.comm(ctx)["all_reduce"], TP.comm(ctx)["all_reduce"]
-    assert (DP.comm_group(ctx), TP.comm_group(ctx)) == (2, 4) and dp_bytes > 0 and tp_bytes > 0
+    assert (DP.group(ctx), TP.group(ctx)) == (2, 4) and dp_bytes > 0 and tp_bytes > 0
     t = predict_step(cfg, s, 8, 4, 256, 1, rates, overlap=False)
     assert t["comm_s"] == pytest.approx(dp_bytes * 1.0 / 1e9 + tp_bytes * 1.5 / 1e9)
     alone = predict_step(cfg, StrategyConfig(tp=2), 2, 4, 256, 1, rates, overlap=False)
@@ -586,10 +586,10 @@ def test_step_from_tensor_parallel_parts():
     assert t["compute_s"] == pytest.approx(L * 0.04 * (1 + 1 / 3) + 0.5)
     assert t["comm_s"] == pytest.approx(L * 0.01 * (1 + 1 / 2) + 0.1)
     ddp = StrategyConfig(dp="ddp", tp=2)  # 4 ranks: dp2 x tp2; DDP's all-reduce still from its bytes
-    from strategies.tp import TECHNIQUE as TP
+    from bench.plan.terms import tp_comm
     whole = predict_comm(cfg, ddp, 4, 1, micro_batch=4, seq_len=256)
     rest = predict_comm(cfg, ddp, 4, 1, micro_batch=4, seq_len=256, without=("tp",))
-    assert rest["all_reduce"] == whole["all_reduce"] - TP.comm(cost_context(cfg, ddp, 4, 4, 256))["all_reduce"] > 0
+    assert rest["all_reduce"] == whole["all_reduce"] - tp_comm(cost_context(cfg, ddp, 4, 4, 256))["all_reduce"] > 0
     t = predict_step(cfg, ddp, 4, 4, 256, 1, r)
     assert t["comm_s"] == pytest.approx(L * 0.01 + 0.1 + rest["all_reduce"] * 1.0 / 1e9)  # 2 (n - 1) / n, n = 2
     with pytest.raises(ValueError, match="tp=2 ranks cannot predict a tp=4 step"):

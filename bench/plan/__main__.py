@@ -36,7 +36,7 @@ from bench.plan.costmodel import param_shapes, predict_comm, predict_memory  # n
 from bench.plan.steptime import Rates, predict_step  # noqa: E402
 from models.cli import UsageError, fail, opt, parse  # noqa: E402
 from models.config import PRESETS, GPTConfig, get_config  # noqa: E402
-from strategies.config import TECHNIQUES, StrategyConfig, StrategyError  # noqa: E402
+from strategies.config import StrategyConfig, StrategyError  # noqa: E402
 from strategies.mesh import mesh_shape  # noqa: E402
 from strategies.pp import bubble_fraction  # noqa: E402
 
@@ -102,12 +102,23 @@ class PlanArgs:
             raise UsageError(f"model={self.model!r} is not a preset; valid: {', '.join(PRESETS)}")
 
 
+def plan_axes(world: int) -> dict[str, list]:
+    """The values the planner tries per strategy field on ``world`` devices (combinations that fail validation are
+    left out; fp32 and bf16)."""
+    return {"pp": [p for p in (1, 2, 4, 8) if world % p == 0], "pp_schedule": ["1f1b", "interleaved1f1b", "gpipe"],
+            "tp": [t for t in (1, 2, 4, 8) if world % t == 0], "sp": [False, True],
+            "ac": ["none", "full"],
+            "dp": ["none", "ddp", "fsdp"],  # none: one process, or one model-parallel replica
+            "reshard_after_forward": [True, False],
+            "amp": ["fp32", "bf16"]}
+
+
 def combinations(world: int, model: GPTConfig | None = None, micro_batch: int = 1,
                  seq_len: int = 0, left_out: dict | None = None) -> list[StrategyConfig]:
-    """Every valid combination of the techniques' plan axes (strategies/*.py: ``plan_axes``) on ``world`` GPUs,
+    """Every valid combination of the planner's axes (``plan_axes``) on ``world`` GPUs,
     one per canonical name; with ``model``, only those valid for it (tp against its heads, pp against its
     blocks and head tying, ...). ``left_out`` collects why model-specific combinations were dropped."""
-    axes = {k: v for t in TECHNIQUES for k, v in t.plan_axes(world).items()}
+    axes = plan_axes(world)
     out: dict[str, StrategyConfig] = {}
     for values in itertools.product(*axes.values()):
         try:

@@ -5,8 +5,8 @@ Everything is per rank, in bytes, for one optimizer step of ``grad_accum`` micro
 P is the parameter count (tied head once); W the data-parallel size; "sharded" sizes follow FSDP2,
 which pads each parameter's dim 0 up to a multiple of W (``padded_numel``).
 
-The model's parts are computed here; each strategy's terms live in its module (strategies/*.py, the
-``cost_setup``/``memory``/``comm`` hooks of its TECHNIQUE) and are summarised below.
+The model's parts are computed here; each technique's terms live in bench/plan/terms.py (its setup, memory and
+communication functions, each with its formula) and are summarised below.
 
 Memory parts (``predict_memory``):
 - ``params``: fp32 master weights, 4 P (single, DDP) or 4 P_shard (FSDP). ZeRO (Rajbhandari et al.
@@ -50,11 +50,11 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from bench.plan.terms import TERMS, CostContext
 from models.build import build_model
 from models.config import GPTConfig
 from models.weights import to_hf
-from strategies.base import CostContext
-from strategies.config import TECHNIQUES, StrategyConfig
+from strategies.config import StrategyConfig
 from strategies.mesh import mesh_shape
 from strategies.pp import stage_blocks, stage_ids, virtual_stages
 from strategies.tp import tp_local_shape
@@ -252,8 +252,8 @@ def cost_context(cfg: GPTConfig, s: StrategyConfig, world: int, micro_batch: int
                                                                                   virtual_stages(s)),
         replicated_norm=g.replicated_norm, fused_head=fused_loss(cfg, s, shape.tp, shape.pp))
     ctx.act_tokens = ctx.head_tokens = ctx.head_step_tokens = ctx.tokens
-    for t in TECHNIQUES:
-        t.cost_setup(ctx)
+    for t in TERMS:
+        t.setup(ctx)
     return ctx
 
 
@@ -269,7 +269,7 @@ def predict_memory(cfg: GPTConfig, s: StrategyConfig, world: int, micro_batch: i
                    groups: ParamGroups | None = None, pp_rank: int | None = None,
                    shapes: list | None = None) -> dict[str, int]:
     """Per-rank bytes by part (see the module docstring); ``total`` is the predicted peak. The model's parts
-    here, each technique's terms from its own ``memory`` hook (strategies/*.py). Under pipeline
+    here, each technique's terms from bench/plan/terms.py. Under pipeline
     parallelism ranks differ: the pipeline rank ``pp_rank``, or (None) the one with the largest peak."""
     if groups is not None and mesh_shape(s, world).pp * mesh_shape(s, world).tp > 1:
         groups = None  # whole-model groups do not describe a tensor- or pipeline-parallel rank
@@ -286,7 +286,7 @@ def predict_memory(cfg: GPTConfig, s: StrategyConfig, world: int, micro_batch: i
         parts = {"params": 4 * shard, "optimizer": 8 * shard, "autocast_weights": 0, "fsdp_unsharded": 0,
                  "activations": ctx.L * ctx.block_bytes(ctx.mode), "head": head,
                  "grads": None}
-        for t in TECHNIQUES:
+        for t in TERMS:
             t.memory(parts, ctx)
         if parts["grads"] is None:  # single process: freed by zero_grad(set_to_none), grow as activations free
             parts["grads"] = max(0, 4 * ctx.P - parts["activations"])
@@ -300,9 +300,9 @@ def comm_by_technique(cfg: GPTConfig, s: StrategyConfig, world: int, grad_accum:
                       groups: ParamGroups | None = None, micro_batch: int = 1, seq_len: int = 0,
                       pp_rank: int | None = None, shapes: list | None = None,
                       without: tuple = ()) -> dict[str, tuple[int, dict[str, int]]]:
-    """Per technique that communicates: (the ranks in its collectives -- its ``comm_group``: the data-parallel
-    degree, the tensor-parallel degree, 2 for a pipeline's point-to-point sends -- and its bytes per step per
-    rank by collective, full-tensor sizes, from its ``comm`` hook). Tensor and pipeline parallelism move
+    """Per technique that communicates (bench/plan/terms.py): (the ranks in its collectives -- its ``group``: the
+    data-parallel degree, the tensor-parallel degree, 2 for a pipeline's point-to-point sends -- and its bytes per
+    step per rank by collective, full-tensor sizes, from its ``comm`` term). Tensor and pipeline parallelism move
     activations, so their terms need ``micro_batch`` and ``seq_len`` (0 = the model's context). Pipeline ranks
     differ: ``pp_rank``, or (None) the one that moves most in all. ``without``: names of techniques to leave
     out (the step model's measured tensor parallelism)."""
@@ -315,7 +315,7 @@ def comm_by_technique(cfg: GPTConfig, s: StrategyConfig, world: int, grad_accum:
     most = -1
     for rank in _pp_ranks(s, world, pp_rank):
         ctx = cost_context(cfg, s, world, micro_batch, seq_len or cfg.block_size, grad_accum, groups, rank, shapes)
-        out = {t.name: (t.comm_group(ctx), t.comm(ctx)) for t in TECHNIQUES if t.name not in without}
+        out = {t.name: (t.group(ctx), t.comm(ctx)) for t in TERMS if t.name not in without}
         out = {name: (n, kinds) for name, (n, kinds) in out.items() if kinds}
         total = sum(sum(kinds.values()) for _, kinds in out.values())
         if total > most:

@@ -33,9 +33,9 @@ bench/measure/bandwidth.py measure them; the planner takes them as ``peak_tflops
   that collective's bus bandwidth (``link_bw_by_kind``: probed per collective, on a CPU host without a spare
   core with the ranks' compute threads busy; else the all-reduce's ``link_bw``): all-reduce ``2 (n - 1) / n``,
   all-gather and reduce-scatter ``(n - 1) / n``, a send 1 (its receive is the same transfer), n the ranks in
-  the technique's collectives (its ``comm_group``: data parallelism's over the dp ranks, tensor parallelism's
-  over the tp group; bench/plan/costmodel.py ``comm_by_technique``). A collective over one rank (DDP beside
-  tp on a single data-parallel rank) crosses no link: 0 s.
+  the technique's collectives (its ``group``, bench/plan/terms.py: data parallelism's over the dp ranks, tensor
+  parallelism's over the tp group; bench/plan/costmodel.py ``comm_by_technique``). A collective over one rank (DDP
+  beside tp on a single data-parallel rank) crosses no link: 0 s.
 - **exposed_comm_s**, the overlap rule per strategy, when the rank can overlap at all (a GPU's streams; on a
   CPU only with a spare core for the communication thread, ``overlap=``): DDP hides its all-reduce behind
   backward (2/3 of compute + memory) except the last 25 MB bucket; FSDP hides its gathers and
