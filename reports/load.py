@@ -1,5 +1,9 @@
 """Read result tables written by bench/run.py into one pandas DataFrame.
 
+The one reader of each file format: ``read_rows`` (a table's rows as dicts: what writers, launchers and the gate
+use) and ``load(paths)`` (rows as a DataFrame: what reports use) for ``runs.jsonl``; ``read_steps`` and
+``load_steps`` (and ``timed_step_times``) for the per-step logs in ``steps/<run_id>.jsonl``.
+
 ``load(paths)`` takes files, folders (their ``*.jsonl`` files; the ``steps/`` sub-folder is the
 per-step log, read by ``load_steps``) or glob patterns, one or many. Problems are errors that
 name the file (and line): a missing path, an empty selection, a table missing required columns.
@@ -17,7 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from reports.record import REQUIRED_COLUMNS, implausible
+from reports.record import REQUIRED_COLUMNS, RUNS_FILE, implausible
 
 if TYPE_CHECKING:  # pandas is imported on use: the harness imports reports.record without it
     import pandas as pd
@@ -52,7 +56,7 @@ class TornLineWarning(UserWarning):
     """A result-table line that is not a complete JSON object was skipped."""
 
 
-def _read_jsonl(path: Path, strict: bool = False) -> list[dict]:
+def _read_jsonl(path: Path, strict: bool = False, warn: bool = True) -> list[dict]:
     rows = []
     text = path.read_text(errors="replace")
     lines = text.splitlines()
@@ -70,7 +74,8 @@ def _read_jsonl(path: Path, strict: bool = False) -> list[dict]:
         if problem:
             if strict:
                 raise ResultsError(f"{path}:{lineno}: {problem}")
-            warnings.warn(f"{path}:{lineno}: skipped: {problem}", TornLineWarning, stacklevel=3)
+            if warn:
+                warnings.warn(f"{path}:{lineno}: skipped: {problem}", TornLineWarning, stacklevel=3)
             continue
         rows.append(obj)
     return rows
@@ -119,11 +124,35 @@ def load(paths: str | Path | Iterable[str | Path], required: list[str] | None = 
     return df
 
 
-def load_steps(results_dir: str | Path, run_id: str) -> pd.DataFrame:
-    """The per-step log of one run: columns step, phase, loss, step_time_s."""
+def read_rows(results_dir: str | Path) -> list[dict]:
+    """The complete rows of ``results_dir/runs.jsonl`` as dicts, in order (torn or unparsable lines skipped
+    silently; [] without a table): what writers, launchers and the gate read. ``load`` says what it skips."""
+    path = Path(results_dir) / RUNS_FILE
+    try:
+        return _read_jsonl(path, warn=False)
+    except OSError:
+        return []
+
+
+def read_steps(results_dir: str | Path, run_id: str) -> list[dict]:
+    """The per-step log of one run (``steps/<run_id>.jsonl``: step, phase, loss, step_time_s per line)."""
     path = Path(results_dir) / "steps" / f"{run_id}.jsonl"
     if not path.is_file():
         raise ResultsError(f"{path}: no per-step log for run {run_id}")
+    return _read_jsonl(path)
+
+
+def timed_step_times(results_dir: str | Path, run_id: str) -> list[float]:
+    """The timed steps' times (max over ranks, as the run recorded them) in step order; [] without a log."""
+    try:
+        steps = read_steps(results_dir, run_id)
+    except ResultsError:
+        return []
+    return [s["step_time_s"] for s in steps if s.get("phase") == "timed"]
+
+
+def load_steps(results_dir: str | Path, run_id: str) -> pd.DataFrame:
+    """The per-step log of one run as a DataFrame: columns step, phase, loss, step_time_s."""
     import pandas as pd
 
-    return pd.DataFrame(_read_jsonl(path))
+    return pd.DataFrame(read_steps(results_dir, run_id))

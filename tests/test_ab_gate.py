@@ -15,12 +15,14 @@ from tests.helpers import ROOT
 TH = ab_gate.load_thresholds(None)
 
 
-def run(side, t=0.1, status="ok", mem=1e9, loss=5.5, util=0.95, error=None):
-    return Run(side, status, t if status == "ok" else None, mem, loss, 10.0, util, error)
+def run(side, t=0.1, status="ok", mem=1e9, loss=5.5, error=None):
+    return Run(side, status, t if status == "ok" else None, mem, loss, 10.0, error)
 
 
 def pairs(ratios, **cand):
-    return [Pair(i, "AB" if i % 2 == 0 else "BA", run("base"), run("cand", t=0.1 * r, **cand))
+    """One pair per ratio, each of 5 paired steps whose median is that ratio."""
+    return [Pair(i, "AB" if i % 2 == 0 else "BA", run("base"), run("cand", t=0.1 * r, **cand),
+                 step_ratios=[r - 0.02, r - 0.01, r, r + 0.01, r + 0.5])
             for i, r in enumerate(ratios)]
 
 
@@ -63,10 +65,22 @@ def test_borderline_medians_are_measured_again_up_to_a_limit():
     assert not needs_more(pairs([1.05] * TH["max_pairs"]), TH)  # the limit stops it
 
 
-def test_contention_mismatch_marks_a_pair():
-    p = Pair(0, "AB", run("base", util=0.95), run("cand", util=0.60))
-    assert p.contended(TH["contention_mismatch"])
-    assert not Pair(0, "AB", run("base", util=0.95), run("cand", util=0.93)).contended(TH["contention_mismatch"])
+def test_the_verdict_pools_paired_steps_not_whole_runs():
+    """The judged number is the median of every paired step of every pair pooled, not the median of the pairs'
+    medians nor of the whole runs' step times: a pair whose run medians say 1.00 but whose steps, paired k with
+    k, are 8 % slower fails; two pairs of 60 steps weigh as 120 steps."""
+    base, cand = run("base", t=0.100), run("cand", t=0.100)  # the runs' medians agree ...
+    slow = [Pair(0, "AB", base, cand, step_ratios=[1.08] * 40 + [0.95] * 20)]  # ... their paired steps do not
+    v = judge("e", slow, TH)
+    st = next(c for c in v.checks if c["metric"] == "step_time")
+    assert checks(v)["step_time"] == "FAIL" and st["ratio"] == pytest.approx(1.08) and st["steps"] == 60
+    # pooled: 3 steps at 1.2 and 57 at 1.0 in one pair, 60 at 1.1 in the other -> median of 120 steps is 1.1
+    # (the median of the two pairs' medians would be 1.05)
+    two = [Pair(0, "AB", base, cand, step_ratios=[1.2] * 3 + [1.0] * 57), Pair(1, "BA", base, cand,
+                                                                              step_ratios=[1.1] * 60)]
+    assert ab_gate.entry_ratio(two) == pytest.approx(1.1)
+    # a pair without paired steps (a failed side) is not judged on speed
+    assert not Pair(0, "AB", base, cand, step_ratios=[]).ok
 
 
 def test_bad_input_exits_2(tmp_path):

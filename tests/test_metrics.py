@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from bench.measure import memory, metrics, nvml, peak_flops
+from bench.measure import memory, metrics, nvml, peak_flops, probe
 from bench.measure.combine import combine_ranks, rule_of
 
 
@@ -160,9 +160,9 @@ def test_a_contended_probe_is_used_but_never_cached(monkeypatch, tmp_path):
     monkeypatch.setattr(peak_flops, "probe_peak_flops", lambda d, t: next(probes))
     peak, source, stats = peak_flops.get_peak_flops(torch.device("cpu"), "fp32")
     assert peak == 1e9 and source.endswith("(contended: not cached)") and stats["peak_probe_spread"] == 0.40
-    assert not (tmp_path / "peak_flops.json").exists()
+    assert not (tmp_path / "probes.json").exists()
     peak, source, _ = peak_flops.get_peak_flops(torch.device("cpu"), "fp32")  # probed again, clean: cached
-    assert peak == 5e9 and source == "probe:measured matmul fp32" and (tmp_path / "peak_flops.json").exists()
+    assert peak == 5e9 and source == "probe:measured matmul fp32" and (tmp_path / "probes.json").exists()
 
 
 def _put_many(cache: str, writer: int, start) -> None:
@@ -171,7 +171,7 @@ def _put_many(cache: str, writer: int, start) -> None:
     os.environ["N00BGPT_CACHE_DIR"] = cache
     start.wait()
     for i in range(100):
-        peak_flops.cache_put(f"w{writer}|{i}", float(i))
+        probe.cache_put(f"w{writer}|{i}", float(i))
 
 
 def test_concurrent_cache_writers_lose_no_key(tmp_path):
@@ -189,7 +189,7 @@ def test_concurrent_cache_writers_lose_no_key(tmp_path):
     for p in procs:
         p.join(60)
     assert [p.exitcode for p in procs] == [0] * 4
-    cache = json.loads((tmp_path / "peak_flops.json").read_text())
+    cache = json.loads((tmp_path / "probes.json").read_text())
     assert cache == {f"w{w}|{i}": float(i) for w in range(4) for i in range(100)}
 
 
@@ -199,9 +199,9 @@ def test_a_probe_cached_on_another_cpu_model_is_not_read_back(monkeypatch, tmp_p
     monkeypatch.setenv("N00BGPT_CACHE_DIR", str(tmp_path))
     rates = iter([7e9, 3e9, 4e9, 5e9])
     monkeypatch.setattr(peak_flops, "probe_peak_flops", lambda d, t: peak_flops.Probe(next(rates), 0.01, 0.99))
-    monkeypatch.setattr(peak_flops, "cpu_model", lambda: "Intel(R) Xeon(R) Platinum 8481C")
+    monkeypatch.setattr(probe, "cpu_model", lambda: "Intel(R) Xeon(R) Platinum 8481C")
     assert peak_flops.get_peak_flops(torch.device("cpu"), "fp32")[:2] == (7e9, "probe:measured matmul fp32")
-    monkeypatch.setattr(peak_flops, "cpu_model", lambda: "AMD EPYC 9B14")
+    monkeypatch.setattr(probe, "cpu_model", lambda: "AMD EPYC 9B14")
     assert peak_flops.get_peak_flops(torch.device("cpu"), "fp32")[:2] == (3e9, "probe:measured matmul fp32")
     threads = torch.get_num_threads()
     try:
@@ -213,9 +213,9 @@ def test_a_probe_cached_on_another_cpu_model_is_not_read_back(monkeypatch, tmp_p
     assert peak_flops.get_peak_flops(torch.device("cpu"), "fp32")[0] == 5e9
     monkeypatch.undo()  # back to the AMD model, this torch and thread count: that value, from the cache
     monkeypatch.setenv("N00BGPT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(peak_flops, "cpu_model", lambda: "AMD EPYC 9B14")
+    monkeypatch.setattr(probe, "cpu_model", lambda: "AMD EPYC 9B14")
     assert peak_flops.get_peak_flops(torch.device("cpu"), "fp32")[:2] == (3e9, f"probe:cached matmul fp32 "
-                                                                              f"({tmp_path / 'peak_flops.json'})")
+                                                                              f"({tmp_path / 'probes.json'})")
 
 
 def test_probe_reports_its_own_cpu_share_under_load():

@@ -466,7 +466,7 @@ def _link_worker(rank: int, world_size: int, cache: str):
 
 
 def test_readme_error_budget_is_the_committed_rows():
-    """README's error-budget table is recomputed from the committed rows: results/tune-cpu, tune-cpu-all,
+    """docs/planner.md's error-budget table is recomputed from the committed rows: results/tune-cpu, tune-cpu-all,
     tune-cpu-tp, tune-cpu-tp-r2, -ab and -ab2 (python -m bench.tune's rows, each with its own prediction, a
     sweep's repeats pooled; the latest tp sweep superseding the first sweep's tp rows in the line for today's
     model) and results/gpu (predicted from datasheet rates)."""
@@ -494,7 +494,7 @@ def test_readme_error_budget_is_the_committed_rows():
     assert all(r["repeats"] == 2 and len(r["run_ids"]) == 2 for r in ab + ab2)  # each strategy's two runs pooled
     assert {r["strategy"] for r in today} == {r["strategy"] for r in tune_all}
     assert len(gpu) == 10 and all(r["pred_rates_source"].startswith("datasheet:H100 SXM5 ") for r in gpu)
-    assert budget_table() in (ROOT / "README.md").read_text()
+    assert budget_table() in (ROOT / "docs" / "planner.md").read_text()
 
 
 def test_datasheet_prediction_of_a_gpu_row_takes_its_compute_dtypes_peak():
@@ -830,7 +830,7 @@ def test_the_tuners_parts_probe_caches_the_split_parts_runs_read(tmp_path, monke
     import sys
 
     from bench.measure.parts import Sharding, _key
-    from bench.measure.peak_flops import cache_get
+    from bench.measure.probe import cache_get
     from tests.helpers import ROOT
 
     monkeypatch.setenv("N00BGPT_CACHE_DIR", str(tmp_path))

@@ -8,18 +8,12 @@ machine, in this job, judged on paired ratios.
 Why: numbers recorded on another machine (another CPU model, another neighbour) do not compare with
 this one's, and on a shared machine even two runs a few seconds apart differ by +-10%. So the baseline
 revision is exported (``git archive``) into ``<out>/trees/base`` and both trees run the CI matrix
-(bench/gate/ci_suite.py) with the same interpreter:
+(bench/gate/ci_suite.py) with the same interpreter. For each entry both versions' jobs start together and take
+turns step by step (bench/harness/turn.py), 60 timed steps each; a pair's ratios are ``candidate step k /
+baseline step k`` for every timed step k; 2 rounds, the first mover swapped (the A/B engine,
+bench/gate/paired.py). A baseline revision from before the turnstile existed cannot take turns and is refused.
 
-- ``turns`` (default when the baseline revision has bench/harness/turn.py): for each entry both versions' jobs
-  start together and take turns step by step (bench/harness/turn.py), 60 timed steps each; a pair's ratios are
-  ``candidate step k / baseline step k`` for every timed step k; 2 rounds, the first mover swapped;
-- ``runs`` (older baselines): in round r, entry i runs base then candidate when r + i is even, the other
-  way round otherwise (ABBA); a pair's ratio is ``candidate / baseline step_time_median_s``; 4 rounds. Each
-  run's ``cpu_util`` = CPU seconds of its process tree (``getrusage`` of the children) / (wall seconds x
-  processes); a pair whose runs' cpu_util differ by more than ``contention_mismatch`` (relative) saw
-  different contention and is measured again (up to ``max_remeasure`` times per entry).
-
-Verdict per entry (bench/gate/thresholds_ab.yaml), on the median ratio (turns: of all paired steps pooled):
+Verdict per entry (bench/gate/thresholds_ab.yaml), on the median ratio of all paired steps pooled:
 - speed: FAIL when it exceeds 1 + ``max_slowdown_pct``/100. While it lies within ``gray_pct`` of that
   line, another round is measured (up to ``max_pairs`` rounds): a borderline result is re-measured;
 - memory: FAIL when the median paired ratio of ``peak_mem_bytes`` exceeds 1 + ``max_rise_pct``/100;
@@ -38,10 +32,8 @@ import contextlib
 import json
 import math
 import os
-import resource
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -51,16 +43,16 @@ from pathlib import Path
 import yaml
 
 from bench.gate import ci_suite
-from bench.harness.table import read_rows
+from bench.gate.paired import median, paired_ratios, round_order, summarize
 from bench.harness.turn import ENV_FILE, ENV_SIDE, FREE, write_turn
 from bench.launch import suite
 from bench.launch.suite import Entry
+from reports.load import read_rows, timed_step_times
 
 ROOT = suite.ROOT
 BASE_REV_FILE = ROOT / "results" / "baselines" / "BASE_REV"
 DEFAULT_THRESHOLDS = Path(__file__).with_name("thresholds_ab.yaml")
-_KNOWN = {"max_slowdown_pct", "gray_pct", "max_pairs", "contention_mismatch", "max_remeasure", "max_rise_pct",
-          "max_rel_diff"}
+_KNOWN = {"max_slowdown_pct", "gray_pct", "max_pairs", "max_rise_pct", "max_rel_diff"}
 
 
 class ABInputError(ValueError):
@@ -69,7 +61,7 @@ class ABInputError(ValueError):
 
 @dataclass
 class Run:
-    """One benchmark run of one side: the row's numbers plus how contended the run was."""
+    """One benchmark run of one side: the row's numbers."""
 
     side: str
     status: str
@@ -77,7 +69,6 @@ class Run:
     peak_mem_bytes: float | None
     loss: float | None
     wall_s: float
-    cpu_util: float
     error: str | None = None
 
 
@@ -87,26 +78,16 @@ class Pair:
     order: str  # "AB" (base first) or "BA"
     base: Run
     cand: Run
-    remeasured: int = 0
-    step_ratios: list[float] = field(default_factory=list)  # turn-taking runs: candidate / baseline, step by step
+    step_ratios: list[float] = field(default_factory=list)  # candidate / baseline, step k with step k
 
     @property
     def ok(self) -> bool:
-        return self.base.status == "ok" and self.cand.status == "ok"
+        return self.base.status == "ok" and self.cand.status == "ok" and bool(self.step_ratios)
 
     @property
     def ratio(self) -> float:
-        if self.step_ratios:
-            return statistics.median(self.step_ratios)
-        return self.cand.step_time_s / self.base.step_time_s
-
-    def contended(self, mismatch: float) -> bool:
-        """Run after run only: the two runs saw different contention (cpu_util differs by more than ``mismatch``,
-        relative). Turn-taking runs share every moment, so they never count as contended."""
-        if self.step_ratios:
-            return False
-        a, b = self.base.cpu_util, self.cand.cpu_util
-        return abs(a - b) > mismatch * max(a, b, 1e-9)
+        """This pair's median paired step ratio."""
+        return median(self.step_ratios)
 
 
 @dataclass
@@ -160,16 +141,6 @@ def export_tree(sha: str, dest: Path) -> Path:
     return dest
 
 
-def _timed_steps(results: Path, run_id: str) -> list[float]:
-    """The timed steps' times (max over ranks) from the run's per-step log."""
-    try:
-        lines = (results / "steps" / f"{run_id}.jsonl").read_text().splitlines()
-    except OSError:
-        return []
-    steps = [json.loads(line) for line in lines]
-    return [s["step_time_s"] for s in steps if s.get("phase") == "timed"]
-
-
 def supports_turns(tree: Path) -> bool:
     """Revisions from the one that added the turnstile (bench/turn.py, now bench/harness/turn.py) on can take
     turns step by step."""
@@ -199,32 +170,12 @@ class Runner:
         return suite.command(entry, self.out / side / "results", self.common, f"ab:{side}",
                              [*self.extra[side], f"run_id={run_id}"], root=self.trees[side])
 
-    def run(self, side: str, entry: tuple) -> Run:
-        self.count += 1
-        run_id = f"{side}-{entry.label}-{self.count:04d}"
-        cmd = self._cmd(side, entry, run_id)
-        env = {**self.env, "PYTHONPATH": str(self.trees[side])}
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, cwd=self.trees[side], env=env, capture_output=True, text=True,
-                                  timeout=self.timeout_s)
-            rc, tail = proc.returncode, (proc.stderr or proc.stdout).strip().splitlines()[-1:]
-        except subprocess.TimeoutExpired:
-            rc, tail = "timeout", ["timed out"]
-        wall = time.perf_counter() - t0
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-        nproc = max(1, entry.nproc)
-        util = cpu / (wall * min(nproc, os.cpu_count() or 1))
-        return self._result(side, run_id, wall, util, rc, tail)
-
-    def _result(self, side: str, run_id: str, wall: float, util: float, rc, tail: list[str]) -> Run:
+    def _result(self, side: str, run_id: str, wall: float, rc, tail: list[str]) -> Run:
         row = _read_row(self.out / side / "results", run_id)
         if row is None:
-            return Run(side, "error", None, None, None, wall, util, f"rc={rc}, no row: {' '.join(tail)}")
+            return Run(side, "error", None, None, None, wall, f"rc={rc}, no row: {' '.join(tail)}")
         return Run(side, row["status"], row.get("step_time_median_s"), row.get("peak_mem_bytes"), row.get("loss"),
-                   wall, util, row.get("error"))
+                   wall, row.get("error"))
 
     def run_together(self, entry: tuple, first: str) -> tuple[Run, Run, list[float]]:
         """Both sides' jobs at once, taking turns step by step (bench/harness/turn.py), ``first`` starting each step.
@@ -253,36 +204,24 @@ class Runner:
             time.sleep(0.2)
         errs = {side: logs[side].read_text(errors="replace").strip().splitlines()[-1:] for side in procs}
         wall = time.perf_counter() - t0
-        runs = {side: self._result(side, ids[side], wall, math.nan, procs[side].returncode, errs[side])
-                for side in procs}
+        runs = {side: self._result(side, ids[side], wall, procs[side].returncode, errs[side]) for side in procs}
         ratios = []
         if runs["base"].status == "ok" and runs["cand"].status == "ok":
-            base, cand = (_timed_steps(self.out / s / "results", ids[s]) for s in ("base", "cand"))
-            ratios = [c / b for b, c in zip(base, cand) if b and c]
+            base, cand = (timed_step_times(self.out / s / "results", ids[s]) for s in ("base", "cand"))
+            ratios = paired_ratios(cand, base)
         return runs["base"], runs["cand"], ratios
 
 
-def measure_pair(runner: Runner, entry: tuple, rnd: int, index: int, together: bool) -> Pair:
-    """One pair: turn-taking jobs (``together``) or two runs one after the other; who goes first alternates."""
-    order = "AB" if (rnd + index) % 2 == 0 else "BA"
-    if together:
-        base, cand, ratios = runner.run_together(entry, "base" if order == "AB" else "cand")
-        return Pair(rnd, order, base, cand, step_ratios=ratios)
-    sides = ("base", "cand") if order == "AB" else ("cand", "base")
-    runs = {s: runner.run(s, entry) for s in sides}
-    return Pair(rnd, order, runs["base"], runs["cand"])
-
-
-def _median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else math.nan
+def measure_pair(runner: Runner, entry: tuple, rnd: int, index: int) -> Pair:
+    """One pair of turn-taking jobs; who goes first alternates over rounds and entries (``round_order``)."""
+    first = round_order(("base", "cand"), rnd + index)[0]
+    base, cand, ratios = runner.run_together(entry, first)
+    return Pair(rnd, "AB" if first == "base" else "BA", base, cand, step_ratios=ratios)
 
 
 def entry_ratio(ok: list[Pair]) -> float:
-    """The judged ratio of an entry's ok pairs: the median of all paired steps pooled when every pair took
-    turns, else the median of the pairs' ratios."""
-    if ok and all(p.step_ratios for p in ok):
-        return _median([r for p in ok for r in p.step_ratios])
-    return _median([p.ratio for p in ok])
+    """The judged ratio of an entry's ok pairs: the median of all their paired steps pooled."""
+    return median([r for p in ok for r in p.step_ratios])
 
 
 def judge(entry: str, pairs: list[Pair], th: dict) -> Verdict:
@@ -302,23 +241,20 @@ def judge(entry: str, pairs: list[Pair], th: dict) -> Verdict:
     ok = [p for p in pairs if p.ok]
     if not ok:
         return v
-    ratios = [p.ratio for p in ok]
+    pairs_r = summarize([p.ratio for p in ok])
     pooled = [r for p in ok for r in p.step_ratios]
     m = entry_ratio(ok)
     limit = 1 + th["max_slowdown_pct"] / 100
-    contended = sum(p.contended(th["contention_mismatch"]) for p in ok)
     v.checks.append({"metric": "step_time", "verdict": "FAIL" if m > limit else "PASS",
-                     "baseline": _median([p.base.step_time_s for p in ok]),
-                     "candidate": _median([p.cand.step_time_s for p in ok]),
-                     "ratio": m, "low": min(ratios), "high": max(ratios), "pairs": len(ok),
-                     "steps": len(pooled),
-                     "detail": f"median ratio {m:.3f} (pairs {min(ratios):.3f}-{max(ratios):.3f}, n={len(ok)}"
-                               f"{f', {len(pooled)} paired steps' if pooled else ''}"
-                               f"{f', {contended} still contended' if contended else ''}); limit {limit:.3f}"})
+                     "baseline": median(p.base.step_time_s for p in ok),
+                     "candidate": median(p.cand.step_time_s for p in ok),
+                     "ratio": m, "low": pairs_r.low, "high": pairs_r.high, "pairs": len(ok), "steps": len(pooled),
+                     "detail": f"median ratio {m:.3f} (pairs {pairs_r.low:.3f}-{pairs_r.high:.3f}, n={len(ok)}, "
+                               f"{len(pooled)} paired steps); limit {limit:.3f}"})
     mems = [p.cand.peak_mem_bytes / p.base.peak_mem_bytes for p in ok
             if p.base.peak_mem_bytes and p.cand.peak_mem_bytes]
     if mems:
-        mm = _median(mems)
+        mm = median(mems)
         mlimit = 1 + th["max_rise_pct"] / 100
         v.checks.append({"metric": "peak_mem", "verdict": "FAIL" if mm > mlimit else "PASS", "ratio": mm,
                          "detail": f"median ratio {mm:.3f}; limit {mlimit:.3f}"})
@@ -339,31 +275,22 @@ def needs_more(pairs: list[Pair], th: dict) -> bool:
 
 
 def run_ab(out: Path, base_tree: Path, rounds: int, th: dict, matrix: list[Entry] = ci_suite.MATRIX,
-           cand_extra: list[str] = (), base_extra: list[str] = (), log=print, together: bool = True,
+           cand_extra: list[str] = (), base_extra: list[str] = (), log=print,
            steps: int | None = None) -> list[Verdict]:
-    """Measure every entry of ``matrix`` in ``rounds`` interleaved rounds (plus re-measurements) and judge."""
+    """Measure every entry of ``matrix`` in ``rounds`` interleaved rounds (plus borderline ones) and judge."""
     runner = Runner(out, {"base": base_tree, "cand": ROOT}, {"base": list(base_extra), "cand": list(cand_extra)},
                     steps=steps)
     pairs: dict[str, list[Pair]] = {e.label: [] for e in matrix}
-    remeasured = {e.label: 0 for e in matrix}
 
     def add(entry, rnd, i):
-        p = measure_pair(runner, entry, rnd, i, together)
+        p = measure_pair(runner, entry, rnd, i)
         log(f"[ab] {entry.label} round {rnd} {p.order}: base {_ms(p.base)} cand {_ms(p.cand)} "
-            + (f"{len(p.step_ratios)} paired steps" if p.step_ratios else
-               f"cpu_util {p.base.cpu_util:.2f}/{p.cand.cpu_util:.2f}")
-            + (f" ratio {p.ratio:.3f}" if p.ok else ""))
+            f"{len(p.step_ratios)} paired steps" + (f" ratio {p.ratio:.3f}" if p.ok else ""))
         return p
 
     for rnd in range(rounds):
         for i, entry in enumerate(matrix):
-            p = add(entry, rnd, i)
-            while p.ok and p.contended(th["contention_mismatch"]) and remeasured[entry.label] < th["max_remeasure"]:
-                remeasured[entry.label] += 1
-                log(f"[ab] {entry.label} round {rnd}: contention differed between the two runs: measuring again")
-                p = add(entry, rnd, i + 1)
-                p.remeasured = remeasured[entry.label]
-            pairs[entry.label].append(p)
+            pairs[entry.label].append(add(entry, rnd, i))
     for i, entry in enumerate(matrix):
         extra = rounds
         while needs_more(pairs[entry.label], th):
@@ -389,7 +316,7 @@ TURN_STEPS = 60  # timed steps per job when the two versions take turns (60 pair
 
 
 def main(rev: str | None, out: str, rounds: int | None, thresholds: str | None, slow_pct: float = 0.0,
-         entries: list[str] | None = None, mode: str = "auto") -> int:
+         entries: list[str] | None = None) -> int:
     try:
         th = load_thresholds(thresholds)
         sha = resolve_rev(rev)
@@ -404,29 +331,27 @@ def main(rev: str | None, out: str, rounds: int | None, thresholds: str | None, 
             raise ABInputError(f"rounds={rounds} must be >= 1")
         if not slow_pct >= 0:
             raise ABInputError(f"slow_pct={slow_pct} must be >= 0")
-        if mode not in ("auto", "turns", "runs"):
-            raise ABInputError(f"mode={mode!r}; valid: auto, turns, runs")
     except ABInputError as exc:
         print(f"gate ab: error: {exc}", file=sys.stderr)
         return 2
     outp = Path(out).resolve()
     shutil.rmtree(outp, ignore_errors=True)
     base_tree = export_tree(sha, outp / "trees" / "base")
-    together = mode == "turns" or (mode == "auto" and supports_turns(base_tree))
-    if mode == "turns" and not supports_turns(base_tree):
-        print(f"gate ab: error: revision {sha[:12]} predates the turnstile (bench/turn.py): use mode=runs",
-              file=sys.stderr)
+    if not supports_turns(base_tree):
+        shutil.rmtree(outp, ignore_errors=True)
+        print(f"gate ab: error: revision {sha[:12]} predates the turnstile (bench/turn.py) and cannot take turns; "
+              "name a later one with rev=REV", file=sys.stderr)
         return 2
-    rounds = rounds or (2 if together else 4)
+    rounds = rounds or 2
     cand_extra = [f"debug_slow_pct={slow_pct:g}"] if slow_pct else []
-    how = f"taking turns step by step, {TURN_STEPS} steps" if together else "run after run"
     print(f"[ab] baseline {sha[:12]} (exported to {base_tree}) vs candidate {ROOT}: {rounds} rounds x "
-          f"{len(matrix)} entries, {how}{f', candidate slowed by {slow_pct:g}%' if slow_pct else ''}", flush=True)
+          f"{len(matrix)} entries, taking turns step by step, {TURN_STEPS} steps"
+          f"{f', candidate slowed by {slow_pct:g}%' if slow_pct else ''}", flush=True)
     t0 = time.perf_counter()
     verdicts = run_ab(outp, base_tree, rounds, th, matrix, cand_extra, log=lambda m: print(m, flush=True),
-                      together=together, steps=TURN_STEPS if together else None)
+                      steps=TURN_STEPS)
     shutil.rmtree(outp / "trees", ignore_errors=True)
-    summary = {"base_rev": sha, "rounds": rounds, "mode": "turns" if together else "runs", "slow_pct": slow_pct,
+    summary = {"base_rev": sha, "rounds": rounds, "mode": "turns", "slow_pct": slow_pct,
                "thresholds": th, "seconds": time.perf_counter() - t0,
                "verdicts": [{"entry": v.entry, "verdict": v.verdict, "checks": v.checks,
                              "pairs": [asdict(p) for p in v.pairs]} for v in verdicts]}

@@ -18,8 +18,7 @@ from models.cli import UsageError, opt, parse
 class GateArgs:
     ab: bool = opt(False, "same-run A/B gate (what CI runs): the CI matrix with this tree and with rev's code")
     rev: str = opt("", "ab: the baseline revision (default: results/baselines/BASE_REV)")
-    rounds: int = opt(0, "ab: rounds, i.e. pairs per entry (0: 2 taking turns, 4 run by run)")
-    mode: str = opt("auto", "ab: turns (step by step), runs (run after run), or auto (turns when rev can)")
+    rounds: int = opt(0, "ab: rounds, i.e. pairs of turn-taking jobs per entry (0: 2)")
     out: str = opt("ab_out", "ab: folder for both sides' rows and ab.json")
     slow_pct: float = opt(0.0, "ab: slow the candidate by exactly this percentage (the gate study)")
     entries: list[str] = opt([], "ab: only these CI matrix entries")
@@ -36,5 +35,5 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(GateArgs, argv, "python -m bench.gate", __doc__)
     if args.ab:
         return ab_gate.main(args.rev or None, args.out, args.rounds or None, args.thresholds or None, args.slow_pct,
-                            args.entries or None, args.mode)
+                            args.entries or None)
     return regress.check(args.baseline, args.candidate, args.thresholds or None)

@@ -24,6 +24,7 @@ import socket
 import time
 from pathlib import Path
 
+from reports.load import read_rows
 from reports.record import REQUIRED_COLUMNS, RUNS_FILE, RunRecord
 
 
@@ -75,24 +76,6 @@ def write_steps(results_dir: str | Path, run_id: str, steps: list[dict]) -> Path
     tmp.write_text("".join(json.dumps(_clean(s), allow_nan=False) + "\n" for s in steps))
     os.replace(tmp, path)
     return path
-
-
-def read_rows(results_dir: str | Path) -> list[dict]:
-    """The complete rows of ``results_dir/runs.jsonl`` (torn or unparsable lines skipped; [] without a table).
-    Writers and launchers use this; readers of tables use reports.load, which also says what it skipped."""
-    rows = []
-    try:
-        with open(Path(results_dir) / RUNS_FILE, "rb") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(row, dict):
-                    rows.append(row)
-    except OSError:
-        pass
-    return rows
 
 
 def run_ids(results_dir: str | Path) -> set[str]:

@@ -36,12 +36,13 @@ from omegaconf import DictConfig  # noqa: E402
 
 from bench.harness.config import RunConfig, register_configs  # noqa: E402
 from bench.harness.env import git_sha  # noqa: E402
-from bench.harness.table import append_row, claim_run, read_rows, run_ids  # noqa: E402
+from bench.harness.table import append_row, claim_run, run_ids  # noqa: E402
 from bench.launch.slurm import SlurmJob, SlurmSettings, submit  # noqa: E402
 from bench.launch.suite import launcher  # noqa: E402
 from models.cli import opt  # noqa: E402
 from reports.aggregate import format_value  # noqa: E402
 from reports.build import markdown_table  # noqa: E402
+from reports.load import read_rows  # noqa: E402
 from reports.record import REQUIRED_COLUMNS, RUNS_FILE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

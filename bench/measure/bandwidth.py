@@ -20,11 +20,10 @@ contended and is used for this run only, never cached).
   would stay: ``fresh=True`` (``N00BGPT_FRESH_PROBES=1`` for ``main``) probes now and replaces the cached
   value -- python -m bench.tune does, so that every run of its sweep predicts from rates measured with it.
 
-Every probe also records how busy the rest of the host was while it ran (bench/measure/contention.py
-``neighbour_share``: the host's CPU time not spent by the probing ranks, steal included, as a fraction of
-all of it). A probe that shared the host with more than a fifth of it (``neighbours_max()``) is used for the run
-that took it and never cached, and its source says so -- "probe:measured add (neighbours 48% of the host:
-not cached)" -- so that a bandwidth probed beside someone else's job is not reused on a quiet host.
+Each is a measurement function handed to the probe engine (bench/measure/probe.py), which reads back, judges the
+host's neighbours (over every rank's host for the collectives), caches a clean value and says why it did not:
+"probe:measured add (neighbours 48% of the host: not cached)", so that a bandwidth probed beside someone else's
+job is not reused on a quiet host.
 """
 
 from __future__ import annotations
@@ -33,34 +32,8 @@ import time
 
 import torch
 
-from bench.measure.contention import NeighbourMeter, neighbour_share, neighbours_max
-from bench.measure.peak_flops import CONTENDED_SPREAD, cache_get, cache_put, probe_key
-
-
-def _neighbours(meter: NeighbourMeter, group: bool) -> float | None:
-    """The share of the host other work took since ``meter`` started (``neighbour_share``), over every rank of
-    the default process group when ``group`` (collective: every rank calls it)."""
-    sample = meter.sample()
-    if not group:
-        return neighbour_share([sample])
-    import torch.distributed as dist
-
-    samples = [None] * dist.get_world_size()
-    dist.all_gather_object(samples, sample)
-    return neighbour_share(samples)
-
-
-def _verdict(what: str, spread: float | None, share: float | None, limit: float | None) -> tuple[bool, str]:
-    """(cache it?, source) of a probe just measured: not cached when its trials spread by more than
-    ``CONTENDED_SPREAD`` (``spread``: None for a collective probe, which never judges its spread) or other work took
-    more than ``limit`` of the host while it ran (None: ``neighbours_max()``); the source names each reason."""
-    limit = neighbours_max() if limit is None else limit
-    why = []
-    if spread is not None and spread > CONTENDED_SPREAD:
-        why.append(f"contended: trials spread {spread:.0%}")
-    if share is not None and share > limit:
-        why.append(f"neighbours {share:.0%} of the host")
-    return not why, f"probe:measured {what}" + (f" ({', '.join(why)}: not cached)" if why else "")
+from bench.measure.peak_flops import CONTENDED_SPREAD
+from bench.measure.probe import Trial, gather_group, get_or_probe, probe_key
 
 
 def _best(trial, repeats: int) -> tuple[float, float]:
@@ -76,10 +49,6 @@ def memory_bandwidth(device: torch.device, numel: int = 32 * 2**20, repeats: int
     """(bytes/s, source) of ``c = a + b`` on ``device`` (see the module docstring; ``fresh``: not from the
     cache; ``neighbours_limit``: the share of the host other work may take while a probe that is cached runs,
     default bench/measure/contention.py ``neighbours_max()``)."""
-    key = probe_key("membw", device)
-    hit = None if fresh else cache_get(key)
-    if hit is not None:
-        return hit, "probe:cached add"
     a, b = torch.rand(numel, device=device), torch.rand(numel, device=device)
     c = torch.empty_like(a)
 
@@ -92,12 +61,13 @@ def memory_bandwidth(device: torch.device, numel: int = 32 * 2**20, repeats: int
             torch.cuda.synchronize(device)
         return 3 * numel * 4 / (time.perf_counter() - t0)
 
-    meter = NeighbourMeter().start()
-    best, spread = _best(trial, repeats)
-    keep, source = _verdict("add", spread, _neighbours(meter, False), neighbours_limit)
-    if keep:
-        cache_put(key, best)
-    return best, source
+    def measure() -> Trial:
+        best, spread = _best(trial, repeats)
+        return Trial({None: best}, [f"contended: trials spread {spread:.0%}"] if spread > CONTENDED_SPREAD else [])
+
+    out, source = get_or_probe("add", probe_key("membw", device), measure, fresh=fresh, cache=True,
+                               neighbours_limit=neighbours_limit)
+    return out.values[None], source
 
 
 def link_bandwidth(device: torch.device, nbytes: int = 16 * 2**20, repeats: int = 5,
@@ -107,11 +77,6 @@ def link_bandwidth(device: torch.device, nbytes: int = 16 * 2**20, repeats: int 
     import torch.distributed as dist
 
     n, backend = dist.get_world_size(), dist.get_backend()
-    key = probe_key("link", device, backend, f"world={n}")
-    hit = torch.tensor([0.0 if fresh else cache_get(key) or 0.0], dtype=torch.float64, device=device)
-    dist.all_reduce(hit, op=dist.ReduceOp.MIN)  # every rank must agree to skip the probe
-    if hit.item() > 0:
-        return hit.item(), "probe:cached all_reduce"
     x = torch.ones(nbytes // 4, device=device)
     slowest = torch.zeros(1, dtype=torch.float64, device=device)
 
@@ -125,14 +90,12 @@ def link_bandwidth(device: torch.device, nbytes: int = 16 * 2**20, repeats: int 
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         return 2 * (n - 1) / n * nbytes / slowest.item()
 
-    meter = NeighbourMeter().start()
-    best, _ = _best(trial, repeats)
     # judged by its neighbours only: gloo's trials spread 20-60 % on a quiet host (module docstring), so a
     # spread test flagged three probes in a row here and never cached
-    keep, source = _verdict("all_reduce", None, _neighbours(meter, True), neighbours_limit)
-    if keep:
-        cache_put(key, best)
-    return best, source
+    out, source = get_or_probe("all_reduce", probe_key("link", device, backend, f"world={n}"),
+                               lambda: Trial({None: _best(trial, repeats)[0]}), fresh=fresh, cache=True,
+                               gather=gather_group, writer=dist.get_rank() == 0, neighbours_limit=neighbours_limit)
+    return out.values[None], source
 
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
@@ -150,53 +113,50 @@ def collective_bandwidths(device: torch.device, contended: bool = False, nbytes:
     import torch.distributed as dist
 
     n, backend = dist.get_world_size(), dist.get_backend()
-    key = probe_key("coll", device, backend, f"world={n}", f"contended={contended}")
-    hit = torch.tensor([0.0 if fresh else cache_get(f"{key}|{k}") or 0.0 for k in COLLECTIVES], dtype=torch.float64,
-                       device=device)
-    dist.all_reduce(hit, op=dist.ReduceOp.MIN)  # every rank must agree to skip the probe
     how = "contended " if contended else ""
-    if bool((hit > 0).all()):
-        return dict(zip(COLLECTIVES, hit.tolist())), f"probe:cached {how}collectives"
     full = torch.ones(nbytes // 4, device=device)
     shard = torch.ones(nbytes // 4 // n, device=device)
     ops = {"all_reduce": (lambda: dist.all_reduce(full), 2 * (n - 1) / n),
            "all_gather": (lambda: dist.all_gather_into_tensor(full, shard), (n - 1) / n),
            "reduce_scatter": (lambda: dist.reduce_scatter_tensor(shard, full), (n - 1) / n)}
     slowest = torch.zeros(1, dtype=torch.float64, device=device)
-    stop = threading.Event()
 
-    def busy():  # the other compute thread of a rank without a spare core (matmuls release the GIL)
-        a = torch.randn(512, 512, device=device)
-        while not stop.is_set():
-            torch.mm(a, a)
+    def measure() -> Trial:
+        stop = threading.Event()
 
-    thread = threading.Thread(target=busy, daemon=True) if contended else None
-    meter = NeighbourMeter().start()
-    if thread:
-        thread.start()
-    out = {}
-    try:
-        for kind, (op, factor) in ops.items():
-            op()  # warm-up
-            rates = []
-            for _ in range(repeats):
-                dist.barrier()
-                t0 = time.perf_counter()
-                op()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                slowest[0] = time.perf_counter() - t0
-                dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-                rates.append(factor * nbytes / slowest.item())
-            out[kind] = sorted(rates)[len(rates) // 2]
-    finally:
-        stop.set()
+        def busy():  # the other compute thread of a rank without a spare core (matmuls release the GIL)
+            a = torch.randn(512, 512, device=device)
+            while not stop.is_set():
+                torch.mm(a, a)
+
+        thread = threading.Thread(target=busy, daemon=True) if contended else None
         if thread:
-            thread.join()
-    keep, source = _verdict(f"{how}collectives", None, _neighbours(meter, True), neighbours_limit)
-    for kind, value in out.items() if keep else ():
-        cache_put(f"{key}|{kind}", value)
-    return out, source
+            thread.start()
+        out = {}
+        try:
+            for kind, (op, factor) in ops.items():
+                op()  # warm-up
+                rates = []
+                for _ in range(repeats):
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    op()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    slowest[0] = time.perf_counter() - t0
+                    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+                    rates.append(factor * nbytes / slowest.item())
+                out[kind] = sorted(rates)[len(rates) // 2]
+        finally:
+            stop.set()
+            if thread:
+                thread.join()
+        return Trial(out)
+
+    key = probe_key("coll", device, backend, f"world={n}", f"contended={contended}")
+    out, source = get_or_probe(f"{how}collectives", key, measure, COLLECTIVES, fresh=fresh, cache=True,
+                               gather=gather_group, writer=dist.get_rank() == 0, neighbours_limit=neighbours_limit)
+    return out.values, source
 
 
 def main() -> None:

@@ -50,7 +50,6 @@ import contextlib
 import dataclasses
 import hashlib
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -59,8 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.measure.comm import CommClock
-from bench.measure.contention import NeighbourMeter, neighbour_share, neighbours_max
-from bench.measure.peak_flops import cache_get, cache_put, probe_key
+from bench.measure.probe import Trial, get_or_probe, probe_key
 from models import build_model
 from models.config import GPTConfig
 
@@ -305,22 +303,13 @@ def get_parts(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.devi
     from.
     ``gather(obj)`` returns every rank's ``obj`` (a collective: every rank calls it); only ``is_main`` writes
     the cache."""
-    key = _key(cfg, micro_batch, seq_len, device, local_ranks, dtype, shard)
     fields = measured_fields(cfg, shard)
     split = {"tp": shard.tp, "sp": shard.sp} if shard else {}
-    use_cache = os.environ.get("N00BGPT_PEAK_CACHE", "1") != "0"
-    cached = [cache_get(f"{key}|{f}") for f in fields] if use_cache and not fresh else [None]
-    if all(all(v is not None for v in vals) for vals in gather(cached)):
-        return Parts(**dict(zip(fields, cached)), **split), "probe:cached parts"
-    meter = NeighbourMeter().start()
-    measured = dataclasses.asdict(probe_parts(cfg, micro_batch, seq_len, device, barrier=barrier, dtype=dtype,
-                                              shard=shard))
-    ranks = gather((measured, meter.sample()))
-    slowest = Parts(**{f: max(r[f] for r, _ in ranks) for f in fields}, **split)
-    share = neighbour_share([s for _, s in ranks])
-    if share is not None and share > neighbours_max():  # probed beside other work: this run's only
-        return slowest, f"probe:measured parts (neighbours {share:.0%} of the host: not cached)"
-    if use_cache and is_main:
-        for f in fields:
-            cache_put(f"{key}|{f}", getattr(slowest, f))
-    return slowest, "probe:measured parts"
+
+    def measure() -> Trial:
+        return Trial(dataclasses.asdict(probe_parts(cfg, micro_batch, seq_len, device, barrier=barrier, dtype=dtype,
+                                                    shard=shard)))
+
+    out, source = get_or_probe("parts", _key(cfg, micro_batch, seq_len, device, local_ranks, dtype, shard), measure,
+                               fields, fresh=fresh, gather=gather, writer=is_main)
+    return Parts(**out.values, **split), source

@@ -7,25 +7,21 @@ dtype and takes the best of several trials (the highest throughput this process 
 records the trials' spread, (best - worst) / best, and the probe's own CPU share, process CPU
 seconds / (wall seconds x threads). A probe that was itself contended (CPU share < 0.9 or spread
 > 0.15: a neighbour took the core during some trials, so even the best may be low) is used for
-this run but never cached; a clean one is cached per machine/threads/dtype/torch version in
-``$N00BGPT_CACHE_DIR`` (default ``~/.cache/n00bgpt``); ``N00BGPT_PEAK_CACHE=0`` probes in every run
+this run but never cached; a clean one is cached per machine/threads/dtype/torch version (the probe engine,
+bench/measure/probe.py, which also judges the host's neighbours); ``N00BGPT_PEAK_CACHE=0`` probes in every run
 instead. A peak that came out too low shows as mfu > 1, which bench/harness/loop.py turns into status
 ``suspect``. Never a silent fallback to another GPU's numbers.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from bench.hardware import GPU_TABLE, lookup_gpu_peak  # noqa: F401 - the datasheet table (re-exported)
-from bench.measure.host import cpu_model
+from bench.measure.probe import Trial, cache_path, get_or_probe, probe_key
 
 _TORCH_DTYPE = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -81,20 +77,6 @@ def probe_peak_flops(device: torch.device, dtype: str, n: int | None = None, rep
     return Probe(best, (best - min(rates)) / best, cpu_util)
 
 
-def _cache_path() -> Path:
-    return Path(os.environ.get("N00BGPT_CACHE_DIR", Path.home() / ".cache" / "n00bgpt")) / "peak_flops.json"
-
-
-def probe_key(kind: str, device: torch.device, *fields) -> str:
-    """The cache key of a probe of ``kind`` on this host: host name, device type and model (the CPU's or the
-    GPU's), compute threads and torch version, then ``fields`` (what else the probe's value depends on). One
-    key format for every cached probe (matmul peak, bandwidths, the model's parts): a value measured on
-    another host, CPU model, thread count or torch is never read back as this one's."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-    return "|".join(map(str, (kind, platform.node(), device.type, name, f"threads={torch.get_num_threads()}",
-                              f"torch={torch.__version__}", *fields)))
-
-
 def _probe_key(device: torch.device, dtype: str) -> str:
     return probe_key("matmul", device, dtype)
 
@@ -109,52 +91,11 @@ def get_peak_flops(device: torch.device, dtype: str, allow_probe: bool = True) -
     if not allow_probe:
         return None, "none", {}
 
-    def fresh(cache_note: str):
+    def measure() -> Trial:
         p = probe_peak_flops(device, dtype)
-        note = "contended: not cached" if p.contended else cache_note
-        return p, f"probe:measured matmul {dtype}" + (f" ({note})" if note else ""), \
-            {"peak_probe_spread": p.spread, "peak_probe_cpu_util": p.cpu_util}
+        return Trial({None: p.flops}, ["contended"] if p.contended else [],
+                     {"peak_probe_spread": p.spread, "peak_probe_cpu_util": p.cpu_util})
 
-    if os.environ.get("N00BGPT_PEAK_CACHE", "1") == "0":  # a peak measured in this very run
-        p, source, stats = fresh("uncached")
-        return p.flops, source, stats
-    key = _probe_key(device, dtype)
-    hit = cache_get(key)
-    if hit is not None:
-        return hit, f"probe:cached matmul {dtype} ({_cache_path()})", {}
-    p, source, stats = fresh("")
-    if not p.contended:
-        cache_put(key, p.flops)
-    return p.flops, source, stats
-
-
-def cache_get(key: str) -> float | None:
-    """A clean probe's cached value for ``key`` (``$N00BGPT_CACHE_DIR/peak_flops.json``), or None."""
-    try:
-        value = json.loads(_cache_path().read_text()).get(key)
-    except (OSError, ValueError):
-        return None
-    return None if value is None else float(value)
-
-
-def cache_put(key: str, value: float) -> None:
-    """Store a clean probe's value: read, update and atomically replace the file under an exclusive lock (the
-    ranks of a group and parallel runs share one cache: without it, two writers that read the same file each
-    drop the other's new key); a read-only home is not an error."""
-    import fcntl
-
-    path = _cache_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_suffix(".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                cache = json.loads(path.read_text())
-            except (OSError, ValueError):
-                cache = {}
-            cache[key] = value
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache, indent=1))
-            os.replace(tmp, path)
-    except OSError:
-        pass
+    trial, source = get_or_probe(f"matmul {dtype}", _probe_key(device, dtype), measure,
+                                 cached_source=f"probe:cached matmul {dtype} ({cache_path()})")
+    return trial.values[None], source, trial.stats

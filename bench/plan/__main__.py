@@ -34,8 +34,9 @@ from omegaconf import OmegaConf  # noqa: E402
 from bench.hardware import GPU_TABLE, lookup_device  # noqa: E402
 from bench.plan.costmodel import param_shapes, predict_comm, predict_memory  # noqa: E402
 from bench.plan.steptime import Rates, predict_step  # noqa: E402
+from bench.shape import ShapeArgs  # noqa: E402
 from models.cli import UsageError, fail, opt, parse  # noqa: E402
-from models.config import PRESETS, GPTConfig, get_config  # noqa: E402
+from models.config import GPTConfig, get_config  # noqa: E402
 from strategies.config import StrategyConfig, StrategyError  # noqa: E402
 from strategies.mesh import mesh_shape  # noqa: E402
 from strategies.pp import bubble_fraction  # noqa: E402
@@ -44,13 +45,11 @@ GIB = 2**30
 
 
 @dataclass
-class PlanArgs:
-    model: str = opt(help="a model preset: " + ", ".join(PRESETS))
-    world_size: int = opt(1, "ranks (GPUs); split into (pp, dp, tp) by each strategy")
+class PlanArgs(ShapeArgs):
+    """The shape (bench/shape.py: model, world_size -- split into (pp, dp, tp) by each strategy --, micro_batch,
+    seq_len, grad_accum) and the planner's own options."""
+
     device_memory_gib: float = opt(80.0, "memory per device, GiB")
-    micro_batch: int = opt(1, "sequences per micro-batch per rank")
-    seq_len: int = opt(0, "tokens per sequence (0 = the model's context)")
-    grad_accum: int = opt(1, "micro-batches per step")
     pad_vocab_to: int = opt(1, "pad the vocabulary to a multiple of this")
     format: str = opt("table", "table | json")
     device: str = opt("", "a GPU of bench/hardware.py (H100, H200, A100, L40S, L4, A10G, A10, V100): its peak "
@@ -84,13 +83,11 @@ class PlanArgs:
         return Rates(flops, mem, self.link_gbps * 1e9 or None)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.format not in ("table", "json"):
             raise UsageError(f"format={self.format!r}; valid: table, json")
-        for key in ("world_size", "micro_batch", "grad_accum", "pad_vocab_to"):
-            if getattr(self, key) < 1:
-                raise UsageError(f"{key}={getattr(self, key)} is invalid; must be >= 1")
-        if self.seq_len < 0:
-            raise UsageError(f"seq_len={self.seq_len} is invalid; must be >= 0 (0 = the model's context)")
+        if self.pad_vocab_to < 1:
+            raise UsageError(f"pad_vocab_to={self.pad_vocab_to} is invalid; must be >= 1")
         if not (math.isfinite(self.device_memory_gib) and self.device_memory_gib > 0):
             raise UsageError(f"device_memory_gib={self.device_memory_gib} is invalid; must be a finite number > 0")
         for key in ("peak_tflops", "mem_gbps", "link_gbps"):
@@ -98,8 +95,6 @@ class PlanArgs:
                 raise UsageError(f"{key}={getattr(self, key)} is invalid; must be a finite number >= 0")
         if not 0 < self.matmul_efficiency <= 1:
             raise UsageError(f"matmul_efficiency={self.matmul_efficiency} is invalid; must be in (0, 1]")
-        if self.model not in PRESETS:
-            raise UsageError(f"model={self.model!r} is not a preset; valid: {', '.join(PRESETS)}")
 
 
 def plan_axes(world: int) -> dict[str, list]:

@@ -42,25 +42,25 @@ from pathlib import Path
 
 import torch
 
+from bench.gate.paired import median, round_order
 from bench.launch.suite import ROOT, launcher
 from bench.plan.__main__ import PlanArgs, combinations, model_config
 from bench.plan.costmodel import predict_memory
 from bench.plan.steptime import Rates, can_overlap, parts_micro_batch, predict_step
-from bench.tune.budget import combine_repeats, errors, median, order_verdict
+from bench.shape import ShapeArgs
+from bench.tune.budget import combine_repeats, errors, order_verdict
 from models.cli import UsageError, fail, opt, parse
-from models.config import PRESETS
 from strategies.config import StrategyConfig
 
 GIB = 2**30
 
 
 @dataclass
-class TuneArgs:
-    model: str = opt(help="a model preset: " + ", ".join(PRESETS))
-    world_size: int = opt(2, "ranks on this host (torchrun --nproc_per_node)")
+class TuneArgs(ShapeArgs):
+    """The shape (bench/shape.py; world_size: ranks on this host, torchrun --nproc_per_node) and the tuner's own
+    options."""
+
     top: int = opt(3, "how many of the fastest predictions to run")
-    micro_batch: int = opt(4, "sequences per micro-batch per rank")
-    seq_len: int = opt(0, "tokens per sequence (0 = the model's context)")
     steps: int = opt(10, "timed steps per run")
     warmup: int = opt(3, "untimed steps first")
     device_memory_gib: float = opt(0.0, "memory per rank; 0 = a GPU's memory, or the host's RAM / world_size")
@@ -75,9 +75,8 @@ class TuneArgs:
                                          "model.pad_vocab_to=64 for tp, model.tie_embeddings=false for pp)")
 
     def __post_init__(self) -> None:
-        if self.model not in PRESETS:
-            raise UsageError(f"model={self.model!r} is not a preset; valid: {', '.join(PRESETS)}")
-        for key in ("world_size", "top", "micro_batch", "steps", "repeats", "probe_tries"):
+        super().__post_init__()
+        for key in ("top", "steps", "repeats", "probe_tries"):
             if getattr(self, key) < 1:
                 raise UsageError(f"{key}={getattr(self, key)} is invalid; must be >= 1")
 
@@ -215,9 +214,10 @@ def ranked(args: TuneArgs, rates: Rates, device_type: str, strategies: list[Stra
 
 
 def run_order(chosen: list, repeats: int) -> list:
-    """The runs of a sweep: ``repeats`` rounds of ``chosen``, every other round reversed (A B C, C B A, A B C...),
-    so that a neighbour's load drifting over the sweep meets each strategy both early and late."""
-    return [c for k in range(repeats) for c in (chosen if k % 2 == 0 else chosen[::-1])]
+    """The runs of a sweep: ``repeats`` rounds of ``chosen`` in the A/B engine's order (bench/gate/paired.py
+    ``round_order``: every other round reversed, A B C, C B A, A B C...), so that a neighbour's load drifting over
+    the sweep meets each strategy both early and late."""
+    return [c for k in range(repeats) for c in round_order(chosen, k)]
 
 
 def report(rows: list[dict]) -> str:

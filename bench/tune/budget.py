@@ -28,6 +28,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from bench.gate.paired import median
 from bench.hardware import lookup_device
 from bench.plan.steptime import Rates, predict_step
 from models.config import GPTConfig, get_config
@@ -50,14 +51,6 @@ SETS = {  # README's budget lines: label -> (folder(s) of committed rows, how th
         ("results/tune-cpu-all+results/tune-cpu-tp-ab2", "row"),
     "results/gpu (H100, 1 GPU; datasheet rates only)": ("results/gpu", "datasheet"),
 }
-
-
-def median(values) -> float:
-    """The median of the values that are not None (nan for none)."""
-    v = sorted(x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x)))
-    if not v:
-        return float("nan")
-    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
 
 
 def _err(pred, meas) -> float | None:

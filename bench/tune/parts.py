@@ -23,8 +23,8 @@ from bench.harness.dist import env_world, gather_objects, init_distributed
 from bench.measure.parts import get_parts
 from bench.plan.__main__ import PlanArgs, model_config
 from bench.plan.annotate import parts_sharding
+from bench.shape import ShapeArgs
 from models.cli import UsageError, fail, opt, parse
-from models.config import PRESETS
 from strategies.config import StrategyConfig
 from strategies.mesh import build_mesh
 
@@ -32,17 +32,18 @@ DTYPES = ("fp32", "tf32", "bf16", "fp16")
 
 
 @dataclass
-class PartsArgs:
-    model: str = opt(help="a model preset: " + ", ".join(PRESETS))
-    micro_batch: int = opt(4, "sequences per micro-batch (a pipeline micro-batch under pp)")
-    seq_len: int = opt(0, "tokens per sequence (0 = the model's context)")
+class PartsArgs(ShapeArgs):
+    """The shape (bench/shape.py; micro_batch: a pipeline micro-batch under pp; world_size: as torchrun launched
+    it, checked) and the parts' own options."""
+
+    world_size: int = opt(0, "ranks the parts are timed on: 0 = as torchrun launched them (WORLD_SIZE)")
+    MIN_WORLD_SIZE = 0
     dtype: str = opt("fp32", "the runs' compute dtype: " + ", ".join(DTYPES))
     tp: int = opt(1, "tensor-parallel degree the parts are split over (1 = whole)")
     sp: bool = opt(False, "with tp >= 2: sequence parallelism")
 
     def __post_init__(self) -> None:
-        if self.model not in PRESETS:
-            raise UsageError(f"model={self.model!r} is not a preset; valid: {', '.join(PRESETS)}")
+        super().__post_init__()
         if self.dtype not in DTYPES:
             raise UsageError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.micro_batch < 1 or self.tp < 1:
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     prog = "python -m bench.tune.parts"
     args = parse(PartsArgs, [a for a in argv if not a.startswith("model.")], prog, __doc__)
     world = env_world()[2]
+    if args.world_size and args.world_size != world:
+        fail(prog, f"world_size={args.world_size} but torchrun launched {world} rank(s); launch that many or drop "
+                   "world_size=")
     cfg = model_config(PlanArgs(model=args.model, world_size=world),
                        [a.removeprefix("model.") for a in argv if a.startswith("model.")], prog)
     try:  # before any work: the split must fit the ranks and the model
