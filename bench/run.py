@@ -40,8 +40,10 @@ from bench.harness.dist import DistInfo, broadcast_object, init_distributed  # n
 from bench.harness.env import environment  # noqa: E402
 from bench.harness.loop import TrainOutcome, plan_batch, train  # noqa: E402
 from bench.harness.progress import Progress  # noqa: E402
+from bench.harness.rates import probe_rates  # noqa: E402
 from bench.harness.table import append_row, claim_run, dead_ranks, register_rank, write_steps  # noqa: E402
-from bench.plan.annotate import annotate_run  # noqa: E402
+from bench.plan.annotate import annotate  # noqa: E402
+from bench.plan.steptime import Rates, can_overlap  # noqa: E402
 from reports.record import RunRecord  # noqa: E402
 from strategies.config import StrategyError  # noqa: E402
 from strategies.mesh import layout_columns  # noqa: E402
@@ -72,6 +74,27 @@ def build_row(cfg: RunConfig, raw: DictConfig, info: DistInfo, run_id: str, stat
     metrics = outcome.metrics if outcome is not None else {}
     return RunRecord(**{**setup, **predicted, **metrics, **environment(info.device),
                         "config": OmegaConf.to_container(raw, resolve=True)})
+
+
+def predictions(cfg: RunConfig, info: DistInfo, batch: dict, outcome: TrainOutcome | None) -> dict:
+    """The row's prediction columns (bench/plan/annotate.py), after training. A run that finished (every rank here
+    together) probes its rates first (bench/harness/rates.py) -- all of them when it ended ok, the two cheap
+    bandwidths after a NaN -- and predicts its step time too (a probe that fails fails the run, as any
+    measurement would); a failed run (``outcome`` None: ranks may be gone) gets the predictions that need no
+    probe, or none if even those fail (the failure's own row matters more)."""
+    shape = (cfg.model, cfg.strategy, info.world_size, cfg.micro_batch, cfg.seq_len, batch["grad_accum"])
+    if outcome is None:
+        try:
+            return annotate(*shape)
+        except Exception as exc:
+            print(f"[n00bGPT] predictions left empty: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return {}
+    local_ranks = max(1, info.world_size // max(1, info.nnodes))
+    overlap = can_overlap(info.device.type, local_ranks, torch.get_num_threads(), len(os.sched_getaffinity(0)))
+    probed = probe_rates(cfg, info, outcome.mesh, full=outcome.status in ("ok", "suspect"), contended=not overlap)
+    peak = outcome.metrics.get("peak_flops")
+    rates = Rates(peak, probed.mem_bw, probed.link_bw, probed.parts, probed.by_kind) if peak else None
+    return annotate(*shape, rates, probed.columns, overlap)
 
 
 class Terminated(BaseException):
@@ -117,7 +140,7 @@ def main(raw: DictConfig) -> None:
         progress = Progress(cfg.warmup + cfg.steps, cfg.warmup, info.is_main, say=lambda m: say(info, m))
         outcome = train(cfg, info, progress=progress, run_id=run_id, batch=batch)
         status = outcome.status
-        predicted = annotate_run(cfg, info, batch, outcome)  # every rank together, outside the timed loop
+        predicted = predictions(cfg, info, batch, outcome)  # every rank together, outside the timed loop
         if status == "nan":
             error = "non-finite loss: " + ", ".join(f"{v}" for v in outcome.losses[-3:])
         elif status == "suspect":
@@ -141,7 +164,7 @@ def main(raw: DictConfig) -> None:
 
     collective = status in ("ok", "nan", "suspect")  # decided together on every rank: rank 0 writes
     if not collective:
-        predicted = annotate_run(cfg, info, batch, None)
+        predicted = predictions(cfg, info, batch, None)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the run is over: nothing may cut the row in half
     row = build_row(cfg, raw, info, run_id, status, error, outcome, preset, batch, predicted)
     if (collective and info.is_main) or (not collective and claim_run(cfg.results_dir, run_id)):

@@ -49,6 +49,12 @@ def n_microbatches(s) -> int:
     return s.pp_microbatches or s.pp
 
 
+def pipeline_micro_batch(s, micro_batch: int) -> int:
+    """The micro-batch a strategy's blocks and head run at: a pipeline micro-batch (``micro_batch / m``) under pp,
+    else the micro-batch itself (the shape the model's parts are timed at, bench/measure/parts.py)."""
+    return micro_batch // n_microbatches(s) if s.pp > 1 else micro_batch
+
+
 def stage_blocks(n_layer: int, n_stages: int) -> list[range]:
     """Consecutive block indices of each stage: as even as possible, the first stages one longer."""
     base, extra = divmod(n_layer, n_stages)

@@ -105,7 +105,75 @@ WALLS = {  # room -> the project packages it must not import
     "bench/measure": ("bench.harness", "bench.gate", "bench.launch", "bench.plan", "bench.run", "strategies"),
     "bench/plan": ("bench.harness", "bench.gate", "bench.launch", "bench.measure", "bench.run"),
     "bench/gate": ("bench.harness.loop", "bench.measure", "bench.plan", "strategies", "models"),
+    # the run only measures: prediction annotates the row from bench/run.py (bench/plan/annotate.py)
+    "bench/harness": ("bench.plan", "bench.gate", "bench.launch", "bench.tune", "bench.run"),
 }
+
+
+PACKAGES = ("bench", "models", "strategies", "reports")
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Every project module -> the project modules it imports, wherever the import statement sits (a
+    function-level import counts as much as one at the top): ``from a import b`` is an edge to ``a.b`` when that
+    is a module, else to ``a``."""
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for mod, path in files.items():
+        out = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in files]
+                out.update(subs or ([node.module] if node.module in files else []))
+            elif isinstance(node, ast.Import):
+                out.update(a.name for a in node.names if a.name in files)
+        graph[mod] = out - {mod}
+    return graph
+
+
+def test_no_module_imports_itself_back():
+    """No import cycle among the project's modules (Tarjan's strongly connected components), including those a
+    function-level import would close."""
+    graph = _module_graph()
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert not cycles
+
+
+def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
+    """The check itself: a function-level import that closes a loop is found."""
+    for name, text in {"a.py": "import reports.b\n", "b.py": "def f():\n    from reports import a\n"}.items():
+        (tmp_path / "reports" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "reports" / name).write_text(text)
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    with pytest.raises(AssertionError):
+        test_no_module_imports_itself_back()
 
 
 def test_the_hardware_table_is_a_leaf():
@@ -118,12 +186,13 @@ def test_imports_flow_one_way(room):
     bad = []
     for path in sorted((ROOT / room).rglob("*.py")):
         for mod in _imports(path):
-            entry = path.name == "__main__.py" or 'if __name__ == "__main__":' in path.read_text()
-            if entry and mod == "models.cli":
-                continue  # an entry point (python -m ...) may use the one CLI style (a leaf)
+            if mod == "models.cli":
+                continue  # the one CLI style: a leaf (OmegaConf only) that every command line uses
             if any(mod == w or mod.startswith(w + ".") for w in WALLS[room]):
                 bad.append(f"{path.relative_to(ROOT)} imports {mod}")
     assert not bad
+    assert _imports(ROOT / "models" / "cli.py") <= {"__future__", "dataclasses", "sys", "typing", "omegaconf",
+                                                    "omegaconf.errors"}
     if room == "reports":  # the record is a leaf: standard library only
         assert {m.split(".")[0] for m in _imports(ROOT / "reports" / "record.py")} <= {"__future__", "dataclasses"}
 

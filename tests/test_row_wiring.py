@@ -23,6 +23,7 @@ import torch
 import bench.harness.loop as loop
 import bench.plan.annotate as annotate
 from bench.harness.dist import DistInfo
+from bench.run import predictions
 from tests.test_parity import run_cfg
 
 SLEEP = 0.06
@@ -64,7 +65,7 @@ def _worker(rank: int, world_size: int) -> dict:
     annotate.predict_comm = lambda *a, **k: {"all_reduce": 1, "total": 1}  # a wrong prediction, on purpose
     out = loop.train(cfg, info)
     hwm = _vm_hwm()  # the training run's, before the probes that follow it
-    out.metrics.update(annotate.annotate_run(cfg, info, loop.plan_batch(cfg, info), out))  # what bench/run.py adds
+    out.metrics.update(predictions(cfg, info, loop.plan_batch(cfg, info), out))  # what bench/run.py adds
     return {"metrics": out.metrics, "status": out.status, "seen": seen[cfg.warmup:cfg.warmup + cfg.steps],
             "hwm": hwm, "params": params[0]}
 

@@ -17,7 +17,6 @@ from bench.plan.steptime import (
     Rates,
     can_overlap,
     elementwise_per_token_block,
-    parts_micro_batch,
     predict_step,
 )
 from bench.tune.__main__ import errors, report, strategy_overrides
@@ -554,7 +553,9 @@ def test_step_from_the_models_own_parts():
     assert t["compute_s"] == pytest.approx((L * 0.08 + 0.8) / 2)
     untied = get_config("mini", tie_embeddings=False)
     # under pp the parts are a pipeline micro-batch's (micro_batch / m = 2 sequences), run m = 2 times
-    assert parts_micro_batch(StrategyConfig(pp=2), 4) == 2 and parts_micro_batch(StrategyConfig(dp="ddp"), 4) == 4
+    from strategies.pp import pipeline_micro_batch
+
+    assert pipeline_micro_batch(StrategyConfig(pp=2), 4) == 2 and pipeline_micro_batch(StrategyConfig(dp="ddp"), 4) == 4
     t = predict_step(untied, StrategyConfig(pp=2), 2, 4, 256, 1, r)  # the busiest stage: 3 blocks and the head
     assert t["compute_s"] == pytest.approx(2 * (3 * 0.08 + 0.8))
     assert t["bubble_s"] == pytest.approx(3 * 0.10)  # rank 0's 3 blocks for one pipeline micro-batch
@@ -781,7 +782,7 @@ def test_the_parts_run_their_matmuls_in_the_runs_compute_dtype(dtype):
 def _parts_worker(rank: int, world_size: int, cache: str) -> list[dict]:
     from bench.harness.dist import DistInfo
     from bench.harness.loop import plan_batch, train
-    from bench.plan.annotate import annotate_run
+    from bench.run import predictions
     from tests.test_parity import run_cfg
 
     os.environ["N00BGPT_CACHE_DIR"] = cache
@@ -791,7 +792,7 @@ def _parts_worker(rank: int, world_size: int, cache: str) -> list[dict]:
         cfg.probe_parts = True
         info = DistInfo(rank, rank, world_size, 1, torch.device("cpu"), "gloo")
         out = train(cfg, info)
-        rows.append({**out.metrics, **annotate_run(cfg, info, plan_batch(cfg, info), out)})
+        rows.append({**out.metrics, **predictions(cfg, info, plan_batch(cfg, info), out)})
     return rows
 
 

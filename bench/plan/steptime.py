@@ -19,8 +19,8 @@ bench/measure/bandwidth.py measure them; the planner takes them as ``peak_tflops
   AdamW 28 bytes fused (DDP/single) or 56 foreach (DTensors), DDP's bucket copies 16, FSDP's copy-in/out
   16 per gather, gradient accumulation 12 per extra micro-step.
 - with ``Rates.parts`` (bench/measure/parts.py: the model's own block, embeddings + head + loss and their
-  matmuls timed at the run's micro-batch -- a pipeline micro-batch under pp, ``parts_micro_batch`` -- and an
-  AdamW step per parameter) compute and the activations' memory-bound
+  matmuls timed at the run's micro-batch -- a pipeline micro-batch under pp, strategies/pp.py
+  ``pipeline_micro_batch`` -- and an AdamW step per parameter) compute and the activations' memory-bound
   time are those parts instead (``_from_parts``): per micro-step every block on the busiest rank once (a
   checkpointed block's forward, a third of forward + backward, again), the rest once (with the head the
   strategy runs: the fused chunked loss, or the plain one under tp, pp and compile), split by tp; AdamW per
@@ -160,7 +160,7 @@ def predict_step(cfg: GPTConfig, s: StrategyConfig, world: int, micro_batch: int
 
 def _from_parts(cfg: GPTConfig, s: StrategyConfig, shape, grad_accum: int, recomputed: int, parts) -> tuple:
     """(compute_s, activation memory-bound s, tensor parallelism's communication s or None) from the model's own
-    parts timed at ``parts_micro_batch``: per micro-step (per pipeline micro-batch, m times, under pp), the rank's
+    parts timed at ``pipeline_micro_batch``: per micro-step (per pipeline micro-batch, m times, under pp), the rank's
     blocks (the busiest pipeline rank's: ceil(L / stages) per stage) each cost the block's matmul and other time,
     split by tp (unless timed split, ``_tp_div``); a checkpointed block's forward (a third of forward +
     backward) runs again -- its matmuls and its other ops under ``full``/``selective``, the other ops only under
@@ -196,14 +196,6 @@ def _tp_div(shape, parts) -> int:
     if parts.tp != shape.tp:
         raise ValueError(f"parts timed on tp={parts.tp} ranks cannot predict a tp={shape.tp} step")
     return 1
-
-
-def parts_micro_batch(s: StrategyConfig, micro_batch: int) -> int:
-    """The micro-batch the model's parts are timed at for strategy ``s``: the shape its blocks and head run at --
-    a pipeline micro-batch (``micro_batch / m``) under pp, else the micro-batch. (On a CPU the head's cost per
-    token depends on it: mini's plain head took 2.5 s for 4 sequences, where a pp2 1f1b run spent 0.6 s outside
-    matmuls for the whole step in micro-batches of 2.)"""
-    return micro_batch // n_microbatches(s) if s.pp > 1 else micro_batch
 
 
 def _rest(cfg: GPTConfig, s: StrategyConfig, shape, parts) -> tuple[float, float, float]:

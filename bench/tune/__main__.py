@@ -46,11 +46,12 @@ from bench.gate.paired import median, round_order
 from bench.launch.suite import ROOT, launcher
 from bench.plan.__main__ import PlanArgs, combinations, model_config
 from bench.plan.costmodel import predict_memory
-from bench.plan.steptime import Rates, can_overlap, parts_micro_batch, predict_step
+from bench.plan.steptime import Rates, can_overlap, predict_step
 from bench.shape import ShapeArgs
 from bench.tune.budget import combine_repeats, errors, order_verdict
 from models.cli import UsageError, fail, opt, parse
 from strategies.config import StrategyConfig
+from strategies.pp import pipeline_micro_batch
 
 GIB = 2**30
 
@@ -194,7 +195,7 @@ def candidates(args: TuneArgs, device_type: str, memory_gib: float) -> tuple[lis
 def parts_key(s: StrategyConfig, device_type: str, micro_batch: int) -> tuple[str, int, int, bool]:
     """Which parts measurement predicts ``s``: its compute dtype, the micro-batch its parts run at and its
     tensor-parallel split (tp, sp)."""
-    return s.compute_dtype_name(device_type), parts_micro_batch(s, micro_batch), s.tp, s.sp and s.tp > 1
+    return s.compute_dtype_name(device_type), pipeline_micro_batch(s, micro_batch), s.tp, s.sp and s.tp > 1
 
 
 def ranked(args: TuneArgs, rates: Rates, device_type: str, strategies: list[StrategyConfig],

@@ -5,7 +5,7 @@
 
 on N ranks of this host, matmuls in the runs' compute dtype (fp32, tf32, bf16, fp16), whatever is cached; with
 ``tp`` the parts are timed as tensor parallelism splits them, on the (dp, tp) mesh of the N ranks, exactly as a
-run's harness does it (bench/plan/annotate.py ``parts_sharding``). Rank 0 prints them as JSON. python -m
+run's harness does it (bench/harness/rates.py ``parts_sharding``). Rank 0 prints them as JSON. python -m
 bench.tune runs this first, once per parts key among its candidates, so that its ranking and every run of
 that key predict from one measurement. An entry point (it applies a strategy), so it lives with the tuner.
 """
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from bench.harness.dist import env_world, gather_objects, init_distributed
+from bench.harness.rates import parts_sharding
 from bench.measure.parts import get_parts
 from bench.plan.__main__ import PlanArgs, model_config
-from bench.plan.annotate import parts_sharding
 from bench.shape import ShapeArgs
 from models.cli import UsageError, fail, opt, parse
 from strategies.config import StrategyConfig
