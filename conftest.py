@@ -36,7 +36,7 @@ os.environ.setdefault("N00BGPT_NEIGHBOURS_MAX", "1")
 
 # imported once, in the forkserver the ranks fork from (none of them reads the environment at import)
 PRELOAD = ["torch", "torch.distributed", "torch.distributed.tensor", "torch.distributed.fsdp", "bench.harness.loop",
-           "tests.test_parity"]
+           "tests.helpers.training"]
 
 
 def _start() -> None:

@@ -17,74 +17,14 @@ bias); a wrong or mis-sharded optimizer state moves whole tensors (relative erro
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 
 from bench.harness.dist import DistInfo
-from bench.harness.loop import build, make_step, param_groups, plan_batch
-from tests.test_parity import run_cfg
-
-RTOL = 1e-4
-RTOL_ADAMW = 1e-2
-LR = 0.5  # SGD: large enough that parameters move visibly in one step
-
-
-class RecordingSGD(torch.optim.SGD):
-    """SGD that keeps a full (unsharded) copy of every gradient it applies, by parameter name."""
-
-    def __init__(self, named):
-        self.names = {id(p): n for n, p in named}
-        super().__init__([p for _, p in named], lr=LR)
-        self.grads: list[dict[str, torch.Tensor]] = []
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        self.grads.append({self.names[id(p)]: _full(p.grad) for g in self.param_groups for p in g["params"]
-                           if p.grad is not None})
-        return super().step(closure)
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone().float()
-
-
-def canonical(name: str) -> str:
-    """The parameter's name in the plain model: without a pipeline's 'stages.N.', DDP's 'module.' and the
-    checkpoint wrapper's 'block.'."""
-    name = re.sub(r"^stages\.\d+\.", "", name)
-    return re.sub(r"\.block\.", ".", name.removeprefix("module."))
-
-
-def run_case(rank: int, world_size: int, fields: dict, micro_batch: int, grad_accum: int, opt: str, steps: int,
-             data: str, model: str = "tiny") -> dict:
-    cfg = run_cfg(fields, micro_batch, grad_accum, model=model, data=data, steps=steps, seq_len=32)
-    info = DistInfo(rank, rank, world_size, 1, torch.device("cpu"), "gloo" if world_size > 1 else None)
-    cfg.strategy.validate_for("cpu", world_size)
-    b = build(cfg, info, plan_batch(cfg, info))
-    named = [(canonical(n), p) for n, p in b.model.named_parameters()]
-    b.opt = RecordingSGD(named) if opt == "sgd" else torch.optim.AdamW(
-        param_groups(b.model), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
-    step = make_step(cfg, info, b)
-    losses = [float(step(i)) for i in range(steps)]
-    return {"grads": b.opt.grads[0] if opt == "sgd" else None,
-            "params": {n: _full(p) for n, p in named}, "losses": losses}
-
-
-def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((x - ref).norm() / ref.norm().clamp_min(1e-12))
-
-
-def assert_same(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], what: str, rtol: float = RTOL,
-                subset: bool = False) -> None:
-    """Every tensor of ``got`` equals ``ref``'s within ``rtol`` (relative L2); the same names, or (``subset``:
-    a pipeline stage's) a subset of them."""
-    if subset:
-        ref = {n: ref[n] for n in got if n in ref}
-    assert set(got) == set(ref), f"{what}: parameter names differ: {sorted(set(got) ^ set(ref))[:5]}"
-    worst = max(((_rel(got[n], ref[n]), n) for n in ref), key=lambda t: t[0])
-    assert worst[0] < rtol, f"{what}: {worst[1]} differs from single by {worst[0]:.2e} (relative L2)"
+from bench.harness.loop import plan_batch
+from tests.helpers.training import GRAD_RTOL as RTOL
+from tests.helpers.training import GRAD_RTOL_ADAMW as RTOL_ADAMW
+from tests.helpers.training import assert_same, rel_l2, run_case, run_cfg
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +117,7 @@ def test_the_check_would_see_a_factor_of_two_and_a_missing_micro_batch(corpus, r
     with pytest.raises(AssertionError, match="differs from single"):
         assert_same(doubled, ref, "doubled")
     half_batch = run_case(0, 1, {}, 2, 1, "sgd", 1, corpus)["grads"]  # one micro-batch of the two
-    worst = max(_rel(half_batch[n], ref[n]) for n in ref)
+    worst = max(rel_l2(half_batch[n], ref[n]) for n in ref)
     assert worst > 1000 * RTOL
 
 

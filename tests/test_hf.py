@@ -43,9 +43,7 @@ from models.convert import hf_to_native_state, native_to_hf_state  # noqa: E402
 from models.weights import load_native, save_native  # noqa: E402
 from strategies import StrategyConfig  # noqa: E402
 from tests.helpers import ROOT, run_cli  # noqa: E402
-from tests.test_grads import RTOL as GRAD_RTOL  # noqa: E402
-from tests.test_grads import assert_same, run_case  # noqa: E402
-from tests.test_parity import BF16_RTOL, RTOL, losses_of, run_cfg  # noqa: E402
+from tests.helpers.training import BF16_RTOL, GRAD_RTOL, RTOL, assert_same, losses_of, run_case, run_cfg  # noqa: E402
 
 CASES = [("tiny", {}), ("tiny", {"tie_embeddings": False, "mlp_hidden": 384}), ("llama-tiny", {}),
          ("llama-tiny", {"tie_embeddings": False, "bias": True, "rope_theta": 500000.0})]
@@ -125,7 +123,7 @@ def _dp_worker(rank: int, world_size: int, corpus: str) -> dict:
 
 
 def _as_family(model: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from tests.test_parity import model_cfg
+    from tests.helpers.training import model_cfg
 
     return hf_to_native_state(model_cfg(model), {k.removeprefix("hf."): v for k, v in tensors.items()})
 
@@ -311,7 +309,7 @@ def test_pipeline_stages_chained_give_hfs_whole_model_logits(preset):
     """HF's stage loop (models/hf.py ``_stage_forward``: no mask, RoPE over the whole sequence) through 2 and 3
     stages gives the logits of HF's own whole-model forward; stages keep global layer names."""
     from strategies.pp import split_stage
-    from tests.test_parity import model_cfg
+    from tests.helpers.training import model_cfg
 
     cfg = model_cfg(preset + ":hf")
     whole = build_model(cfg, "meta")

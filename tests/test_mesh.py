@@ -28,7 +28,7 @@ from models import build_model
 from strategies import StrategyConfig, StrategyError, apply_strategies
 from strategies.mesh import layout_columns
 from strategies.pp import bubble_fraction, in_flight_chunks, split_stage, stage_blocks, stage_ids
-from tests.test_parity import RTOL, losses_of, model_cfg, run_cfg
+from tests.helpers.training import RTOL, losses_of, model_cfg, run_cfg
 
 HAVE_HF = bool(os.environ.get("CI")) or importlib.util.find_spec("transformers") is not None  # CI: must have it
 

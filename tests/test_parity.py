@@ -8,53 +8,10 @@ gradients where it should average them (pytorch/pytorch#162338).
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
-from bench.harness.config import RunConfig
-from bench.harness.dist import DistInfo
-from bench.harness.loop import train
-from models import get_config
-from strategies import StrategyConfig
-from tests.helpers import CORPUS_TEXT
-
-RTOL = 1e-5  # fp32, 10 steps: documented in the README
-STEPS = 10
-
-
-TEXT = CORPUS_TEXT
-
-
-def model_cfg(model: str):
-    """A preset by name, with variants after colons: ':untied' an untied head (pipeline parallelism needs one),
-    ':hf' the Hugging Face implementation (models/hf.py), e.g. 'llama-tiny:untied:hf'."""
-    name, *variants = model.split(":")
-    cfg = get_config(name)
-    if "untied" in variants:
-        cfg = dataclasses.replace(cfg, tie_embeddings=False)
-    return dataclasses.replace(cfg, source="hf") if "hf" in variants else cfg
-
-
-def run_cfg(strategy: dict, micro_batch: int, grad_accum: int, model: str = "tiny", data: str = "",
-            steps: int = STEPS, seq_len: int = 64) -> RunConfig:
-    return RunConfig(model=model_cfg(model), strategy=StrategyConfig(**strategy), steps=steps, warmup=0,
-                     micro_batch=micro_batch, grad_accum=grad_accum, seq_len=seq_len, log_every=0, lr=1e-3,
-                     data=data or "synthetic", measure_comm=False, measure_overlap=False)
-
-
-def losses_of(cfg: RunConfig, rank: int = 0, world_size: int = 1, observed: dict | None = None) -> list[float]:
-    """The run's global loss per step; ``observed`` (a dict) receives the row's metric columns."""
-    info = DistInfo(rank, rank, world_size, 1, torch.device("cpu"), "gloo" if world_size > 1 else None)
-    out = train(cfg, info)
-    if observed is not None:
-        observed.update(out.metrics)
-    # CPU bf16: the peak probe times aten's slow bf16 matmul, so a tiny model can compute faster than that
-    # "peak" (mfu > 1); the run must then be marked suspect, never ok. Losses are what this file checks.
-    impossible = out.metrics.get("mfu", 0) > 1 or out.metrics.get("hfu", 0) > 1
-    assert out.status == ("suspect" if impossible else "ok") and len(out.losses) == cfg.steps
-    return out.losses
+from tests.helpers.training import BF16_RTOL, RTOL, losses_of, run_cfg
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +79,6 @@ def test_compiled_strategies_match_single(ranks, reference, corpus):
                                    msg=lambda m, n=name: f"{n} diverges from single: {m}")
 
 
-BF16_RTOL = 2e-2  # bf16 matmuls (8-bit mantissa) against the fp32 reference, 5 steps: documented in the README
 
 
 def _bf16_worker(rank: int, world_size: int, data: str) -> list[float]:

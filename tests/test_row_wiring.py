@@ -24,7 +24,7 @@ import bench.harness.loop as loop
 import bench.plan.annotate as annotate
 from bench.harness.dist import DistInfo
 from bench.run import predictions
-from tests.test_parity import run_cfg
+from tests.helpers.training import run_cfg
 
 SLEEP = 0.06
 BALLAST = 256 * 2**20
@@ -122,7 +122,7 @@ def test_predicted_step_time_is_the_model_on_the_runs_own_rates(run):
     import os
 
     from bench.plan.steptime import Rates, can_overlap, predict_step
-    from tests.test_parity import run_cfg
+    from tests.helpers.training import run_cfg
 
     m = run[0]["metrics"]
     cfg = run_cfg({"dp": "ddp"}, 2, 1, steps=8, seq_len=32)

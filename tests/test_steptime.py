@@ -368,7 +368,7 @@ def test_parts_timed_beside_a_busy_neighbour_are_not_cached(monkeypatch, tmp_pat
     import re
 
     from bench.measure.parts import get_parts
-    from tests.test_parity import model_cfg
+    from tests.helpers.training import model_cfg
 
     monkeypatch.setenv("N00BGPT_CACHE_DIR", str(tmp_path))
     cores = os.cpu_count() or 1
@@ -613,7 +613,7 @@ def _tp_parts_worker(rank: int, world_size: int, presets: list[str]) -> dict:
     from bench.measure.parts import Sharding
     from strategies.mesh import build_mesh
     from strategies.tp import apply_tp, maybe_loss_parallel
-    from tests.test_parity import model_cfg
+    from tests.helpers.training import model_cfg
 
     class LocalFlops(TorchDispatchMode):
         def __init__(self):
@@ -710,7 +710,7 @@ def test_the_matmul_probes_do_exactly_the_parts_matmuls(preset):
     forward + backward, so compute vs memory-bound splits what the model runs."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from tests.test_parity import model_cfg
+    from tests.helpers.training import model_cfg
 
     if preset.endswith(":hf"):
         pytest.importorskip("transformers")
@@ -732,7 +732,7 @@ def test_the_matmul_probes_do_exactly_the_parts_matmuls(preset):
 def test_the_parts_of_a_plain_head_model_are_cached_without_the_plain_variant(monkeypatch, tmp_path):
     """A model whose own loss is the plain one has no separate plain parts; its six parts cache and read back."""
     from bench.measure.parts import get_parts
-    from tests.test_parity import model_cfg
+    from tests.helpers.training import model_cfg
 
     monkeypatch.setenv("N00BGPT_CACHE_DIR", str(tmp_path))
     cfg = dataclasses.replace(model_cfg("tiny"), loss_chunk=0)
@@ -749,7 +749,7 @@ def test_the_parts_run_their_matmuls_in_the_runs_compute_dtype(dtype):
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    from tests.test_parity import model_cfg
+    from tests.helpers.training import model_cfg
 
     mm_ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
 
@@ -783,7 +783,7 @@ def _parts_worker(rank: int, world_size: int, cache: str) -> list[dict]:
     from bench.harness.dist import DistInfo
     from bench.harness.loop import plan_batch, train
     from bench.run import predictions
-    from tests.test_parity import run_cfg
+    from tests.helpers.training import run_cfg
 
     os.environ["N00BGPT_CACHE_DIR"] = cache
     rows = []
@@ -799,7 +799,7 @@ def _parts_worker(rank: int, world_size: int, cache: str) -> list[dict]:
 def test_probe_parts_rows_predict_from_one_cached_measurement(ranks, tmp_path):
     """A run with probe_parts measures the parts on both ranks (the slowest rank's kept) and caches them; the
     next run of the same shape reads them; each row's prediction is the model on its rates and those parts."""
-    from tests.test_parity import run_cfg
+    from tests.helpers.training import run_cfg
 
     first, second, tp = ranks(_parts_worker, str(tmp_path))[0]
     assert first["pred_parts"]["source"] == "probe:measured parts"
