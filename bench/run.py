@@ -72,7 +72,8 @@ def build_row(cfg: RunConfig, raw: DictConfig, info: DistInfo, run_id: str, stat
         "status": status, "error": error,
     }
     metrics = outcome.metrics if outcome is not None else {}
-    return RunRecord(**{**setup, **predicted, **metrics, **environment(info.device),
+    # predictions last: they own only their pred_* and rate columns, never a measured one (tests/test_row_wiring.py)
+    return RunRecord(**{**setup, **metrics, **predicted, **environment(info.device),
                         "config": OmegaConf.to_container(raw, resolve=True)})
 
 

@@ -66,10 +66,9 @@ MUTATIONS = [
     Mutation("cpu_util_best_rank", "reports/record.py", 'col("telemetry", "fraction", "min", "process CPU time',
              'col("telemetry", "fraction", "max", "process CPU time', ["tests/test_metrics.py"],
              "contention taken from the least starved rank"),
-    Mutation("measured_comm_is_the_prediction", "bench/harness/loop.py",
-             'out = {**static, **combine_ranks(per_rank), "timed_steps": len(times)}',
-             'out = {**static, **combine_ranks(per_rank), "timed_steps": len(times),\n'
-             '           "comm_bytes_per_step": static["pred_comm_bytes_per_step"]}', [WIRING],
+    Mutation("measured_comm_is_the_prediction", "bench/plan/annotate.py",
+             '"pred_comm_bytes_per_step": comm["total"],',
+             '"pred_comm_bytes_per_step": comm["total"], "comm_bytes_per_step": comm["total"],', [WIRING],
              "the predicted communication written into the measured column"),
     Mutation("implausible_above_two", "reports/record.py", "if v is not None and v == v and v > 1:",
              "if v is not None and v == v and v > 2:", ["tests/test_record.py", "tests/test_regress.py"],
@@ -96,9 +95,9 @@ MUTATIONS = [
     Mutation("batch_ignores_dp", "bench/harness/config.py", "per_step = self.micro_batch * dp_size",
              "per_step = self.micro_batch", [GRADS], "global_batch ignoring the data-parallel size"),
     # the cost model
-    Mutation("no_autocast_weight_copies", "strategies/amp.py", 'parts["autocast_weights"] = 2 * (ctx.n_mm - head)',
+    Mutation("no_autocast_weight_copies", "bench/plan/terms.py", 'parts["autocast_weights"] = 2 * (ctx.n_mm - head)',
              'parts["autocast_weights"] = 0', ["tests/test_costmodel.py"], "autocast's 16-bit weight copies dropped"),
-    Mutation("no_recomputed_block", "strategies/ac.py",
+    Mutation("no_recomputed_block", "bench/plan/terms.py",
              'recomputed = block - resid if ck else 0', 'recomputed = 0', ["tests/test_costmodel.py"],
              "the block recomputed in backward left out of the checkpointed peak"),
     Mutation("fused_head_no_weight_grad", "bench/plan/costmodel.py",
@@ -109,13 +108,14 @@ MUTATIONS = [
              "gx = grad_x * grad_out.to(grad_x.dtype) if grad_x is not None else None",
              "gx = grad_x if grad_x is not None else None", [GRADS, "tests/test_models.py"],
              "the fused loss's input gradient not scaled by the incoming gradient (grad accumulation, pipelines)"),
-    Mutation("recompute_counts_input", "strategies/ac.py", "recomputed = block - resid if ck else 0",
+    Mutation("recompute_counts_input", "bench/plan/terms.py", "recomputed = block - resid if ck else 0",
              "recomputed = block if ck else 0", ["tests/test_costmodel.py"],
              "the recomputed block counting its input, which the checkpoint already holds, a second time"),
-    Mutation("reduce_scatter_half", "strategies/dp.py", 'return {"all_gather": gather, "reduce_scatter": 4 * padded}',
+    Mutation("reduce_scatter_half", "bench/plan/terms.py",
+             'return {"all_gather": gather, "reduce_scatter": 4 * padded}',
              'return {"all_gather": gather, "reduce_scatter": 2 * padded}', ["tests/test_costmodel.py"],
              "FSDP gradients predicted as reduced in 16 bits"),
-    Mutation("ddp_grads_free", "strategies/dp.py", 'parts["grads"] = 4 * ctx.P  # bucket views, alive all run',
+    Mutation("ddp_grads_free", "bench/plan/terms.py", 'parts["grads"] = 4 * ctx.P  # bucket views, alive all run',
              'parts["grads"] = 0', ["tests/test_costmodel.py"], "DDP's gradient buckets left out"),
     # tables
     Mutation("torn_line_not_ended", "bench/harness/table.py",
@@ -158,7 +158,7 @@ MUTATIONS = [
     Mutation("sp_norm_grads_left_partial", "bench/harness/loop.py", "            finalize_grads(b.model)\n",
              "            pass\n", [f"{MESH}::test_mesh_strategies_match_single"],
              "sequence-parallel norm gradients reduced by every optimizer op instead of once"),
-    Mutation("tp_comm_without_the_loss", "strategies/tp.py", "loss = 3 * n * 4 if head else 0", "loss = 0",
+    Mutation("tp_comm_without_the_loss", "bench/plan/terms.py", "loss = 3 * n * 4 if head else 0", "loss = 0",
              [f"{MESH}::test_mesh_strategies_match_single"],
              "loss_parallel's all-reduces left out of the prediction"),
 ]
@@ -168,7 +168,7 @@ MUTATIONS = [
 class MutateArgs:
     only: list[str] = opt([], "mutation names to run (default: all)")
     check: bool = opt(False, "only check that every mutation's text is found exactly once")
-    out: str = opt("mutation_out", "folder for mutation.md")
+    out: str = opt("mutation_out", "folder for mutation.md (git-ignored; the dated results go to docs/journal.md)")
     timeout: int = opt(600, "seconds per mutation's test run")
 
 
