@@ -110,3 +110,33 @@ def corpus(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text(CORPUS_TEXT)
     return str(path)
+
+
+# ---------------------------------------------------------------------------------------------- test tiers
+# Every test belongs to exactly one tier (docs/testing.md has what each holds and how long it takes): its own
+# marker, or else its module's ``pytestmark``. ``pytest --tier=unit`` (make test-fast) runs one tier,
+# ``--tier=dist,e2e`` several; without --tier every test runs (make test, CI).
+TIERS = ("unit", "dist", "e2e", "browser")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--tier", default="", help=f"run only these tiers (comma-separated): {', '.join(TIERS)}")
+
+
+def tier_of(item) -> str | None:
+    """The closest tier marker: the test's own, else its class's, else its module's."""
+    return next((m.name for m in item.iter_markers() if m.name in TIERS), None)
+
+
+def pytest_collection_modifyitems(config, items):
+    missing = [item.nodeid for item in items if tier_of(item) is None]
+    if missing:
+        raise pytest.UsageError(f"tests without a tier marker ({', '.join(TIERS)}): {', '.join(missing[:5])}")
+    wanted = [t.strip() for t in config.getoption("--tier").split(",") if t.strip()]
+    bad = [t for t in wanted if t not in TIERS]
+    if bad:
+        raise pytest.UsageError(f"--tier={','.join(bad)} is not a tier; valid: {', '.join(TIERS)}")
+    if wanted:
+        keep = [item for item in items if tier_of(item) in wanted]
+        config.hook.pytest_deselected(items=[item for item in items if tier_of(item) not in wanted])
+        items[:] = keep

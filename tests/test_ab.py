@@ -9,7 +9,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT
+
+pytestmark = pytest.mark.e2e
 
 COMMON = ["model=tiny", "micro_batch=2", "seq_len=32", "rounds=2", "steps=2", "warmup=1"]
 

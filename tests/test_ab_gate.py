@@ -12,6 +12,8 @@ from bench.gate import ab as ab_gate
 from bench.gate.ab import Pair, Run, judge, needs_more
 from tests.helpers import ROOT
 
+pytestmark = pytest.mark.unit
+
 TH = ab_gate.load_thresholds(None)
 
 
@@ -83,6 +85,7 @@ def test_the_verdict_pools_paired_steps_not_whole_runs():
     assert not Pair(0, "AB", base, cand, step_ratios=[]).ok
 
 
+@pytest.mark.e2e
 def test_bad_input_exits_2(tmp_path):
     cmd = [sys.executable, "-m", "bench.gate", f"out={tmp_path / 'o'}", "ab=true"]
     res = subprocess.run([*cmd, "rev=no-such-rev"], cwd=ROOT, capture_output=True, text=True)
@@ -116,6 +119,7 @@ def ab(clone, rev, out):
                            "rounds=2", f"out={out}"], cwd=clone, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.e2e
 def test_a_committed_slowdown_fails_against_its_parent(slow_clone, tmp_path):
     res = ab(slow_clone, "HEAD~1", tmp_path / "o")
     assert res.returncode == 1, res.stdout + res.stderr
@@ -125,6 +129,7 @@ def test_a_committed_slowdown_fails_against_its_parent(slow_clone, tmp_path):
     assert ratio > 1.25  # 50 ms on a ~40-100 ms step
 
 
+@pytest.mark.e2e
 def test_the_baseline_is_the_named_revision_not_the_working_tree(slow_clone, tmp_path):
     """Baseline = the slow HEAD, candidate = the working tree with the sleep removed: faster, so it passes."""
     loop = "bench/harness/loop.py"

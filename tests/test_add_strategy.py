@@ -15,6 +15,8 @@ import pytest
 
 from tests.helpers import ROOT, copy_tree, md_rows
 
+pytestmark = pytest.mark.e2e
+
 MIB = 2**20
 TOY = ROOT / "tests" / "data" / "toy_strategy"
 FAST = ["model=tiny", "steps=3", "warmup=1", "micro_batch=2", "seq_len=32", "log_every=0"]

@@ -11,6 +11,8 @@ import pytest
 
 from tests.helpers import ROOT
 
+pytestmark = pytest.mark.e2e
+
 ENTRY_POINTS = {  # module -> a key it documents
     "bench.plan": "world_size", "bench.gate": "ab", "bench.gate.study": "gates", "bench.gate.noise": "rounds",
     "bench.gate.ci_suite": "repeats", "bench.launch.gpu_suite": "only", "bench.launch.slurm": "nodes",

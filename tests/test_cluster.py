@@ -17,6 +17,8 @@ from bench.launch.slurm import SlurmJob
 from reports import load
 from tests.helpers import ROOT, md_rows, run_cli
 
+pytestmark = pytest.mark.e2e
+
 FAST = ["model=tiny", "steps=4", "warmup=1", "micro_batch=2", "seq_len=32", "log_every=2"]
 
 

@@ -30,6 +30,8 @@ from strategies import StrategyConfig, apply_strategies, maybe_no_sync
 from strategies.ac import apply_ac
 from tests.helpers import ROOT
 
+pytestmark = pytest.mark.unit
+
 _VIEWS = {"TBackward0", "TransposeBackward0", "ViewBackward0", "PermuteBackward0", "ExpandBackward0",
           "ToCopyBackward0", "UnsafeViewBackward0"}
 
@@ -145,6 +147,7 @@ def _comm_worker(rank, world, cases):
     return out
 
 
+@pytest.mark.dist
 def test_measured_communication_equals_prediction(ranks):
     per_rank = ranks(_comm_worker, CASES)
     cfg = get_config("tiny", n_layer=2)
@@ -171,6 +174,7 @@ def test_predicted_peak_matches_h100_rows(strategy, dtype):
         assert pred == pytest.approx(r.peak_mem_bytes, rel=0.05), (r.model, strategy, pred / 2**30)
 
 
+@pytest.mark.e2e
 def test_planner_cli_table_json_and_speed():
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "bench.plan", "model=gpt2-xl", "world_size=4096",
@@ -199,6 +203,7 @@ def test_planner_cli_table_json_and_speed():
     ("tp2_sp", 2, ["model.pad_vocab_to=64"]),
     ("fsdp_pp2", 4, ["model.pad_vocab_to=64", "model.tie_embeddings=false"]),
 ])
+@pytest.mark.e2e
 def test_predicted_peak_matches_cpu_runs(tmp_path, strategy, nproc, extra):
     """mini on CPU: peak RSS minus the RSS before the model existed, against the prediction.
 

@@ -11,6 +11,8 @@ from bench.gate.paired import alternate, median, paired_ratios, round_order, sum
 from bench.measure import probe
 from bench.measure.probe import Trial, get_or_probe
 
+pytestmark = pytest.mark.unit
+
 
 def test_rounds_alternate_the_order():
     assert [round_order("AB", r) for r in range(4)] == [["A", "B"], ["B", "A"], ["A", "B"], ["B", "A"]]

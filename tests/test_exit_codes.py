@@ -15,6 +15,8 @@ from reports import load
 from reports.record import REQUIRED_COLUMNS
 from tests.helpers import ROOT, run_cli, run_cli_forked
 
+pytestmark = pytest.mark.e2e
+
 OK = ["model=tiny", "steps=2", "warmup=0", "micro_batch=2", "seq_len=32", "log_every=0", "device=cpu"]
 PREFIX = "[n00bGPT] error: invalid configuration: "
 

@@ -7,9 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.launch import gpu_suite
 from reports import load
 from tests.helpers import ROOT
+
+pytestmark = pytest.mark.e2e
 
 
 def test_list_prints_every_entry_with_the_right_launcher():

@@ -26,6 +26,8 @@ from tests.helpers.training import GRAD_RTOL as RTOL
 from tests.helpers.training import GRAD_RTOL_ADAMW as RTOL_ADAMW
 from tests.helpers.training import assert_same, rel_l2, run_case, run_cfg
 
+pytestmark = pytest.mark.dist
+
 
 @pytest.fixture(scope="module")
 def reference(corpus) -> dict:

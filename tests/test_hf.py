@@ -45,6 +45,8 @@ from strategies import StrategyConfig  # noqa: E402
 from tests.helpers import ROOT, run_cli  # noqa: E402
 from tests.helpers.training import BF16_RTOL, GRAD_RTOL, RTOL, assert_same, losses_of, run_case, run_cfg  # noqa: E402
 
+pytestmark = pytest.mark.dist
+
 CASES = [("tiny", {}), ("tiny", {"tie_embeddings": False, "mlp_hidden": 384}), ("llama-tiny", {}),
          ("llama-tiny", {"tie_embeddings": False, "bias": True, "rope_theta": 500000.0})]
 
@@ -214,6 +216,7 @@ def checkpoint(tmp_path_factory):
     return out
 
 
+@pytest.mark.e2e
 def test_fine_tuning_from_a_local_checkpoint_writes_an_ok_row(checkpoint, tmp_path):
     """README's command: the checkpoint's shape, weights and tokenizer; a falling loss on real text."""
     res = run_cli(["model.source=hf", f"model.hf_path={checkpoint}", f"data={ROOT / 'README.md'}", "steps=15",

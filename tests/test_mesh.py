@@ -30,6 +30,8 @@ from strategies.mesh import layout_columns
 from strategies.pp import bubble_fraction, in_flight_chunks, split_stage, stage_blocks, stage_ids
 from tests.helpers.training import RTOL, losses_of, model_cfg, run_cfg
 
+pytestmark = pytest.mark.dist
+
 HAVE_HF = bool(os.environ.get("CI")) or importlib.util.find_spec("transformers") is not None  # CI: must have it
 
 # name -> (strategy fields, model, micro_batch, grad_accum): 4 sequences per step on every mesh

@@ -11,6 +11,8 @@ import torch
 from bench.measure import memory, metrics, nvml, peak_flops, probe
 from bench.measure.combine import combine_ranks, rule_of
 
+pytestmark = pytest.mark.unit
+
 
 def test_step_time_statistics_by_hand():
     """Linear interpolation between order statistics, worked by hand: 11 steps of 1..11 s (shuffled), and
@@ -174,6 +176,7 @@ def _put_many(cache: str, writer: int, start) -> None:
         probe.cache_put(f"w{writer}|{i}", float(i))
 
 
+@pytest.mark.dist
 def test_concurrent_cache_writers_lose_no_key(tmp_path):
     """The ranks of a group and parallel runs write one cache file: four processes writing 100 keys each at once
     leave all 400 (a read-modify-write without the lock lost keys: a collective probe then measured again)."""
@@ -218,6 +221,7 @@ def test_a_probe_cached_on_another_cpu_model_is_not_read_back(monkeypatch, tmp_p
                                                                               f"({tmp_path / 'probes.json'})")
 
 
+@pytest.mark.dist
 def test_probe_reports_its_own_cpu_share_under_load():
     """Real probes: alone, the probe's CPU share is near 1; with the probe thread forced to share its core
     with a spinning process (both pinned to one core), it drops clearly -- the contention signal."""

@@ -26,6 +26,8 @@ from models import (
 from models.loss import fused_lm_loss
 from strategies.ac import recompute_flops_per_token
 
+pytestmark = pytest.mark.unit
+
 ARCH_TINY = ["tiny", "llama-tiny"]
 
 
@@ -230,6 +232,7 @@ def test_sequence_longer_than_context_is_rejected():
         model(torch.zeros(1, 257, dtype=torch.long))
 
 
+@pytest.mark.e2e
 def test_cli_json_lists_family():
     out = subprocess.run([sys.executable, "-m", "models", "format=json"], capture_output=True, text=True, check=True)
     rows = {r["name"]: r for r in json.loads(out.stdout)}

@@ -9,6 +9,8 @@ import pytest
 
 from bench.measure.overlap import exposure, length, subtract, union
 
+pytestmark = pytest.mark.dist
+
 
 def test_union_merges_overlaps_and_drops_empty_intervals():
     assert union([(3, 4), (0, 1), (0.5, 2), (2, 2.5), (5, 5)]) == [(0, 2.5), (3, 4)]

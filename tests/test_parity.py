@@ -13,6 +13,8 @@ import torch
 
 from tests.helpers.training import BF16_RTOL, RTOL, losses_of, run_cfg
 
+pytestmark = pytest.mark.dist
+
 
 @pytest.fixture(scope="module")
 def reference(corpus) -> list[float]:

@@ -12,9 +12,13 @@ import subprocess
 import sys
 import termios
 
+import pytest
+
 from bench.harness.progress import Progress
 from reports import load
 from tests.helpers import ROOT
+
+pytestmark = pytest.mark.e2e
 
 
 def drive(p: Progress, total: int, log_every: int) -> None:

@@ -17,6 +17,8 @@ from reports import load
 from reports.record import COLUMNS, META, REQUIRED_COLUMNS, SETUP_KEYS, RunRecord, implausible, variant_label
 from tests.helpers import ROOT
 
+pytestmark = pytest.mark.unit
+
 RULES = {"max", "min", "sum", "mean", "union", "rank0", "per_rank", "derived"}
 # The last revision before the record existed (its reports/load.py read bench/results.py's column list).
 OLD_REV = "f79f9f59d74affc8f5714c215bca882e4c8a0ebd"

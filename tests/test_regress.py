@@ -14,6 +14,8 @@ from bench.harness.table import append_row
 from reports.record import REQUIRED_COLUMNS
 from tests.helpers import ROOT, run_cli_forked
 
+pytestmark = pytest.mark.unit
+
 
 def row(i, strategy="ddp", tps=1000.0, mfu=0.1, mem=10**9, loss=2.5, status="ok", host="h1", **kw):
     r = {c: None for c in REQUIRED_COLUMNS}
@@ -85,6 +87,7 @@ def test_missing_setup_fails_and_nothing_in_common_is_unusable(tmp_path):
         regress.gate(regress._load([base], "b"), regress._load([other], "o"), th)
 
 
+@pytest.mark.e2e
 def test_cli_exit_codes(tmp_path):
     base = write(tmp_path / "b", [row(0)])
     slow = write(tmp_path / "s", [row(1, tps=500, mfu=0.05)])
@@ -105,6 +108,7 @@ def test_cli_exit_codes(tmp_path):
     assert res.returncode == 2 and "unknown keys ['max_drop']" in res.stderr
 
 
+@pytest.mark.e2e
 def test_injected_slowdown_is_caught_and_unchanged_rerun_passes(tmp_path):
     """Real runs: tiny single-process, 3 repeats per side alternated; the candidate sleeps one step's time per
     step (tiny's ~25 ms steps drift by up to 30 % between runs on a busy 2-core host, so a half-step sleep was

@@ -18,6 +18,8 @@ import pytest
 
 from tests.helpers import ROOT
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 VIEWPORT = {"width": 1280, "height": 800}
 # Chromium as root in a closed network: no sandbox, no background connections that would fail

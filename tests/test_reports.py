@@ -19,6 +19,8 @@ from reports.aggregate import summarise
 from reports.record import REQUIRED_COLUMNS
 from tests.helpers import ROOT, md_rows
 
+pytestmark = pytest.mark.unit
+
 GIB = 2**30
 
 
@@ -152,6 +154,7 @@ def test_many_strategies_do_not_overlap(tmp_path):
     assert all(b.x0 >= 0 for b in boxes)  # not cut off on the left
 
 
+@pytest.mark.e2e
 def test_cli_writes_self_contained_html_png_svg_and_markdown(results, tmp_path):
     out = tmp_path / "report"
     res = subprocess.run([sys.executable, "-m", "reports", f"results={results}", f"out={out}"], cwd=ROOT,
@@ -169,6 +172,7 @@ def test_cli_writes_self_contained_html_png_svg_and_markdown(results, tmp_path):
     assert all(f"({stem}.png)" in md for stem in pngs)
 
 
+@pytest.mark.e2e
 def test_baseline_vs_candidate(results, tmp_path):
     cand = tmp_path / "cand"
     for r in load(results).to_dict("records"):
@@ -198,6 +202,7 @@ def test_baseline_vs_candidate(results, tmp_path):
     assert f"{ws1.tokens_per_sec_baseline:,.0f}" in [t.get_text() for t in figs[0].axes[0].texts]
 
 
+@pytest.mark.e2e
 def test_comparison_without_common_setups_is_an_error(results, tmp_path):
     other = tmp_path / "other"
     append_row(other, row("x", "ddp", 1, 10.0, 1.0, 0.1, model="mini"))
@@ -206,6 +211,7 @@ def test_comparison_without_common_setups_is_an_error(results, tmp_path):
     assert res.returncode == 2 and "share no setup" in res.stderr
 
 
+@pytest.mark.e2e
 def test_torn_line_is_skipped_with_a_warning_or_refused_when_strict(tmp_path):
     d = tmp_path / "torn"
     d.mkdir()
@@ -221,6 +227,7 @@ def test_torn_line_is_skipped_with_a_warning_or_refused_when_strict(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("problem", ["empty", "not-object", "missing-column"])
 def test_bad_input_is_a_clear_error(tmp_path, problem):
     d = tmp_path / "bad"

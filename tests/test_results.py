@@ -20,6 +20,8 @@ from reports import ResultsError, load, load_steps
 from reports.load import TornLineWarning
 from reports.record import REQUIRED_COLUMNS
 
+pytestmark = pytest.mark.unit
+
 
 def make_row(i: int, **kw) -> dict:
     row = {c: None for c in REQUIRED_COLUMNS}
@@ -138,6 +140,7 @@ for i in range(start, start + 400):
 """
 
 
+@pytest.mark.e2e
 def test_writers_killed_at_random_points_lose_no_completed_row(tmp_path):
     """SIGKILL 60 writers (two at a time, some leaving a torn line first) at random moments: every row a
     writer reported complete is in the table exactly once, nothing is duplicated, and the table loads."""

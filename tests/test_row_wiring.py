@@ -26,6 +26,8 @@ from bench.harness.dist import DistInfo
 from bench.run import predictions
 from tests.helpers.training import run_cfg
 
+pytestmark = pytest.mark.dist
+
 SLEEP = 0.06
 BALLAST = 256 * 2**20
 

@@ -13,6 +13,8 @@ from reports.record import REQUIRED_COLUMNS
 from strategies.ac import recompute_flops_per_token
 from tests.helpers import run_cli
 
+pytestmark = pytest.mark.e2e
+
 FAST = ["model=tiny", "steps=4", "warmup=1", "micro_batch=2", "seq_len=32", "log_every=2"]
 
 

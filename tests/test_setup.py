@@ -16,7 +16,8 @@ import pytest
 from bench.launch.install_torch import VERSION, has_nvidia_gpu
 from tests.helpers import ROOT
 
-pytestmark = pytest.mark.skipif(has_nvidia_gpu(), reason="the CPU-only path needs a machine without an NVIDIA driver")
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(has_nvidia_gpu(), reason="the CPU-only path needs a machine without an NVIDIA driver")]
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ from models import build_model, get_config
 from strategies import StrategyConfig, StrategyError, apply_ac, apply_strategies, get_autocast, unwrap
 from strategies.ac import CheckpointWrapper, recompute_flops_per_token
 
+pytestmark = pytest.mark.unit
+
 
 def fresh(name="tiny", seed=0):
     model = build_model(get_config(name), "meta")
@@ -84,6 +86,7 @@ def _fsdp_worker(rank, world, amp):
             "grad_is_dtensor": isinstance(qkv.grad, DTensor), "grad_dtype": qkv.grad.dtype}
 
 
+@pytest.mark.dist
 def test_fsdp_shards_parameters_and_applies_mixed_precision_policy(ranks):
     out = ranks(_fsdp_worker, "fp32")
     assert [o["local_rows"] for o in out] == [192, 192] and out[0]["global_rows"] == 384
@@ -103,6 +106,7 @@ def _ddp_worker(rank, world):
     return {n: p.grad for n, p in unwrap(model).named_parameters()}
 
 
+@pytest.mark.dist
 def test_ddp_gradients_equal_single_process_on_concatenated_batch(ranks):
     out = ranks(_ddp_worker)
     ref = fresh()
@@ -113,6 +117,7 @@ def test_ddp_gradients_equal_single_process_on_concatenated_batch(ranks):
         torch.testing.assert_close(out[1][n], p.grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.dist
 def test_compiled_block_matches_eager():
     eager = fresh(seed=4)
     compiled = fresh(seed=4)

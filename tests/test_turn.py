@@ -8,8 +8,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from bench.harness.turn import ENV_FILE, ENV_SIDE, write_turn
 from tests.helpers import ROOT
+
+pytestmark = pytest.mark.dist
 
 # A job: N "steps" of ~20 ms busy work, each logged with its start and end (monotonic clock).
 _JOB = """

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bench.launch.suite import launcher
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(args: list[str], nproc: int = 0, timeout: int = 300,
