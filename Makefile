@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 NPROC ?= 2
 ARGS ?=
 
-.PHONY: setup bench test lint report gate clean
+.PHONY: setup bench test test-fast test-dist test-e2e lint report gate clean
 
 setup: $(VENV)/.installed
 
@@ -22,8 +22,19 @@ $(VENV)/.installed: pyproject.toml
 bench: setup
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) bench/run.py strategy=fsdp $(ARGS)
 
+# every tier: unit, dist, e2e, browser (docs/testing.md: what each holds, how long it takes)
 test: setup
 	$(PY) -m pytest -q $(ARGS)
+
+# the unit tier: what a developer runs before every commit
+test-fast: setup
+	$(PY) -m pytest -q --tier=unit $(ARGS)
+
+test-dist: setup
+	$(PY) -m pytest -q --tier=dist $(ARGS)
+
+test-e2e: setup
+	$(PY) -m pytest -q --tier=e2e,browser $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -35,4 +46,4 @@ gate: setup
 	$(PY) -m bench.gate ab=true out=ab_out
 
 clean:
-	rm -rf $(VENV) .pytest_cache reports_out ab_out ci_out
+	rm -rf $(VENV) .pytest_cache reports_out ab_out ci_out mutation_out
