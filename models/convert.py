@@ -1,27 +1,11 @@
-"""Weights between the family's model (models/gpt.py) and Hugging Face's GPT2LMHeadModel / LlamaForCausalLM.
+"""Checkpoints between the family's model (models/gpt.py) and Hugging Face's GPT2LMHeadModel / LlamaForCausalLM.
 
-The documented name mapping (``{i}`` = block index; HF names as in ``model.state_dict()``):
+    python -m models.convert to=hf src=family.pt dst=hf_dir        # a family checkpoint -> save_pretrained dir
+    python -m models.convert to=native src=hf_dir dst=family.pt    # and back
 
-    family                         GPT2LMHeadModel                      LlamaForCausalLM
-    tok_emb.weight                 transformer.wte.weight               model.embed_tokens.weight
-    pos_emb.weight                 transformer.wpe.weight               --
-    blocks.{i}.norm1.*             transformer.h.{i}.ln_1.*             model.layers.{i}.input_layernorm.weight
-    blocks.{i}.attn.qkv.*          transformer.h.{i}.attn.c_attn.*      model.layers.{i}.self_attn.{q,k,v}_proj.*
-    blocks.{i}.attn.proj.*         transformer.h.{i}.attn.c_proj.*      model.layers.{i}.self_attn.o_proj.*
-    blocks.{i}.norm2.*             transformer.h.{i}.ln_2.*             model.layers.{i}.post_attention_layernorm.weight
-    blocks.{i}.mlp.fc.*            transformer.h.{i}.mlp.c_fc.*         model.layers.{i}.mlp.up_proj.*
-    blocks.{i}.mlp.gate.*          --                                   model.layers.{i}.mlp.gate_proj.*
-    blocks.{i}.mlp.proj.*          transformer.h.{i}.mlp.c_proj.*       model.layers.{i}.mlp.down_proj.*
-    norm_f.*                       transformer.ln_f.*                   model.norm.weight
-    lm_head.weight (untied only)   lm_head.weight                       lm_head.weight
-
-Layouts: GPT-2's ``Conv1D`` stores weights as (in, out), the transpose of ``nn.Linear``'s (out, in); the family's
-fused q/k/v rows are head-major (H, 3, hd) (models/gpt.py ``qkv_to_head_major``) while GPT-2's ``c_attn`` columns
-are (3, H, hd) and Llama's are three separate (H*hd, d) projections. A tied head has no tensor of its own.
-
-``python -m models.convert`` moves a checkpoint either way: ``to=hf`` turns a family checkpoint (``.pt``: its
-config and state dict) into a ``save_pretrained`` directory; ``to=native`` the other way. The harness reads a
-directory directly (``model.hf_path=DIR``, either source).
+``to=hf`` turns a family checkpoint (``.pt``: its config and state dict) into a ``save_pretrained`` directory;
+``to=native`` the other way. The harness reads a directory directly (``model.hf_path=DIR``, either source). The
+name mapping and the layouts are documented in models/weights.py, which both implementations share.
 """
 
 from __future__ import annotations
