@@ -5,6 +5,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 NPROC ?= 2
+# test processes for make test (pytest-xdist, one test file per worker at a time: module fixtures run once)
+TEST_WORKERS ?= 2
 ARGS ?=
 
 .PHONY: setup bench test test-fast test-dist test-e2e lint report gate clean
@@ -24,17 +26,17 @@ bench: setup
 
 # every tier: unit, dist, e2e, browser (docs/testing.md: what each holds, how long it takes)
 test: setup
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 # the unit tier: what a developer runs before every commit
 test-fast: setup
 	$(PY) -m pytest -q --tier=unit $(ARGS)
 
 test-dist: setup
-	$(PY) -m pytest -q --tier=dist $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --tier=dist $(ARGS)
 
 test-e2e: setup
-	$(PY) -m pytest -q --tier=e2e,browser $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --tier=e2e,browser $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
