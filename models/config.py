@@ -50,7 +50,7 @@ class GPTConfig:
     loss_chunk: int = 1024
     """Training loss through the fused, chunked LM head + cross-entropy (models/loss.py), this many tokens at a
     time: the (tokens, vocabulary) logits never exist whole. 0 = the plain path (logits, fp32 copy,
-    F.cross_entropy). Default 1024: measured faster on CPU at both shapes tried (README, "A faster step").
+    F.cross_entropy). Default 1024: measured faster on CPU at both shapes tried (docs/journal.md, "A faster step").
     Same FLOPs, same loss. Under tensor parallelism (loss_parallel), pipeline parallelism
     (the last stage hands logits to the schedule's loss) and inside torch.compile (which fuses the plain
     path's softmax itself) the plain path is used. ``source=hf`` always runs HF's own head (plain path)."""

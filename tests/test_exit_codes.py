@@ -137,7 +137,7 @@ def test_every_invalid_configuration_exits_2_with_one_line_and_no_row(tmp_path, 
 def test_under_torchrun_one_rank_prints_one_line_and_no_row_is_written(tmp_path, table, overrides, expect):
     res = run_cli([*OK, "strategy=ddp", f"results_dir={table}", *overrides], nproc=2, timeout=180)
     out = res.stdout + res.stderr
-    assert res.returncode == 1  # torchrun's own code for failed workers (README: "Exit codes")
+    assert res.returncode == 1  # torchrun's own code for failed workers (docs/running.md: "Exit codes")
     assert sum(PREFIX in ln for ln in out.splitlines()) == 1 and expect in out, out[-3000:]
     assert "exitcode  : 2" in out  # torchrun's summary shows the workers' code
     assert "bench/run.py\", line" not in out  # no rank printed a traceback

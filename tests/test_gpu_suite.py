@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 
 
 def test_list_prints_every_entry_with_the_right_launcher():
-    """README's ``bash bench/launch/gpu_suite.sh --list``: the commands, nothing run, no folder named --list."""
+    """docs/gpu.md's ``bash bench/launch/gpu_suite.sh --list``: the commands, nothing run, no folder named --list."""
     r = subprocess.run(["bash", "bench/launch/gpu_suite.sh", "--list"], cwd=ROOT, capture_output=True, text=True,
                        check=True, env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
     out = [line for line in r.stdout.splitlines() if "bench/run.py" in line]

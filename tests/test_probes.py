@@ -66,7 +66,7 @@ def test_each_collective_is_probed_alone_and_beside_busy_compute(ranks, tmp_path
     """bench/measure/bandwidth.py ``collective_bandwidths``: every kind the strategies issue, the same on both
     ranks (the slowest rank's time), cached per ``contended``; ``fresh`` probes again and replaces the cached
     value. (How much busy compute slows them is a measured
-    fact of a host, README's figures, not a bound a test on a shared CI host can hold: one run measured the
+    fact of a host, docs/planner.md's figures, not a bound a test on a shared CI host can hold: one run measured the
     idle all-reduce at 0.19 GB/s and the contended one at 0.69.)"""
     a, b = ranks(_collectives_worker, str(tmp_path))
     assert a == b

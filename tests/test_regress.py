@@ -127,7 +127,7 @@ def test_injected_slowdown_is_caught_and_unchanged_rerun_passes(tmp_path):
     for res in run_cli_forked(argvs, tmp_path, env=env):
         assert res.returncode == 0, res.stderr[-2000:]
     # Thresholds for this short test (15 steps, noisier than the CI suite's 30): the point is the
-    # mechanism -- an injected 2x slowdown fails, an unchanged rerun passes; README gives the real ones.
+    # mechanism -- an injected 2x slowdown fails, an unchanged rerun passes; docs/gate.md gives the real ones.
     th = tmp_path / "th.yaml"
     th.write_text("tokens_per_sec:\n  max_drop_pct: 20.0\n  same_machine_only: true\n"
                   "peak_mem_bytes:\n  max_rise_pct: 10.0\nloss:\n  max_rel_diff: 1.0e-4\n"

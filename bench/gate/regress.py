@@ -6,7 +6,7 @@
 
 This is the reports' comparison (reports.compare: setups and variants matched as the report tables group
 them, medians over each side's ok runs, so repeats damp the noise) plus thresholds
-(bench/gate/thresholds.yaml, documented there and in the README):
+(bench/gate/thresholds.yaml, documented there and in docs/gate.md):
 
 - ``tokens_per_sec`` may drop at most ``max_drop_pct`` -- only when both sides ran on the same
   hostname and device (raw throughput is not comparable between machines; else verdict SKIP);

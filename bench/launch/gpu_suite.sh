@@ -5,7 +5,7 @@
 #   bash bench/launch/gpu_suite.sh --help      # the options
 # If hydra-core or tabulate is missing there, wheels in .whl/ (hydra-core, omegaconf, antlr4-python3-runtime,
 # tabulate)
-# are installed into /tmp/site first (see README, "GPU validation").
+# are installed into /tmp/site first (see docs/gpu.md).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=gpu_suite_out

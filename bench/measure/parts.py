@@ -29,7 +29,7 @@ residuals it does not split -- and its collectives: ``block_comm_s`` / ``rest_co
 spent inside them (bench/measure/comm.py ``CommClock``, a separate timing after the plain ones), are kept apart,
 so that the step model's exposed communication is the measured wait and its memory-bound time the rest. On
 mini with tp=2 the unsplit parts / 2 predicted the 16 tensor-parallel strategies a median 25 % too fast;
-timed split, 7.1 % (README).
+timed split, 7.1 % (docs/journal.md).
 
 The matmuls run in the run's compute dtype (``dtype``: strategies/amp.py ``compute_dtype_name``): under bf16 or
 fp16 the parts' forward runs in autocast, as the harness runs it, and the matmul probes' tensors are 16-bit; on

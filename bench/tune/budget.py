@@ -1,6 +1,6 @@
-"""The step-time model's error budget: how far its predictions are from committed measured rows (README).
+"""The step-time model's error budget: how far its predictions are from committed measured rows (docs/planner.md).
 
-    python -m bench.tune.budget        # the table README shows: results/tune-cpu*, and gpu
+    python -m bench.tune.budget        # the table docs/planner.md shows: results/tune-cpu*, and gpu
 
 Two kinds of rows:
 
@@ -35,7 +35,7 @@ from models.config import GPTConfig, get_config
 from strategies.config import StrategyConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-SETS = {  # README's budget lines: label -> (folder(s) of committed rows, how they are predicted)
+SETS = {  # docs/planner.md's budget lines: label -> (folder(s) of committed rows, how they are predicted)
     "results/tune-cpu (mini, 2 gloo ranks, CPU fp32; the runs' own probes)": ("results/tune-cpu", "row"),
     "results/tune-cpu-all (the same with every strategy: + tp, sp, pp; tp from unsplit parts)":
         ("results/tune-cpu-all", "row"),
@@ -138,7 +138,7 @@ def _top3(rows: list[dict]) -> str:
 
 
 def budget_row(name: str, rows: list[dict]) -> dict:
-    """One line of README's error budget: the median and largest |step error| over ``rows``, the median
+    """One line of docs/planner.md's error budget: the median and largest |step error| over ``rows``, the median
     signed error of each component ('–' where no row measured it), and the top-3 check."""
     errs = [errors(r) for r in rows]
 
@@ -225,7 +225,7 @@ def load_set(folder: str, how: str) -> list[dict]:
 
 
 def budget_table(sets: dict[str, list[dict]] | None = None) -> str:
-    """README's error-budget table (markdown) from ``sets`` (label -> rows; default: ``SETS`` loaded)."""
+    """docs/planner.md's error-budget table (markdown) from ``sets`` (label -> rows; default: ``SETS`` loaded)."""
     import pandas as pd
 
     sets = sets if sets is not None else {label: load_set(*where) for label, where in SETS.items()}
