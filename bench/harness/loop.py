@@ -57,7 +57,7 @@ class TrainOutcome:
     metrics: dict  # RunRecord columns
     losses: list[float] = field(default_factory=list)  # global mean loss per step (warm-up included)
     step_times_s: list[float] = field(default_factory=list)  # combined timed step times
-    mesh: object = None  # the run's DeviceMesh (bench/plan/annotate.py times the model's parts on it)
+    mesh: object = None  # the run's DeviceMesh (bench/harness/rates.py times the model's parts on it)
 
 
 def plan_batch(cfg: RunConfig, info: DistInfo) -> dict:

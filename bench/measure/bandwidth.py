@@ -94,7 +94,7 @@ def link_bandwidth(device: torch.device, nbytes: int = 16 * 2**20, repeats: int 
     # spread test flagged three probes in a row here and never cached
     out, source = get_or_probe("all_reduce", probe_key("link", device, backend, f"world={n}"),
                                lambda: Trial({None: _best(trial, repeats)[0]}), fresh=fresh, cache=True,
-                               gather=gather_group, writer=dist.get_rank() == 0, neighbours_limit=neighbours_limit)
+                               gather=gather_group, neighbours_limit=neighbours_limit)  # every rank caches on its host
     return out.values[None], source
 
 
@@ -155,7 +155,7 @@ def collective_bandwidths(device: torch.device, contended: bool = False, nbytes:
 
     key = probe_key("coll", device, backend, f"world={n}", f"contended={contended}")
     out, source = get_or_probe(f"{how}collectives", key, measure, COLLECTIVES, fresh=fresh, cache=True,
-                               gather=gather_group, writer=dist.get_rank() == 0, neighbours_limit=neighbours_limit)
+                               gather=gather_group, neighbours_limit=neighbours_limit)  # every rank caches on its host
     return out.values, source
 
 

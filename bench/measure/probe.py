@@ -14,7 +14,8 @@ does the rest, the same way for all:
 3. **judge**: the measurement's own evidence of contention (``Trial.contended``: a spread of trials, a CPU share)
    and the share of the host other work took while it ran, over every rank's host (above ``neighbours_max()``,
    ``N00BGPT_NEIGHBOURS_MAX``, default a fifth);
-4. **cache or not**: a clean value is cached (by ``writer``: one rank of a group), a contended one serves this
+4. **cache or not**: a clean value is cached (by every rank whose ``writer`` is true: each host keeps its own
+   cache, so every rank of a multi-node group writes by default), a contended one serves this
    run only, and its source says why: ``probe:measured add (contended: trials spread 20%, neighbours 48% of the
    host: not cached)``. ``probe:cached <what>`` for a value read back.
 
