@@ -242,3 +242,19 @@ def test_the_documented_error_budget_is_the_committed_rows():
     assert {r["strategy"] for r in today} == {r["strategy"] for r in tune_all}
     assert len(gpu) == 10 and all(r["pred_rates_source"].startswith("datasheet:H100 SXM5 ") for r in gpu)
     assert budget_table() in (ROOT / "docs" / "planner.md").read_text()
+
+
+def test_every_shape_option_reaches_the_tuners_prediction():
+    """``grad_accum`` (bench/shape.py, shared by every tool) is not accepted and then ignored: the tuner predicts
+    with it (the runs get it too), and the parts probe, which times one micro-batch, refuses it."""
+    from bench.tune.__main__ import TuneArgs, ranked
+    from bench.tune.parts import PartsArgs
+    from models.cli import UsageError
+
+    s = StrategyConfig(dp="ddp")
+    one, four = (ranked(TuneArgs(model="tiny", world_size=2, grad_accum=ga), RATES, "cpu", [s])[0] for ga in (1, 4))
+    want = predict_step(get_config("tiny"), s, 2, 4, 256, 4, RATES, can_overlap("cpu", 2, 1,
+                                                                                 len(os.sched_getaffinity(0))))
+    assert four["pred_step_s"] == pytest.approx(want["step_s"]) and four["pred_step_s"] > 3 * one["pred_step_s"]
+    with pytest.raises(UsageError, match="grad_accum=2"):
+        PartsArgs(grad_accum=2)

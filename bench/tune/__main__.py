@@ -208,7 +208,7 @@ def ranked(args: TuneArgs, rates: Rates, device_type: str, strategies: list[Stra
     rows = []
     for s in strategies:
         r = dataclasses.replace(rates, parts=(parts or {}).get(parts_key(s, device_type, args.micro_batch)))
-        t = predict_step(cfg, s, args.world_size, args.micro_batch, seq, 1, r, overlap)
+        t = predict_step(cfg, s, args.world_size, args.micro_batch, seq, args.grad_accum, r, overlap)
         rows.append({"strategy": s.canonical_name, "config": s, "pred_tokens_per_sec": t["tokens_per_sec"],
                      "pred_step_s": t["step_s"]})
     return sorted(rows, key=lambda r: -r["pred_tokens_per_sec"])
@@ -291,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         cmd = [*launcher(args.world_size), str(ROOT / "bench" / "run.py"), *model_args(args), "strategy=single",
                *strategy_overrides(c["config"]), f"micro_batch={args.micro_batch}", f"seq_len={args.seq_len}",
-               f"steps={args.steps}", f"warmup={args.warmup}", f"results_dir={results}", f"tag={tag}",
+               f"grad_accum={args.grad_accum}", f"steps={args.steps}", f"warmup={args.warmup}",
+               f"results_dir={results}", f"tag={tag}",
                "probe_parts=true"]
         subprocess.run(cmd, cwd=ROOT, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     df = load(results)

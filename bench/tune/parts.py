@@ -44,6 +44,8 @@ class PartsArgs(ShapeArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.grad_accum != 1:  # the parts are one micro-batch's work; the step model multiplies them
+            raise UsageError(f"grad_accum={self.grad_accum}: the parts are timed per micro-batch; leave it at 1")
         if self.dtype not in DTYPES:
             raise UsageError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.micro_batch < 1 or self.tp < 1:
