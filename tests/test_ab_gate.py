@@ -81,8 +81,9 @@ def test_the_verdict_pools_paired_steps_not_whole_runs():
     two = [Pair(0, "AB", base, cand, step_ratios=[1.2] * 3 + [1.0] * 57), Pair(1, "BA", base, cand,
                                                                               step_ratios=[1.1] * 60)]
     assert ab_gate.entry_ratio(two) == pytest.approx(1.1)
-    # a pair without paired steps (a failed side) is not judged on speed
-    assert not Pair(0, "AB", base, cand, step_ratios=[]).ok
+    # two runs that finished but left no paired steps cannot pass on speed
+    blind = judge("e", [Pair(0, "AB", base, cand, step_ratios=[])], TH)
+    assert checks(blind)["step_time"] == "FAIL" and "cannot be judged" in blind.checks[-1]["detail"]
 
 
 @pytest.mark.e2e

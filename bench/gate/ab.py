@@ -82,7 +82,7 @@ class Pair:
 
     @property
     def ok(self) -> bool:
-        return self.base.status == "ok" and self.cand.status == "ok" and bool(self.step_ratios)
+        return self.base.status == "ok" and self.cand.status == "ok"
 
     @property
     def ratio(self) -> float:
@@ -240,6 +240,12 @@ def judge(entry: str, pairs: list[Pair], th: dict) -> Verdict:
     v.checks.append({"metric": "status", "verdict": "FAIL" if broken else "PASS", "detail": detail})
     ok = [p for p in pairs if p.ok]
     if not ok:
+        return v
+    unpaired = [p for p in ok if not p.step_ratios]
+    if unpaired:  # both sides ran, but their steps cannot be paired: no speed verdict may pass unmeasured
+        v.checks.append({"metric": "step_time", "verdict": "FAIL",
+                         "detail": f"{len(unpaired)}/{len(ok)} pairs ran but left no paired steps (per-step logs "
+                                   "missing or empty): the speed cannot be judged"})
         return v
     pairs_r = summarize([p.ratio for p in ok])
     pooled = [r for p in ok for r in p.step_ratios]
