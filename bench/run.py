@@ -36,12 +36,13 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from bench.harness.config import ConfigError, RunConfig, register_configs, to_run_config  # noqa: E402
-from bench.harness.dist import DistInfo, broadcast_object, init_distributed  # noqa: E402
+from bench.harness.dist import DistInfo, broadcast_object, die_with_parent, init_distributed  # noqa: E402
 from bench.harness.env import environment  # noqa: E402
 from bench.harness.loop import TrainOutcome, plan_batch, train  # noqa: E402
+from bench.harness.precheck import precheck  # noqa: E402
 from bench.harness.progress import Progress  # noqa: E402
 from bench.harness.rates import probe_rates  # noqa: E402
-from bench.harness.table import append_row, claim_run, dead_ranks, register_rank, write_steps  # noqa: E402
+from bench.harness.table import DuplicateRun, append_row, claim_id, dead_ranks, register_rank, write_steps  # noqa: E402
 from bench.plan.annotate import annotate  # noqa: E402
 from bench.plan.steptime import Rates, can_overlap  # noqa: E402
 from reports.record import RunRecord  # noqa: E402
@@ -118,18 +119,24 @@ def _is_timeout(exc: BaseException) -> bool:
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(raw: DictConfig) -> None:
+    die_with_parent()  # a killed torchrun takes its ranks with it (SIGTERM: an error row, below)
     try:
         cfg = to_run_config(raw)
         info = init_distributed(cfg.device, cfg.backend, cfg.timeout_s)
-        cfg.strategy.validate_for(info.device.type, info.world_size)  # checks that need the world size ...
+        cfg.validate_world(info.world_size)  # checks that need the world size ...
+        cfg.strategy.validate_for(info.device.type, info.world_size)
         batch = plan_batch(cfg, info)  # ... and the batch arithmetic (once): before anything is printed or run
     except (ConfigError, StrategyError) as exc:
         stop_invalid(str(exc))
     preset = HydraConfig.get().runtime.choices.get("strategy")
-    run_id = cfg.run_id or broadcast_object(
-        f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}" if info.is_main else None, info)
+    # The run's id, claimed before any work by rank 0 (table.claim_id): of two runs started with one id, one
+    # stops here with exit 2. Every rank learns the id and the verdict.
+    run_id = cfg.run_id or f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}"
+    run_id, refused = broadcast_object((run_id, claim_id(cfg.results_dir, run_id)) if info.is_main else None, info)
+    if refused:
+        stop_invalid(refused)
     # torchrun answers a dead rank by SIGTERM-ing the others: turn that into an exception so a
-    # surviving rank still writes the run's (single, claimed) error row before it exits.
+    # surviving rank still writes the run's (single) error row before it exits.
     signal.signal(signal.SIGTERM, _raise_terminated)
     if info.world_size > 1:
         register_rank(cfg.results_dir, run_id, info.rank)
@@ -168,8 +175,13 @@ def main(raw: DictConfig) -> None:
         predicted = predictions(cfg, info, batch, None)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the run is over: nothing may cut the row in half
     row = build_row(cfg, raw, info, run_id, status, error, outcome, preset, batch, predicted)
-    if (collective and info.is_main) or (not collective and claim_run(cfg.results_dir, run_id)):
-        path = append_row(cfg.results_dir, row)
+    path = None
+    if info.is_main or not collective:  # after a failure every rank tries: the first append writes the row
+        try:
+            path = append_row(cfg.results_dir, row)
+        except DuplicateRun:  # another rank of this run wrote it
+            pass
+    if path is not None:
         if outcome is not None:
             step_log = [{"step": i, "phase": "warmup" if i < cfg.warmup else "timed", "loss": loss,
                          "step_time_s": (outcome.step_times_s[i - cfg.warmup]
@@ -199,72 +211,6 @@ def main(raw: DictConfig) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit({"ok": 0, "suspect": 3}.get(status, 1))
-
-
-_HYDRA_FLAGS = ("-h", "--help", "--hydra-help", "--cfg", "-c", "--info", "--resolve", "--package", "-p",
-                "--multirun", "-m", "--shell-completion", "-sc", "--config-path", "-cp", "--config-name", "-cn",
-                "--config-dir", "-cd", "--run", "-r", "--experimental-rerun")
-
-
-def precheck(argv: list[str]) -> str | None:
-    """Compose and validate the configuration exactly as ``main`` will, before Hydra's runner starts, and
-    return a one-line message for anything invalid (an unknown group option or key, a value of the wrong
-    type, a RunConfig check), or None. Hydra itself would exit 1 with a multi-line report."""
-    if any(a.split("=", 1)[0] in _HYDRA_FLAGS for a in argv):
-        return None  # --help, --cfg, multirun ...: Hydra's own business
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import MissingConfigException
-
-    overrides = [a for a in argv if not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
-    try:
-        with initialize_config_dir(config_dir=str(Path(__file__).with_name("conf")), version_base=None):
-            raw = compose(config_name="config", overrides=overrides)
-    except MissingConfigException as exc:
-        group = next((g for g in ("model", "strategy") if f"'{g}/" in str(exc)), None)
-        if group is None:
-            return str(exc).splitlines()[0]
-        value = next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith(f"{group}=")), "?")
-        valid = [o for o in exc.options or [] if o != "base_strategy"]  # the schema node, not a preset
-        return f"{group}={value!r} is not a {group} preset; valid: {', '.join(valid)}"
-    except Exception as exc:  # OmegaConf type errors, override grammar errors
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        parser = OverridesParser.create()
-        for arg in overrides:  # a grammar error: name the override
-            try:
-                parser.parse_override(arg)
-            except Exception as bad:
-                return f"cannot parse override {arg!r}: {' '.join(str(bad).split())}"
-        root = exc
-        while root.__cause__ is not None:
-            root = root.__cause__
-        with initialize_config_dir(config_dir=str(Path(__file__).with_name("conf")), version_base=None):
-            unknown = _unknown_key(root, compose(config_name="config"))
-        if unknown:
-            return unknown
-        first = " ".join(str(exc).split("\n")[0].split())
-        why = " ".join(str(root).split("\n")[0].split())
-        return f"{first}: {why}" if root is not exc else first
-    try:
-        to_run_config(raw)
-    except ConfigError as exc:
-        return str(exc)
-    return None
-
-
-def _unknown_key(exc: BaseException, raw_default) -> str | None:
-    """Hydra's "Could not override 'x'" for a key that is not in the schema, as one line naming the valid keys."""
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
-
-    if not isinstance(exc, ConfigAttributeError | ConfigKeyError) or not getattr(exc, "full_key", None):
-        return None
-    key = exc.full_key
-    prefix, _, _ = key.rpartition(".")
-    node = OmegaConf.select(raw_default, prefix) if prefix else raw_default
-    if not isinstance(node, DictConfig):
-        return None
-    scope = f"{prefix} " if prefix else "top-level "
-    return f"unknown key {key!r}; valid {scope}keys: {', '.join(sorted(node.keys()))}"
 
 
 def stop_invalid(problem: str) -> None:

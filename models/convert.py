@@ -11,6 +11,7 @@ name mapping and the layouts are documented in models/weights.py, which both imp
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,20 @@ class ConvertArgs:
         for key in ("src", "dst"):
             if not getattr(self, key):
                 raise ValueError(f"{key}= is required")
+        src, dst = Path(self.src), Path(self.dst)
+        if self.to == "hf" and not src.is_file():
+            raise ValueError(f"src={self.src!r}: no such file (to=hf reads a family checkpoint, one .pt file)")
+        if self.to == "native" and not src.is_dir():
+            raise ValueError(f"src={self.src!r}: no such folder (to=native reads a save_pretrained folder)")
+        if self.to == "hf" and dst.exists() and not dst.is_dir():
+            raise ValueError(f"dst={self.dst!r} exists and is not a folder (to=hf writes a save_pretrained folder)")
+        if self.to == "native" and dst.is_dir():
+            raise ValueError(f"dst={self.dst!r} is a folder (to=native writes one .pt file)")
+        parent = dst.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"dst={self.dst!r}: cannot write under {parent}")
 
 
 def convert(args: ConvertArgs) -> str:

@@ -171,7 +171,21 @@ def config_from_pretrained(path: str | Path, base: GPTConfig) -> GPTConfig:
     if not file.is_file():
         raise FileNotFoundError(f"model.hf_path={str(path)!r}: no config.json there (a save_pretrained directory "
                                 "has config.json and model.safetensors)")
-    c = json.loads(file.read_text())
+    try:
+        c = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{file}: not a readable JSON file: {exc}") from None
+    if not isinstance(c, dict):
+        raise ValueError(f"{file}: holds a JSON {type(c).__name__}, not an object of settings")
+    try:
+        return _config_from_json(path, c, base)
+    except KeyError as exc:
+        raise ValueError(f"{file}: lacks the key {exc.args[0]!r} that a {c.get('model_type')} config has") from None
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{file}: {exc}") from None
+
+
+def _config_from_json(path: Path, c: dict, base: GPTConfig) -> GPTConfig:
     kind = c.get("model_type")
     keep = dict(source=base.source, loss_chunk=base.loss_chunk, dropout=base.dropout, hf_path=str(path),
                 name=path.resolve().name, pad_vocab_to=1)
@@ -208,6 +222,45 @@ def config_from_pretrained(path: str | Path, base: GPTConfig) -> GPTConfig:
 
 # ---------------------------------------------------------------------------------------------- files
 
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a ``save_pretrained`` directory (``model.safetensors`` or its sharded index)."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return [path / "model.safetensors"]
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return sorted({path / f for f in weight_map.values()})
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{index}: not a safetensors index (a JSON object with a weight_map): {exc!r}") from None
+
+
+def weights_problem(path: str | Path) -> str | None:
+    """Why the checkpoint's weights cannot be read, or None, from the files' headers only (nothing is loaded):
+    every weight file exists, starts with its header's length (8 bytes, little-endian), holds that much valid
+    JSON, and is long enough for the last tensor the header places in it."""
+    try:
+        files = weight_files(path)
+    except ValueError as exc:
+        return str(exc)
+    for f in files:
+        if not f.is_file():
+            return f"model.hf_path={str(path)!r}: no {f.name} there (a save_pretrained directory has its weights)"
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                size = f.stat().st_size
+                if n <= 0 or 8 + n > size:
+                    return f"{f}: not a safetensors file (header length {n} for a file of {size} bytes)"
+                header = json.loads(fh.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            return f"{f}: not a safetensors file: cannot read its header ({exc!r})"
+        if 8 + n + end > size:
+            return f"{f}: truncated: its header places tensors up to byte {8 + n + end}, the file has {size}"
+    return None
+
+
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a ``save_pretrained`` directory (``model.safetensors`` or its sharded index), on CPU."""
     try:
@@ -215,9 +268,7 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     except ImportError as exc:
         raise ModuleNotFoundError(f"reading model.hf_path needs the [hf] extra: {HF_EXTRA}") from exc
     path = Path(path)
-    index = path / "model.safetensors.index.json"
-    files = (sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.is_file()
-             else [path / "model.safetensors"])
+    files = weight_files(path)
     if not all(f.is_file() for f in files):
         raise FileNotFoundError(f"model.hf_path={str(path)!r}: no model.safetensors (or its index) there")
     state = {}
@@ -251,5 +302,12 @@ def save_native(path: str | Path, cfg: GPTConfig, state: dict[str, torch.Tensor]
 
 
 def load_native(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    return GPTConfig(**blob["config"]), blob["model"]
+    """A family checkpoint written by ``save_native``; anything else is a ValueError naming the file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file (a family checkpoint is one .pt file)")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        return GPTConfig(**blob["config"]), blob["model"]
+    except Exception as exc:  # pickle, zip and key errors alike: the file is not what save_native writes
+        raise ValueError(f"{path}: not a family checkpoint (a torch.save of {{'config', 'model'}}): "
+                         f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None

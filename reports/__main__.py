@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from models.cli import opt, parse
 from reports import build, compare
-from reports.load import ResultsError, TornLineWarning, load
+from reports.load import BadValueWarning, ResultsError, TornLineWarning, load
 
 
 @dataclass
@@ -31,9 +31,11 @@ class ReportArgs:
 def main(argv: list[str] | None = None) -> int:
     args = parse(ReportArgs, argv, "python -m reports", __doc__)
     warnings.simplefilter("always", TornLineWarning)
+    warnings.simplefilter("always", BadValueWarning)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     strict = args.strict
     try:
+        build.check_out(args.out)  # before reading anything: the report can be written there
         if args.baseline or args.candidate:
             if not (args.baseline and args.candidate):
                 raise ResultsError("baseline= and candidate= go together")

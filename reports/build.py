@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,6 +267,26 @@ def to_html(rep: Report, title: str = "n00bGPT report") -> str:
         sections.insert(at, {"heading": "Per setup", "intro": "Best value per column highlighted. Medians over "
                             "repeated runs; definitions in bench/measure/metrics.py and reports/aggregate.py."})
     return render_page(title, "", sections)
+
+
+def check_out(out_dir: str | Path) -> None:
+    """ResultsError unless the report's folder can be made and written, found by doing it: the folder made (as
+    ``write`` will), a file created and removed in it, and the folders this made removed again."""
+    out = Path(out_dir).absolute()
+    if out.exists() and not out.is_dir():
+        raise ResultsError(f"out={str(out_dir)!r} exists and is not a folder (the report is a folder of files)")
+    made = [p for p in [out, *out.parents] if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ResultsError(f"out={str(out_dir)!r}: cannot write the report there: {exc.strerror or exc}") from None
+    finally:
+        for p in made:  # deepest first
+            if p.is_dir():
+                p.rmdir()
 
 
 def write(rep: Report, out_dir: str | Path, html_text: str | None = None, markdown: str | None = None) -> Path:

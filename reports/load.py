@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from reports.record import REQUIRED_COLUMNS, RUNS_FILE, implausible
+from reports.record import NUMERIC_COLUMNS, REQUIRED_COLUMNS, RUNS_FILE, implausible
 
 if TYPE_CHECKING:  # pandas is imported on use: the harness imports reports.record without it
     import pandas as pd
@@ -56,7 +56,32 @@ class TornLineWarning(UserWarning):
     """A result-table line that is not a complete JSON object was skipped."""
 
 
-def _read_jsonl(path: Path, strict: bool = False, warn: bool = True) -> list[dict]:
+class BadValueWarning(UserWarning):
+    """A row's value that cannot be what its column holds (text in a numeric column: read as missing), or a
+    run_id that an earlier row already has."""
+
+
+def _checked(path: Path, rows: list[tuple[int, dict]], seen: dict) -> None:
+    """Warn, naming file:line, about values a numeric column cannot hold (they are read as missing, so no
+    report plots or ranks them as numbers) and about run ids met before (``seen``: run_id -> file:line)."""
+    for lineno, row in rows:
+        for c in NUMERIC_COLUMNS:
+            v = row.get(c)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+                warnings.warn(f"{path}:{lineno}: column {c!r} holds {v!r}, not a number: read as missing",
+                              BadValueWarning, stacklevel=3)
+                row[c] = None
+        rid = row.get("run_id")
+        if isinstance(rid, str | int) and not isinstance(rid, bool):
+            if rid in seen:
+                warnings.warn(f"{path}:{lineno}: run_id {rid!r} is also the run at {seen[rid]}: run ids are unique, "
+                              "so one of the two rows was copied or written by hand", BadValueWarning, stacklevel=3)
+            else:
+                seen[rid] = f"{path}:{lineno}"
+
+
+def _read_jsonl(path: Path, strict: bool = False, warn: bool = True, numbered: bool = False) -> list:
+    """The JSON objects of the file's lines (with ``numbered``: (line number, object) pairs)."""
     rows = []
     text = path.read_text(errors="replace")
     lines = text.splitlines()
@@ -77,7 +102,7 @@ def _read_jsonl(path: Path, strict: bool = False, warn: bool = True) -> list[dic
             if warn:
                 warnings.warn(f"{path}:{lineno}: skipped: {problem}", TornLineWarning, stacklevel=3)
             continue
-        rows.append(obj)
+        rows.append((lineno, obj) if numbered else obj)
     return rows
 
 
@@ -88,12 +113,13 @@ def load(paths: str | Path | Iterable[str | Path], required: list[str] | None = 
     import pandas as pd
 
     required = REQUIRED_COLUMNS if required is None else required
-    frames = []
+    frames, seen = [], {}
     for path in _expand(paths):
-        rows = _read_jsonl(path, strict)
-        if not rows:
+        numbered = _read_jsonl(path, strict, numbered=True)
+        if not numbered:
             raise ResultsError(f"{path}: no result rows")
-        df = pd.DataFrame(rows)
+        _checked(path, numbered, seen)
+        df = pd.DataFrame([row for _, row in numbered])
         missing = [c for c in required if c not in df.columns]
         if missing:
             raise ResultsError(f"{path}: missing required columns {missing}")

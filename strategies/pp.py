@@ -154,8 +154,10 @@ def validate_run(s, model_cfg, seq_len: int, micro_batch: int) -> None:
                             f"blocks but model.n_layer={model_cfg.n_layer}; lower pp or pp_virtual")
     m = n_microbatches(s)
     if micro_batch % m:
-        raise StrategyError(f"micro_batch={micro_batch} is not divisible by strategy.pp_microbatches={m} "
-                            "(each pipeline micro-batch gets micro_batch / pp_microbatches sequences)")
+        given = (f"strategy.pp_microbatches={m}" if s.pp_microbatches
+                 else f"the pipeline micro-batches, {m} (strategy.pp_microbatches=0: as many as strategy.pp={s.pp})")
+        raise StrategyError(f"micro_batch={micro_batch} is not divisible by {given}: each pipeline micro-batch "
+                            "gets micro_batch / pp_microbatches sequences")
     if model_cfg.tie_embeddings:
         raise StrategyError(f"strategy.pp={s.pp} with a tied head: the embedding (first stage) and the head "
                             "(last stage) cannot share one matrix; use model.tie_embeddings=false")

@@ -84,6 +84,30 @@ def test_killed_rank_leaves_one_error_row_and_a_rerun_adds_one(tmp_path):
     assert list(df.status) == ["error", "ok"] and df.run_id.nunique() == 2
 
 
+def test_a_killed_torchrun_takes_its_ranks_with_it_and_leaves_one_error_row(tmp_path):
+    """SIGKILL the launcher (nothing of it can forward a signal): the ranks, told by the kernel that their
+    parent died (bench/harness/dist.py die_with_parent), stop within seconds and write the run's error row,
+    instead of training on unseen to an ok row."""
+    args = ["strategy=ddp", "model=tiny", "steps=400", "warmup=1", "micro_batch=2", "seq_len=32", "log_every=1",
+            "debug_delay_s=0.05", f"results_dir={tmp_path}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "bench/run.py", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # wait until training runs
+        if "step 3/" in line:
+            break
+    ranks = [_rank_pid(str(tmp_path), r) for r in (0, 1)]
+    assert all(ranks), ranks
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 60
+    while any(Path(f"/proc/{pid}").exists() for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in ranks), "a rank outlived its killed launcher"
+    df = load(tmp_path)
+    assert len(df) == 1 and df.iloc[0].status == "error" and "terminated by SIGTERM" in df.iloc[0].error
+
+
 @pytest.mark.parametrize("hung_rank", ["1", "-1"])  # one rank stops answering; every rank does
 def test_hung_collective_is_bounded_by_the_timeout(tmp_path, hung_rank):
     t0 = time.perf_counter()

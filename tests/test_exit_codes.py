@@ -5,6 +5,7 @@ printed, by rank 0, no rank prints a traceback, and no row is written."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -54,7 +55,7 @@ def cases(tmp):
         (["device=tpu"], "device='tpu' is invalid: valid values: auto, cpu, cuda"),
         (["device=cuda"], "device='cuda' but no CUDA device is available"),
         (["backend=mpi"], "backend='mpi' is invalid: valid values: auto, nccl, gloo"),
-        ([f"results_dir={tmp}/afile"], "afile' is invalid: exists and is not a folder"),
+        ([f"results_dir={tmp}/afile"], "afile' is invalid: it exists and is not a folder"),
         ([f"results_dir={tmp}/afile/sub"], "afile is not a folder"),
         ([f"results_dir={tmp}/tablefolder"], "holds a folder named runs.jsonl"),
         (["data=/no/such/path"], "data='/no/such/path' is invalid: no such file or folder"),
@@ -66,7 +67,7 @@ def cases(tmp):
         (["run_id=a/b"], "run_id='a/b' is invalid: use letters, digits"),
         (["run_id=../x"], "run_id='../x' is invalid"),
         (["run_id=seeded"], "run_id='seeded' is invalid: already in"),
-        ([f"profile_dir={tmp}/afile"], "afile' is invalid: exists and is not a folder"),
+        ([f"profile_dir={tmp}/afile"], "afile' is invalid: it exists and is not a folder"),
         (["strategy.dp=zero"], "strategy.dp='zero' is invalid; valid values: none, ddp, fsdp"),
         (["strategy.amp=fp8"], "strategy.amp='fp8' is invalid; valid values:"),
         (["strategy.ac=some"], "strategy.ac='some' is invalid; valid values:"),
@@ -80,6 +81,33 @@ def cases(tmp):
         (["debug_slow_pct=-1"], "debug_slow_pct=-1.0 is invalid: must be a finite number >= 0"),
         (["debug_fail_rank=-2"], "debug_fail_rank=-2 is invalid"),
         (["debug_delay_s=-1"], "debug_delay_s=-1.0 is invalid"),
+        # values beyond what the code can hold or finish, and debug options that cannot happen
+        (["seed=99999999999999999999"], "seed=99999999999999999999 is invalid: must be within 0 .. 2**63-1"),
+        (["seed=-1"], "seed=-1 is invalid: must be within 0"),
+        (["steps=99999999999999999999"], "steps=99999999999999999999 is invalid: must be <= 10,000,000"),
+        (["warmup=100000000"], "warmup=100000000 is invalid: must be <= 10,000,000"),
+        (["debug_nan_step=-5"], "debug_nan_step=-5 is invalid: must be a step >= 0, or -1 for never"),
+        (["debug_hang_step=-7"], "debug_hang_step=-7 is invalid"),
+        (["debug_fail_step=-2"], "debug_fail_step=-2 is invalid"),
+        (["debug_fail_rank=5"], "debug_fail_rank=5 is invalid: this run has ranks 0..0"),
+        (["backend=nccl"], "backend='nccl' needs CUDA devices"),
+        # names that are not plain file names, or too long for one
+        (["run_id=.."], "run_id='..' is invalid: use letters, digits, '.', '_' and '-' only, not only dots"),
+        (["run_id=."], "run_id='.' is invalid"),
+        ([f"run_id={'a' * 201}"], "201 characters; at most 200"),
+        (["run_id=claimed"], "run_id='claimed' is already claimed by another run"),
+        # folders the run cannot write into, found by writing (before any work)
+        (["results_dir="], "results_dir='' is invalid: empty: name a folder"),
+        (["results_dir=/proc/n00bgpt-results"], "cannot create a file in /proc"),
+        ([f"results_dir={tmp}/stepsfile"], "stepsfile/steps exists and is not a folder"),
+        ([f"results_dir={tmp}/claimsfile"], "claimsfile/.claims exists and is not a folder"),
+        (["profile_dir=/proc/n00bgpt/profile"], "profile_dir='/proc/n00bgpt/profile' is invalid: cannot create a file"),
+        # a checkpoint folder whose config.json is fine but whose weights are missing or not weights
+        ([f"model.hf_path={tmp}/hf_noweights"], "hf_noweights': no model.safetensors there"),
+        ([f"model.hf_path={tmp}/hf_garbage"], "hf_garbage/model.safetensors: not a safetensors file"),
+        ([f"model.hf_path={tmp}/hf_truncated"], "hf_truncated/model.safetensors: truncated: its header places"),
+        ([f"model.hf_path={tmp}/hf_badjson"], "hf_badjson/config.json: not a readable JSON file"),
+        ([f"model.hf_path={tmp}/hf_nokey"], "hf_nokey/config.json: lacks the key 'n_layer' that a gpt2 config has"),
     ]
 
 
@@ -96,6 +124,24 @@ def table(tmp_path):
     (tmp_path / "emptydir").mkdir()
     (tmp_path / "small.txt").write_text("0123456789")
     (tmp_path / "big.txt").write_text("x" * 5000)
+    claims = tmp_path / "res" / ".claims" / "claimed"  # a run that claimed its id and never wrote a row
+    claims.mkdir(parents=True)
+    (claims / "owner").write_text("otherhost 12345\n")
+    for name, sub in (("stepsfile", "steps"), ("claimsfile", ".claims")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / sub).write_text("a file where the run makes a folder")
+    config = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "vocab_size": 256, "n_positions": 64}
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    weights = {"hf_noweights": None, "hf_garbage": b"\x00\x01not a safetensors file",
+               "hf_truncated": len(header).to_bytes(8, "little") + header + b"\x00" * 8}
+    for name, blob in weights.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        if blob is not None:
+            (tmp_path / name / "model.safetensors").write_bytes(blob)
+    for name, text in (("hf_badjson", '{"model_type": "gpt2", '), ("hf_nokey", '{"model_type": "gpt2"}')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(text)
     return res
 
 
@@ -127,6 +173,9 @@ def test_every_invalid_configuration_exits_2_with_one_line_and_no_row(tmp_path, 
     assert (table / "runs.jsonl").read_bytes() == table_before  # no row written, nothing torn
     assert list(load(table).run_id) == ["seeded"]
     assert (tmp_path / "tablefolder" / "runs.jsonl").is_dir() and (tmp_path / "afile").read_text() == "not a folder"
+    # nothing created where a refused run would have written (the checks write probe files and remove them)
+    assert sorted(p.name for p in table.iterdir()) == [".claims", "runs.jsonl"]
+    assert [p.name for p in (table / ".claims").iterdir()] == ["claimed"]
 
 
 @pytest.mark.parametrize("overrides, expect", [
@@ -148,7 +197,8 @@ def test_under_torchrun_one_rank_prints_one_line_and_no_row_is_written(tmp_path,
     (["model=gpt2-small", "seq_len=-1000"], "seq_len=-1000 is invalid; must be >= 0"),
     (["model=gpt2-small", "device_memory_gib=-5"], "device_memory_gib=-5.0 is invalid"),
     (["model=gpt2-small", "device_memory_gib=nan"], "device_memory_gib=nan is invalid"),
-    (["model=gpt2-small", "world_size=0"], "world_size=0 is invalid; must be >= 1"),
+    (["model=gpt2-small", "world_size=0"], "world_size=0 is invalid; must be within 1 .. 1,048,576"),
+    (["model=gpt2-small", "world_size=100000000000000000000"], "world_size=100000000000000000000 is invalid"),
     (["model=gpt9"], "model='gpt9' is not a preset; valid: tiny"),
 ])
 def test_planner_refuses_invalid_values(args, expect):

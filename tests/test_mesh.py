@@ -142,6 +142,9 @@ def test_the_comm_observer_sees_every_kind_the_mesh_uses(ranks):
     ({"pp": 2}, 2, "tiny", "model.tie_embeddings=false"),
     ({"pp": 8}, 8, "tiny:untied", "needs at least 8 blocks but model.n_layer=4"),
     ({"pp": 2, "pp_microbatches": 3}, 2, "tiny:untied", "micro_batch=4 is not divisible by strategy.pp_microbatches=3"),
+    # pp_microbatches left at 0 (= pp): the message names the key the user set, not the one they never did
+    ({"pp": 3}, 2, "tiny:untied", "the pipeline micro-batches, 3 (strategy.pp_microbatches=0: as many as "
+                                  "strategy.pp=3)"),
     ({"pp": 4, "pp_microbatches": 2}, 4, "tiny:untied", "strategy.pp_microbatches=2 is too few"),
     ({"pp": 2, "dp": "ddp"}, 4, "tiny:untied", "with dp=ddp is not supported"),
     ({"pp": 2, "pp_schedule": "interleaved1f1b", "pp_virtual": 1}, 2, "tiny:untied", "pp_virtual=1 is invalid"),

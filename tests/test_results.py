@@ -1,4 +1,4 @@
-"""Result tables: atomic appends under concurrency, one claim per run, and clear load errors."""
+"""Result tables: atomic appends under concurrency, one id claim per run, one row per run id, and clear load errors."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import time
 import pandas as pd
 import pytest
 
-from bench.harness.table import append_row, claim_run, run_ids, write_steps
+from bench.harness import table
+from bench.harness.table import DuplicateRun, append_row, claim_id, register_rank, run_ids, write_steps
 from reports import ResultsError, load, load_steps
-from reports.load import TornLineWarning
+from reports.load import BadValueWarning, TornLineWarning
 from reports.record import REQUIRED_COLUMNS
 
 pytestmark = pytest.mark.unit
@@ -59,10 +60,106 @@ def test_row_without_required_columns_is_refused(tmp_path):
     assert not (tmp_path / "runs.jsonl").exists()
 
 
-def test_one_claim_per_run(tmp_path):
-    assert claim_run(tmp_path, "abc") is True
-    assert claim_run(tmp_path, "abc") is False
-    assert claim_run(tmp_path, "def") is True
+def test_one_claim_per_run_id_and_no_claim_mistaken_for_another(tmp_path):
+    assert claim_id(tmp_path, "abc") is None
+    again = claim_id(tmp_path, "abc")
+    assert "run_id='abc' is already claimed by another run" in again and f"{os.getpid()}" in again
+    register_rank(tmp_path, "abc", 1)
+    # the ids 'abc.ranks' and 'abc' once shared a path (the ranks' folder of one was the claim of the other)
+    assert claim_id(tmp_path, "abc.ranks") is None and claim_id(tmp_path, "def") is None
+
+
+def _claim_then_append(path, run_id, box):
+    refused = claim_id(path, run_id)
+    if refused is None:
+        append_row(path, make_row(0) | {"run_id": run_id})
+    box.put(refused)
+
+
+def test_two_runs_started_at_once_with_one_id_leave_one_row_in_20_of_20(tmp_path):
+    ctx = mp.get_context("fork")
+    for k in range(20):
+        box = ctx.Queue()
+        procs = [ctx.Process(target=_claim_then_append, args=(tmp_path, f"same-{k}", box)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        answers = [box.get(), box.get()]
+        assert sorted(a is None for a in answers) == [False, True], answers  # one claims, one is refused
+    assert sorted(load(tmp_path).run_id) == sorted(f"same-{k}" for k in range(20))
+
+
+def test_a_second_row_with_one_id_is_refused_under_the_lock(tmp_path):
+    append_row(tmp_path, make_row(1))
+    before = (tmp_path / "runs.jsonl").read_bytes()
+    with pytest.raises(DuplicateRun, match="run_id='r1'"):
+        append_row(tmp_path, make_row(1) | {"status": "error"})
+    assert (tmp_path / "runs.jsonl").read_bytes() == before
+    append_row(tmp_path, make_row(11))  # 'r1' inside another id or value is not the id
+    assert list(load(tmp_path).run_id) == ["r1", "r11"]
+
+
+def _killed_at_write(path, half):
+    """A writer that dies holding the table's lock: before its write, or after writing half its row."""
+    real = os.write
+
+    def die(fd, data):
+        if half:
+            real(fd, data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    table.os.write = die
+    append_row(path, make_row(7))
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["before-write", "mid-write"])
+def test_a_writer_killed_holding_the_lock_stops_no_other_writer_of_the_run(tmp_path, half):
+    """Two ranks of one failed run write its row; the first dies inside append_row (forced, not waited for):
+    the second still writes the run's row, exactly once, and the table loads."""
+    append_row(tmp_path, make_row(1))
+    p = mp.get_context("fork").Process(target=_killed_at_write, args=(tmp_path, half))
+    p.start()
+    p.join()
+    assert p.exitcode == -signal.SIGKILL
+    text = (tmp_path / "runs.jsonl").read_text()
+    assert text.count('"run_id": "r7"') == (1 if half else 0) and text.endswith("\n") is not half
+    append_row(tmp_path, make_row(7) | {"status": "error"})  # the other rank
+    with pytest.warns(TornLineWarning) if half else contextlib.nullcontext():
+        df = load(tmp_path)
+    assert list(df.run_id) == ["r1", "r7"] and df.status.iloc[1] == "error"
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda d: (d / "steps").write_text("x"), "steps exists and is not a folder"),
+    (lambda d: (d / ".claims").write_text("x"), ".claims exists and is not a folder"),
+    (lambda d: ((d / "runs.jsonl").unlink(), (d / "runs.jsonl").mkdir()), "holds a folder named runs.jsonl"),
+])
+def test_write_problem_finds_what_would_fail_and_leaves_nothing(tmp_path, make, problem):
+    d = tmp_path / "res"
+    assert table.write_problem(d, 200) is None and not d.exists()  # proved by doing, nothing left behind
+    d.mkdir()
+    append_row(d, make_row(1))
+    before = sorted(p.name for p in d.iterdir())
+    assert table.write_problem(d, 200) is None and sorted(p.name for p in d.iterdir()) == before
+    make(d)
+    assert problem in table.write_problem(d, 200)
+    assert "cannot create a file in /proc" in table.write_problem("/proc/n00bgpt/x", 10)
+    assert "name too long" in table.write_problem(tmp_path, 300).lower()
+
+
+def test_reports_warn_about_text_in_numeric_columns_and_repeated_ids(tmp_path):
+    append_row(tmp_path, make_row(1))
+    append_row(tmp_path, make_row(2))
+    with open(tmp_path / "runs.jsonl", "a") as f:  # written by hand: a text number, a copied row
+        f.write(json.dumps(make_row(3) | {"tokens_per_sec": "fast"}) + "\n" + json.dumps(make_row(1)) + "\n")
+    with pytest.warns(BadValueWarning) as got:
+        df = load(tmp_path)
+    msgs = [str(w.message) for w in got]
+    assert any("runs.jsonl:3: column 'tokens_per_sec' holds 'fast', not a number" in m for m in msgs)
+    assert any("runs.jsonl:4: run_id 'r1' is also the run at" in m and "runs.jsonl:1" in m for m in msgs)
+    assert df.tokens_per_sec.isna().tolist() == [False, False, True, False]  # never plotted as a number
+    assert pd.api.types.is_numeric_dtype(df.tokens_per_sec)
 
 
 def test_steps_log_round_trip(tmp_path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from bench.harness.data import data_problem
-from bench.harness.table import run_ids
+from bench.harness.table import run_ids, write_problem
 from models.config import PRESETS, GPTConfig
-from models.weights import HF_EXTRA, config_from_pretrained
+from models.weights import HF_EXTRA, config_from_pretrained, weights_problem
 from reports.record import RUNS_FILE
 from strategies.config import StrategyConfig, StrategyError
 
@@ -30,22 +29,9 @@ class ConfigError(ValueError):
 
 
 _RUN_ID = re.compile(r"[A-Za-z0-9._-]+")
-
-
-def _writable_folder_problem(path: str) -> str | None:
-    """Why ``path`` cannot be (made) a writable folder, or None. Creates nothing."""
-    p = Path(path).expanduser().absolute()
-    if p.exists() and not p.is_dir():
-        return "exists and is not a folder"
-    if (p / RUNS_FILE).is_dir():
-        return f"holds a folder named {RUNS_FILE} where the table goes"
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir():
-        return f"{p} is not a folder"
-    if not os.access(p, os.W_OK | os.X_OK):
-        return f"{p} is not writable"
-    return None
+MAX_RUN_ID = 200  # characters: the longest file the run names after it (steps/.<id>.<pid>.tmp) stays < 255
+MAX_STEPS = 10**7  # steps or warm-up steps: far beyond any benchmark, and a run the code can still finish
+MAX_SEED = 2**63 - 1  # the largest seed torch's generators and the data's seed mixing take
 
 
 @dataclass
@@ -128,6 +114,9 @@ class RunConfig:
                 self.model = config_from_pretrained(self.model.hf_path, self.model)
             except (OSError, ValueError) as exc:
                 raise ConfigError(str(exc)) from exc
+            problem = weights_problem(self.model.hf_path)
+            if problem:
+                raise ConfigError(problem)
         if self.model.source == "hf" or self.model.hf_path:
             needed = (["transformers"] if self.model.source == "hf" else []) + (["safetensors"] if self.model.hf_path
                                                                                 else [])
@@ -141,6 +130,14 @@ class RunConfig:
         for name in ("warmup", "global_batch", "seq_len", "log_every"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be >= 0")
+        for name in ("steps", "warmup"):
+            if getattr(self, name) > MAX_STEPS:
+                raise bad(name, f"must be <= {MAX_STEPS:,} (a benchmark is a few hundred steps)")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise bad("seed", f"must be within 0 .. 2**63-1 = {MAX_SEED}")
+        for name in ("debug_nan_step", "debug_hang_step", "debug_fail_step"):
+            if getattr(self, name) < -1:
+                raise bad(name, "must be a step >= 0, or -1 for never")
         if self.seq_len > self.model.block_size:
             raise bad("seq_len", f"longer than model {self.model.name!r}'s context block_size={self.model.block_size}")
         if self.seq_len == 0:
@@ -163,21 +160,31 @@ class RunConfig:
             raise bad("debug_slow_pct", "must be a finite number >= 0")
         if not (math.isfinite(self.debug_delay_s) and self.debug_delay_s >= 0):
             raise bad("debug_delay_s", "must be a finite number >= 0")
-        problem = _writable_folder_problem(self.results_dir)
-        if problem:
-            raise bad("results_dir", problem)
-        if self.profile_dir and _writable_folder_problem(self.profile_dir):
-            raise bad("profile_dir", _writable_folder_problem(self.profile_dir))
         if self.run_id:
-            if not _RUN_ID.fullmatch(self.run_id):
-                raise bad("run_id", "use letters, digits, '.', '_' and '-' only (it names a file)")
-            if self.run_id in run_ids(self.results_dir):
-                raise bad("run_id", f"already in {Path(self.results_dir) / RUNS_FILE}; run ids are unique")
+            if not _RUN_ID.fullmatch(self.run_id) or set(self.run_id) == {"."}:
+                raise bad("run_id", "use letters, digits, '.', '_' and '-' only, not only dots (it names a file)")
+            if len(self.run_id) > MAX_RUN_ID:
+                raise bad("run_id", f"{len(self.run_id)} characters; at most {MAX_RUN_ID} (it names files)")
+        for name in ("results_dir", "profile_dir"):
+            value = getattr(self, name)
+            if name == "results_dir" and not value.strip():
+                raise bad(name, "empty: name a folder (the default is results)")
+            problem = write_problem(value, len(self.run_id) or 32, table=name == "results_dir") if value else None
+            if problem:
+                raise bad(name, problem)
+        if self.run_id and self.run_id in run_ids(self.results_dir):
+            raise bad("run_id", f"already in {Path(self.results_dir) / RUNS_FILE}; run ids are unique")
         if self.data != "synthetic":
             problem = data_problem(self.data, self.seq_len, self.micro_batch, self.model.vocab_size,
                                    self.model.hf_path)
             if problem:
                 raise bad("data", problem)
+
+    def validate_world(self, world_size: int) -> None:
+        """The checks that need the number of ranks (every rank makes them after the process group exists)."""
+        if self.debug_fail_rank >= world_size:
+            raise ConfigError(f"debug_fail_rank={self.debug_fail_rank} is invalid: this run has ranks "
+                              f"0..{world_size - 1} (or -1 for every rank)")
 
     def resolve_grad_accum(self, dp_size: int) -> int:
         """grad_accum from global_batch when given; checks the arithmetic, naming all three numbers."""

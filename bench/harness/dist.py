@@ -6,8 +6,11 @@ overridden. ``nnodes`` = WORLD_SIZE / LOCAL_WORLD_SIZE (torchrun's homogeneous n
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
+import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -64,14 +67,27 @@ def init_distributed(device: str, backend: str, timeout_s: int) -> DistInfo:
     dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    be = None
+    be = resolve_backend(backend, dev)  # checked in one process too: nccl on a CPU is refused either way
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        be = resolve_backend(backend, dev)
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(be, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     elif dist.is_initialized():
         be = dist.get_backend()
+    else:
+        be = None  # one process, no process group
     return DistInfo(rank, local_rank, world, nnodes, dev, be)
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Under torchrun (Linux): have the kernel send this rank ``sig`` when its launcher dies (prctl
+    PR_SET_PDEATHSIG), so a torchrun that is killed (SIGKILL, OOM killer) never leaves its ranks training on
+    unseen; the rank's SIGTERM handler then writes the run's error row. Without torchrun, nothing."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    launcher = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != launcher:  # it died before we asked
+        os.kill(os.getpid(), sig)
 
 
 def broadcast_object(obj, info: DistInfo):

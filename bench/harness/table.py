@@ -11,7 +11,11 @@ lost; readers (reports.load) skip the fragment with a warning naming file:line. 
 writers at random points (tests/test_results.py). The per-step log is written to a temporary file
 and renamed into place.
 
-``claim_run`` makes sure one run writes one row even when several ranks fail at once.
+One run, one row: a run first claims its id (``claim_id``: ``mkdir .claims/<run_id>``, which exactly one
+process can win, so two runs started at once with one id cannot both proceed), and ``append_row`` checks
+under the table's lock that no row with the id exists before it writes. The check and the write are one
+operation, so when several ranks fail at once, the first to append writes the run's row and the others
+find it (``DuplicateRun``), and a writer killed at any point never stops another from writing the row.
 """
 
 from __future__ import annotations
@@ -39,9 +43,33 @@ def _clean(value):
     return value
 
 
+class DuplicateRun(ValueError):
+    """The table already holds a row with this run_id (nothing was written)."""
+
+
+def _has_id(fd: int, size: int, run_id) -> bool:
+    """Whether the open table (its first ``size`` bytes) holds a row whose run_id is ``run_id``: the id's JSON
+    text is searched for, and each line that holds it is parsed (a torn or foreign line is not a row)."""
+    needle = json.dumps(run_id).encode()
+    data = os.pread(fd, size, 0) if size else b""
+    at = data.find(needle)
+    while at != -1:
+        start, end = data.rfind(b"\n", 0, at) + 1, data.find(b"\n", at)
+        end = len(data) if end == -1 else end
+        try:
+            row = json.loads(data[start:end])
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and row.get("run_id") == run_id:
+            return True
+        at = data.find(needle, end)
+    return False
+
+
 def append_row(results_dir: str | Path, row: RunRecord | dict) -> Path:
     """Append ``row`` (a RunRecord, or a dict with at least REQUIRED_COLUMNS) as one line to
-    ``results_dir/runs.jsonl`` atomically; returns the file."""
+    ``results_dir/runs.jsonl`` atomically; returns the file. Raises ``DuplicateRun`` (writing nothing) when a
+    row with the same run_id is already there: the check and the append hold the lock together."""
     if isinstance(row, RunRecord):
         row = row.to_row()
     missing = [c for c in REQUIRED_COLUMNS if c not in row]
@@ -54,6 +82,8 @@ def append_row(results_dir: str | Path, row: RunRecord | dict) -> Path:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         size = os.fstat(fd).st_size
+        if _has_id(fd, size, row["run_id"]):
+            raise DuplicateRun(f"{path} already holds a row with run_id={row['run_id']!r}")
         if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn last line: end it, keep our row whole
             data = b"\n" + data
         written = os.write(fd, data)
@@ -67,9 +97,59 @@ def append_row(results_dir: str | Path, row: RunRecord | dict) -> Path:
     return path
 
 
+STEPS = "steps"  # the per-step logs' folder
+CLAIMS = ".claims"  # the runs' id claims and rank notes
+
+
+def _probe(folder: Path, name_len: int) -> str | None:
+    """Create, write and remove a file with a name ``name_len`` characters long in ``folder``; why not, or None."""
+    stem = f".probe-{os.getpid()}-"
+    name = stem + "x" * max(0, name_len - len(stem))
+    try:
+        fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, b"\n")
+        finally:
+            os.close(fd)
+        os.unlink(folder / name)
+    except OSError as exc:
+        return f"cannot create a file in {folder}: {exc.strerror or exc}"
+    return None
+
+
+def write_problem(folder: str | Path, name_len: int, table: bool = True) -> str | None:
+    """Why a run could not write what it writes into ``folder`` (with ``table``: a results folder, its
+    ``runs.jsonl``, ``steps/`` and ``.claims/``), or None, found by doing it: a file named as long as the
+    longest name the run will create (``name_len`` + the suffixes) is created and removed in every one of those
+    folders that exists, else in the nearest folder that does (where the run's ``mkdir`` will make them), and an
+    existing table is opened for appending. Leaves nothing behind."""
+    root = Path(folder).expanduser().absolute()
+    subs = [root, root / STEPS, root / CLAIMS] if table else [root]
+    for f in subs:
+        if f.exists() and not f.is_dir():
+            return f"{'it' if f == root else f} exists and is not a folder"
+    if table and (root / RUNS_FILE).is_dir():
+        return f"holds a folder named {RUNS_FILE} where the table goes"
+    for f in subs:
+        target = f
+        while not target.exists():
+            target = target.parent
+        if not target.is_dir():
+            return f"{target} is not a folder"
+        problem = _probe(target, name_len + 24)
+        if problem:
+            return problem
+    if table and (root / RUNS_FILE).exists():
+        try:
+            os.close(os.open(root / RUNS_FILE, os.O_WRONLY | os.O_APPEND))
+        except OSError as exc:
+            return f"cannot append to {root / RUNS_FILE}: {exc.strerror or exc}"
+    return None
+
+
 def write_steps(results_dir: str | Path, run_id: str, steps: list[dict]) -> Path:
     """Write the per-step log (one JSON object per step) atomically via rename."""
-    folder = Path(results_dir) / "steps"
+    folder = Path(results_dir) / STEPS
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{run_id}.jsonl"
     tmp = folder / f".{run_id}.{os.getpid()}.tmp"
@@ -83,20 +163,33 @@ def run_ids(results_dir: str | Path) -> set[str]:
     return {r.get("run_id") for r in read_rows(results_dir)}
 
 
-def claim_run(results_dir: str | Path, run_id: str) -> bool:
-    """True for the first caller per run_id (any process), False after: decides who writes an error row."""
-    folder = Path(results_dir) / ".claims"
-    folder.mkdir(parents=True, exist_ok=True)
+def claim_folder(results_dir: str | Path, run_id: str) -> Path:
+    """The run's own folder under ``.claims``: its id claim, and its ranks' notes (``register_rank``)."""
+    return Path(results_dir) / CLAIMS / run_id
+
+
+def claim_id(results_dir: str | Path, run_id: str) -> str | None:
+    """Claim ``run_id`` for this process's run (``mkdir``: atomic, one winner on any local or NFS file system).
+    Returns None when claimed, else one line saying who holds it. A claim is never released: an id names one
+    run, finished or not."""
+    folder = claim_folder(results_dir, run_id)
+    folder.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.close(os.open(folder / run_id, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        return True
+        folder.mkdir()
     except FileExistsError:
-        return False
+        try:
+            owner = (folder / "owner").read_text().strip() or "?"
+        except OSError:
+            owner = "?"
+        return (f"run_id={run_id!r} is already claimed by another run (host pid: {owner}; "
+                f"{folder}); run ids are unique: choose another")
+    (folder / "owner").write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    return None
 
 
 def register_rank(results_dir: str | Path, run_id: str, rank: int) -> None:
     """Note this rank's host and pid for the run, so a survivor can name a rank that died (``dead_ranks``)."""
-    folder = Path(results_dir) / ".claims" / f"{run_id}.ranks"
+    folder = claim_folder(results_dir, run_id) / "ranks"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / str(rank)).write_text(f"{socket.gethostname()} {os.getpid()}")
 
@@ -120,7 +213,7 @@ def dead_ranks(results_dir: str | Path, run_id: str, wait_s: float = 1.0) -> lis
     the kernel marks the process dead, so look again for up to ``wait_s`` seconds before answering none."""
     deadline = time.monotonic() + wait_s
     while True:
-        dead = _dead_now(Path(results_dir) / ".claims" / f"{run_id}.ranks")
+        dead = _dead_now(claim_folder(results_dir, run_id) / "ranks")
         if dead or time.monotonic() >= deadline:
             return dead
         time.sleep(0.05)

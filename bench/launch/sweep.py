@@ -17,6 +17,7 @@ becomes an sbatch script in the sweep folder (bench/launch/slurm.py), submitted 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -36,7 +37,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from bench.harness.config import RunConfig, register_configs  # noqa: E402
 from bench.harness.env import git_sha  # noqa: E402
-from bench.harness.table import append_row, claim_run, run_ids  # noqa: E402
+from bench.harness.table import DuplicateRun, append_row  # noqa: E402
 from bench.launch.slurm import SlurmJob, SlurmSettings, submit  # noqa: E402
 from bench.launch.suite import launcher  # noqa: E402
 from models.cli import opt  # noqa: E402
@@ -104,13 +105,13 @@ def _launch_local(cfg: DictConfig, run_args: list[str], run_id: str, tag: str) -
         rc, status = "timeout", "timeout"
         tail = f"killed after sweep.timeout_s={s.timeout_s}s; " + str(exc.stderr or "")[-1000:]
     results = _results_dir(cfg)
-    if run_id not in run_ids(results) and claim_run(results, run_id):
-        row = {c: None for c in REQUIRED_COLUMNS}
-        row.update(run_id=run_id, timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   model=cfg.model.get("name"), strategy=HydraConfig.get().runtime.choices.get("strategy"),
-                   world_size=max(1, s.nproc_per_node) * s.nnodes, nnodes=s.nnodes, status=status,
-                   error=f"launcher: exit {rc}: {tail.strip()}", tag=tag, hostname=socket.gethostname(),
-                   git_sha=git_sha(), config={"overrides": run_args})
+    row = {c: None for c in REQUIRED_COLUMNS}
+    row.update(run_id=run_id, timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               model=cfg.model.get("name"), strategy=HydraConfig.get().runtime.choices.get("strategy"),
+               world_size=max(1, s.nproc_per_node) * s.nnodes, nnodes=s.nnodes, status=status,
+               error=f"launcher: exit {rc}: {tail.strip()}", tag=tag, hostname=socket.gethostname(),
+               git_sha=git_sha(), config={"overrides": run_args})
+    with contextlib.suppress(DuplicateRun):  # the job wrote its own row: the launcher's is not needed
         append_row(results, row)
     print(f"[sweep] {run_id}: exit {rc}", flush=True)
     return status

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from bench.gate.paired import median, round_order
+from bench.harness.precheck import precheck
 from bench.launch.suite import ROOT, launcher
 from bench.plan.__main__ import PlanArgs, combinations, model_config
 from bench.plan.costmodel import predict_memory
@@ -80,6 +81,8 @@ class TuneArgs(ShapeArgs):
         for key in ("top", "steps", "repeats", "probe_tries"):
             if getattr(self, key) < 1:
                 raise UsageError(f"{key}={getattr(self, key)} is invalid; must be >= 1")
+        # the form --help shows (model.<field>=value, as bench/run.py takes it), or the bare field
+        self.model_overrides = [o.removeprefix("model.") for o in self.model_overrides]
 
 
 def tuned_model(args: TuneArgs):
@@ -91,6 +94,13 @@ def tuned_model(args: TuneArgs):
 def model_args(args: TuneArgs) -> list[str]:
     """The model's arguments for bench/run.py and bench.tune.parts."""
     return [f"model={args.model}", *(f"model.{o}" for o in args.model_overrides)]
+
+
+def run_args(args: TuneArgs, s: StrategyConfig, tag: str) -> list[str]:
+    """bench/run.py's arguments for one run of strategy ``s``."""
+    return [*model_args(args), "strategy=single", *strategy_overrides(s), f"micro_batch={args.micro_batch}",
+            f"seq_len={args.seq_len}", f"grad_accum={args.grad_accum}", f"steps={args.steps}",
+            f"warmup={args.warmup}", f"results_dir={args.results_dir}", f"tag={tag}", "probe_parts=true"]
 
 
 def strategy_overrides(s: StrategyConfig) -> list[str]:
@@ -267,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
             note += f"; {len(fits)} named *{args.match}*"
         if not fits:
             fail("python -m bench.tune", f"no strategy for {args.model} fits {memory_gib:.1f} GiB per rank ({note})")
+        problem = precheck(run_args(args, fits[0], "tune:check"))  # the runs' own check, before any probe
+        if problem:
+            fail("python -m bench.tune", problem)
         print(f"[tune] {note}", flush=True)
         seq = args.seq_len or tuned_model(args).block_size
         keys = sorted({parts_key(s, device_type, args.micro_batch) for s in fits})
@@ -289,11 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, c in enumerate(plan):
         print(f"[tune] {i + 1}/{len(plan)}: {c['strategy']} (predicted {c['pred_tokens_per_sec']:,.0f} tokens/s)",
               flush=True)
-        cmd = [*launcher(args.world_size), str(ROOT / "bench" / "run.py"), *model_args(args), "strategy=single",
-               *strategy_overrides(c["config"]), f"micro_batch={args.micro_batch}", f"seq_len={args.seq_len}",
-               f"grad_accum={args.grad_accum}", f"steps={args.steps}", f"warmup={args.warmup}",
-               f"results_dir={results}", f"tag={tag}",
-               "probe_parts=true"]
+        cmd = [*launcher(args.world_size), str(ROOT / "bench" / "run.py"), *run_args(args, c["config"], tag)]
         subprocess.run(cmd, cwd=ROOT, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     df = load(results)
     ok = df[(df.tag == tag) & (df.status == "ok")].to_dict("records")
