@@ -6,6 +6,7 @@ printed, by rank 0, no rank prints a traceback, and no row is written."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -176,6 +177,21 @@ def test_every_invalid_configuration_exits_2_with_one_line_and_no_row(tmp_path, 
     # nothing created where a refused run would have written (the checks write probe files and remove them)
     assert sorted(p.name for p in table.iterdir()) == [".claims", "runs.jsonl"]
     assert [p.name for p in (table / ".claims").iterdir()] == ["claimed"]
+
+
+def test_two_runs_started_at_once_with_one_id_leave_one_row(tmp_path):
+    """The real command line (the 20-of-20 race is tests/test_results.py's, on the same two calls): one run claims
+    the id and writes its row, the other stops with exit 2 and one line, whenever it starts."""
+    argv = [sys.executable, "bench/run.py", *OK, f"results_dir={tmp_path}", "run_id=twin"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 2], outs
+    refused = outs[codes.index(2)][1].strip().splitlines()
+    assert len(refused) == 1 and refused[0].startswith(PREFIX) and "run_id='twin' is" in refused[0]
+    assert list(load(tmp_path).run_id) == ["twin"]
 
 
 @pytest.mark.parametrize("overrides, expect", [
