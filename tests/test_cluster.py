@@ -61,15 +61,21 @@ def _rank_pid(marker: str, rank: int) -> int | None:
     return None
 
 
-def test_killed_rank_leaves_one_error_row_and_a_rerun_adds_one(tmp_path):
+def _training(tmp_path) -> subprocess.Popen:
+    """A 2-rank ddp run under torchrun of 400 slow steps (20 s+), returned once it is training (step 3)."""
     args = ["strategy=ddp", "model=tiny", "steps=400", "warmup=1", "micro_batch=2", "seq_len=32", "log_every=1",
             "debug_delay_s=0.05", f"results_dir={tmp_path}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "bench/run.py", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:  # wait until training runs
+    for line in proc.stdout:
         if "step 3/" in line:
             break
+    return proc
+
+
+def test_killed_rank_leaves_one_error_row_and_a_rerun_adds_one(tmp_path):
+    proc = _training(tmp_path)
     pid = _rank_pid(str(tmp_path), 1)
     assert pid, "rank 1 not found"
     os.kill(pid, signal.SIGKILL)
@@ -88,14 +94,7 @@ def test_a_killed_torchrun_takes_its_ranks_with_it_and_leaves_one_error_row(tmp_
     """SIGKILL the launcher (nothing of it can forward a signal): the ranks, told by the kernel that their
     parent died (bench/harness/dist.py die_with_parent), stop within seconds and write the run's error row,
     instead of training on unseen to an ok row."""
-    args = ["strategy=ddp", "model=tiny", "steps=400", "warmup=1", "micro_batch=2", "seq_len=32", "log_every=1",
-            "debug_delay_s=0.05", f"results_dir={tmp_path}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "bench/run.py", *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:  # wait until training runs
-        if "step 3/" in line:
-            break
+    proc = _training(tmp_path)
     ranks = [_rank_pid(str(tmp_path), r) for r in (0, 1)]
     assert all(ranks), ranks
     os.kill(proc.pid, signal.SIGKILL)

@@ -64,6 +64,14 @@ def cases(t):
         (CONVERT, ["to=native", f"src={t}/hf", f"dst={t}/o.pt"], "hf/config.json: not a readable JSON file"),
         (CONVERT, ["to=native", f"src={t}/hf", f"dst={t}/res"], "res' is a folder"),
         (CONVERT, ["to=fp8", f"src={t}/hf", f"dst={t}/o"], "to='fp8'; valid: hf, native"),
+        # the launchers
+        ("bench.launch.slurm", ["out_dir=/proc/n00bgpt/jobs"], "cannot write the script (/proc/n00bgpt"),
+        ("bench.launch.slurm", ["nodes=0"], "nodes=0 is invalid; must be >= 1"),
+        ("bench.launch.gpu_suite", [f"out={t}/afile"], "afile' exists and is not a folder"),
+        ("bench.launch.gpu_suite", ["only=[nope]", f"out={t}/gpu"], "only=['nope']: not entries of the suite; valid:"),
+        ("bench.gate.ci_suite", ["repeats=0", f"out={t}/ci"], "repeats=0, budget=900: both must be >= 1"),
+        ("bench.launch.ab", ["rounds=0"], "rounds=0, steps=10: both must be >= 1"),
+        ("bench.launch.overhead", ["steps=-1"], "rounds and steps must be >= 1"),
         # the A/B gate
         (GATE, ["ab=true", "rev=no-such-revision"], "revision 'no-such-revision' is not a commit"),
         (GATE, ["ab=true", "rounds=-1", f"out={t}/ab"], "rounds=-1 must be >= 1"),

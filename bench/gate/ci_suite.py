@@ -32,7 +32,7 @@ if __package__ in (None, ""):
 from bench.gate import regress  # noqa: E402
 from bench.launch import suite  # noqa: E402
 from bench.launch.suite import Entry  # noqa: E402
-from models.cli import opt, parse  # noqa: E402
+from models.cli import fail, opt, parse  # noqa: E402
 
 BASELINE = suite.ROOT / "results" / "baselines" / "ci-cpu"
 COMMON = ["seq_len=128", "micro_batch=4", "steps=30", "warmup=5", "log_every=0", "device=cpu"]
@@ -64,6 +64,8 @@ class SuiteArgs:
 
 def main(argv=None) -> int:
     args = parse(SuiteArgs, argv, "python -m bench.gate.ci_suite", __doc__)
+    if args.repeats < 1 or args.budget < 1:
+        fail("python -m bench.gate.ci_suite", f"repeats={args.repeats}, budget={args.budget}: both must be >= 1")
     results = Path(args.out).resolve() / "results"
     runs = plan(results, args.repeats, args.extra)
     if args.dry_run:

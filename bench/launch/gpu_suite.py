@@ -24,7 +24,7 @@ if __package__ in (None, ""):
 
 from bench.launch import suite  # noqa: E402
 from bench.launch.suite import Entry  # noqa: E402
-from models.cli import opt, parse  # noqa: E402
+from models.cli import fail, opt, parse  # noqa: E402
 
 ROOT = suite.ROOT
 
@@ -87,8 +87,15 @@ class GpuSuiteArgs:
     only: list[str] = opt([], "labels to run (default: all)")
 
 def main(argv=None) -> int:
-    args = parse(GpuSuiteArgs, argv, "python -m bench.launch.gpu_suite", __doc__)
+    prog = "python -m bench.launch.gpu_suite"
+    args = parse(GpuSuiteArgs, argv, prog, __doc__)
     out = Path(args.out).resolve()
+    labels = [e.label for e in [*MATRIX, PROFILE]]
+    unknown = [x for x in args.only if x not in labels]
+    if unknown:
+        fail(prog, f"only={unknown}: not entries of the suite; valid: {', '.join(labels)}")
+    if out.exists() and not out.is_dir():
+        fail(prog, f"out={args.out!r} exists and is not a folder")
     results = out / "results"
     entries = [e for e in MATRIX if not args.only or e.label in args.only]
     plan = [(e, command(e, results, args.cpu)) for e in entries]
@@ -99,7 +106,10 @@ def main(argv=None) -> int:
         for _, cmd in plan:
             print(shlex.join(cmd))
         return 0
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(prog, f"out={args.out!r}: cannot make the folder: {exc.strerror or exc}")
     failures = suite.run_plan([(e.label, cmd) for e, cmd in plan], args.timeout, args.budget)
     if (results / "runs.jsonl").exists():
         table = summary_table(results)

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.cli import UsageError, opt, parse
+from models.cli import UsageError, fail, opt, parse
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -98,7 +98,10 @@ def submit(path: Path) -> str:
 
 def main(argv=None) -> int:
     job = parse(SlurmJob, argv, "python -m bench.launch.slurm", __doc__)
-    path = job.write()
+    try:
+        path = job.write()
+    except OSError as exc:
+        fail("python -m bench.launch.slurm", f"cannot write the script ({exc.filename}): {exc.strerror or exc}")
     print(path.read_text())
     print(f"# written: {path}")
     if job.submit:
