@@ -4,6 +4,7 @@ numbers recomputed independently from the per-step log and the model's FLOP acco
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -80,6 +81,34 @@ def test_single_process_compile_and_bf16(tmp_path):
     assert row.strategy == "single+bf16+compile" and row["dtype"] == "bf16" and row.world_size == 1
     assert row.first_step_time_s > row.step_time_median_s  # compile happens in the first step
     assert "slower than fp32" in res.stderr
+
+
+def test_an_impossible_mfu_is_suspect_with_exit_3_never_ok(tmp_path):
+    """Forced, not waited for (a contended host once made it happen by chance): the cached matmul peak this run
+    will read is set to 1 MFLOP/s, far below what any CPU does, so its MFU exceeds 1; the row must say suspect
+    with the reason, the run exit 3, and the summary line say SUSPECT."""
+    import torch
+
+    from bench.measure.probe import cache_put, probe_key
+
+    cache = tmp_path / "cache"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the key names the compute threads: run_cli's runs have OMP_NUM_THREADS=1
+    try:
+        key = probe_key("matmul", torch.device("cpu"), "fp32")
+    finally:
+        torch.set_num_threads(threads)
+    env = {"N00BGPT_CACHE_DIR": str(cache)}
+    os.environ.update(env)
+    try:
+        cache_put(key, 1e6)
+    finally:
+        del os.environ["N00BGPT_CACHE_DIR"]
+    res = run_cli([*FAST, f"results_dir={tmp_path / 'r'}"], env=env)
+    row = only_row(tmp_path / "r")
+    assert (res.returncode, row.status) == (3, "suspect"), res.stderr[-2000:]
+    assert row.peak_flops == 1e6 and row.mfu > 1 and "cannot be true" in row.error
+    assert "SUSPECT" in res.stdout
 
 
 def test_rank_failure_writes_one_error_row_and_exits_nonzero(tmp_path):

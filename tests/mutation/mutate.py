@@ -161,6 +161,29 @@ MUTATIONS = [
     Mutation("tp_comm_without_the_loss", "bench/plan/terms.py", "loss = 3 * n * 4 if head else 0", "loss = 0",
              [f"{MESH}::test_mesh_strategies_match_single"],
              "loss_parallel's all-reduces left out of the prediction"),
+    # one run, one row; every check before any work (issue 30); the suspect path forced (issue 31)
+    Mutation("suspect_never_marked", "bench/harness/loop.py", 'status, out["suspect_reason"] = "suspect", reason',
+             'out["suspect_reason"] = reason', ["tests/test_run_e2e.py::test_an_impossible_mfu_is_suspect_with_exit_3_"
+                                              "never_ok"], "an MFU above 1 reported as ok"),
+    Mutation("suspect_exits_0", "bench/run.py", 'os._exit({"ok": 0, "suspect": 3}.get(status, 1))',
+             'os._exit({"ok": 0, "suspect": 0}.get(status, 1))',
+             ["tests/test_run_e2e.py::test_an_impossible_mfu_is_suspect_with_exit_3_never_ok"],
+             "a run whose number cannot be true exits 0"),
+    Mutation("duplicate_id_appended", "bench/harness/table.py", 'if _has_id(fd, size, row["run_id"]):', "if False:",
+             ["tests/test_results.py"], "the table's one-row-per-id check skipped under the lock"),
+    Mutation("claim_not_exclusive", "bench/harness/table.py", "        folder.mkdir()\n",
+             "        folder.mkdir(exist_ok=True)\n", ["tests/test_results.py"], "two runs may claim one id"),
+    Mutation("write_check_asks_instead_of_doing", "bench/harness/table.py",
+             "problem = _probe(target, name_len + 24)", "problem = None", ["tests/test_results.py"],
+             "the folders' writability and the names' length not tried before the run"),
+    Mutation("ranks_outlive_their_launcher", "bench/run.py", "    die_with_parent()  # a killed",
+             "    pass  # a killed", ["tests/test_cluster.py::test_a_killed_torchrun_takes_its_ranks_with_it_and_"
+                                    "leaves_one_error_row"], "a killed torchrun leaves its ranks training"),
+    Mutation("text_plotted_as_a_number", "reports/load.py", "                row[c] = None\n", "",
+             ["tests/test_results.py"], "a text value in a numeric column kept (warned about, then plotted)"),
+    Mutation("tuner_checks_after_its_probes", "bench/tune/__main__.py",
+             'problem = precheck(run_args(args, fits[0], "tune:check"))', "problem = None",
+             ["tests/test_tool_inputs.py"], "the tuner's runs' values checked only when the runs start"),
 ]
 
 
