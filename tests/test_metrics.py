@@ -346,6 +346,39 @@ def test_every_rank_measured_column_has_a_rule_and_combining_follows_it():
         rule_of("no_such_column")
 
 
+# Every rank-measured column's rule, written out here (not read from reports/record.py): changing a column's rule
+# means changing this table too, on purpose.
+PINNED_RULES = {
+    "max": ["peak_mem_bytes", "peak_reserved_bytes", "first_step_time_s", "gpu_mem_used_bytes", "host_load_per_core",
+            "steal_pct", "mem_baseline_bytes", "comm_bytes_per_step", "compute_time_s", "comm_time_s",
+            "exposed_comm_s", "matmul_time_s"],
+    "min": ["gpu_sm_clock_min_mhz", "cpu_util", "overlap_pct"],
+    "mean": ["loss", "gpu_util_pct", "gpu_power_w", "gpu_sm_clock_mhz"],
+    "sum": ["gpu_energy_j"],
+    "union": ["gpu_throttle_reasons"],
+    "per_rank": ["peak_mem_bytes_per_rank"],
+}
+
+
+def test_each_columns_cross_rank_rule_is_pinned_and_a_zero_is_a_value():
+    """Three ranks give each column chosen values, one of them 0 (a real reading: an idle core's cpu_util, a GPU
+    that drew no energy) and one rank nothing: every column comes out by its pinned rule, with the 0 counted."""
+    values = [3.0, 0.0, None]  # rank 0, rank 1, rank 2 (could not read)
+    expect = {"max": 3.0, "min": 0.0, "mean": 1.5, "sum": 3.0}
+    for rule, columns in PINNED_RULES.items():
+        for column in columns:
+            assert rule_of(column) == rule, column
+            if rule == "union":
+                ranks = [{column: ["a"]}, {column: []}, {column: ["b", "a"]}]
+                assert combine_ranks(ranks)[column] == ["a", "b"]
+            elif rule == "per_rank":
+                assert combine_ranks([{column: v} for v in values])[column] == values
+            else:
+                assert combine_ranks([{column: v} for v in values])[column] == expect[rule], column
+    assert combine_ranks([{"cpu_util": None}, {"cpu_util": None}])["cpu_util"] is None  # no rank read it
+    assert combine_ranks([{"params": 7}, {"params": 0}])["params"] == 7  # rank 0's view
+
+
 def test_the_probe_reports_its_best_trial_and_their_spread(monkeypatch):
     """A scripted clock: warm-up and sizing take 1 s, then seven trials of 1, 2, 1, 4, 1, 1.25, 1 s. The peak
     is the fastest trial (2 n^3 / 1 s), never an average that lets a contended trial in; spread = 1 - 1/4."""

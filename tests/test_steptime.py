@@ -78,6 +78,24 @@ def test_overlap_rules_per_strategy():
     assert can_overlap("cuda", 8, 1, 2) and not can_overlap("cpu", 2, 1, 2) and can_overlap("cpu", 2, 1, 4)
 
 
+def test_the_step_is_the_sum_of_its_terms_where_they_differ():
+    """Each term checked alone cannot see a sum that takes the wrong one: where prefetch hides most of FSDP's
+    gathers (exposed < all communication) and where a pipeline splits the model over two ranks, the step is
+    compute + memory + exposed communication + bubble, with compute from the model's FLOP count here."""
+    cfg = get_config("mini")
+    t = predict_step(cfg, StrategyConfig(dp="fsdp"), 2, 4, 256, 1, RATES, overlap=True)
+    assert 0 < t["exposed_comm_s"] < t["comm_s"] / 2  # the case where adding all communication would show
+    compute = train_flops_per_token(cfg, 256) * 4 * 256 / 50e9
+    assert t["compute_s"] == pytest.approx(compute)
+    assert t["step_s"] == pytest.approx(compute + t["memory_s"] + t["exposed_comm_s"])
+    untied = get_config("mini", tie_embeddings=False)
+    p = predict_step(untied, StrategyConfig(pp=2, pp_microbatches=4), 2, 4, 256, 1, RATES)
+    assert p["compute_s"] == pytest.approx(train_flops_per_token(untied, 256) * 4 * 256 / 2 / 50e9)  # half each
+    assert p["bubble_s"] > 0 and p["exposed_comm_s"] == p["comm_s"] > 0
+    assert p["step_s"] == pytest.approx(p["compute_s"] + p["memory_s"] + p["comm_s"] + p["bubble_s"])
+    assert p["tokens_per_sec"] == pytest.approx(4 * 256 / p["step_s"])
+
+
 def test_elementwise_counts_per_implementation():
     assert elementwise_per_token_block(get_config("mini")) == 9 * 256 + 2 * 1024
     assert elementwise_per_token_block(get_config("mini", source="hf")) == 9 * 256 + 16 * 1024

@@ -161,6 +161,18 @@ MUTATIONS = [
     Mutation("tp_comm_without_the_loss", "bench/plan/terms.py", "loss = 3 * n * 4 if head else 0", "loss = 0",
              [f"{MESH}::test_mesh_strategies_match_single"],
              "loss_parallel's all-reduces left out of the prediction"),
+    Mutation("a_zero_is_no_reading", "bench/measure/combine.py",
+             "values = [r[column] for r in per_rank if r.get(column) is not None]",
+             "values = [r[column] for r in per_rank if r.get(column)]", ["tests/test_metrics.py"],
+             "a rank's reading of 0 left out of the cross-rank rule (an idle rank's cpu_util, 0 J)"),
+    # the step-time model as a sum where its terms differ
+    Mutation("step_adds_all_communication", "bench/plan/steptime.py", "step = compute + memory + exposed + bubble",
+             "step = compute + memory + comm + bubble", ["tests/test_steptime.py"],
+             "the step pays every collective, not the part the overlap leaves exposed"),
+    Mutation("pipeline_compute_not_split", "bench/plan/steptime.py",
+             "compute = flops / shape.tp / shape.pp / rates.matmul_flops",
+             "compute = flops / shape.tp / rates.matmul_flops",
+             ["tests/test_steptime.py"], "each pipeline rank predicted to compute the whole model"),
     # one run, one row; every check before any work (issue 30); the suspect path forced (issue 31)
     Mutation("suspect_never_marked", "bench/harness/loop.py", 'status, out["suspect_reason"] = "suspect", reason',
              'out["suspect_reason"] = reason', ["tests/test_run_e2e.py::test_an_impossible_mfu_is_suspect_with_exit_3_"
