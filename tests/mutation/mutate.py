@@ -165,6 +165,10 @@ MUTATIONS = [
              "values = [r[column] for r in per_rank if r.get(column) is not None]",
              "values = [r[column] for r in per_rank if r.get(column)]", ["tests/test_metrics.py"],
              "a rank's reading of 0 left out of the cross-rank rule (an idle rank's cpu_util, 0 J)"),
+    Mutation("synthetic_rows_repeat", "bench/harness/data.py",
+             "gen.manual_seed(batch_seed(self.seed, step, index * self.B + b))",
+             "gen.manual_seed(batch_seed(self.seed, step, index))", ["tests/test_data.py"],
+             "every sequence of a synthetic micro-batch the same (parity cannot see it: the reference shares it)"),
     # the step-time model as a sum where its terms differ
     Mutation("step_adds_all_communication", "bench/plan/steptime.py", "step = compute + memory + exposed + bubble",
              "step = compute + memory + comm + bubble", ["tests/test_steptime.py"],
