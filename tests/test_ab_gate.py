@@ -18,7 +18,7 @@ TH = ab_gate.load_thresholds(None)
 
 
 def run(side, t=0.1, status="ok", mem=1e9, loss=5.5, error=None):
-    return Run(side, status, t if status == "ok" else None, mem, loss, 10.0, error)
+    return Run(side, status, t if status in ("ok", "suspect") else None, mem, loss, 10.0, error)
 
 
 def pairs(ratios, **cand):
@@ -58,6 +58,21 @@ def test_status_memory_and_loss_checks():
     # a loss change is a FAIL in either direction (a lower loss is a different computation, not a win)
     assert checks(judge("e", pairs([1.0, 1.0], loss=5.5 * (1 - 3e-4)), TH))["loss"] == "FAIL"
     assert checks(judge("e", pairs([1.0, 1.0], loss=5.5 * (1 - 3e-5)), TH))["loss"] == "PASS"
+
+
+def test_a_suspect_run_finished_and_is_compared_on_its_steps():
+    """A run whose MFU exceeded 1 because its matmul peak was probed low beside other work (CI on a busy host) is
+    suspect, not failed: its step times are real and MFU is not judged here, so the pair is compared and said so."""
+    for side in ("base", "cand"):
+        ps = pairs([1.0, 1.0])
+        setattr(ps[0], side, run(side, status="suspect", error="mfu=1.3 > 1"))
+        ps[0].step_ratios = [1.0] * 5
+        v = judge("e", ps, TH)
+        assert checks(v) == {"status": "PASS", "step_time": "PASS", "peak_mem": "PASS", "loss": "PASS"}
+        assert "1 suspect" in v.checks[0]["detail"]
+    slow = pairs([1.2, 1.2])
+    slow[1].cand = run("cand", t=0.12, status="suspect")
+    assert checks(judge("e", slow, TH))["step_time"] == "FAIL"  # a suspect run's slowness still counts
 
 
 def test_borderline_medians_are_measured_again_up_to_a_limit():

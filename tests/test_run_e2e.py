@@ -4,7 +4,6 @@ numbers recomputed independently from the per-step log and the model's FLOP acco
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -12,7 +11,7 @@ from models import get_config, train_flops_per_token
 from reports import load, load_steps
 from reports.record import REQUIRED_COLUMNS
 from strategies.ac import recompute_flops_per_token
-from tests.helpers import run_cli
+from tests.helpers import cache_peak, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -87,23 +86,7 @@ def test_an_impossible_mfu_is_suspect_with_exit_3_never_ok(tmp_path):
     """Forced, not waited for (a contended host once made it happen by chance): the cached matmul peak this run
     will read is set to 1 MFLOP/s, far below what any CPU does, so its MFU exceeds 1; the row must say suspect
     with the reason, the run exit 3, and the summary line say SUSPECT."""
-    import torch
-
-    from bench.measure.probe import cache_put, probe_key
-
-    cache = tmp_path / "cache"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the key names the compute threads: run_cli's runs have OMP_NUM_THREADS=1
-    try:
-        key = probe_key("matmul", torch.device("cpu"), "fp32")
-    finally:
-        torch.set_num_threads(threads)
-    env = {"N00BGPT_CACHE_DIR": str(cache)}
-    os.environ.update(env)
-    try:
-        cache_put(key, 1e6)
-    finally:
-        del os.environ["N00BGPT_CACHE_DIR"]
+    env = cache_peak(tmp_path / "cache", 1e6)
     res = run_cli([*FAST, f"results_dir={tmp_path / 'r'}"], env=env)
     row = only_row(tmp_path / "r")
     assert (res.returncode, row.status) == (3, "suspect"), res.stderr[-2000:]

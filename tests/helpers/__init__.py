@@ -62,3 +62,31 @@ def copy_tree(dest: Path, with_results: tuple[str, ...] = ()) -> Path:
 # A repetitive text whose loss falls clearly within a few steps (parity and gradient tests train on it).
 CORPUS_TEXT = ("the quick brown fox jumps over the lazy dog. " * 40
                + "pack my box with five dozen liquor jugs! " * 40) * 4
+
+
+def cache_peak(cache_dir: Path, flops: float) -> dict:
+    """Set the matmul peak (fp32, CPU) that runs launched with the returned environment read from their probe
+    cache (``N00BGPT_CACHE_DIR``), instead of probing: a number the test chooses, not one that depends on what
+    else the host is doing. The key names the compute threads: the CLI helpers run with OMP_NUM_THREADS=1."""
+    import torch
+
+    from bench.measure.probe import cache_put, probe_key
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        key = probe_key("matmul", torch.device("cpu"), "fp32")
+    finally:
+        torch.set_num_threads(threads)
+    env = {"N00BGPT_CACHE_DIR": str(cache_dir)}
+    before = os.environ.get("N00BGPT_CACHE_DIR")
+    os.environ.update(env)
+    try:
+        cache_put(key, flops)
+    finally:
+        if before is None:
+            del os.environ["N00BGPT_CACHE_DIR"]
+        else:
+            os.environ["N00BGPT_CACHE_DIR"] = before
+    return env
+
