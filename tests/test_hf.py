@@ -21,14 +21,16 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import os
 import sys
 
 import pytest
 
-_MISSING = [m for m in ("transformers", "safetensors", "tokenizers", "datasets") if importlib.util.find_spec(m) is None]
-if _MISSING and not os.environ.get("CI"):
-    pytest.skip(f"the [hf] extra is not installed ({', '.join(_MISSING)})", allow_module_level=True)
+from tests.helpers import HF_ABSENT, HF_MISSING, HF_SKIP_ALLOWED  # noqa: E402
+
+if HF_MISSING:  # skipped only when asked (N00BGPT_ALLOW_NO_HF=1), never without a word
+    if HF_SKIP_ALLOWED:
+        pytest.skip(HF_ABSENT, allow_module_level=True)
+    raise ImportError(f"{HF_ABSENT}, or set N00BGPT_ALLOW_NO_HF=1 to run the suite without the HF tests")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -18,6 +18,7 @@ from bench.plan.steptime import (
 )
 from models import get_config
 from strategies import StrategyConfig
+from tests.helpers import HF_ABSENT, HF_MISSING, HF_SKIP_ALLOWED
 
 pytestmark = pytest.mark.dist
 
@@ -259,8 +260,8 @@ def test_the_matmul_probes_do_exactly_the_parts_matmuls(preset):
 
     from tests.helpers.training import model_cfg
 
-    if preset.endswith(":hf"):
-        pytest.importorskip("transformers")
+    if preset.endswith(":hf") and HF_MISSING and HF_SKIP_ALLOWED:
+        pytest.skip(HF_ABSENT)
     w = workloads(model_cfg(preset), 2, 32, torch.device("cpu"))
 
     def flops(fn) -> int:
