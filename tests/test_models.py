@@ -57,12 +57,21 @@ def test_padded_vocab_counted_as_padded():
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_analytic_counts_match_built_model(name):
+    """Every preset, tied or not, its vocabulary as is or padded to a multiple of 64 (as tensor parallelism needs):
+    the formulas and the cost model's parameter count equal the built model's parameters."""
+    from bench.plan.costmodel import cost_context
+    from strategies import StrategyConfig
+
     for tie in (True, False):
-        cfg = get_config(name, tie_embeddings=tie)
-        model = build_model(cfg, "meta")
-        assert count_params(model) == param_count(cfg)
-        emb = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("tok_emb", "pos_emb")))
-        assert non_embedding_param_count(cfg) == count_params(model) - emb
+        for pad in (1, 64):
+            cfg = get_config(name, tie_embeddings=tie, pad_vocab_to=pad)
+            model = build_model(cfg, "meta")
+            assert count_params(model) == param_count(cfg) == cost_context(cfg, StrategyConfig(), 1, 1, 16).P
+            emb = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("tok_emb", "pos_emb")))
+            assert non_embedding_param_count(cfg) == count_params(model) - emb
+            rows = {n: p.shape[0] for n, p in model.named_parameters() if n in ("tok_emb.weight", "lm_head.weight")}
+            assert set(rows.values()) == {cfg.padded_vocab_size} and len(rows) == (1 if tie else 2)
+            assert cfg.padded_vocab_size == -(-cfg.vocab_size // pad) * pad  # the next multiple, computed here
 
 
 def test_llama_125m_size_and_knobs():
