@@ -75,6 +75,17 @@ def test_a_suspect_run_finished_and_is_compared_on_its_steps():
     assert checks(judge("e", slow, TH))["step_time"] == "FAIL"  # a suspect run's slowness still counts
 
 
+def test_the_loss_check_looks_at_every_candidate_run():
+    """Candidates with different losses: one round equal, one off by 3e-4. Judging the first pair, or the mean
+    of the differences over many equal rounds, would pass; the largest difference over all pairs fails."""
+    ps = pairs([1.0, 1.0, 1.0, 1.0])
+    ps[2].cand = run("cand", loss=5.5 * (1 + 3e-4))
+    v = judge("e", ps, TH)
+    assert checks(v)["loss"] == "FAIL" and "3.00e-04" in next(c["detail"] for c in v.checks if c["metric"] == "loss")
+    ps[2].cand = run("cand", loss=5.5)
+    assert checks(judge("e", ps, TH))["loss"] == "PASS"
+
+
 def test_borderline_medians_are_measured_again_up_to_a_limit():
     assert needs_more(pairs([1.05, 1.06, 1.04, 1.05]), TH)  # at the line: more pairs
     assert not needs_more(pairs([1.00, 1.01, 0.99, 1.00]), TH)  # clearly unchanged

@@ -130,6 +130,23 @@ def test_a_writer_killed_holding_the_lock_stops_no_other_writer_of_the_run(tmp_p
     assert list(df.run_id) == ["r1", "r7"] and df.status.iloc[1] == "error"
 
 
+def test_a_row_is_one_write_of_the_whole_line(tmp_path, monkeypatch):
+    """The promise behind "whole row or none": the line goes to the file in a single write(2) call, under the
+    lock (two calls could be split by a crash, and by another writer that does not lock)."""
+    calls = []
+    real = os.write
+
+    def counting(fd, data):
+        calls.append(bytes(data))
+        return real(fd, data)
+
+    monkeypatch.setattr(table.os, "write", counting)
+    append_row(tmp_path, make_row(1))
+    append_row(tmp_path, make_row(2))
+    assert len(calls) == 2 and all(c.endswith(b"\n") and c.count(b"\n") == 1 for c in calls)
+    assert b"".join(calls) == (tmp_path / "runs.jsonl").read_bytes()
+
+
 @pytest.mark.parametrize("make, problem", [
     (lambda d: (d / "steps").write_text("x"), "steps exists and is not a folder"),
     (lambda d: (d / ".claims").write_text("x"), ".claims exists and is not a folder"),

@@ -169,6 +169,12 @@ MUTATIONS = [
              "gen.manual_seed(batch_seed(self.seed, step, index * self.B + b))",
              "gen.manual_seed(batch_seed(self.seed, step, index))", ["tests/test_data.py"],
              "every sequence of a synthetic micro-batch the same (parity cannot see it: the reference shares it)"),
+    Mutation("row_in_two_writes", "bench/harness/table.py", "        written = os.write(fd, data)\n",
+             "        written = os.write(fd, data[:8]) + os.write(fd, data[8:])\n", ["tests/test_results.py"],
+             "a row written in two pieces (a crash or an unlocked writer between them tears it)"),
+    Mutation("ab_loss_first_pair_only", "bench/gate/ab.py", "        d = max(diffs)\n", "        d = diffs[0]\n",
+             ["tests/test_ab_gate.py::test_the_loss_check_looks_at_every_candidate_run"],
+             "the A/B gate's loss check reads the first candidate run only"),
     # the step-time model as a sum where its terms differ
     Mutation("step_adds_all_communication", "bench/plan/steptime.py", "step = compute + memory + exposed + bubble",
              "step = compute + memory + comm + bubble", ["tests/test_steptime.py"],
