@@ -39,11 +39,15 @@ os.environ.setdefault("N00BGPT_NEIGHBOURS_MAX", "1")
 # suspect (exit 3). What a probe measures and caches is tested with caches of the tests' own (test_metrics.py,
 # test_probes.py, test_engines.py); a test that forces the suspect path sets its own peak (tests/helpers).
 if "N00BGPT_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     from tests.helpers import cache_peak
 
-    os.environ.update(cache_peak(Path(tempfile.mkdtemp(prefix="n00bgpt-test-cache-")), 1e13))
+    _cache = tempfile.mkdtemp(prefix="n00bgpt-test-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ.update(cache_peak(Path(_cache), 1e13))
 
 
 # imported once, in the forkserver the ranks fork from (none of them reads the environment at import)

@@ -45,7 +45,7 @@ from bench.harness.rates import probe_rates  # noqa: E402
 from bench.harness.table import DuplicateRun, append_row, claim_id, dead_ranks, register_rank, write_steps  # noqa: E402
 from bench.plan.annotate import annotate  # noqa: E402
 from bench.plan.steptime import Rates, can_overlap  # noqa: E402
-from reports.record import RunRecord  # noqa: E402
+from reports.record import FINISHED, RunRecord  # noqa: E402
 from strategies.config import StrategyError  # noqa: E402
 from strategies.mesh import layout_columns  # noqa: E402
 
@@ -93,7 +93,7 @@ def predictions(cfg: RunConfig, info: DistInfo, batch: dict, outcome: TrainOutco
             return {}
     local_ranks = max(1, info.world_size // max(1, info.nnodes))
     overlap = can_overlap(info.device.type, local_ranks, torch.get_num_threads(), len(os.sched_getaffinity(0)))
-    probed = probe_rates(cfg, info, outcome.mesh, full=outcome.status in ("ok", "suspect"), contended=not overlap)
+    probed = probe_rates(cfg, info, outcome.mesh, full=outcome.status in FINISHED, contended=not overlap)
     peak = outcome.metrics.get("peak_flops")
     rates = Rates(peak, probed.mem_bw, probed.link_bw, probed.parts, probed.by_kind) if peak else None
     return annotate(*shape, rates, probed.columns, overlap)
@@ -188,7 +188,7 @@ def main(raw: DictConfig) -> None:
                                          if cfg.warmup <= i < cfg.warmup + len(outcome.step_times_s) else None)}
                         for i, loss in enumerate(outcome.losses)]
             write_steps(cfg.results_dir, run_id, step_log)
-        if status in ("ok", "suspect"):
+        if status in FINISHED:
             m = {**predicted, **outcome.metrics}
             mfu = f"{m['mfu']:.1%}" if m.get("mfu") is not None else "n/a"
             comm = (f", comm {m['comm_bytes_per_step'] / 1e6:,.1f} MB/step (predicted "

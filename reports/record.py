@@ -180,6 +180,8 @@ class RunRecord:
 COLUMNS = [f.name for f in fields(RunRecord)]
 META = {f.name: f.metadata for f in fields(RunRecord)}
 REQUIRED_COLUMNS = [f.name for f in fields(RunRecord) if f.metadata["required"]]
+# A run that measured everything: ok, or suspect (finished, but a number -- MFU -- cannot be true).
+FINISHED = ("ok", "suspect")
 NUMERIC_COLUMNS = [f.name for f in fields(RunRecord) if f.type in ("int", "float")]  # a number or null
 # One definition of a setup: what must be equal for two rows to be compared (reports' tables, the gate).
 SETUP_KEYS = ["model", "device_name", "world_size", "seq_len", "micro_batch", "grad_accum"]

@@ -49,6 +49,7 @@ from bench.harness.turn import ENV_FILE, ENV_SIDE, FREE, write_turn
 from bench.launch import suite
 from bench.launch.suite import Entry
 from reports.load import read_rows, timed_step_times
+from reports.record import FINISHED  # a suspect run's times, memory and loss are real; MFU is not judged here
 
 ROOT = suite.ROOT
 BASE_REV_FILE = ROOT / "results" / "baselines" / "BASE_REV"
@@ -56,9 +57,6 @@ DEFAULT_THRESHOLDS = Path(__file__).with_name("thresholds_ab.yaml")
 _KNOWN = {"max_slowdown_pct", "gray_pct", "max_pairs", "max_rise_pct", "max_rel_diff"}
 
 
-# A run that finished: ok, or suspect (its MFU cannot be true: a matmul peak probed low beside other work). Its step
-# times, memory and loss are real, and MFU is not what this gate judges, so a suspect run is compared like an ok one.
-FINISHED = ("ok", "suspect")
 
 
 class ABInputError(ValueError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # The Hugging Face tests need the [hf] extra (make setup installs it). Without it they do not skip quietly: they
 # stop with a collection error naming the missing modules, unless N00BGPT_ALLOW_NO_HF=1 says to run without them.
 HF_MISSING = [m for m in ("transformers", "safetensors", "tokenizers", "datasets")
-              if __import__("importlib.util").util.find_spec(m) is None]
+              if importlib.util.find_spec(m) is None]
 HF_SKIP_ALLOWED = os.environ.get("N00BGPT_ALLOW_NO_HF") == "1"
 HF_ABSENT = f"the [hf] extra is not installed ({', '.join(HF_MISSING)}): pip install -e '.[hf]'"
 
