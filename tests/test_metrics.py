@@ -141,15 +141,18 @@ def test_cpu_probe_is_measured_then_cached(monkeypatch, tmp_path):
     monkeypatch.setattr(peak_flops, "CONTENDED_CPU_UTIL", 0.0)
     peak, source, stats = peak_flops.get_peak_flops(torch.device("cpu"), "fp32")
     assert source == "probe:measured matmul fp32" and 0 < stats["peak_probe_cpu_util"] <= 1.05
-    # Independent check: a timed matmul cannot beat the probe's best by much.
+    # Independent check: a timed matmul cannot beat the probe's best by much. The best of 7 short windows, as a
+    # neighbour that takes the core for a moment (a busy CI host) slows some windows, not the best one.
     a = torch.randn(512, 512)
     import time
 
-    t0 = time.perf_counter()
-    for _ in range(20):
-        a @ a
-    achieved = 20 * 2 * 512**3 / (time.perf_counter() - t0)
-    assert 0.2 * peak < achieved < 1.5 * peak
+    best = 0.0
+    for _ in range(7):
+        t0 = time.perf_counter()
+        for _ in range(5):
+            a @ a
+        best = max(best, 5 * 2 * 512**3 / (time.perf_counter() - t0))
+    assert 0.2 * peak < best < 1.5 * peak
     again, source2, _ = peak_flops.get_peak_flops(torch.device("cpu"), "fp32")
     assert again == peak and source2.startswith("probe:cached")
 
