@@ -91,6 +91,40 @@ def test_borderline_medians_are_measured_again_up_to_a_limit():
     assert not needs_more(pairs([1.00, 1.01, 0.99, 1.00]), TH)  # clearly unchanged
     assert not needs_more(pairs([1.12, 1.10, 1.11, 1.10]), TH)  # clearly slower
     assert not needs_more(pairs([1.05] * TH["max_pairs"]), TH)  # the limit stops it
+    # the three calls, either side of the gray band around the limit (1.05 +- 0.02 with the shipped thresholds)
+    assert [ab_gate.speed_call(r, TH) for r in (1.029, 1.031, 1.069, 1.071)] == ["pass", "not sure", "not sure",
+                                                                                  "fail"]
+
+
+def test_one_round_then_more_only_for_an_entry_not_sure_yet(monkeypatch):
+    """run_ab's sequence on constructed rounds: an entry clear after its first round gets one pair, one near the
+    limit gets rounds until it is sure (here its second round settles it), one that stays near it stops at
+    max_pairs and says it was judged at the cap; the first mover alternates between entries and rounds."""
+    script = {"fast": [1.00], "settles": [1.06, 1.12], "stuck": [1.05] * 20}
+    calls = []
+
+    class FakeRunner:
+        def __init__(self, *a, **k):
+            pass
+
+    def fake_pair(runner, entry, rnd, index):
+        calls.append((entry.label, rnd))
+        r = script[entry.label][rnd]
+        first = ab_gate.round_order(("base", "cand"), rnd + index)[0]
+        return Pair(rnd, "AB" if first == "base" else "BA", run("base"), run("cand", t=0.1 * r), step_ratios=[r] * 5)
+
+    monkeypatch.setattr(ab_gate, "Runner", FakeRunner)
+    monkeypatch.setattr(ab_gate, "measure_pair", fake_pair)
+    matrix = [ab_gate.Entry(name, "tiny", "single", [], 0) for name in script]
+    verdicts = {v.entry: v for v in ab_gate.run_ab(ROOT, ROOT, 1, TH, matrix, log=lambda m: None)}
+    assert [c for c in calls if c[0] == "fast"] == [("fast", 0)]
+    assert [c for c in calls if c[0] == "settles"] == [("settles", 0), ("settles", 1)]
+    assert len([c for c in calls if c[0] == "stuck"]) == TH["max_pairs"]
+    st = {k: next(c for c in v.checks if c["metric"] == "step_time") for k, v in verdicts.items()}
+    assert (st["fast"]["verdict"], st["fast"]["call"], st["fast"]["pairs"]) == ("PASS", "pass", 1)
+    assert st["settles"]["verdict"] == "FAIL" and st["settles"]["call"] == "fail"  # pooled median 1.09
+    assert st["stuck"]["call"] == "not sure" and "the cap" in st["stuck"]["detail"]
+    assert [p.order for p in verdicts["settles"].pairs] == ["BA", "AB"]  # entry 1 starts with the candidate
 
 
 def test_the_verdict_pools_paired_steps_not_whole_runs():

@@ -29,3 +29,76 @@ def test_synthetic_sequences_are_distinct_reproducible_and_shifted():
     again = SyntheticData(256, 4, 16, seed=0, device=cpu).batch(2, 3)
     assert all(torch.equal(a, b) for a, b in zip(again, data.batch(2, 3)))
     assert not torch.equal(SyntheticData(256, 4, 16, seed=1, device=cpu).batch(2, 3)[0], again[0])
+
+
+# ------------------------------------------------------------------ what each rank reads, from the tokens themselves
+T_WIN, VOCAB, N_WINDOWS = 16, 4096, 200  # a corpus whose token at position p is p: a window names itself
+
+
+def _reads(rank: int, world: int, fields: dict, micro_batch: int, grad_accum: int, data: str, steps: int) -> list:
+    """Train ``steps`` steps through the harness's own build and step, recording every micro-batch this rank reads:
+    [(step, x, y)] in reading order."""
+    import dataclasses
+
+    from bench.harness.dist import DistInfo
+    from bench.harness.loop import build, make_step, plan_batch
+    from bench.harness.config import RunConfig
+    from strategies import StrategyConfig
+    from tests.helpers.training import model_cfg
+
+    cfg = RunConfig(model=dataclasses.replace(model_cfg("tiny"), vocab_size=VOCAB), strategy=StrategyConfig(**fields),
+                    steps=steps, warmup=0, micro_batch=micro_batch, grad_accum=grad_accum, seq_len=T_WIN, log_every=0,
+                    data=data, measure_comm=False, measure_overlap=False)
+    info = DistInfo(rank, rank, world, 1, torch.device("cpu"), "gloo" if world > 1 else None)
+    b = build(cfg, info, plan_batch(cfg, info))
+    seen, read = [], b.data.batch
+
+    def recording(step, index):
+        x, y = read(step, index)
+        seen.append((step, x.clone(), y.clone()))
+        return x, y
+
+    b.data.batch = recording
+    step = make_step(cfg, info, b)
+    for s in range(steps):
+        step(s)
+    return seen
+
+
+@pytest.mark.dist
+def test_every_rank_reads_its_own_share_of_the_global_batch_known_from_the_tokens(ranks, tmp_path):
+    """The data split, judged from the tokens alone (not from the harness's index arithmetic, which the parity
+    tests' references share): on a corpus whose token at position p is p, every sequence a rank reads names its
+    window. On 4 ranks, FSDP x TP2 (2 data-parallel groups), micro-batch 2, grad accumulation 2, 3 steps:
+    every sequence is one aligned window of consecutive positions and its targets are the next positions; the two
+    tensor-parallel ranks of a group read the same sequences in the same order; the groups' windows in a step are
+    disjoint and make up exactly the 8 windows a single process reads in that step (micro-batch 2 x 4
+    accumulation steps); no window repeats across steps within the corpus's 200 windows."""
+    np = pytest.importorskip("numpy")
+    corpus = tmp_path / "train.bin"
+    np.arange(N_WINDOWS * T_WIN + 1, dtype=np.uint16).tofile(corpus)
+    steps = 3
+    per_rank = ranks(_reads, {"dp": "fsdp", "tp": 2}, 2, 2, str(corpus), steps, world_size=4)
+    single = _reads(0, 1, {}, 2, 4, str(corpus), steps)
+
+    def windows(seen) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for s, x, y in seen:
+            assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones_like(x[:, 1:])), "a sequence is not one window"
+            assert torch.equal(y, x + 1), "targets are not the next positions"
+            assert bool((x[:, 0] % T_WIN == 0).all()), "a window is not aligned"
+            out.setdefault(s, []).extend((x[:, 0] // T_WIN).tolist())
+        return out
+
+    ref = windows(single)
+    got = [windows(r) for r in per_rank]
+    # the mesh puts ranks 0,1 in one tensor-parallel group (data-parallel group 0) and ranks 2,3 in the other
+    assert got[0] == got[1] and got[2] == got[3], "tensor-parallel ranks of one group read different data"
+    all_windows = []
+    for s in range(steps):
+        assert len(ref[s]) == len(set(ref[s])) == 8
+        group0, group1 = got[0][s], got[2][s]
+        assert len(group0) == len(group1) == 4 and not set(group0) & set(group1), f"step {s}: groups overlap"
+        assert sorted(group0 + group1) == sorted(ref[s]), f"step {s}: the groups' union is not the global batch"
+        all_windows += ref[s]
+    assert len(set(all_windows)) == len(all_windows) == 8 * steps, "a window repeats within the epoch"

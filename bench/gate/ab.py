@@ -10,12 +10,16 @@ this one's, and on a shared machine even two runs a few seconds apart differ by 
 revision is exported (``git archive``) into ``<out>/trees/base`` and both trees run the CI matrix
 (bench/gate/ci_suite.py) with the same interpreter. For each entry both versions' jobs start together and take
 turns step by step (bench/harness/turn.py), 60 timed steps each; a pair's ratios are ``candidate step k /
-baseline step k`` for every timed step k; 2 rounds, the first mover swapped (the A/B engine,
-bench/gate/paired.py). A baseline revision from before the turnstile existed cannot take turns and is refused.
+baseline step k`` for every timed step k (the A/B engine, bench/gate/paired.py). One round per entry, the first
+mover alternating from entry to entry, then more rounds (the first mover swapped each time) only for an entry
+whose verdict is not sure yet. A baseline revision from before the turnstile existed cannot take turns and is
+refused.
 
-Verdict per entry (bench/gate/thresholds_ab.yaml), on the median ratio of all paired steps pooled:
-- speed: FAIL when it exceeds 1 + ``max_slowdown_pct``/100. While it lies within ``gray_pct`` of that
-  line, another round is measured (up to ``max_pairs`` rounds): a borderline result is re-measured;
+Verdict per entry (bench/gate/thresholds_ab.yaml), on the median ratio of all paired steps pooled, after every
+round one of three (``speed_call``): pass (below 1 + (``max_slowdown_pct`` - ``gray_pct``)/100), fail (above
+1 + (``max_slowdown_pct`` + ``gray_pct``)/100), or not sure yet (between: one more round, up to ``max_pairs``).
+- speed: FAIL when the median exceeds 1 + ``max_slowdown_pct``/100; an entry still not sure after ``max_pairs``
+  rounds is judged on that line and its detail says so;
 - memory: FAIL when the median paired ratio of ``peak_mem_bytes`` exceeds 1 + ``max_rise_pct``/100;
 - loss: FAIL when the final losses (same seed, same data) differ by more than ``max_rel_diff`` (relative);
 - status: FAIL when a candidate run fails where the baseline's ran (a ``suspect`` run finished: its MFU, which
@@ -261,12 +265,15 @@ def judge(entry: str, pairs: list[Pair], th: dict) -> Verdict:
     pooled = [r for p in ok for r in p.step_ratios]
     m = entry_ratio(ok)
     limit = 1 + th["max_slowdown_pct"] / 100
-    v.checks.append({"metric": "step_time", "verdict": "FAIL" if m > limit else "PASS",
+    call = speed_call(m, th)
+    said = (f"not sure after {len(ok)} rounds (the cap): judged on the limit" if call == "not sure"
+            else f"sure after {len(ok)} round{'s' if len(ok) > 1 else ''}")
+    v.checks.append({"metric": "step_time", "verdict": "FAIL" if m > limit else "PASS", "call": call,
                      "baseline": median(p.base.step_time_s for p in ok),
                      "candidate": median(p.cand.step_time_s for p in ok),
                      "ratio": m, "low": pairs_r.low, "high": pairs_r.high, "pairs": len(ok), "steps": len(pooled),
                      "detail": f"median ratio {m:.3f} (pairs {pairs_r.low:.3f}-{pairs_r.high:.3f}, n={len(ok)}, "
-                               f"{len(pooled)} paired steps); limit {limit:.3f}"})
+                               f"{len(pooled)} paired steps); limit {limit:.3f}, {said}"})
     mems = [p.cand.peak_mem_bytes / p.base.peak_mem_bytes for p in ok
             if p.base.peak_mem_bytes and p.cand.peak_mem_bytes]
     if mems:
@@ -282,18 +289,28 @@ def judge(entry: str, pairs: list[Pair], th: dict) -> Verdict:
     return v
 
 
+def speed_call(ratio: float, th: dict) -> str:
+    """The speed verdict a pooled median ``ratio`` allows so far: "pass", "fail" or "not sure" (within
+    ``gray_pct`` of the limit, either side: another round can still move it across)."""
+    limit = 1 + th["max_slowdown_pct"] / 100
+    if abs(ratio - limit) < th["gray_pct"] / 100:
+        return "not sure"
+    return "fail" if ratio > limit else "pass"
+
+
 def needs_more(pairs: list[Pair], th: dict) -> bool:
-    """True while the median ratio is within gray_pct of the limit and fewer than max_pairs were measured."""
+    """True while the entry's speed is not sure yet (``speed_call``) and fewer than max_pairs were measured."""
     ok = [p for p in pairs if p.ok]
-    if not ok or len(pairs) >= th["max_pairs"]:
+    if not ok or len(pairs) >= th["max_pairs"] or any(not p.step_ratios for p in ok):
         return False
-    return abs(entry_ratio(ok) - (1 + th["max_slowdown_pct"] / 100)) < th["gray_pct"] / 100
+    return speed_call(entry_ratio(ok), th) == "not sure"
 
 
 def run_ab(out: Path, base_tree: Path, rounds: int, th: dict, matrix: list[Entry] = ci_suite.MATRIX,
            cand_extra: list[str] = (), base_extra: list[str] = (), log=print,
            steps: int | None = None) -> list[Verdict]:
-    """Measure every entry of ``matrix`` in ``rounds`` interleaved rounds (plus borderline ones) and judge."""
+    """Measure every entry of ``matrix`` in ``rounds`` interleaved rounds, then more for the entries not sure yet
+    (``needs_more``), and judge."""
     runner = Runner(out, {"base": base_tree, "cand": ROOT}, {"base": list(base_extra), "cand": list(cand_extra)},
                     steps=steps)
     pairs: dict[str, list[Pair]] = {e.label: [] for e in matrix}
@@ -310,7 +327,7 @@ def run_ab(out: Path, base_tree: Path, rounds: int, th: dict, matrix: list[Entry
     for i, entry in enumerate(matrix):
         extra = rounds
         while needs_more(pairs[entry.label], th):
-            log(f"[ab] {entry.label}: median ratio near the limit: one more pair")
+            log(f"[ab] {entry.label}: not sure yet (median ratio within gray_pct of the limit): one more round")
             pairs[entry.label].append(add(entry, extra, i))
             extra += 1
     return [judge(e.label, pairs[e.label], th) for e in matrix]
@@ -359,10 +376,10 @@ def main(rev: str | None, out: str, rounds: int | None, thresholds: str | None, 
         print(f"gate ab: error: revision {sha[:12]} predates the turnstile (bench/turn.py) and cannot take turns; "
               "name a later one with rev=REV", file=sys.stderr)
         return 2
-    rounds = rounds or 2
+    rounds = rounds or 1
     cand_extra = [f"debug_slow_pct={slow_pct:g}"] if slow_pct else []
-    print(f"[ab] baseline {sha[:12]} (exported to {base_tree}) vs candidate {ROOT}: {rounds} rounds x "
-          f"{len(matrix)} entries, taking turns step by step, {TURN_STEPS} steps"
+    print(f"[ab] baseline {sha[:12]} (exported to {base_tree}) vs candidate {ROOT}: {rounds} round(s) x "
+          f"{len(matrix)} entries, taking turns step by step, {TURN_STEPS} steps, more rounds while not sure"
           f"{f', candidate slowed by {slow_pct:g}%' if slow_pct else ''}", flush=True)
     t0 = time.perf_counter()
     verdicts = run_ab(outp, base_tree, rounds, th, matrix, cand_extra, log=lambda m: print(m, flush=True),

@@ -18,7 +18,7 @@ from models.cli import UsageError, opt, parse
 class GateArgs:
     ab: bool = opt(False, "same-run A/B gate (what CI runs): the CI matrix with this tree and with rev's code")
     rev: str = opt("", "ab: the baseline revision (default: results/baselines/BASE_REV)")
-    rounds: int = opt(0, "ab: rounds, i.e. pairs of turn-taking jobs per entry (0: 2)")
+    rounds: int = opt(0, "ab: first rounds (pairs of turn-taking jobs) per entry; more while not sure (0: 1)")
     out: str = opt("ab_out", "ab: folder for both sides' rows and ab.json")
     slow_pct: float = opt(0.0, "ab: slow the candidate by exactly this percentage (the gate study)")
     entries: list[str] = opt([], "ab: only these CI matrix entries")

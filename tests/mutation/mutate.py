@@ -206,6 +206,13 @@ MUTATIONS = [
     Mutation("tuner_checks_after_its_probes", "bench/tune/__main__.py",
              'problem = precheck(run_args(args, fits[0], "tune:check"))', "problem = None",
              ["tests/test_tool_inputs.py"], "the tuner's runs' values checked only when the runs start"),
+    Mutation("pp_kept_logits_not_split_by_tp", "bench/plan/terms.py",
+             'else 2) // ctx.tp', 'else 2)',
+             ["tests/test_costmodel.py::test_predicted_peak_matches_cpu_runs"],
+             "the pipeline's kept logits counted whole on a tensor-parallel rank"),
+    Mutation("token_windows_repeat_across_steps", "bench/harness/data.py",
+             "first = (step * self.n_micro + index) * self.B", "first = (step + index) * self.B",
+             ["tests/test_data.py"], "a corpus's windows read again by the next step (references share the flaw)"),
 ]
 
 
