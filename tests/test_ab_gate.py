@@ -68,7 +68,8 @@ def test_a_suspect_run_finished_and_is_compared_on_its_steps():
         setattr(ps[0], side, run(side, status="suspect", error="mfu=1.3 > 1"))
         ps[0].step_ratios = [1.0] * 5
         v = judge("e", ps, TH)
-        assert checks(v) == {"status": "PASS", "step_time": "PASS", "peak_mem": "PASS", "loss": "PASS"}
+        assert checks(v) == {"status": "PASS", "counters": "PASS", "step_time": "PASS", "peak_mem": "PASS",
+                             "loss": "PASS"}
         assert "1 suspect" in v.checks[0]["detail"]
     slow = pairs([1.2, 1.2])
     slow[1].cand = run("cand", t=0.12, status="suspect")
@@ -204,3 +205,53 @@ def test_the_baseline_is_the_named_revision_not_the_working_tree(slow_clone, tmp
     assert res.returncode == 0, res.stdout + res.stderr
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("single") and "step_time" in ln)
     assert float(line.split("median ratio ")[1].split()[0]) < 0.8
+
+
+def _with_counters(ps, base: dict, cand: dict):
+    for p in ps:
+        p.base.counters, p.cand.counters = dict(base), dict(cand)
+    return ps
+
+
+COUNTED = {"flops_counted_per_step": 1000, "comm_bytes_per_step": 0, "param_bytes": 400, "optimizer_state_bytes": 816,
+           "graphs_compiled": 0, "graph_breaks": 0}
+
+
+def test_counters_are_judged_exactly_and_first_whatever_the_timing_says():
+    """Equal counters pass; one FLOP more per step fails with the counter named, though the timing passes and comes
+    after it; a change listed in accept_counters is said, not failed; a counter the baseline does not record yet is
+    named, not judged; one neither records (FLOPs under compile) is not mentioned."""
+    same = judge("e", _with_counters(pairs([1.0, 1.0]), COUNTED, COUNTED), TH)
+    assert same.verdict == "PASS" and [c["metric"] for c in same.checks][:3] == ["status", "counters", "step_time"]
+    more = judge("e", _with_counters(pairs([0.97, 0.98]), COUNTED, {**COUNTED, "flops_counted_per_step": 1001}), TH)
+    counters = next(c for c in more.checks if c["metric"] == "counters")
+    assert more.verdict == "FAIL" and checks(more)["step_time"] == "PASS"
+    assert counters["verdict"] == "FAIL" and "flops_counted_per_step 1000 -> 1001 (+0.10%)" in counters["detail"]
+    breaks = _with_counters(pairs([1.0]), COUNTED, {**COUNTED, "graph_breaks": 1})
+    assert "graph_breaks 0 -> 1" in next(c["detail"] for c in judge("e", breaks, TH).checks
+                                         if c["metric"] == "counters")
+    accepted = judge("e", _with_counters(pairs([1.0]), COUNTED, {**COUNTED, "param_bytes": 800}),
+                     {**TH, "accept_counters": ["param_bytes"]})
+    said = next(c for c in accepted.checks if c["metric"] == "counters")
+    assert said["verdict"] == "PASS" and "on purpose" in said["detail"] and "param_bytes 400 -> 800" in said["detail"]
+    old_base = {**COUNTED, "param_bytes": None, "flops_counted_per_step": None}
+    new = judge("e", _with_counters(pairs([1.0]), old_base, {**COUNTED, "flops_counted_per_step": None}), TH)
+    detail = next(c["detail"] for c in new.checks if c["metric"] == "counters")
+    assert new.verdict == "PASS" and "not on the baseline yet: param_bytes" in detail and "flops" not in detail
+
+
+def test_without_timing_no_speed_verdict_and_no_more_rounds():
+    """timing=false: a 20 % slower candidate with equal counters passes (no speed check at all), while a changed
+    counter still fails."""
+    slow = _with_counters(pairs([1.2]), COUNTED, COUNTED)
+    v = judge("e", slow, TH, timing=False)
+    assert v.verdict == "PASS" and "step_time" not in checks(v) and set(checks(v)) >= {"counters", "loss"}
+    changed = _with_counters(pairs([1.0]), COUNTED, {**COUNTED, "comm_bytes_per_step": 8})
+    assert judge("e", changed, TH, timing=False).verdict == "FAIL"
+
+
+def test_accept_counters_must_name_counters(tmp_path):
+    bad = tmp_path / "th.yaml"
+    bad.write_text((ab_gate.DEFAULT_THRESHOLDS.read_text()).replace("accept_counters: []", "accept_counters: [flops]"))
+    with pytest.raises(ab_gate.ABInputError, match="accept_counters"):
+        ab_gate.load_thresholds(bad)

@@ -218,9 +218,11 @@ def test_predicted_peak_matches_cpu_runs(tmp_path, strategy, nproc, extra):
     bytes and the prediction holds within 10 %."""
     from tests.helpers import run_cli
 
-    # measure_overlap=false: the profiled step (10 s of 4-rank mini here) checks nothing this test reads
+    # measure_overlap=false, measure_counters=false: the profiled steps and the FLOP-counted one (seconds of mini
+    # each) check nothing this test reads
     res = run_cli([f"strategy={strategy}", "model=mini", "steps=2", "warmup=1", f"results_dir={tmp_path}",
-                   "measure_overlap=false", *extra], nproc=nproc, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+                   "measure_overlap=false", "measure_counters=false", *extra], nproc=nproc,
+                  env={"MALLOC_MMAP_THRESHOLD_": "65536"})
     assert res.returncode == 0, res.stderr[-2000:]
     row = load(tmp_path).iloc[0]
     measured = row.peak_mem_bytes - row.mem_baseline_bytes

@@ -1,12 +1,19 @@
-"""The synthetic token source (bench/harness/data.py): checked on its own, because every parity test's
-reference draws from the same source and cannot see a flaw the two share."""
+"""The token sources (bench/harness/data.py) and the data split, checked on their own, because every parity test's
+reference draws from the same source through the same index arithmetic and cannot see a flaw the two share."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
+from bench.harness.config import RunConfig
 from bench.harness.data import SyntheticData
+from bench.harness.dist import DistInfo
+from bench.harness.loop import build, make_step, plan_batch
+from strategies import StrategyConfig
+from tests.helpers.training import model_cfg
 
 pytestmark = pytest.mark.unit
 
@@ -38,14 +45,6 @@ T_WIN, VOCAB, N_WINDOWS = 16, 4096, 200  # a corpus whose token at position p is
 def _reads(rank: int, world: int, fields: dict, micro_batch: int, grad_accum: int, data: str, steps: int) -> list:
     """Train ``steps`` steps through the harness's own build and step, recording every micro-batch this rank reads:
     [(step, x, y)] in reading order."""
-    import dataclasses
-
-    from bench.harness.dist import DistInfo
-    from bench.harness.loop import build, make_step, plan_batch
-    from bench.harness.config import RunConfig
-    from strategies import StrategyConfig
-    from tests.helpers.training import model_cfg
-
     cfg = RunConfig(model=dataclasses.replace(model_cfg("tiny"), vocab_size=VOCAB), strategy=StrategyConfig(**fields),
                     steps=steps, warmup=0, micro_batch=micro_batch, grad_accum=grad_accum, seq_len=T_WIN, log_every=0,
                     data=data, measure_comm=False, measure_overlap=False)

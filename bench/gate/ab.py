@@ -20,6 +20,12 @@ round one of three (``speed_call``): pass (below 1 + (``max_slowdown_pct`` - ``g
 1 + (``max_slowdown_pct`` + ``gray_pct``)/100), or not sure yet (between: one more round, up to ``max_pairs``).
 - speed: FAIL when the median exceeds 1 + ``max_slowdown_pct``/100; an entry still not sure after ``max_pairs``
   rounds is judged on that line and its detail says so;
+- counters, judged first and exactly (bench/measure/counters.py: FLOPs per step, collective bytes per step,
+  parameter and optimizer-state bytes, compiled graphs and graph breaks): FAIL when any differs between the two
+  versions in any pair, whatever the timing says, naming the counter -- unless ``accept_counters`` lists it (a
+  change the work makes on purpose, said in the detail). A counter the baseline does not record yet is named
+  and not judged. ``timing=false`` judges status, counters, memory and loss only (one round, no speed verdict):
+  for a host where no timing can be trusted;
 - memory: FAIL when the median paired ratio of ``peak_mem_bytes`` exceeds 1 + ``max_rise_pct``/100;
 - loss: FAIL when the final losses (same seed, same data) differ by more than ``max_rel_diff`` (relative);
 - status: FAIL when a candidate run fails where the baseline's ran (a ``suspect`` run finished: its MFU, which
@@ -58,7 +64,10 @@ from reports.record import FINISHED  # a suspect run's times, memory and loss ar
 ROOT = suite.ROOT
 BASE_REV_FILE = ROOT / "results" / "baselines" / "BASE_REV"
 DEFAULT_THRESHOLDS = Path(__file__).with_name("thresholds_ab.yaml")
-_KNOWN = {"max_slowdown_pct", "gray_pct", "max_pairs", "max_rise_pct", "max_rel_diff"}
+_KNOWN = {"max_slowdown_pct", "gray_pct", "max_pairs", "max_rise_pct", "max_rel_diff", "accept_counters"}
+# the counters of a row the gate compares exactly (reports/record.py defines each)
+COUNTERS = ("flops_counted_per_step", "comm_bytes_per_step", "param_bytes", "optimizer_state_bytes",
+            "graphs_compiled", "graph_breaks")
 
 
 
@@ -78,6 +87,7 @@ class Run:
     loss: float | None
     wall_s: float
     error: str | None = None
+    counters: dict = field(default_factory=dict)  # COUNTERS as the row has them (None: not recorded)
 
 
 @dataclass
@@ -120,7 +130,10 @@ def load_thresholds(path: str | Path | None = None) -> dict:
         got = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise ABInputError(f"{path}: expected exactly the keys {sorted(_KNOWN)}; got {got}")
     for k, v in data.items():
-        if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+        if k == "accept_counters":
+            if not isinstance(v, list) or set(v) - set(COUNTERS):
+                raise ABInputError(f"{path}: accept_counters={v!r} must be a list of counters from {list(COUNTERS)}")
+        elif not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
             raise ABInputError(f"{path}: {k}={v!r} must be a finite number >= 0")
     return data
 
@@ -169,9 +182,9 @@ class Runner:
         self.common = [c for c in ci_suite.COMMON if not (steps and c.startswith("steps="))]
         if steps:
             self.common.append(f"steps={steps}")
-        # the gate judges speed, memory, loss and status: the measurements a run makes after its timed window
-        # (one step with the collectives observed, two profiled for overlap) are columns it never reads
-        self.common += ["measure_comm=false", "measure_overlap=false"]
+        # after the timed window: the collectives observed and the FLOPs counted (one step each: counters judged
+        # exactly); not the two profiled steps of the overlap measurement, columns the gate never reads
+        self.common += ["measure_comm=true", "measure_overlap=false"]
         self.count = 0
         # One peak-FLOPs probe for the whole gate, shared by both sides (MFU is not what is judged here).
         self.env = {**os.environ, **ci_suite.ENV, "N00BGPT_PEAK_CACHE": "1",
@@ -186,7 +199,7 @@ class Runner:
         if row is None:
             return Run(side, "error", None, None, None, wall, f"rc={rc}, no row: {' '.join(tail)}")
         return Run(side, row["status"], row.get("step_time_median_s"), row.get("peak_mem_bytes"), row.get("loss"),
-                   wall, row.get("error"))
+                   wall, row.get("error"), {c: row.get(c) for c in COUNTERS})
 
     def run_together(self, entry: tuple, first: str) -> tuple[Run, Run, list[float]]:
         """Both sides' jobs at once, taking turns step by step (bench/harness/turn.py), ``first`` starting each step.
@@ -235,8 +248,31 @@ def entry_ratio(ok: list[Pair]) -> float:
     return median([r for p in ok for r in p.step_ratios])
 
 
-def judge(entry: str, pairs: list[Pair], th: dict) -> Verdict:
-    """The checks of one entry from its pairs (pure: tested on constructed pairs)."""
+def judge_counters(ok: list[Pair], th: dict) -> dict:
+    """The counters check of an entry's finished pairs: every counter both versions record must be equal in every
+    pair (an accepted one may differ and is said); one the baseline lacks is named, not judged."""
+    changed, accepted, missing = [], [], []
+    for c in COUNTERS:
+        vals = [(p.base.counters.get(c), p.cand.counters.get(c)) for p in ok]
+        if all(b is None and n is None for b, n in vals):
+            continue  # neither records it (e.g. FLOPs under compile, collectives in one process)
+        if any(b is None for b, _ in vals):
+            missing.append(c)
+            continue
+        diff = next(((b, n) for b, n in vals if b != n), None)
+        if diff is not None:
+            b, n = diff
+            said = f"{c} {b} -> {n}" + (f" ({(n - b) / b:+.2%})" if b and n is not None else "")
+            (accepted if c in th["accept_counters"] else changed).append(said)
+    detail = (f"changed: {'; '.join(changed)}" if changed else "equal") + (
+        f"; changed on purpose (accept_counters): {'; '.join(accepted)}" if accepted else "") + (
+        f"; not on the baseline yet: {', '.join(missing)}" if missing else "")
+    return {"metric": "counters", "verdict": "FAIL" if changed else "PASS", "detail": detail}
+
+
+def judge(entry: str, pairs: list[Pair], th: dict, timing: bool = True) -> Verdict:
+    """The checks of one entry from its pairs (pure: tested on constructed pairs). ``timing=False``: no speed
+    verdict (status, counters, memory and loss)."""
     v = Verdict(entry, pairs)
     base_ok = [p for p in pairs if p.base.status in FINISHED]
     if not base_ok:
@@ -255,6 +291,9 @@ def judge(entry: str, pairs: list[Pair], th: dict) -> Verdict:
     ok = [p for p in pairs if p.ok]
     if not ok:
         return v
+    v.checks.append(judge_counters(ok, th))
+    if not timing:
+        return _judge_memory_and_loss(v, ok, th)
     unpaired = [p for p in ok if not p.step_ratios]
     if unpaired:  # both sides ran, but their steps cannot be paired: no speed verdict may pass unmeasured
         v.checks.append({"metric": "step_time", "verdict": "FAIL",
@@ -274,6 +313,10 @@ def judge(entry: str, pairs: list[Pair], th: dict) -> Verdict:
                      "ratio": m, "low": pairs_r.low, "high": pairs_r.high, "pairs": len(ok), "steps": len(pooled),
                      "detail": f"median ratio {m:.3f} (pairs {pairs_r.low:.3f}-{pairs_r.high:.3f}, n={len(ok)}, "
                                f"{len(pooled)} paired steps); limit {limit:.3f}, {said}"})
+    return _judge_memory_and_loss(v, ok, th)
+
+
+def _judge_memory_and_loss(v: Verdict, ok: list[Pair], th: dict) -> Verdict:
     mems = [p.cand.peak_mem_bytes / p.base.peak_mem_bytes for p in ok
             if p.base.peak_mem_bytes and p.cand.peak_mem_bytes]
     if mems:
@@ -308,7 +351,7 @@ def needs_more(pairs: list[Pair], th: dict) -> bool:
 
 def run_ab(out: Path, base_tree: Path, rounds: int, th: dict, matrix: list[Entry] = ci_suite.MATRIX,
            cand_extra: list[str] = (), base_extra: list[str] = (), log=print,
-           steps: int | None = None) -> list[Verdict]:
+           steps: int | None = None, timing: bool = True) -> list[Verdict]:
     """Measure every entry of ``matrix`` in ``rounds`` interleaved rounds, then more for the entries not sure yet
     (``needs_more``), and judge."""
     runner = Runner(out, {"base": base_tree, "cand": ROOT}, {"base": list(base_extra), "cand": list(cand_extra)},
@@ -326,11 +369,11 @@ def run_ab(out: Path, base_tree: Path, rounds: int, th: dict, matrix: list[Entry
             pairs[entry.label].append(add(entry, rnd, i))
     for i, entry in enumerate(matrix):
         extra = rounds
-        while needs_more(pairs[entry.label], th):
+        while timing and needs_more(pairs[entry.label], th):
             log(f"[ab] {entry.label}: not sure yet (median ratio within gray_pct of the limit): one more round")
             pairs[entry.label].append(add(entry, extra, i))
             extra += 1
-    return [judge(e.label, pairs[e.label], th) for e in matrix]
+    return [judge(e.label, pairs[e.label], th, timing) for e in matrix]
 
 
 def _ms(run: Run) -> str:
@@ -350,7 +393,7 @@ TURN_STEPS = 60  # timed steps per job when the two versions take turns (60 pair
 
 
 def main(rev: str | None, out: str, rounds: int | None, thresholds: str | None, slow_pct: float = 0.0,
-         entries: list[str] | None = None) -> int:
+         entries: list[str] | None = None, timing: bool = True) -> int:
     try:
         th = load_thresholds(thresholds)
         sha = resolve_rev(rev)
@@ -383,9 +426,9 @@ def main(rev: str | None, out: str, rounds: int | None, thresholds: str | None, 
           f"{f', candidate slowed by {slow_pct:g}%' if slow_pct else ''}", flush=True)
     t0 = time.perf_counter()
     verdicts = run_ab(outp, base_tree, rounds, th, matrix, cand_extra, log=lambda m: print(m, flush=True),
-                      steps=TURN_STEPS)
+                      steps=TURN_STEPS, timing=timing)
     shutil.rmtree(outp / "trees", ignore_errors=True)
-    summary = {"base_rev": sha, "rounds": rounds, "mode": "turns", "slow_pct": slow_pct,
+    summary = {"base_rev": sha, "rounds": rounds, "mode": "turns" if timing else "counters", "slow_pct": slow_pct,
                "thresholds": th, "seconds": time.perf_counter() - t0,
                "verdicts": [{"entry": v.entry, "verdict": v.verdict, "checks": v.checks,
                              "pairs": [asdict(p) for p in v.pairs]} for v in verdicts]}

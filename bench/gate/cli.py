@@ -22,6 +22,7 @@ class GateArgs:
     out: str = opt("ab_out", "ab: folder for both sides' rows and ab.json")
     slow_pct: float = opt(0.0, "ab: slow the candidate by exactly this percentage (the gate study)")
     entries: list[str] = opt([], "ab: only these CI matrix entries")
+    timing: bool = opt(True, "ab: judge speed too (false: status, counters, memory and loss only, one round)")
     baseline: list[str] = opt([], "committed numbers: baseline result files/folders/globs")
     candidate: list[str] = opt([], "committed numbers: candidate result files/folders/globs")
     thresholds: str = opt("", f"YAML thresholds (default {regress.DEFAULT_THRESHOLDS.name}; ab: thresholds_ab.yaml)")
@@ -35,5 +36,5 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(GateArgs, argv, "python -m bench.gate", __doc__)
     if args.ab:
         return ab_gate.main(args.rev or None, args.out, args.rounds or None, args.thresholds or None, args.slow_pct,
-                            args.entries or None)
+                            args.entries or None, args.timing)
     return regress.check(args.baseline, args.candidate, args.thresholds or None)

@@ -78,6 +78,9 @@ class RunConfig:
     measure_comm: bool = True
     """After the timed window, run one extra step observing every collective (bench/measure/comm.py) to record
     comm_bytes_per_step (data-parallel runs only; never timed)."""
+    measure_counters: bool = True
+    """Record the counters no neighbour can move (bench/measure/counters.py): parameter and optimizer-state bytes
+    and compile counts after the timed window, and the FLOPs of one extra, untimed step (not under compile)."""
     measure_overlap: bool = True
     """After the timed window (and the communication step), profile 2 more untimed steps on every rank to
     record compute_time_s, comm_time_s, exposed_comm_s and overlap_pct per step (bench/measure/overlap.py;

@@ -31,6 +31,7 @@ from bench.measure import memory, metrics
 from bench.measure.combine import combine_ranks
 from bench.measure.comm import CommCounter
 from bench.measure.contention import ContentionMeter
+from bench.measure.counters import compile_counts, count_step_flops, state_bytes
 from bench.measure.nvml import NvmlSampler, energy_per_token
 from bench.measure.overlap import profiled_exposure
 from bench.measure.peak_flops import get_peak_flops
@@ -310,10 +311,15 @@ def train(cfg: RunConfig, info: DistInfo, progress: Progress | None = None,
     step_fn = make_step(cfg, info, b)
     status, losses, mine = run_steps(cfg, info, b, step_fn, progress, run_id)
     mine["mem_baseline_bytes"] = b.mem_baseline_bytes
+    if status == "ok" and cfg.measure_counters:  # what the timed run held and compiled, before any extra step
+        mine.update(**state_bytes(b.opt), **compile_counts())
+    extra = cfg.warmup + cfg.steps  # the untimed steps after the timed window, each on the next step's data
     if status == "ok" and cfg.measure_comm and info.world_size > 1:
-        mine.update(measure_comm(step_fn, cfg.warmup + cfg.steps))
+        mine.update(measure_comm(step_fn, extra))
     if status == "ok" and cfg.measure_overlap and info.world_size > 1:
-        mine.update(measure_overlap(step_fn, cfg.warmup + cfg.steps + 1, info.device))
+        mine.update(measure_overlap(step_fn, extra + 1, info.device))
+    if status == "ok" and cfg.measure_counters and not cfg.strategy.compile:
+        mine.update(count_step_flops(step_fn, extra + 1 + OVERLAP_STEPS))
     out, times = combine(gather_objects(mine, info), b.static, losses, info.world_size)
     reason = implausible(out) if times else None
     if reason and status == "ok":

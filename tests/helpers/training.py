@@ -35,7 +35,7 @@ def run_cfg(strategy: dict, micro_batch: int, grad_accum: int, model: str = "tin
             steps: int = STEPS, seq_len: int = 64) -> RunConfig:
     return RunConfig(model=model_cfg(model), strategy=StrategyConfig(**strategy), steps=steps, warmup=0,
                      micro_batch=micro_batch, grad_accum=grad_accum, seq_len=seq_len, log_every=0, lr=1e-3,
-                     data=data or "synthetic", measure_comm=False, measure_overlap=False)
+                     data=data or "synthetic", measure_comm=False, measure_overlap=False, measure_counters=False)
 
 
 def losses_of(cfg: RunConfig, rank: int = 0, world_size: int = 1, observed: dict | None = None) -> list[float]:

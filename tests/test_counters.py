@@ -1,0 +1,99 @@
+"""The counters no neighbour can move (bench/measure/counters.py), through the harness's own ``train``, against
+sources the code does not share: the parameter shapes of a model the test builds itself, AdamW's documented state
+(two moments and a step counter per tensor), the model's FLOP formula (models/flops.py, itself checked against
+FlopCounterMode on a bare forward), and a function with exactly one graph break written here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bench.measure.counters import compile_counts
+from models import build_model
+from tests.helpers.training import losses_of, model_cfg, run_cfg
+
+pytestmark = pytest.mark.dist
+
+KEYS = ("flops_counted_per_step", "param_bytes", "optimizer_state_bytes", "graphs_compiled", "graph_breaks",
+        "flops_per_token", "recompute_flops_per_token", "global_batch_tokens")
+
+
+def _counters(rank: int, world: int, fields: dict, micro_batch: int) -> dict:
+    cfg = run_cfg(fields, micro_batch, 1, steps=2)
+    cfg.measure_counters = True
+    observed: dict = {}
+    losses_of(cfg, rank, world, observed=observed)
+    return {k: observed.get(k) for k in KEYS}
+
+
+def _shapes() -> list[torch.Size]:
+    """tiny's parameters, once each (tied weights are one tensor), from a model the test builds."""
+    return [p.shape for p in build_model(model_cfg("tiny"), "cpu").parameters()]
+
+
+def _matmul_weights() -> tuple[int, int]:
+    """(every matmul weight, the blocks' alone) of tiny, from a model the test builds: its nn.Linear weights and
+    the head, which multiplies by the (tied) token embedding."""
+    model = build_model(model_cfg("tiny"), "cpu")
+    blocks = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return blocks + model.tok_emb.weight.numel(), blocks
+
+
+def test_one_process_counts_its_parameters_state_and_flops():
+    """fp32 tiny, micro-batch 4 x 64 tokens: parameters 4 bytes each; AdamW's state two fp32 moments per parameter
+    and one fp32 step counter per tensor; the counted FLOPs of a step 2 x 3 x (matmul weights) per token, forward
+    and backward (on a CPU FlopCounterMode has no formula for the CPU flash-attention kernel, so attention counts
+    0: the row's formula column, 6 N + 12 L d T, is that much larger); with full checkpointing the blocks' forward
+    again on top, as far as backward needs it; nothing compiled."""
+    shapes = _shapes()
+    n = sum(math.prod(s) for s in shapes)
+    n_mm, n_blocks = _matmul_weights()
+    got = _counters(0, 1, {}, 4)
+    tokens = got["global_batch_tokens"]
+    assert tokens == 4 * 64
+    assert got["param_bytes"] == 4 * n
+    assert got["optimizer_state_bytes"] == 2 * 4 * n + 4 * len(shapes)
+    assert got["flops_counted_per_step"] == 6 * n_mm * tokens
+    assert got["flops_per_token"] * tokens - got["flops_counted_per_step"] == 12 * 4 * 128 * 64 * tokens  # L d T
+    assert got["graphs_compiled"] == got["graph_breaks"] == 0
+    # full checkpointing re-runs each block's forward in backward, up to what backward needs: not the MLP's down
+    # projection (d x h weights per block), whose output only the next block reads (PyTorch's early stop)
+    ac = _counters(0, 1, {"ac": "full"}, 4)
+    assert ac["flops_counted_per_step"] == (6 * n_mm + 2 * (n_blocks - 4 * 128 * 512)) * tokens
+
+
+def test_ranks_sum_to_the_job(ranks):
+    """2 ranks, micro-batch 2 each (the same 4 x 64 tokens per step): the FLOPs summed over ranks are one process's
+    for the same global batch, under DDP and FSDP alike; DDP's parameter and state bytes are two replicas';
+    FSDP's are the shards: each tensor's first dimension padded to a multiple of 2, as FSDP2 shards, with a step
+    counter per tensor on each rank."""
+    single = _counters(0, 1, {}, 4)
+    shapes = _shapes()
+    padded = sum(math.ceil(s[0] / 2) * 2 * math.prod(s[1:]) for s in shapes)
+    for dp in ("ddp", "fsdp"):
+        per_rank = ranks(_counters, {"dp": dp}, 2)
+        row = per_rank[0]  # every rank returns the combined row
+        assert row["flops_counted_per_step"] == single["flops_counted_per_step"], dp
+        if dp == "ddp":
+            assert row["param_bytes"] == 2 * single["param_bytes"]
+            assert row["optimizer_state_bytes"] == 2 * single["optimizer_state_bytes"]
+        else:
+            assert row["param_bytes"] == 4 * padded
+            assert row["optimizer_state_bytes"] == 2 * 4 * padded + 2 * 4 * len(shapes)
+
+
+def test_compile_counts_see_one_graph_break():
+    """A function compiled with exactly one ``graph_break`` in it: two more graphs, one more break."""
+    def f(x):
+        x = x.sin() + 1
+        torch._dynamo.graph_break()
+        return x.cos() * 2
+
+    before = compile_counts()
+    torch.compile(f, backend="eager")(torch.randn(8))
+    after = compile_counts()
+    assert after["graphs_compiled"] - before["graphs_compiled"] == 2
+    assert after["graph_breaks"] - before["graph_breaks"] == 1
