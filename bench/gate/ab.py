@@ -186,8 +186,10 @@ class Runner:
         # exactly); not the two profiled steps of the overlap measurement, columns the gate never reads
         self.common += ["measure_comm=true", "measure_overlap=false"]
         self.count = 0
-        # One peak-FLOPs probe for the whole gate, shared by both sides (MFU is not what is judged here).
-        self.env = {**os.environ, **ci_suite.ENV, "N00BGPT_PEAK_CACHE": "1",
+        # The rates a run probes (the MFU's peak, the bandwidths its predictions use) are cached in the gate's own
+        # cache and shared by both sides, even when probed beside the other side's job (N00BGPT_NEIGHBOURS_MAX=1):
+        # the gate judges neither MFU nor predictions, and re-probing in every run cost ~5 s per two-rank pair.
+        self.env = {**os.environ, **ci_suite.ENV, "N00BGPT_PEAK_CACHE": "1", "N00BGPT_NEIGHBOURS_MAX": "1",
                     "N00BGPT_CACHE_DIR": str(out / "cache"), "PYTHONUNBUFFERED": "1"}
 
     def _cmd(self, side: str, entry: tuple, run_id: str) -> list[str]:
