@@ -307,12 +307,13 @@ def train(cfg: RunConfig, info: DistInfo, progress: Progress | None = None,
     except StrategyError as exc:
         raise ConfigError(str(exc)) from exc
     batch = batch or plan_batch(cfg, info)
+    compiled_before = compile_counts()  # TorchDynamo's counters are the process's: the run's are the difference
     b = build(cfg, info, batch)
     step_fn = make_step(cfg, info, b)
     status, losses, mine = run_steps(cfg, info, b, step_fn, progress, run_id)
     mine["mem_baseline_bytes"] = b.mem_baseline_bytes
     if status == "ok" and cfg.measure_counters:  # what the timed run held and compiled, before any extra step
-        mine.update(**state_bytes(b.opt), **compile_counts())
+        mine.update(**state_bytes(b.opt), **compile_counts(since=compiled_before))
     extra = cfg.warmup + cfg.steps  # the untimed steps after the timed window, each on the next step's data
     if status == "ok" and cfg.measure_comm and info.world_size > 1:
         mine.update(measure_comm(step_fn, extra))

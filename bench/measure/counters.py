@@ -19,9 +19,10 @@ record column (reports/record.py: unit, cross-rank rule), measured after the tim
   ranks (a replica counts once per rank).
 - ``optimizer_state_bytes``: bytes of every tensor in the optimizer's state on this rank after the run (AdamW:
   both moments and the step counters), summed over ranks.
-- ``graphs_compiled``, ``graph_breaks``: TorchDynamo's own counters in this process at the end of the run
-  (``torch._dynamo.utils.counters``: ``stats/unique_graphs``, the sum of ``graph_break``); 0 without compile; the
-  largest over ranks.
+- ``graphs_compiled``, ``graph_breaks``: what TorchDynamo compiled during the run, from its own process counters
+  (``torch._dynamo.utils.counters``: ``stats/unique_graphs``, the sum of ``graph_break``) at the end of the timed
+  window less their values when the run started (a process that trained before, as the tests and the tuner's
+  probes do, does not count); 0 without compile; the largest over ranks.
 """
 
 from __future__ import annotations
@@ -49,12 +50,13 @@ def state_bytes(opt: torch.optim.Optimizer) -> dict:
     return {"param_bytes": tensor_bytes(params), "optimizer_state_bytes": tensor_bytes(state)}
 
 
-def compile_counts() -> dict:
-    """``graphs_compiled`` and ``graph_breaks`` of this process so far (module docstring)."""
+def compile_counts(since: dict | None = None) -> dict:
+    """``graphs_compiled`` and ``graph_breaks`` of this process so far, less ``since`` (an earlier reading)."""
     from torch._dynamo.utils import counters
 
-    return {"graphs_compiled": int(counters["stats"]["unique_graphs"]),
-            "graph_breaks": int(sum(counters["graph_break"].values()))}
+    now = {"graphs_compiled": int(counters["stats"]["unique_graphs"]),
+           "graph_breaks": int(sum(counters["graph_break"].values()))}
+    return {k: v - (since or {}).get(k, 0) for k, v in now.items()}
 
 
 def count_step_flops(step_fn: Callable[[int], torch.Tensor], step: int) -> dict:
