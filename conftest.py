@@ -22,11 +22,18 @@ import traceback
 from pathlib import Path
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# Test workers share the cores (make test: two workers on two): each trains in-process on one thread, as the
+# ranks do, so the two never put four OpenMP threads on two cores. Oversubscribed, OpenMP's spinning threads
+# stalled: llama-tiny's 2 x 10 steps in tests/test_hf.py took 24.8 s beside the other worker, 0.9 s alone.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    torch.set_num_threads(1)
 
 # Probes refuse to cache a value measured while other work took over a fifth of the host
 # (bench/measure/contention.py). Tests of caching must hold whatever shares the CI host, so the suite caches

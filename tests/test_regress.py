@@ -118,20 +118,21 @@ def test_injected_slowdown_is_caught_and_unchanged_rerun_passes(tmp_path):
     # a peak the test sets (far above this CPU's): a probe beside the other test worker could come out low enough
     # to make MFU > 1 (status suspect, exit 3), and MFU is not what this test judges
     env = cache_peak(tmp_path / "cache", 1e15)
-    # one base run first (the slowdown is its step time), then the rest alternated, each in its own process
-    # forked from one warmed interpreter (tests/helpers.py run_cli_forked)
-    first = run_cli_forked([[*args, f"results_dir={tmp_path / 'base'}"]], tmp_path, env=env)
+    # one calibration run first (the slowdown is its step time; not compared), then three rounds of the three
+    # sides alternated, each run in its own process forked from one warmed interpreter (tests/helpers.py
+    # run_cli_forked): every side meets the same moments of a shared host
+    first = run_cli_forked([[*args, f"results_dir={tmp_path / 'calibrate'}"]], tmp_path, env=env)
     assert first[0].returncode == 0, first[0].stderr[-2000:]
-    step = json.loads((tmp_path / "base" / "runs.jsonl").read_text().splitlines()[0])["step_time_median_s"]
+    step = json.loads((tmp_path / "calibrate" / "runs.jsonl").read_text().splitlines()[0])["step_time_median_s"]
     sides = {"base": [], "same": [], "slow": [f"debug_delay_s={step:.5f}"]}
-    argvs = [[*args, *extra, f"results_dir={tmp_path / side}"] for i in range(3) for side, extra in sides.items()
-             if (i, side) != (0, "base")]
+    argvs = [[*args, *extra, f"results_dir={tmp_path / side}"] for i in range(3) for side, extra in sides.items()]
     for res in run_cli_forked(argvs, tmp_path, env=env):
         assert res.returncode == 0, res.stderr[-2000:]
     # Thresholds for this short test (15 steps, noisier than the CI suite's 30): the point is the
-    # mechanism -- an injected 2x slowdown fails, an unchanged rerun passes; docs/gate.md gives the real ones.
+    # mechanism -- an injected 2x slowdown (-50 %) fails, an unchanged rerun passes (one read -26 % beside the other
+    # test worker with a 20 % limit); docs/gate.md gives the real ones.
     th = tmp_path / "th.yaml"
-    th.write_text("tokens_per_sec:\n  max_drop_pct: 20.0\n  same_machine_only: true\n"
+    th.write_text("tokens_per_sec:\n  max_drop_pct: 30.0\n  same_machine_only: true\n"
                   "peak_mem_bytes:\n  max_rise_pct: 10.0\nloss:\n  max_rel_diff: 1.0e-4\n"
                   "status:\n  ok_must_stay_ok: true\n")
     cmd = [sys.executable, "-m", "bench.gate", f"thresholds={th}", f"baseline={tmp_path / 'base'}"]
