@@ -69,7 +69,7 @@ class RunRecord:
     global_batch_seqs: int = col("setup", "sequences", doc="micro_batch x grad_accum x dp_size")
     steps: int = col("setup", "steps", doc="timed steps", required=True)
     warmup: int = col("setup", "steps", doc="untimed steps first", required=True)
-    data: str = col("setup", doc="'synthetic' or a path to text")
+    data: str = col("setup", doc="'synthetic', 'markov' or a path to text or tokens")
     seed: int = col("setup")
     tag: str = col("setup", doc="free label (suites: <suite>:<entry>)")
     # the headline metrics
@@ -102,6 +102,8 @@ class RunRecord:
     params: int = col("metric", "parameters", "rank0", "parameter count of the unsharded model")
     flops_per_token: float = col("metric", "FLOP/token", "rank0", "6 x matmul params + attention (models/flops)")
     recompute_flops_per_token: float = col("metric", "FLOP/token", "rank0", "forward FLOPs re-run by checkpointing")
+    loss_floor: float = col("metric", "nats/token", "rank0", "the lowest loss any model can reach on the data: "
+                            "data=markov's exact floor (bench/harness/data.py markov_floor), else empty")
     # counters no neighbour can move (bench/measure/counters.py), judged exactly by the A/B gate
     flops_counted_per_step: int = col("metric", "FLOP/step", "sum", "FlopCounterMode's count of one extra, "
                                       "untimed step, all ranks (empty under compile)")

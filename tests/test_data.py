@@ -4,6 +4,7 @@ reference draws from the same source through the same index arithmetic and canno
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -101,3 +102,56 @@ def test_every_rank_reads_its_own_share_of_the_global_batch_known_from_the_token
         assert sorted(group0 + group1) == sorted(ref[s]), f"step {s}: the groups' union is not the global batch"
         all_windows += ref[s]
     assert len(set(all_windows)) == len(all_windows) == 8 * steps, "a window repeats within the epoch"
+
+
+# --------------------------------------------------------------------------- the markov language and its floor
+def test_markov_floor_is_the_chains_own_expected_loss():
+    """The floor, computed here another way (the dense transition matrix, its powers, entropies with
+    torch.special.entr), equals markov_floor; and the chain's own mean loss on 64 sequences MarkovData drew (the
+    log-probability of each drawn next token under the chain) lies within 4 standard errors of it: the sampler
+    draws from the chain the floor describes."""
+    from bench.harness.data import MarkovData, markov_chain, markov_floor
+
+    V, T = 64, 32
+    successors, probs = markov_chain(V)
+    P = torch.zeros(V, V, dtype=torch.float64).scatter_(1, successors, probs)
+    assert torch.allclose(P.sum(1), torch.ones(V, dtype=torch.float64))
+    H = torch.special.entr(P).sum(1)
+    mu, want = torch.full((V,), 1 / V, dtype=torch.float64), 0.0
+    for _ in range(T):
+        want += float(mu @ H) / T
+        mu = mu @ P
+    assert markov_floor(V, T) == pytest.approx(want, rel=1e-12)
+    assert 0.1 < want < math.log(V) / 2  # learnable: far below uniform tokens' ln V
+
+    data = MarkovData(V, 8, T, seed=0, device=torch.device("cpu"))
+    nll = torch.cat([-P[x, y].log().reshape(-1) for x, y in (data.batch(0, i) for i in range(8))])
+    assert bool(torch.isfinite(nll).all()), "a drawn token the chain never goes to"
+    se = float(nll.std()) / math.sqrt(nll.numel())
+    assert abs(float(nll.mean()) - want) < 4 * se
+
+
+def test_markov_sequences_are_distinct_and_the_same_however_the_batch_is_split():
+    """A micro-batch of 4 sequences is the two micro-batches of 2 with the same global ids (indices 2k, 2k+1),
+    sequences differ from each other, the next seed gives other ones, targets are the inputs shifted."""
+    from bench.harness.data import MarkovData
+
+    cpu = torch.device("cpu")
+    four, two = MarkovData(256, 4, 16, 0, cpu), MarkovData(256, 2, 16, 0, cpu)
+    x4, y4 = four.batch(3, 1)
+    assert torch.equal(x4, torch.cat([two.batch(3, 2)[0], two.batch(3, 3)[0]]))
+    assert torch.equal(x4[:, 1:], y4[:, :-1]) and len({tuple(r.tolist()) for r in x4}) == 4
+    assert not torch.equal(MarkovData(256, 4, 16, 1, cpu).batch(3, 1)[0], x4)
+
+
+def test_a_run_on_markov_records_its_floor_and_learns_toward_it():
+    """Through the harness's train: the row's loss_floor is markov_floor for the run's vocabulary and sequence
+    length, and 10 steps take the loss from about ln V (uniform guessing) down by more than half a nat, above it."""
+    from bench.harness.data import markov_floor
+    from tests.helpers.training import losses_of, run_cfg
+
+    observed: dict = {}
+    losses = losses_of(run_cfg({}, 4, 1, data="markov", steps=10), observed=observed)
+    floor = markov_floor(256, 64)
+    assert observed["loss_floor"] == floor
+    assert losses[0] == pytest.approx(math.log(256), rel=0.05) and floor < losses[-1] < losses[0] - 0.5

@@ -16,7 +16,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from bench.harness.data import data_problem
+from bench.harness.data import BUILT_IN, data_problem
 from bench.harness.table import run_ids, write_problem
 from models.config import PRESETS, GPTConfig
 from models.weights import HF_EXTRA, config_from_pretrained, weights_problem
@@ -57,7 +57,8 @@ class RunConfig:
     seed: int = 0
     """Seeds weights (models/gpt.py init_weights) and data (bench/harness/data.py)."""
     data: str = "synthetic"
-    """'synthetic' (random tokens) or a path to a local text file/folder (byte-level tokens)."""
+    """'synthetic' (random tokens), 'markov' (a learnable language with a known loss floor) or a path: a text
+    file/folder, a nanoGPT train.bin, a saved Hugging Face dataset (bench/harness/data.py)."""
     results_dir: str = "results"
     """Folder for runs.jsonl (one row per run) and steps/<run_id>.jsonl (per-step log)."""
     device: str = "auto"
@@ -177,7 +178,7 @@ class RunConfig:
                 raise bad(name, problem)
         if self.run_id and self.run_id in run_ids(self.results_dir):
             raise bad("run_id", f"already in {Path(self.results_dir) / RUNS_FILE}; run ids are unique")
-        if self.data != "synthetic":
+        if self.data not in BUILT_IN:
             problem = data_problem(self.data, self.seq_len, self.micro_batch, self.model.vocab_size,
                                    self.model.hf_path)
             if problem:

@@ -7,6 +7,11 @@ steps reads exactly the same global batch -- which is what makes strategies comp
 - ``synthetic``: uniform random tokens drawn on the device, each sequence from a generator
   seeded by (seed, step, global sequence id = m * micro_batch + row): no host-to-device copy,
   no hidden sync, and the same global batch however it is split into micro-batches.
+- ``markov``: a learnable language with a known floor (``MarkovData``): every token has ``MARKOV_SUCCESSORS``
+  possible next tokens with fixed seeded probabilities (one chain for every run and seed: the same language
+  everywhere, no download); sequences are drawn like ``synthetic``'s, one generator per (seed, step, sequence
+  id). ``markov_floor`` is the exact expected loss of the chain itself on these sequences, the lowest any model
+  can reach: an absolute target that is the same on every machine.
 - a path: token windows of seq_len+1 gathered in a seeded shuffled order (``TokenData``). What the path
   holds decides how it becomes tokens (``load_tokens``):
   - nanoGPT's ``train.bin`` (the file, or a folder holding it): uint16 token ids, memory-mapped, windows
@@ -51,6 +56,65 @@ class SyntheticData:
         return seq[:, :-1], seq[:, 1:]
 
 
+BUILT_IN = ("synthetic", "markov")  # the sources that need no file
+MARKOV_SUCCESSORS = 4  # next tokens each token can have
+MARKOV_CHAIN_SEED = 20261203  # the one language: the chain does not change with the run's seed
+
+
+def markov_chain(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chain over ``vocab_size`` tokens: ``successors`` (V, K) int64 (K distinct next tokens per token) and
+    ``probs`` (V, K) float64 (their probabilities, a Dirichlet(0.5) draw per token: some next tokens likely, some
+    rare), from ``MARKOV_CHAIN_SEED``."""
+    k = min(MARKOV_SUCCESSORS, vocab_size)
+    gen = torch.Generator().manual_seed(MARKOV_CHAIN_SEED)
+    successors = torch.stack([torch.randperm(vocab_size, generator=gen)[:k] for _ in range(vocab_size)])
+    gamma = torch._standard_gamma(torch.full((vocab_size, k), 0.5, dtype=torch.float64), generator=gen)
+    return successors, gamma / gamma.sum(1, keepdim=True)
+
+
+def markov_floor(vocab_size: int, seq_len: int) -> float:
+    """The expected next-token loss (nats per token, natural log) of the chain itself over a sequence of
+    ``markov``: position t predicts token t+1 from token t, whose distribution is the first token's (uniform)
+    moved t steps along the chain, mu_t = mu_0 P^t; floor = mean over t < seq_len of sum_v mu_t(v) H(P_v), with
+    H(P_v) = -sum_k p_vk ln p_vk. Exact (no stationarity assumed)."""
+    successors, probs = markov_chain(vocab_size)
+    entropy = -(probs * probs.log()).sum(1)  # H(P_v), (V,)
+    mu = torch.full((vocab_size,), 1.0 / vocab_size, dtype=torch.float64)
+    total = 0.0
+    for _ in range(seq_len):
+        total += float(mu @ entropy)
+        mu = torch.zeros_like(mu).index_add_(0, successors.reshape(-1), (mu[:, None] * probs).reshape(-1))
+    return total / seq_len
+
+
+class MarkovData:
+    """Sequences of the ``markov`` language (module docstring), each from its own seeded generator."""
+
+    def __init__(self, vocab_size: int, micro_batch: int, seq_len: int, seed: int, device: torch.device):
+        self.V, self.B, self.T, self.seed, self.device = vocab_size, micro_batch, seq_len, seed, device
+        successors, probs = markov_chain(vocab_size)
+        self.successors = successors.to(device)
+        self.cumulative = probs.cumsum(1).float().to(device)
+        self.cumulative[:, -1] = 1.0  # a uniform draw below 1 always lands on a successor
+
+    def batch(self, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets, each (B, T) int64 on the device."""
+        gen = torch.Generator(device=self.device)
+        first, draws = [], []
+        for b in range(self.B):
+            gen.manual_seed(batch_seed(self.seed, step, index * self.B + b))
+            first.append(torch.randint(0, self.V, (1,), generator=gen, device=self.device))
+            draws.append(torch.rand(self.T, generator=gen, device=self.device))
+        u = torch.stack(draws, 1)  # (T, B): the uniform draw that picks each next token
+        seq = [torch.cat(first)]
+        for t in range(self.T):
+            at = seq[-1]
+            pick = torch.searchsorted(self.cumulative[at], u[t].unsqueeze(1)).squeeze(1)
+            seq.append(self.successors[at, pick])
+        seq = torch.stack(seq, 1)  # (B, T+1)
+        return seq[:, :-1], seq[:, 1:]
+
+
 HF_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
@@ -65,13 +129,13 @@ def _nanogpt_bin(p: Path) -> Path | None:
 
 
 def data_kind(data: str) -> str:
-    """'synthetic', 'nanogpt' (uint16 train.bin), 'hf-dataset' (save_to_disk folder) or 'text'."""
-    if data == "synthetic":
+    """'synthetic', 'markov', 'nanogpt' (uint16 train.bin), 'hf-dataset' (save_to_disk folder) or 'text'."""
+    if data in BUILT_IN:
         return data
     p = Path(data)
     if not p.exists():
-        raise FileNotFoundError(f"data={data!r}: no such file or folder (use data=synthetic, a text file or folder, "
-                                "a nanoGPT train.bin or a saved Hugging Face dataset)")
+        raise FileNotFoundError(f"data={data!r}: no such file or folder (use data=synthetic, data=markov, a text "
+                                "file or folder, a nanoGPT train.bin or a saved Hugging Face dataset)")
     return "nanogpt" if _nanogpt_bin(p) else "hf-dataset" if _hf_dataset_dir(p) else "text"
 
 
@@ -226,6 +290,8 @@ def build_data(data: str, vocab_size: int, micro_batch: int, seq_len: int, seed:
     """``data='synthetic'`` or a path (see the module docstring); ids must be below ``vocab_size``."""
     if data == "synthetic":
         return SyntheticData(vocab_size, micro_batch, seq_len, seed, device)
+    if data == "markov":
+        return MarkovData(vocab_size, micro_batch, seq_len, seed, device)
     problem = data_problem(data, seq_len, micro_batch, vocab_size, tokenizer_dir)
     if problem:
         raise ValueError(f"data={data!r}: {problem}")

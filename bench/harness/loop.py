@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from bench.harness.config import ConfigError, RunConfig
-from bench.harness.data import build_data
+from bench.harness.data import build_data, markov_floor
 from bench.harness.dist import DistInfo, broadcast_object, gather_objects
 from bench.harness.faults import Faults
 from bench.harness.progress import Progress
@@ -118,6 +118,7 @@ def build(cfg: RunConfig, info: DistInfo, batch: dict) -> Built:
         "recompute_flops_per_token": recompute_flops_per_token(cfg.model, cfg.seq_len, s),
         "peak_flops": peak, "peak_flops_source": peak_source, **probe_stats,
         "dtype": dtype_name,
+        "loss_floor": markov_floor(cfg.model.vocab_size, cfg.seq_len) if cfg.data == "markov" else None,
         **batch,
     }
     return Built(model, mesh, opt, get_grad_scaler(s.amp, device.type), data, batch, static, baseline)
