@@ -104,3 +104,20 @@ def test_a_run_counts_only_what_it_compiled():
     assert compile_counts()["graphs_compiled"] > 0
     got = _counters(0, 1, {}, 4)
     assert got["graphs_compiled"] == got["graph_breaks"] == 0
+
+
+@pytest.mark.unit
+def test_a_step_that_fails_under_the_counter_leaves_the_columns_empty_with_a_warning():
+    """The failure path, forced: a step that raises under the counting mode yields no column and a warning naming
+    the columns, never a number (the FLOP count and the collectives' observation share this path)."""
+    from bench.harness.loop import measure_comm
+    from bench.measure.counters import count_step_flops
+
+    def broken(step):
+        raise RuntimeError("boom")
+
+    with pytest.warns(UserWarning, match="flops_counted_per_step left empty.*boom"):
+        assert count_step_flops(broken, 0) == {}
+    with pytest.warns(UserWarning, match="comm_bytes_per_step left empty.*boom"):
+        assert measure_comm(broken, 0) == {}
+    assert count_step_flops(lambda step: torch.ones(4, 4) @ torch.ones(4, 4), 0) == {"flops_counted_per_step": 128}

@@ -31,7 +31,7 @@ from bench.measure import memory, metrics
 from bench.measure.combine import combine_ranks
 from bench.measure.comm import CommCounter
 from bench.measure.contention import ContentionMeter
-from bench.measure.counters import compile_counts, count_step_flops, state_bytes
+from bench.measure.counters import compile_counts, count_step_flops, observed_step, state_bytes
 from bench.measure.nvml import NvmlSampler, energy_per_token
 from bench.measure.overlap import profiled_exposure
 from bench.measure.peak_flops import get_peak_flops
@@ -251,11 +251,7 @@ def measure_comm(step_fn: Callable[[int], torch.Tensor], step: int) -> dict:
     """One extra, untimed step under a CommCounter (a dispatch mode slows every op): this rank's collectives
     as record columns, or {} when the measurement fails (the timed numbers stand)."""
     counter = CommCounter()
-    try:
-        with counter:
-            step_fn(step)
-    except Exception as exc:
-        warnings.warn(f"communication measurement failed, comm_bytes_per_step left empty: {exc!r}", stacklevel=1)
+    if not observed_step(step_fn, step, counter, "comm_bytes_per_step"):
         return {}
     c = counter.summary()
     return {"comm_bytes_per_step": c["total"], "comm_breakdown": c["bytes"], "comm_calls_per_step": c["calls"]}

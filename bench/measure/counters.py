@@ -59,16 +59,23 @@ def compile_counts(since: dict | None = None) -> dict:
     return {k: v - (since or {}).get(k, 0) for k, v in now.items()}
 
 
-def count_step_flops(step_fn: Callable[[int], torch.Tensor], step: int) -> dict:
-    """``flops_counted_per_step`` of this rank: one extra step under FlopCounterMode, or {} when it fails (the
-    timed numbers stand)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    mode = FlopCounterMode(display=False)
+def observed_step(step_fn: Callable[[int], torch.Tensor], step: int, mode, columns: str) -> bool:
+    """One extra, untimed step under a dispatch ``mode`` (it slows every op, so never a timed one): True, or False
+    with a warning that ``columns`` are left empty when the step fails under it (the timed numbers stand)."""
     try:
         with mode:
             step_fn(step)
     except Exception as exc:
-        warnings.warn(f"FLOP count failed, flops_counted_per_step left empty: {exc!r}", stacklevel=1)
+        warnings.warn(f"measurement failed, {columns} left empty: {exc!r}", stacklevel=2)
+        return False
+    return True
+
+
+def count_step_flops(step_fn: Callable[[int], torch.Tensor], step: int) -> dict:
+    """``flops_counted_per_step`` of this rank from one ``observed_step`` under FlopCounterMode, or {}."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mode = FlopCounterMode(display=False)
+    if not observed_step(step_fn, step, mode, "flops_counted_per_step"):
         return {}
     return {"flops_counted_per_step": int(mode.get_total_flops())}
