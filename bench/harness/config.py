@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from bench.harness.data import BUILT_IN, data_problem
+from bench.harness.schedule import SCHEDULES
 from bench.harness.table import run_ids, write_problem
 from models.config import PRESETS, GPTConfig
 from models.weights import HF_EXTRA, config_from_pretrained, weights_problem
@@ -66,7 +67,14 @@ class RunConfig:
     backend: str = "auto"
     """torch.distributed backend: 'auto' (nccl on cuda, gloo on cpu), 'nccl' or 'gloo'."""
     lr: float = 3e-4
-    """AdamW learning rate (constant; betas (0.9, 0.95), weight decay 0.1)."""
+    """AdamW's learning rate (betas (0.9, 0.95), weight decay 0.1), at its peak when lr_schedule shapes it."""
+    lr_schedule: str = "constant"
+    """'constant', 'cosine' or 'linear': after lr_warmup steps, the decay to lr x lr_min_ratio at the run's last
+    step (bench/harness/schedule.py)."""
+    lr_warmup: int = 0
+    """Optimizer steps of linear warm-up to lr (0: none)."""
+    lr_min_ratio: float = 0.1
+    """Where the cosine or linear decay ends, as a fraction of lr."""
     log_every: int = 10
     """Progress line (and NaN check, one small all-reduce) every N steps; 0 = only at the end."""
     timeout_s: int = 600
@@ -156,6 +164,12 @@ class RunConfig:
             raise bad("backend", "valid values: auto, nccl, gloo")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise bad("lr", "must be a finite number > 0")
+        if self.lr_schedule not in SCHEDULES:
+            raise bad("lr_schedule", f"must be one of {', '.join(SCHEDULES)}")
+        if not 0 <= self.lr_warmup <= MAX_STEPS:
+            raise bad("lr_warmup", f"must be between 0 and {MAX_STEPS:,} steps")
+        if not (math.isfinite(self.lr_min_ratio) and 0 <= self.lr_min_ratio <= 1):
+            raise bad("lr_min_ratio", "must be a fraction of lr between 0 and 1")
         if self.timeout_s < 1:
             raise bad("timeout_s", "must be >= 1 (seconds)")
         if self.debug_fail_rank < -1:

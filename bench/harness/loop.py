@@ -26,6 +26,7 @@ from bench.harness.data import build_data, markov_floor
 from bench.harness.dist import DistInfo, broadcast_object, gather_objects
 from bench.harness.faults import Faults
 from bench.harness.progress import Progress
+from bench.harness.schedule import lr_scheduler
 from bench.harness.turn import get_turnstile
 from bench.measure import memory, metrics
 from bench.measure.combine import combine_ranks
@@ -82,6 +83,7 @@ class Built:
     batch: dict
     static: dict  # record columns known before training (params, FLOPs per token, peak FLOP/s, batch)
     mem_baseline_bytes: int  # what this process held before the model existed
+    sched: object = None  # the learning-rate scheduler (bench/harness/schedule.py), None for a constant lr
 
 
 def build(cfg: RunConfig, info: DistInfo, batch: dict) -> Built:
@@ -121,7 +123,8 @@ def build(cfg: RunConfig, info: DistInfo, batch: dict) -> Built:
         "loss_floor": markov_floor(cfg.model.vocab_size, cfg.seq_len) if cfg.data == "markov" else None,
         **batch,
     }
-    return Built(model, mesh, opt, get_grad_scaler(s.amp, device.type), data, batch, static, baseline)
+    sched = lr_scheduler(opt, cfg.warmup + cfg.steps, cfg.lr_schedule, cfg.lr_warmup, cfg.lr_min_ratio)
+    return Built(model, mesh, opt, get_grad_scaler(s.amp, device.type), data, batch, static, baseline, sched)
 
 
 def param_groups(model: torch.nn.Module) -> list[dict]:
@@ -166,6 +169,8 @@ def make_step(cfg: RunConfig, info: DistInfo, b: Built) -> Callable[[int], torch
         else:
             b.opt.step()
         b.opt.zero_grad(set_to_none=True)
+        if b.sched is not None:
+            b.sched.step()  # host-side arithmetic on the groups' lr: no device work, no sync
         return step_loss
 
     return step_fn
