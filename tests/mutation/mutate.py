@@ -2,7 +2,7 @@
 breakage of measurement, strategy, cost-model, table or gate code. One at a time, it is applied to a
 temporary copy of this tree and the tests that guard it are run; every mutation must make them fail.
 
-    python -m tests.mutation.mutate                      # all (about 15 minutes on 2 cores); exit 1 if any survives
+    python -m tests.mutation.mutate                      # all (about 30 minutes on 2 cores); exit 1 if any survives
     python -m tests.mutation.mutate only=ddp_never_syncs,fsdp_sums_grad_accum
     python -m tests.mutation.mutate check=true           # only check that every mutation still applies
 
