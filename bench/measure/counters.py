@@ -11,9 +11,9 @@ record column (reports/record.py: unit, cross-rank rule), measured after the tim
   it is the job's FLOPs per step -- except under tensor parallelism, where the mode sees each matmul at its
   DTensor's global shape, before DTensor splits it, so every rank of a tp group counts the whole matmul and the
   sum is tp x the work (measured: tiny tp2+sp sums to twice one process's count). A count, not a model: it
-  changes exactly when the executed work does. Left
-  empty under torch.compile: the compiled code's kernels are not dispatched one by one, so what the mode would
-  see is not the step's work (the compile counters below speak for it).
+  changes exactly when the executed work does. Left empty under torch.compile: the compiled code's kernels are
+  not dispatched one by one, so what the mode would see is not the step's work (the compile counters below speak
+  for it).
 - ``param_bytes``: bytes of the parameters this rank's optimizer updates (its shards under FSDP, its slices under
   tensor parallelism, its stages under pipelining: ``numel x element size`` of each local tensor), summed over
   ranks (a replica counts once per rank).
