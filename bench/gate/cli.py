@@ -22,7 +22,7 @@ class GateArgs:
     out: str = opt("ab_out", "ab: folder for both sides' rows and ab.json")
     slow_pct: float = opt(0.0, "ab: slow the candidate by exactly this percentage (the gate study)")
     entries: list[str] = opt([], "ab: only these CI matrix entries")
-    timing: bool = opt(True, "ab: judge speed too (false: status, counters, memory and loss only, one round)")
+    timing: bool = opt(True, "ab: judge speed too (false: status, counters, loss included, and memory; one round)")
     baseline: list[str] = opt([], "committed numbers: baseline result files/folders/globs")
     candidate: list[str] = opt([], "committed numbers: candidate result files/folders/globs")
     thresholds: str = opt("", f"YAML thresholds (default {regress.DEFAULT_THRESHOLDS.name}; ab: thresholds_ab.yaml)")

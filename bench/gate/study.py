@@ -1,6 +1,8 @@
 """Measure the same-run A/B gate's false-alarm and detection rates on this machine, the hard way.
 
-    python -m bench.gate.study gates=2 out=results/noise/$(date +%F)   # 8 gates, ~35 min; nothing else may run
+    python -m bench.gate.study gates=2 slow_pct=5 out=results/noise/$(date +%F)  # 8 gates, ~30 min; nothing else
+    python -m bench.gate.study gates=3 kinds=aa out=...       # unchanged code only, quiet and loaded: 6 gates
+    python -m bench.gate.study summarise=true out=...         # study.md again from the gates' JSON files
 
 Runs whole gates (``python -m bench.gate ab=true rev=HEAD``: every CI entry, the two jobs taking turns step
 by step, default rounds) again and
@@ -10,19 +12,27 @@ a quiet machine and while another process keeps one core busy (``--load``: a spi
 for each repetition, quiet A/A, quiet slowed, loaded A/A, loaded slowed. Every gate's ``ab.json`` is
 kept as ``<out>/<condition>-<i>.json``; ``study.md`` counts, per entry and per whole gate:
 - false alarms: A/A entries (gates) that FAIL;
-- detection: slowed entries (gates) whose step_time check FAILs.
+- detection: slowed entries (gates) whose step_time check FAILs;
+- the centre of unchanged code: the mean log ratio of the A/A rounds with its standard error, overall and by
+  which version moved first in the round (a lean under load would show here);
+- the rates the spread implies (``implied_rates``): the gate's whole sequential rule run 20,000 times on rounds
+  resampled from the rounds this study observed in that condition (A/A rounds for false alarms, slowed rounds
+  for detection) -- a rate far below 1/entries counted, which counts alone cannot show.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import random
+import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.gate.ab import ROOT
+from bench.gate.ab import ROOT, load_thresholds, speed_call, speed_verdict
 from models.cli import opt, parse
 from reports.build import markdown_table
 
@@ -46,6 +56,36 @@ def run_gate(out: Path, name: str, slow_pct: float, rounds: int | None) -> dict:
     (out / f"{name}.json").write_text(json.dumps(summary, indent=1))
     subprocess.run(["rm", "-rf", str(tmp)])
     return summary
+
+
+def round_ratios(gates: list[dict]) -> list[tuple[str, float]]:
+    """(first mover "AB"/"BA", the round's median paired ratio) of every round of every entry in ``gates``."""
+    return [(p["order"], statistics.median(p["step_ratios"])) for g in gates for v in g["verdicts"]
+            for p in v.get("pairs", []) if p.get("step_ratios")]
+
+
+def implied_rates(rounds: list[float], th: dict, n: int = 20000, seed: int = 0) -> tuple[float, float]:
+    """(share of entries FAILed, mean rounds per entry) of the gate's sequential rule (bench/gate/ab.py
+    ``speed_call`` / ``speed_verdict``, at most max_pairs rounds) when each round is drawn at random from
+    ``rounds``, the ratios observed."""
+    rng = random.Random(seed)
+    fails = total = 0
+    for _ in range(n):
+        rs = [rng.choice(rounds)]
+        while speed_call(rs, th) == "not sure" and len(rs) < th["max_pairs"]:
+            rs.append(rng.choice(rounds))
+        fails += speed_verdict(rs, th)[0] == "FAIL"
+        total += len(rs)
+    return fails / n, total / n
+
+
+def centre(rounds: list[float]) -> str:
+    """Mean log ratio of ``rounds`` as a ratio, +- its standard error (in percent)."""
+    logs = [math.log(r) for r in rounds]
+    if len(logs) < 2:
+        return f"{math.exp(logs[0]):.3f} (n=1)" if logs else "-"
+    se = statistics.stdev(logs) / math.sqrt(len(logs))
+    return f"{math.exp(statistics.mean(logs)):.4f} +- {se * 100:.2f}% (n={len(logs)})"
 
 
 def summarise(out: Path) -> str:
@@ -76,6 +116,27 @@ def summarise(out: Path) -> str:
                           f"{min(ratios):.3f}-{max(ratios):.3f}", f"{minutes:.1f}"])
     lines.append(markdown_table(["gates", "machine", "entries judged", "entry FAILs", "whole-gate FAILs",
                                  "median ratios", "min/gate"], cells))
+    th = load_thresholds(None)
+    lines += ["", "Rounds and the rates they imply for the shipped rule (bench/gate/thresholds_ab.yaml: detect "
+              f"{th['detect_pct']:g} %, round sd {th['round_sd_pct']:g} %, design false alarm {th['false_alarm']:g}, "
+              f"miss {th['miss']:g}, at most {th['max_pairs']} rounds), each entry's rounds resampled 20,000 times "
+              "from those observed:", ""]
+    cells = []
+    for kind in ("aa", "slow"):
+        for load in ("quiet", "loaded"):
+            gates = rows[kind][load]
+            rr = round_ratios(gates)
+            if not rr:
+                continue
+            ratios = [r for _, r in rr]
+            rate, mean_rounds = implied_rates(ratios, th)
+            first = {o: [r for oo, r in rr if oo == o] for o in ("AB", "BA")}
+            label = "unchanged" if kind == "aa" else f"+{gates[0]['slow_pct']:g}%"
+            cells.append([label, load, centre(ratios), centre(first["AB"]), centre(first["BA"]),
+                          f"{statistics.stdev(math.log(r) for r in ratios) * 100:.2f}%" if len(ratios) > 1 else "-",
+                          f"{rate:.4f} ({'false alarms' if kind == 'aa' else 'detected'})", f"{mean_rounds:.2f}"])
+    lines.append(markdown_table(["code", "machine", "rounds' centre", "baseline first", "candidate first",
+                                 "sd of log ratio", "implied rate", "rounds/entry"], cells))
     lines += ["", "Per entry (median paired step-time ratio, candidate / baseline, per gate):", ""]
     for f in sorted(out.glob("*.json")):
         g = json.loads(f.read_text())
@@ -91,7 +152,9 @@ def summarise(out: Path) -> str:
 @dataclass
 class StudyArgs:
     out: str = opt(help="folder for the gates' JSON files and study.md")
-    gates: int = opt(2, "repetitions of the four conditions")
+    gates: int = opt(2, "repetitions of the conditions")
+    kinds: str = opt("aa,slow", "which gates each repetition runs: aa (unchanged), slow (slowed), or both")
+    loads: str = opt("quiet,loaded", "on a quiet machine, beside a spinning neighbour (loaded), or both")
     rounds: int = opt(0, "rounds per gate (0: the gate's own default)")
     slow_pct: float = opt(10.0, "the exact slowdown the detection gates inject, percent")
     summarise: bool = opt(False, "only rewrite study.md from the JSON files")
@@ -99,12 +162,19 @@ class StudyArgs:
 
 def main(argv=None) -> int:
     args = parse(StudyArgs, argv, "python -m bench.gate.study", __doc__)
+    kinds, loads = args.kinds.split(","), args.loads.split(",")
+    for name, got, valid in (("kinds", kinds, ("aa", "slow")), ("loads", loads, ("quiet", "loaded"))):
+        if not got or set(got) - set(valid):
+            print(f"python -m bench.gate.study: error: {name}={','.join(got)}; valid: {', '.join(valid)} "
+                  "(comma-separated)", file=sys.stderr)
+            return 2
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if not args.summarise:
-        for i in range(args.gates):
-            for load in (False, True):
-                for slow in (0.0, args.slow_pct):
+        first = 1 + max((int(f.stem.rsplit("-", 1)[1]) for f in out.glob("*-*-*.json")), default=-1)
+        for i in range(first, first + args.gates):  # a later part of a study adds gates, it never overwrites
+            for load in (lo == "loaded" for lo in ("quiet", "loaded") if lo in loads):
+                for slow in (0.0 if k == "aa" else args.slow_pct for k in ("aa", "slow") if k in kinds):
                     name = f"{'loaded' if load else 'quiet'}-{'slow' if slow else 'aa'}-{i}"
                     spinner = spin_forever() if load else None
                     try:
