@@ -16,8 +16,8 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || { echo "[setup] creating $(VENV) (python3 -m venv)"; python3 -m venv $(VENV); }
 	@$(PY) -m bench.launch.install_torch
-	@echo "[setup] installing n00bGPT and its dependencies into $(VENV) (pip install -e '.[dev,hf]')"
-	@$(PY) -m pip install -q -e '.[dev,hf]'
+	@echo "[setup] installing n00bGPT and its dependencies into $(VENV) (pip install -e '.[dev,hf,log]')"
+	@$(PY) -m pip install -q -e '.[dev,hf,log]'
 	@touch $@
 	@echo "[setup] done: commands run as $(VENV)/bin/python ... or after 'source $(VENV)/bin/activate'"
 

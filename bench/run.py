@@ -7,7 +7,8 @@
 
 Exit codes: 0 ok; 1 the run failed (error, oom, nan, timeout: a row with that status is written);
 2 invalid configuration (nothing is run, no row is written); 3 the run finished but a number cannot be
-true (status suspect, e.g. mfu > 1: the row is written with the reason).
+true (status suspect, e.g. mfu > 1: the row is written with the reason); 4 the run finished without reaching
+its target_loss (status not_reached: the row is written, with its held-out loss).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import datetime
 import os
 import signal
 import sys
+import time
 import traceback
 import uuid
 from pathlib import Path
@@ -43,6 +45,7 @@ from bench.harness.precheck import precheck  # noqa: E402
 from bench.harness.progress import Progress  # noqa: E402
 from bench.harness.rates import probe_rates  # noqa: E402
 from bench.harness.table import DuplicateRun, append_row, claim_id, dead_ranks, register_rank, write_steps  # noqa: E402
+from bench.harness.tensorboard import write_events  # noqa: E402
 from bench.plan.annotate import annotate  # noqa: E402
 from bench.plan.steptime import Rates, can_overlap  # noqa: E402
 from reports.record import FINISHED, RunRecord  # noqa: E402
@@ -143,7 +146,7 @@ def main(raw: DictConfig) -> None:
     say(info, f"run {run_id}: model={cfg.model.name} strategy={cfg.strategy.canonical_name} "
               f"world_size={info.world_size} device={info.device.type} steps={cfg.steps}+{cfg.warmup} warm-up")
 
-    outcome, error = None, None
+    outcome, error, started = None, None, time.time()
     try:
         progress = Progress(cfg.warmup + cfg.steps, cfg.warmup, info.is_main, say=lambda m: say(info, m))
         outcome = train(cfg, info, progress=progress, run_id=run_id, batch=batch)
@@ -153,6 +156,9 @@ def main(raw: DictConfig) -> None:
             error = "non-finite loss: " + ", ".join(f"{v}" for v in outcome.losses[-3:])
         elif status == "suspect":
             error = outcome.metrics["suspect_reason"]
+        elif status == "not_reached":
+            error = (f"held-out loss {outcome.metrics['eval_loss']:.4f} > target_loss={cfg.target_loss} after "
+                     f"{len(outcome.losses)} steps, {outcome.metrics['train_time_s']:.1f} s of training")
     except ConfigError as exc:  # found only once the process group exists (e.g. world size vs strategy)
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -170,7 +176,7 @@ def main(raw: DictConfig) -> None:
         status = "timeout" if _is_timeout(exc) else ("oom" if _is_cpu_oom(exc) else "error")
         traceback.print_exc()
 
-    collective = status in ("ok", "nan", "suspect")  # decided together on every rank: rank 0 writes
+    collective = status in ("ok", "nan", *FINISHED)  # decided together on every rank: rank 0 writes
     if not collective:
         predicted = predictions(cfg, info, batch, None)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the run is over: nothing may cut the row in half
@@ -183,11 +189,10 @@ def main(raw: DictConfig) -> None:
             pass
     if path is not None:
         if outcome is not None:
-            step_log = [{"step": i, "phase": "warmup" if i < cfg.warmup else "timed", "loss": loss,
-                         "step_time_s": (outcome.step_times_s[i - cfg.warmup]
-                                         if cfg.warmup <= i < cfg.warmup + len(outcome.step_times_s) else None)}
-                        for i, loss in enumerate(outcome.losses)]
-            write_steps(cfg.results_dir, run_id, step_log)
+            log = step_log(cfg, batch, outcome)
+            write_steps(cfg.results_dir, run_id, log)
+            if cfg.tensorboard:
+                say(None, f"TensorBoard event files in {write_events(cfg.tensorboard, run_id, log, started)}")
         if status in FINISHED:
             m = {**predicted, **outcome.metrics}
             mfu = f"{m['mfu']:.1%}" if m.get("mfu") is not None else "n/a"
@@ -199,8 +204,12 @@ def main(raw: DictConfig) -> None:
                       f"(before the model {(m['mem_baseline_bytes'] or 0) / 2**30:.2f} + predicted "
                       f"{m['pred_peak_mem_bytes'] / 2**30:.2f}){comm}, "
                       f"loss {m['loss']:.4f} -> {path}")
-            if status == "suspect":
-                say(None, f"SUSPECT: {error}")
+            if m.get("time_to_target_s") is not None:
+                say(None, f"target_loss {cfg.target_loss} reached at step {m['steps_to_target']}: "
+                          f"{m['time_to_target_s']:.1f} s of training ({m['wall_to_target_s']:.1f} s wall), "
+                          f"{m['tokens_to_target']:,} tokens, held-out loss {m['eval_loss']:.4f}")
+            if status in ("suspect", "not_reached"):
+                say(None, f"{status.upper().replace('_', ' ')}: {error}")
         else:
             say(None, f"FAILED ({status}): {error} -> row in {path}")
     if collective and dist.is_initialized():
@@ -210,7 +219,26 @@ def main(raw: DictConfig) -> None:
     # called without an active exception"), which would turn a finished run into a failed exit code.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit({"ok": 0, "suspect": 3}.get(status, 1))
+    os._exit({"ok": 0, "suspect": 3, "not_reached": 4}.get(status, 1))
+
+
+def step_log(cfg: RunConfig, batch: dict, outcome: TrainOutcome) -> list[dict]:
+    """The per-step log (steps/<run_id>.jsonl): per step its phase, global mean training loss, timed step time
+    (timed steps only), tokens trained through it, training time through it (loop.py Target's definition), and
+    at evaluation steps the held-out loss and the wall clock."""
+    evals = {e["step"]: e for e in outcome.evals}
+    times = outcome.all_step_times_s
+    rows, spent = [], 0.0
+    for i, loss in enumerate(outcome.losses):
+        spent += times[i] if i < len(times) else 0.0
+        timed = cfg.warmup <= i < cfg.warmup + len(outcome.step_times_s)
+        row = {"step": i, "phase": "warmup" if i < cfg.warmup else "timed", "loss": loss,
+               "step_time_s": outcome.step_times_s[i - cfg.warmup] if timed else None,
+               "tokens": (i + 1) * batch["global_batch_tokens"], "train_time_s": spent}
+        if i in evals:
+            row.update(eval_loss=evals[i]["eval_loss"], wall_s=evals[i]["wall_s"])
+        rows.append(row)
+    return rows
 
 
 def stop_invalid(problem: str) -> None:

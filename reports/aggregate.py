@@ -8,7 +8,8 @@ different setups or variants are never averaged together. The reports' tables, `
 the regression gate (bench/gate/) all group this way.
 
 Setups are listed smallest model first (by parameter count), strategies within a setup fastest first.
-Per (setup, variant), over the runs with status ``ok``:
+Per (setup, variant), over the runs with status ``ok`` or ``not_reached`` (``MEASURED``: finished, every number
+true; a run that did not reach its target_loss measured its speed all the same):
 - every metric is the **median** over runs;
 - ``tokens_per_sec_lo`` / ``_hi``: with several runs, the min / max of the runs' tokens/s; with one
   run, global_batch_tokens / step_time_p90_s and / step_time_p10_s (the step-to-step spread);
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from reports.record import SETUP_KEYS, VARIANT_KEYS, variant_label
+from reports.record import MEASURED, SETUP_KEYS, VARIANT_KEYS, variant_label
 
 GIB = 2**30
 
@@ -62,7 +63,7 @@ def summarise(df: pd.DataFrame) -> list[dict]:
     for key, group in df.groupby(SETUP_KEYS, sort=True, dropna=False):
         rows = []
         for (strategy, dtype, source), runs in group.groupby(VARIANT_KEYS, sort=False, dropna=False):
-            ok = runs[runs.status == "ok"]
+            ok = runs[runs.status.isin(MEASURED)]
             rec = {"strategy": variant_label(strategy, dtype, source), "runs": f"{len(ok)}/{len(runs)}",
                    "n_ok": len(ok),
                    "n_runs": len(runs), "status": ",".join(sorted(set(runs.status))),
@@ -87,7 +88,7 @@ def summarise(df: pd.DataFrame) -> list[dict]:
             rows.append(rec)
         table = pd.DataFrame(rows).set_index("strategy").sort_values("tokens_per_sec", ascending=False,
                                                                      na_position="last", kind="stable")
-        failed = group[group.status != "ok"][["strategy", "status", "error", "run_id"]].to_dict("records")
+        failed = group[~group.status.isin(MEASURED)][["strategy", "status", "error", "run_id"]].to_dict("records")
         out.append({"key": key, "label": setup_label(key), "table": table, "failed": failed,
                     "params": group["params"].dropna().iloc[0] if "params" in group and group["params"].notna().any()
                     else None})

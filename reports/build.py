@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from reports import glance, implementations, plots
+from reports import glance, implementations, plots, quality
 from reports.aggregate import COLUMNS, best_strategies, format_value, summarise
 from reports.load import ResultsError, load_steps
 
@@ -29,6 +29,7 @@ class Report:
     boards: list[dict] = field(default_factory=list)  # reports/glance.py leaderboards (+ "figure" key or None)
     heatmaps: list[str] = field(default_factory=list)  # figure keys of the MFU heat maps
     pairs: pd.DataFrame = field(default_factory=pd.DataFrame)  # reports/implementations.py: family vs HF
+    races: list[dict] = field(default_factory=list)  # reports/quality.py: time to a target over seeds, shown first
 
 
 def slug(text: str) -> str:
@@ -49,6 +50,7 @@ def build(df: pd.DataFrame) -> Report:
     """All figures and tables for the rows in ``df``: first the glance (leaderboards, Pareto fronts, MFU heat
     maps), then per setup. No figure is made for fewer than two things to compare."""
     rep = Report(setups=summarise(df))
+    _quality(rep, df)
     _glance(rep)
     rep.pairs = implementations.pairs(rep.setups)
     if not rep.pairs.empty:
@@ -90,6 +92,34 @@ def build(df: pd.DataFrame) -> Report:
             rep.captions[f"{stem}-loss"] = f"Loss curves — {label}"
     _scaling(rep)
     return rep
+
+
+def _quality(rep: Report, df: pd.DataFrame) -> None:
+    """The races to a target loss (reports/quality.py): leaderboard, verdicts against the soonest, loss curves."""
+    for race in quality.races(df):
+        table = quality.board(race)
+        calls = quality.verdicts(race, table)
+        logs = {}
+        for _, r in table.iterrows():
+            got = []
+            for run_id, src in zip(r.run_ids, r.source_files):
+                try:
+                    got.append(load_steps(Path(src).parent, run_id))
+                except ResultsError:
+                    rep.notes.append(f"{race['label']}: no per-step log for run {run_id}")
+            if got:
+                logs[r.recipe] = got
+        key = None
+        if logs:
+            key = "quality-" + slug(race["label"])
+            rep.figures[key] = plots.quality_curves(logs, race["label"], race["key"][-1])
+            rep.captions[key] = f"Held-out and training loss per recipe, seeds as a band — {race['label']}"
+        rep.races.append({"label": race["label"], "table": table, "calls": calls, "figure": key})
+
+
+QUALITY_INTRO = ("Time to the target held-out loss: training seconds (evaluation excluded), median over seeds "
+                 "(min-max); each recipe against the soonest by an exact one-sided permutation test over the "
+                 "seeds (reports/quality.py), sure when p < 0.01.")
 
 
 def _glance(rep: Report) -> None:
@@ -195,6 +225,12 @@ def _board_cells(board: dict) -> list[list[tuple[str, bool]]]:
 
 def to_markdown(rep: Report, image_ext: str = "png") -> str:
     out = ["# n00bGPT report", ""]
+    for race in rep.races:
+        out += [f"## Time to target: {race['label']}", "", QUALITY_INTRO, "",
+                markdown_table(quality.BOARD_COLUMNS, quality.board_rows(race["table"], race["calls"])), ""]
+        out += [f"- {c['text']}" for c in race["calls"]] + ([""] if race["calls"] else [])
+        if race["figure"]:
+            out += [f"![{rep.captions[race['figure']]}]({race['figure']}.{image_ext})", ""]
     if rep.boards:
         out += ["## At a glance", "", GLANCE_INTRO.replace("Highlighted", "In **bold**"), ""]
         out += [f"![{rep.captions[k]}]({k}.{image_ext})" for k in rep.heatmaps] + ([""] if rep.heatmaps else [])
@@ -266,7 +302,12 @@ def to_html(rep: Report, title: str = "n00bGPT report") -> str:
         at = 2 if not rep.pairs.empty else 1  # after the glance (and the implementations)
         sections.insert(at, {"heading": "Per setup", "intro": "Best value per column highlighted. Medians over "
                             "repeated runs; definitions in bench/measure/metrics.py and reports/aggregate.py."})
-    return render_page(title, "", sections)
+    races = [{"heading": f"Time to target: {race['label']}", "intro": QUALITY_INTRO, "header": quality.BOARD_COLUMNS,
+              "rows": [[{"text": v, "cls": "best" if i == 0 and j == 0 else ""} for j, v in enumerate(row)]
+                       for i, row in enumerate(quality.board_rows(race["table"], race["calls"]))],
+              "bullets": [c["text"] for c in race["calls"]],
+              "figures": figures_for(rep, [race["figure"]] if race["figure"] else [])} for race in rep.races]
+    return render_page(title, "", races + sections)  # the races first: quality is what they were run for
 
 
 def check_out(out_dir: str | Path) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from reports.record import NUMERIC_COLUMNS, REQUIRED_COLUMNS, RUNS_FILE, implausible
+from reports.record import MEASURED, NUMERIC_COLUMNS, REQUIRED_COLUMNS, RUNS_FILE, implausible
 
 if TYPE_CHECKING:  # pandas is imported on use: the harness imports reports.record without it
     import pandas as pd
@@ -137,7 +137,7 @@ def load(paths: str | Path | Iterable[str | Path], required: list[str] | None = 
     df["model_source"] = df["model_source"].fillna("native") if "model_source" in df.columns else "native"
     # A number that cannot be true is never 'ok' (reports/record.py: implausible). Rows written before that
     # rule existed are marked here, so no reader ranks or compares them.
-    ok = df.status == "ok"
+    ok = df.status.isin(MEASURED)
     if ok.any():
         nums = df.loc[ok, ["mfu", "hfu", "peak_flops"]].apply(pd.to_numeric, errors="coerce")
         reasons = [implausible({"mfu": m, "hfu": h, "peak_flops": p, "peak_flops_source": src})

@@ -279,3 +279,35 @@ def implementations(pairs: pd.DataFrame, title: str) -> Figure:
     fig.suptitle(_wrap(title, 120), fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def quality_curves(per_recipe: dict[str, list[pd.DataFrame]], title: str, target: float | None = None) -> Figure:
+    """Held-out loss (solid, with a band from the lowest to the highest seed) and training loss (dashed, median
+    over seeds) per recipe, against steps, tokens and training seconds (eval excluded); one colour per recipe.
+    The seconds axis puts each evaluation at the seeds' median training time to it."""
+    fig, axes = _subplots(1, 3, figsize=(14, 4.5), sharey=True)
+    for i, (name, logs) in enumerate(per_recipe.items()):
+        colour = f"C{i % 10}"
+        frame = pd.concat(logs, ignore_index=True)
+        for c in ("step", "tokens", "train_time_s", "loss", "eval_loss"):
+            frame[c] = pd.to_numeric(frame[c], errors="coerce") if c in frame else float("nan")
+        train = frame.groupby("step")[["tokens", "train_time_s", "loss"]].median().reset_index()
+        evals = frame.dropna(subset=["eval_loss"]).groupby("step").agg(
+            tokens=("tokens", "median"), train_time_s=("train_time_s", "median"), lo=("eval_loss", "min"),
+            hi=("eval_loss", "max"), mid=("eval_loss", "median")).reset_index()
+        for ax, x in zip(axes, ("step", "tokens", "train_time_s")):
+            ax.plot(train[x], train.loss, linestyle="--", color=colour, alpha=0.5, linewidth=1)
+            if not evals.empty:
+                ax.fill_between(evals[x], evals.lo, evals.hi, color=colour, alpha=0.2, linewidth=0)
+                ax.plot(evals[x], evals.mid, color=colour, marker=".",
+                        label=f"{name} ({len(logs)} seed{'s' if len(logs) > 1 else ''})" if x == "step" else None)
+    for ax, xlabel in zip(axes, ("step (warm-up included)", "tokens trained", "training seconds (eval excluded)")):
+        if target:
+            ax.axhline(target, color="black", linewidth=0.8, linestyle=":")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("loss (solid: held-out, band: seeds' range; dashed: training)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(_wrap(f"Loss curves — {title}", 140), fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -104,6 +104,21 @@ class RunRecord:
     recompute_flops_per_token: float = col("metric", "FLOP/token", "rank0", "forward FLOPs re-run by checkpointing")
     loss_floor: float = col("metric", "nats/token", "rank0", "the lowest loss any model can reach on the data: "
                             "data=markov's exact floor (bench/harness/data.py markov_floor), else empty")
+    # quality: the held-out loss and the run to a target (bench/harness/evaluate.py, loop.py Target)
+    eval_loss: float = col("metric", "nats/token", "rank0", "held-out loss at the last evaluation (eval_every): the "
+                           "strategy's own model on eval_tokens of the data's held-out split, mean over them")
+    eval_tokens: int = col("setup", "tokens", doc="tokens per evaluation: eval_batches x global_batch_tokens")
+    evals: int = col("metric", "evaluations", "rank0", "held-out evaluations that ran")
+    eval_time_s: float = col("metric", "s", "max", "time spent evaluating, all evaluations (not in any step time)")
+    train_time_s: float = col("metric", "s", "derived", "training time: sum over every step, warm-up included, of "
+                              "the step's max over ranks; evaluation excluded")
+    target_loss: float = col("setup", "nats/token", doc="the held-out loss the run trains to (target_loss)")
+    steps_to_target: int = col("metric", "steps", "rank0", "optimizer steps, warm-up included, through the first "
+                               "evaluation at or below target_loss")
+    tokens_to_target: int = col("metric", "tokens", "rank0", "steps_to_target x global_batch_tokens")
+    time_to_target_s: float = col("metric", "s", "rank0", "training time (as train_time_s) through that step")
+    wall_to_target_s: float = col("metric", "s", "rank0", "rank 0's wall clock from step 0 to the end of that "
+                                  "evaluation: evaluations and everything between steps included")
     # counters no neighbour can move (bench/measure/counters.py), judged exactly by the A/B gate
     flops_counted_per_step: int = col("metric", "FLOP/step", "sum", "FlopCounterMode's count of one extra, "
                                       "untimed step, all ranks (empty under compile)")
@@ -164,7 +179,8 @@ class RunRecord:
     overlap_pct: float = col("metric", "%", "min", "100 x (comm_time_s - exposed_comm_s) / comm_time_s")
     matmul_time_s: float = col("metric", "s/step", "max", "time with a matmul or attention op running, per step")
     # outcome
-    status: str = col("outcome", doc="ok, nan, oom, timeout, error, suspect", required=True)
+    status: str = col("outcome", doc="ok, nan, oom, timeout, error, suspect, not_reached (finished without "
+                      "reaching target_loss)", required=True)
     error: str = col("outcome", doc="why the run is not ok (None when ok)", required=True)
     suspect_reason: str = col("outcome", doc="why a number cannot be true (status suspect)")
     # provenance (bench/harness/env.py)
@@ -189,8 +205,10 @@ class RunRecord:
 COLUMNS = [f.name for f in fields(RunRecord)]
 META = {f.name: f.metadata for f in fields(RunRecord)}
 REQUIRED_COLUMNS = [f.name for f in fields(RunRecord) if f.metadata["required"]]
-# A run that measured everything: ok, or suspect (finished, but a number -- MFU -- cannot be true).
-FINISHED = ("ok", "suspect")
+# A run that measured everything: ok, suspect (finished, but a number -- MFU -- cannot be true), or not_reached
+# (finished every step it was allowed without reaching target_loss: its speed and memory are real).
+FINISHED = ("ok", "suspect", "not_reached")
+MEASURED = ("ok", "not_reached")  # finished, and every number can be true: what the reports' tables summarise
 NUMERIC_COLUMNS = [f.name for f in fields(RunRecord) if f.type in ("int", "float")]  # a number or null
 # One definition of a setup: what must be equal for two rows to be compared (reports' tables, the gate).
 SETUP_KEYS = ["model", "device_name", "world_size", "seq_len", "micro_batch", "grad_accum"]

@@ -120,8 +120,18 @@ class Pipeline(nn.Module):
         # under loss_parallel (pp x tp) each loss is a replicated DTensor: its local value is the loss
         return torch.stack([_plain(loss).detach() for loss in losses]).sum()
 
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward only (the schedule's ``eval``: no backward, no gradients) of one held-out micro-batch; its
+        loss scaled as ``step``'s, on ranks holding the last stage; 0 on the others."""
+        losses: list[torch.Tensor] = []
+        self.schedule.eval(x, target=y, losses=losses)
+        if not self._has_last:
+            return torch.zeros((), device=x.device)
+        return torch.stack([_plain(loss).detach() for loss in losses]).sum()
+
     def forward(self, *_args):
-        raise RuntimeError("a Pipeline trains through step(x, y) (its schedule runs forward and backward)")
+        raise RuntimeError("a Pipeline trains through step(x, y) (its schedule runs forward and backward); "
+                           "held-out loss through evaluate(x, y)")
 
 
 def validate(s) -> None:

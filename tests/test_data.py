@@ -155,3 +155,68 @@ def test_a_run_on_markov_records_its_floor_and_learns_toward_it():
     floor = markov_floor(256, 64)
     assert observed["loss_floor"] == floor
     assert losses[0] == pytest.approx(math.log(256), rel=0.05) and floor < losses[-1] < losses[0] - 0.5
+
+
+# ------------------------------------------------------------------------------------------- the held-out split
+def _built(data: str, seed: int = 0, micro_batch: int = 2, grad_accum: int = 1, eval_every: int = 1):
+    cfg = RunConfig(model=dataclasses.replace(model_cfg("tiny"), vocab_size=VOCAB), strategy=StrategyConfig(),
+                    steps=1, warmup=0, micro_batch=micro_batch, grad_accum=grad_accum, seq_len=T_WIN, log_every=0,
+                    data=data, seed=seed, eval_every=eval_every, measure_comm=False, measure_overlap=False)
+    info = DistInfo(0, 0, 1, 1, torch.device("cpu"), None)
+    return build(cfg, info, plan_batch(cfg, info))
+
+
+def _windows(source, steps: int, micro: int = 1) -> list[int]:
+    """The windows (numbered by their first token, the corpus naming its positions) ``source`` reads in
+    ``steps`` steps of ``micro`` micro-batches."""
+    out = []
+    for s in range(steps):
+        for m in range(micro):
+            x, y = source.batch(s, m)
+            assert torch.equal(y, x + 1) and bool((x[:, 0] % T_WIN == 0).all())
+            out += (x[:, 0] // T_WIN).tolist()
+    return out
+
+
+def test_held_out_windows_are_never_trained_on(tmp_path):
+    """On a corpus whose token at position p is p (200 windows), eval on: the held-out set is the last 10 % of the
+    windows (180-199), read in order, the same for every seed; training reads only windows 0-179 -- each once per
+    epoch of 90 steps of 2, over two epochs -- never a held-out one. Without eval, training reads all 200."""
+    np = pytest.importorskip("numpy")
+    corpus = tmp_path / "train.bin"
+    np.arange(N_WINDOWS * T_WIN + 1, dtype=np.uint16).tofile(corpus)
+    b = _built(str(corpus))
+    held = _windows(b.eval_data, 10)
+    assert held == list(range(180, 200))  # 10 batches of 2: every held-out window once, in order
+    assert _windows(_built(str(corpus), seed=7).eval_data, 10) == held  # a fixed validation set
+    trained = _windows(b.data, 180)
+    assert not set(trained) & set(held), "training read a held-out window"
+    assert sorted(trained[:180]) == list(range(180)) == sorted(trained[180:]), "not each window once per epoch"
+    everything = _windows(_built(str(corpus), eval_every=0).data, 100)
+    assert sorted(everything) == list(range(200)) and _built(str(corpus), eval_every=0).eval_data is None
+
+
+def test_a_nanogpt_folder_holds_out_its_val_bin(tmp_path):
+    """nanoGPT's own split: with val.bin beside train.bin the held-out batches come from val.bin (here tokens
+    from 3200 on) and training reads all 200 windows of train.bin."""
+    np = pytest.importorskip("numpy")
+    np.arange(N_WINDOWS * T_WIN + 1, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    np.arange(3200, 3200 + 10 * T_WIN + 1, dtype=np.uint16).tofile(tmp_path / "val.bin")
+    b = _built(str(tmp_path))
+    assert _windows(b.eval_data, 5) == list(range(200, 210))  # val.bin's windows: positions 3200/16 = 200 on
+    assert sorted(_windows(b.data, 100)) == list(range(200))
+
+
+@pytest.mark.parametrize("data", ["synthetic", "markov"])
+def test_built_in_held_out_sets_are_fixed_and_apart_from_training(data):
+    """synthetic and markov: the held-out batches are the same for every run seed, and none of their 16
+    sequences is a sequence any of 50 training steps reads (4 micro-batches each), for either seed."""
+    a, b = _built(data, seed=0, micro_batch=4), _built(data, seed=1, micro_batch=4)
+    held = [a.eval_data.batch(k, m)[0] for k in range(2) for m in range(2)]
+    assert all(torch.equal(h, b.eval_data.batch(k, m)[0]) for h, (k, m) in zip(held, [(0, 0), (0, 1), (1, 0),
+                                                                                         (1, 1)]))
+    held_rows = {tuple(r.tolist()) for h in held for r in h}
+    assert len(held_rows) == 16
+    for built in (a, b):
+        trained = {tuple(r.tolist()) for s in range(50) for m in range(4) for r in built.data.batch(s, m)[0]}
+        assert not trained & held_rows

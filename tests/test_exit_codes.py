@@ -44,6 +44,15 @@ def cases(tmp):
         (["lr_schedule=step"], "lr_schedule='step' is invalid: must be one of constant, cosine, linear"),
         (["lr_warmup=-1"], "lr_warmup=-1 is invalid: must be between 0 and 10,000,000 steps"),
         (["lr_min_ratio=1.5"], "lr_min_ratio=1.5 is invalid: must be a fraction of lr between 0 and 1"),
+        (["eval_every=-1"], "eval_every=-1 is invalid: must be >= 0"),
+        (["eval_every=1", "eval_batches=0"], "eval_batches=0 is invalid: must be >= 1"),
+        (["target_loss=2"], "target_loss=2.0 is invalid: needs eval_every > 0"),
+        (["eval_every=1", "target_loss=-1"], "target_loss=-1.0 is invalid: must be a finite number >= 0"),
+        (["eval_every=1", "target_loss=nan"], "target_loss=nan is invalid"),
+        (["eval_every=1", "target_loss=2", "max_time_s=-1"], "max_time_s=-1.0 is invalid"),
+        (["max_time_s=5"], "max_time_s=5.0 is invalid: needs target_loss > 0"),
+        ([f"data={tmp}/two_windows.txt", "eval_every=1"],
+         "with 10% held out for eval_every the 1 left cannot fill micro_batch=2"),
         (["steps=0"], "steps=0 is invalid: must be >= 1"),
         (["steps=-5"], "steps=-5 is invalid: must be >= 1"),
         (["micro_batch=0"], "micro_batch=0 is invalid: must be >= 1"),
@@ -127,6 +136,7 @@ def table(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "emptydir").mkdir()
     (tmp_path / "small.txt").write_text("0123456789")
+    (tmp_path / "two_windows.txt").write_text("y" * 65)  # 2 windows of 32: none left to train on beside a held-out one
     (tmp_path / "big.txt").write_text("x" * 5000)
     claims = tmp_path / "res" / ".claims" / "claimed"  # a run that claimed its id and never wrote a row
     claims.mkdir(parents=True)

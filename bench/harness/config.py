@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from bench.harness.data import BUILT_IN, data_problem
 from bench.harness.schedule import SCHEDULES
 from bench.harness.table import run_ids, write_problem
+from bench.harness.tensorboard import missing as tb_missing
 from models.config import PRESETS, GPTConfig
 from models.weights import HF_EXTRA, config_from_pretrained, weights_problem
 from reports.record import RUNS_FILE
@@ -75,12 +76,27 @@ class RunConfig:
     """Optimizer steps of linear warm-up to lr (0: none)."""
     lr_min_ratio: float = 0.1
     """Where the cosine or linear decay ends, as a fraction of lr."""
+    eval_every: int = 0
+    """Held-out loss every N optimizer steps and after the last (0: none). The data's held-out split is then set
+    aside (bench/harness/data.py); evaluation runs between steps, outside their timing (bench/harness/evaluate.py)."""
+    eval_batches: int = 4
+    """Global batches per evaluation (eval_tokens = eval_batches x global_batch_tokens)."""
+    target_loss: float = 0.0
+    """If > 0 (needs eval_every): stop at the first evaluation whose held-out loss is at or below it and record
+    the time, tokens and steps to it; warmup + steps is then the most steps the run may take, and a run that ends
+    without reaching it has status not_reached (exit 4)."""
+    max_time_s: float = 0.0
+    """With target_loss: also give up once this much training time is spent (checked at each evaluation)."""
     log_every: int = 10
     """Progress line (and NaN check, one small all-reduce) every N steps; 0 = only at the end."""
     timeout_s: int = 600
     """Collective timeout: a hung collective fails the run after this many seconds."""
     tag: str = ""
     """Free text stored in the row (e.g. a sweep or experiment name)."""
+    tensorboard: str = ""
+    """If set: after the run, rank 0 writes its curves (training and held-out loss, step and training time,
+    tokens) as TensorBoard event files in ``<tensorboard>/<run_id>/`` (bench/harness/tensorboard.py; needs the
+    optional tensorboard package)."""
     profile_dir: str = ""
     """If set: rank 0 records a torch.profiler trace of timed steps 2-4 into this folder (``<run_id>.json.gz``
     and ``<run_id>.txt``, the top ops). Profiling slows those steps: don't compare a profiled row's speed."""
@@ -170,6 +186,17 @@ class RunConfig:
             raise bad("lr_warmup", f"must be between 0 and {MAX_STEPS:,} steps")
         if not (math.isfinite(self.lr_min_ratio) and 0 <= self.lr_min_ratio <= 1):
             raise bad("lr_min_ratio", "must be a fraction of lr between 0 and 1")
+        if self.eval_every < 0:
+            raise bad("eval_every", "must be >= 0 (steps between evaluations; 0: none)")
+        if self.eval_batches < 1:
+            raise bad("eval_batches", "must be >= 1 (global batches per evaluation)")
+        for name in ("target_loss", "max_time_s"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise bad(name, "must be a finite number >= 0 (0: off)")
+        if self.target_loss and not self.eval_every:
+            raise bad("target_loss", "needs eval_every > 0: the target is judged on the held-out loss")
+        if self.max_time_s and not self.target_loss:
+            raise bad("max_time_s", "needs target_loss > 0: it limits a run to a target")
         if self.timeout_s < 1:
             raise bad("timeout_s", "must be >= 1 (seconds)")
         if self.debug_fail_rank < -1:
@@ -183,7 +210,9 @@ class RunConfig:
                 raise bad("run_id", "use letters, digits, '.', '_' and '-' only, not only dots (it names a file)")
             if len(self.run_id) > MAX_RUN_ID:
                 raise bad("run_id", f"{len(self.run_id)} characters; at most {MAX_RUN_ID} (it names files)")
-        for name in ("results_dir", "profile_dir"):
+        if self.tensorboard and tb_missing():
+            raise bad("tensorboard", tb_missing())
+        for name in ("results_dir", "profile_dir", "tensorboard"):
             value = getattr(self, name)
             if name == "results_dir" and not value.strip():
                 raise bad(name, "empty: name a folder (the default is results)")
@@ -194,7 +223,7 @@ class RunConfig:
             raise bad("run_id", f"already in {Path(self.results_dir) / RUNS_FILE}; run ids are unique")
         if self.data not in BUILT_IN:
             problem = data_problem(self.data, self.seq_len, self.micro_batch, self.model.vocab_size,
-                                   self.model.hf_path)
+                                   self.model.hf_path, held_out=self.eval_every > 0)
             if problem:
                 raise bad("data", problem)
 

@@ -23,6 +23,14 @@ steps reads exactly the same global batch -- which is what makes strategies comp
     else bytes are tokens (byte-level, ids 0..255).
   In-memory tokens are put on the device once and windows are gathered there. Every id must be below the
   model's vocabulary.
+
+The held-out split (``build_data(..., split="eval")``, the run's ``eval_every``): batches no training step reads,
+the same for every run seed (a fixed validation set, as the speedrun's):
+- ``synthetic`` and ``markov``: sequences drawn with ``EVAL_SEED`` at steps from ``EVAL_FIRST_STEP`` on, far
+  beyond any training step (config MAX_STEPS);
+- a path: the last ``EVAL_FRACTION`` of its windows (at least one), read in order; training then reads only the
+  windows before them (``split="train"``). A nanoGPT folder with a ``val.bin`` beside ``train.bin`` uses that file
+  instead, nanoGPT's own split, and trains on all of ``train.bin``.
 """
 
 from __future__ import annotations
@@ -39,18 +47,25 @@ def batch_seed(seed: int, step: int, index: int) -> int:
     return (seed * _MIX[0] + (step + 1) * _MIX[1] + (index + 1) * _MIX[2]) % (2**63 - 1)
 
 
-class SyntheticData:
-    """Uniform random tokens in [0, vocab_size)."""
+EVAL_SEED = 0x5EED_E7A1  # the held-out set of synthetic and markov: one for every run seed
+EVAL_FIRST_STEP = 2**40  # held-out batch k is data step EVAL_FIRST_STEP + k: never a training step
+EVAL_FRACTION = 0.1  # of a corpus's windows, held out at its end
 
-    def __init__(self, vocab_size: int, micro_batch: int, seq_len: int, seed: int, device: torch.device):
+
+class SyntheticData:
+    """Uniform random tokens in [0, vocab_size); ``first_step``: the data step that batch step 0 reads."""
+
+    def __init__(self, vocab_size: int, micro_batch: int, seq_len: int, seed: int, device: torch.device,
+                 first_step: int = 0):
         self.vocab_size, self.B, self.T, self.seed, self.device = vocab_size, micro_batch, seq_len, seed, device
+        self.first_step = first_step
 
     def batch(self, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-token targets, each (B, T) int64 on the device."""
         gen = torch.Generator(device=self.device)
         rows = []
         for b in range(self.B):
-            gen.manual_seed(batch_seed(self.seed, step, index * self.B + b))
+            gen.manual_seed(batch_seed(self.seed, self.first_step + step, index * self.B + b))
             rows.append(torch.randint(0, self.vocab_size, (self.T + 1,), generator=gen, device=self.device))
         seq = torch.stack(rows)  # (B, T+1)
         return seq[:, :-1], seq[:, 1:]
@@ -90,10 +105,13 @@ def markov_floor(vocab_size: int, seq_len: int) -> float:
 
 
 class MarkovData:
-    """Sequences of the ``markov`` language (module docstring), each from its own seeded generator."""
+    """Sequences of the ``markov`` language (module docstring), each from its own seeded generator;
+    ``first_step`` as SyntheticData's."""
 
-    def __init__(self, vocab_size: int, micro_batch: int, seq_len: int, seed: int, device: torch.device):
+    def __init__(self, vocab_size: int, micro_batch: int, seq_len: int, seed: int, device: torch.device,
+                 first_step: int = 0):
         self.V, self.B, self.T, self.seed, self.device = vocab_size, micro_batch, seq_len, seed, device
+        self.first_step = first_step
         successors, probs = markov_chain(vocab_size)
         self.successors = successors.to(device)
         self.cumulative = probs.cumsum(1).float().to(device)
@@ -104,7 +122,7 @@ class MarkovData:
         gen = torch.Generator(device=self.device)
         first, draws = [], []
         for b in range(self.B):
-            gen.manual_seed(batch_seed(self.seed, step, index * self.B + b))
+            gen.manual_seed(batch_seed(self.seed, self.first_step + step, index * self.B + b))
             first.append(torch.randint(0, self.V, (1,), generator=gen, device=self.device))
             draws.append(torch.rand(self.T, generator=gen, device=self.device))
         u = torch.stack(draws, 1)  # (T, B): the uniform draw that picks each next token
@@ -238,9 +256,17 @@ def _text_files(p: Path) -> list[Path]:
     return [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
 
 
-def data_problem(data: str, seq_len: int, micro_batch: int, vocab_size: int, tokenizer_dir: str = "") -> str | None:
-    """Why ``data`` cannot feed this run (missing, too short for one micro-batch, ids beyond the vocabulary), or
-    None. Loads (and keeps) the tokens, so the run reads them once."""
+def val_bin(data: str) -> Path | None:
+    """nanoGPT's held-out file: ``val.bin`` beside the ``train.bin`` of a folder ``data``, else None."""
+    p = Path(data)
+    return p / "val.bin" if p.is_dir() and (p / "train.bin").is_file() and (p / "val.bin").is_file() else None
+
+
+def data_problem(data: str, seq_len: int, micro_batch: int, vocab_size: int, tokenizer_dir: str = "",
+                 held_out: bool = False) -> str | None:
+    """Why ``data`` cannot feed this run (missing, too short for one micro-batch -- of the training part when
+    ``held_out`` windows are set aside --, ids beyond the vocabulary), or None. Loads (and keeps) the tokens, so
+    the run reads them once."""
     try:
         tokens, how = load_tokens(data, tokenizer_dir)
     except (OSError, ValueError) as exc:
@@ -253,26 +279,45 @@ def data_problem(data: str, seq_len: int, micro_batch: int, vocab_size: int, tok
     top = int(tokens.max()) if n else 0
     if top >= vocab_size:
         return f"has token id {top} ({how}) but the model's vocab_size={vocab_size}: ids must be below it"
+    if held_out and val_bin(data) is None:
+        train, _ = split_windows((n - 1) // seq_len)
+        if train < micro_batch:
+            return (f"holds {(n - 1) // seq_len} windows of seq_len={seq_len}; with {EVAL_FRACTION:.0%} held out "
+                    f"for eval_every the {train} left cannot fill micro_batch={micro_batch} (more data, a shorter "
+                    "seq_len, or eval_every=0)")
+    if held_out and val_bin(data) is not None:
+        import numpy as np
+
+        val = np.memmap(val_bin(data), dtype=np.uint16, mode="r")
+        if len(val) < seq_len + 1:
+            return f"its val.bin holds {len(val)} tokens: fewer than one window of seq_len={seq_len}+1"
+        if len(val) and int(val.max()) >= vocab_size:
+            return f"its val.bin has token id {int(val.max())} but the model's vocab_size={vocab_size}"
     return None
 
 
-class TokenData:
-    """Windows of seq_len+1 tokens of a corpus in a seeded shuffled order; ``n_micro`` = micro-batches per step
-    in the whole job. In-memory tokens live on the device; a memory-mapped train.bin is gathered on the host."""
+def split_windows(n_windows: int) -> tuple[int, int]:
+    """(training windows, held-out windows) of a corpus of ``n_windows``: the last EVAL_FRACTION (at least one)
+    held out."""
+    held = max(1, int(n_windows * EVAL_FRACTION))
+    return n_windows - held, held
 
-    def __init__(self, tokens, micro_batch: int, seq_len: int, seed: int, device: torch.device, n_micro: int,
-                 name: str = "data"):
-        n = len(tokens)
-        self.n_windows = (n - 1) // seq_len
-        if self.n_windows < micro_batch:
-            raise ValueError(f"data={name!r}: {n} tokens hold only {self.n_windows} windows of "
-                             f"seq_len={seq_len}+1; need at least micro_batch={micro_batch}")
+
+class TokenData:
+    """Windows of seq_len+1 tokens of a corpus, read in the order ``windows`` (window numbers; a seeded shuffle
+    for training, in order for the held-out split); ``n_micro`` = micro-batches per step in the whole job.
+    In-memory tokens live on the device; a memory-mapped train.bin is gathered on the host."""
+
+    def __init__(self, tokens, micro_batch: int, seq_len: int, device: torch.device, n_micro: int,
+                 windows: torch.Tensor, name: str = "data"):
+        self.n_windows = len(windows)
+        if self.n_windows < 1:
+            raise ValueError(f"data={name!r}: no window of seq_len={seq_len}+1 to read")
         self.B, self.T, self.n_micro, self.device = micro_batch, seq_len, n_micro, device
         self.mapped = not isinstance(tokens, torch.Tensor)
         gather_on = torch.device("cpu") if self.mapped else device
         self.tokens = tokens if self.mapped else tokens.to(device)
-        order = torch.randperm(self.n_windows, generator=torch.Generator().manual_seed(seed))
-        self.order = order.to(gather_on)
+        self.order = windows.to(gather_on)
         self.offsets = torch.arange(seq_len + 1, device=gather_on)
         self.rows = torch.arange(micro_batch, device=gather_on)
 
@@ -288,14 +333,36 @@ class TokenData:
 
 
 def build_data(data: str, vocab_size: int, micro_batch: int, seq_len: int, seed: int, device: torch.device,
-               n_micro: int, tokenizer_dir: str = ""):
-    """``data='synthetic'`` or a path (see the module docstring); ids must be below ``vocab_size``."""
-    if data == "synthetic":
-        return SyntheticData(vocab_size, micro_batch, seq_len, seed, device)
-    if data == "markov":
-        return MarkovData(vocab_size, micro_batch, seq_len, seed, device)
-    problem = data_problem(data, seq_len, micro_batch, vocab_size, tokenizer_dir)
+               n_micro: int, tokenizer_dir: str = "", split: str = "all"):
+    """``data='synthetic'``, ``'markov'`` or a path (see the module docstring); ids must be below ``vocab_size``.
+    ``split``: "all" (no held-out set: training reads everything), "train" (training, the held-out windows left
+    out) or "eval" (the held-out set)."""
+    held = split == "eval"
+    if data in BUILT_IN:
+        cls = SyntheticData if data == "synthetic" else MarkovData
+        return cls(vocab_size, micro_batch, seq_len, EVAL_SEED if held else seed, device,
+                   EVAL_FIRST_STEP if held else 0)
+    problem = data_problem(data, seq_len, micro_batch, vocab_size, tokenizer_dir, held_out=split != "all")
     if problem:
         raise ValueError(f"data={data!r}: {problem}")
     tokens, _ = load_tokens(data, tokenizer_dir)
-    return TokenData(tokens, micro_batch, seq_len, seed, device, n_micro, data)
+    if split != "all" and val_bin(data) is not None:  # nanoGPT's own split: all of train.bin trains
+        if not held:
+            split = "all"
+        else:
+            import numpy as np
+
+            tokens = np.memmap(val_bin(data), dtype=np.uint16, mode="r")
+            return TokenData(tokens, micro_batch, seq_len, device, n_micro, torch.arange((len(tokens) - 1) // seq_len),
+                             f"{data}/val.bin")
+    n_all = (len(tokens) - 1) // seq_len
+    if split == "all":
+        if n_all < micro_batch:
+            raise ValueError(f"data={data!r}: {len(tokens)} tokens hold only {n_all} windows of seq_len={seq_len}+1; "
+                             f"need at least micro_batch={micro_batch}")
+        windows = torch.randperm(n_all, generator=torch.Generator().manual_seed(seed))
+    else:
+        train, _ = split_windows(n_all)
+        windows = (torch.arange(train, n_all) if held
+                   else torch.randperm(train, generator=torch.Generator().manual_seed(seed)))
+    return TokenData(tokens, micro_batch, seq_len, device, n_micro, windows, data)
