@@ -324,6 +324,15 @@ def test_the_study_summary_counts_centres_and_implied_rates(tmp_path):
     slow = next(ln for ln in text.splitlines() if ln.startswith("| +5%"))
     assert "1.0000 (detected)" in slow
     assert study.implied_rates([1.03] * 10, TH, n=100) == (1.0, TH["max_pairs"])  # 1.03: the cap, then FAIL
+    # pooled with another study: the slowed rounds, their +5 % taken out, join the unchanged ones (4 + 4 + 4)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "quiet-aa-0.json").write_text((tmp_path / "quiet-aa-0.json").read_text())
+    res = study.residuals([tmp_path, other])
+    assert len(res["quiet"]) == 12 and not res["loaded"]
+    assert sorted(round(math.exp(r), 4) for r in res["quiet"])[-1] == round(1.08 / 1.05, 4)
+    pooled = study.summarise(tmp_path, [other])
+    assert "Pooled over" in pooled and "| quiet     |       12 |" in pooled
 
 
 def test_the_held_out_loss_is_judged_when_both_revisions_evaluate(tmp_path):

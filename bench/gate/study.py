@@ -88,8 +88,25 @@ def centre(rounds: list[float]) -> str:
     return f"{math.exp(statistics.mean(logs)):.4f} +- {se * 100:.2f}% (n={len(logs)})"
 
 
-def summarise(out: Path) -> str:
-    """study.md from the gates' JSON files in ``out``."""
+def residuals(folders: list[Path]) -> dict[str, list[float]]:
+    """Per machine condition (quiet, loaded), every round's log ratio with the injected slowdown taken out
+    (ln ratio - ln(1 + slow_pct/100)), from the gates in ``folders``: the round-to-round spread, whatever the
+    gate measured."""
+    out: dict[str, list[float]] = {"quiet": [], "loaded": []}
+    for folder in folders:
+        for f in sorted(Path(folder).glob("*.json")):
+            g = json.loads(f.read_text())
+            if "verdicts" not in g:
+                continue
+            shift = math.log1p(g["slow_pct"] / 100)
+            out["loaded" if "loaded" in g["condition"] else "quiet"] += [
+                math.log(r) - shift for _, r in round_ratios([g])]
+    return out
+
+
+def summarise(out: Path, pool: list[Path] = ()) -> str:
+    """study.md from the gates' JSON files in ``out``; ``pool``: more study folders whose rounds join the
+    resampled rates (``residuals``)."""
     rows = {"aa": {"quiet": [], "loaded": []}, "slow": {"quiet": [], "loaded": []}}
     for f in sorted(out.glob("*.json")):
         g = json.loads(f.read_text())
@@ -137,6 +154,28 @@ def summarise(out: Path) -> str:
                           f"{rate:.4f} ({'false alarms' if kind == 'aa' else 'detected'})", f"{mean_rounds:.2f}"])
     lines.append(markdown_table(["code", "machine", "rounds' centre", "baseline first", "candidate first",
                                  "sd of log ratio", "implied rate", "rounds/entry"], cells))
+    folders = [out, *pool]
+    pooled = residuals(folders)
+    cells = []
+    for load, res in pooled.items():
+        if len(res) < 2:
+            continue
+        fa, n_aa = implied_rates([math.exp(r) for r in res], th)
+        det, n_slow = implied_rates([math.exp(r + math.log1p(th["detect_pct"] / 100)) for r in res], th, seed=1)
+        cells.append([load, len(res), f"{statistics.mean(res) * 100:+.2f}%", f"{statistics.stdev(res) * 100:.2f}%",
+                      f"{fa:.4f}", f"{n_aa:.2f}", f"{det:.4f}", f"{n_slow:.2f}"])
+    if cells:
+        names = ", ".join(str(Path(f).name) for f in folders)
+        lines += ["", f"Pooled over {names}: every round of every gate with its injected slowdown taken out "
+                  "(unchanged and slowed gates alike), resampled 20,000 times as unchanged "
+                  f"code and as code exactly {th['detect_pct']:g} % slower, through the shipped rule:", ""]
+        lines.append(markdown_table(["machine", "rounds", "centre (mean log ratio)", "sd", "false alarms",
+                                     "rounds/entry", "detected", "rounds/entry (slowed)"], cells))
+    ran = {json.dumps({k: g["thresholds"].get(k) for k in th}, sort_keys=True)
+           for f in sorted(out.glob("*.json")) for g in [json.loads(f.read_text())] if "thresholds" in g}
+    if any(json.loads(r) != th for r in ran):
+        lines += ["", "The gates' own verdicts above (counts, and the per-entry lines below) are the rule of their "
+                  "day, as each gate's JSON records it (`thresholds`); the implied rates are the shipped rule's."]
     lines += ["", "Per entry (median paired step-time ratio, candidate / baseline, per gate):", ""]
     for f in sorted(out.glob("*.json")):
         g = json.loads(f.read_text())
@@ -158,6 +197,7 @@ class StudyArgs:
     rounds: int = opt(0, "rounds per gate (0: the gate's own default)")
     slow_pct: float = opt(10.0, "the exact slowdown the detection gates inject, percent")
     summarise: bool = opt(False, "only rewrite study.md from the JSON files")
+    pool: list[str] = opt([], "more study folders whose rounds join the pooled resampled rates")
 
 
 def main(argv=None) -> int:
@@ -185,7 +225,7 @@ def main(argv=None) -> int:
                             spinner.wait()
                     print(f"[study] {name}: rc={g['rc']} " + ", ".join(f"{v['entry']} {v['verdict']}"
                                                                         for v in g["verdicts"]), flush=True)
-    text = summarise(out)
+    text = summarise(out, [Path(f) for f in args.pool])
     (out / "study.md").write_text(text)
     print(text)
     return 0
