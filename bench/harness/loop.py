@@ -152,10 +152,16 @@ def _local(loss: torch.Tensor) -> torch.Tensor:
     return loss.to_local() if isinstance(loss, DTensor) else loss
 
 
+def data_rank(b: Built) -> int:
+    """This rank's coordinate on the data-parallel dimension: which share of each global batch it reads (training
+    and held-out alike; ranks of one tensor- or pipeline-parallel group share it)."""
+    return dp_coordinate(b.mesh) if b.batch["dp_size"] > 1 else 0
+
+
 def make_step(cfg: RunConfig, info: DistInfo, b: Built) -> Callable[[int], torch.Tensor]:
     """One optimizer step over ``grad_accum`` micro-batches; returns the step's mean loss (on the device)."""
     s, ga = cfg.strategy, b.batch["grad_accum"]
-    dp_rank = dp_coordinate(b.mesh) if b.batch["dp_size"] > 1 else 0
+    dp_rank = data_rank(b)
     pipelined = isinstance(b.model, Pipeline)
 
     def step_fn(step: int) -> torch.Tensor:
@@ -211,7 +217,7 @@ class Target:
     def __init__(self, cfg: RunConfig, info: DistInfo, b: Built, timer: metrics.StepTimer):
         self.cfg, self.info, self.b, self.timer = cfg, info, b, timer
         self.on = cfg.eval_every > 0
-        self.dp_rank = dp_coordinate(b.mesh) if b.batch["dp_size"] > 1 else 0
+        self.dp_rank = data_rank(b)
         self.evals: list[dict] = []
         self.eval_time_s = 0.0
         self.reached: dict | None = None
