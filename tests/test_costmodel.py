@@ -350,3 +350,45 @@ def test_planner_over_meshes():
     assert "pp2xdp2048" in text
     small = plan(PlanArgs(model="llama-125m", world_size=8), [])
     assert "left out" in render(small, 80) and "does not divide padded vocabulary" in render(small, 80)
+
+
+def test_plan_commands_say_what_each_row_changes():
+    """Each row's command launches its world size (one node, or nodes of gpus_per_node) and names only the
+    fields its strategy changes from single, the shape, and the model overrides the plan was asked with."""
+    from bench.plan.__main__ import PlanArgs, plan
+    from bench.plan.command import launcher
+
+    rows = {r["strategy"]: r for r in plan(PlanArgs(model="tiny", world_size=2, pad_vocab_to=64), ["n_layer=2"])}
+    ddp = rows["ddp"]["command"]
+    assert ddp == ("torchrun --standalone --nproc_per_node=2 bench/run.py model=tiny model.n_layer=2 "
+                   "model.pad_vocab_to=64 micro_batch=4 seq_len=256 grad_accum=1 strategy.dp=ddp")
+    assert rows["tp2+sp"]["command"].endswith(" grad_accum=1 strategy.tp=2 strategy.sp=true")
+    assert launcher(64, 8)[:3] == ["torchrun", "--nnodes=8", "--nproc_per_node=8"]
+    with pytest.raises(ValueError, match="whole number of nodes"):
+        launcher(12, 8)
+
+
+@pytest.mark.e2e
+def test_plan_commands_run_as_written(tmp_path):
+    """``format=commands`` for tiny on 2 ranks (untied, padded vocabulary): the lines are the fitting rows' commands,
+    and the pipeline row's line -- the one with the most overrides, model ones included -- run as printed with only
+    the run length and the results folder added, writes a row whose strategy is the plan row's. (The
+    strategy-to-override mapping of every other row is the unit test's above.)"""
+    res = subprocess.run([sys.executable, "-m", "bench.plan", "model=tiny", "world_size=2", "pad_vocab_to=64",
+                          "model.tie_embeddings=false", "format=commands"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    plans = json.loads(subprocess.run([sys.executable, "-m", "bench.plan", "model=tiny", "world_size=2",
+                                       "pad_vocab_to=64", "model.tie_embeddings=false", "format=json"], cwd=ROOT,
+                                      capture_output=True, text=True).stdout)
+    assert lines == [p["command"] for p in plans if p["fits"]]
+    chosen = [p for p in plans if p["strategy"] == "pp2(1f1b)"]
+    assert len(chosen) == 1
+    for p in chosen:
+        cmd = p["command"].replace("torchrun", f"{sys.executable} -m torch.distributed.run", 1)
+        run = subprocess.run(f"{cmd} steps=2 warmup=1 log_every=0 results_dir={tmp_path} measure_comm=false "
+                             "measure_overlap=false measure_counters=false", shell=True, cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    got = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert [r["strategy"] for r in got] == [p["strategy"] for p in chosen]

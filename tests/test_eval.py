@@ -27,7 +27,7 @@ from bench.harness.loop import train
 from tests.helpers import ROOT
 from tests.helpers.training import RTOL, run_cfg
 
-EVAL_EVERY, STEPS = 5, 10
+EVAL_EVERY, STEPS = 3, 6
 
 # name -> (strategy fields, model, micro_batch, grad_accum): 4 sequences per step, as the reference
 TWO_RANKS = {

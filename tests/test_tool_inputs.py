@@ -44,6 +44,10 @@ def cases(t):
          "world_size=100000000000000000000 is invalid; must be within 1 .. 1,048,576"),
         (PLAN, ["micro_batch=0"], "micro_batch=0 is invalid; must be within 1 .. 1,048,576"),
         (PLAN, ["model=gpt9"], "model='gpt9' is not a preset; valid: tiny"),
+        (PLAN, ["format=sh"], "format='sh'; valid: table, json, commands"),
+        (PLAN, ["gpus_per_node=0"], "gpus_per_node=0 is invalid; must be >= 1"),
+        (PLAN, ["world_size=12", "gpus_per_node=8"], "world_size=12 is not a whole number of nodes of gpus_per_node=8"),
+        (PLAN, ["top=-1"], "top=-1 is invalid; must be >= 0"),
         # the tuner: every check before its probes (the runs' own check, bench/harness/precheck.py)
         (TUNE, ["seq_len=-1"], "seq_len=-1 is invalid; must be >= 0"),
         (TUNE, ["model=tiny", "warmup=-1"], "warmup=-1 is invalid: must be >= 0"),

@@ -74,7 +74,7 @@ BASE_REV_FILE = ROOT / "results" / "baselines" / "BASE_REV"
 DEFAULT_THRESHOLDS = Path(__file__).with_name("thresholds_ab.yaml")
 _KNOWN = {"detect_pct", "round_sd_pct", "false_alarm", "miss", "min_fail_rounds", "max_pairs", "max_rise_pct",
           "accept_counters"}
-_RATES = ("false_alarm", "miss")  # probabilities, strictly between 0 and 0.5
+_RATES = ("false_alarm", "miss")  # probabilities strictly between 0 and 1, summing below 1
 # the counters of a row the gate compares exactly (reports/record.py defines each); the loss too: same code, seed
 # and data give the same bits on one machine (every A/A pair of the studies in results/noise/ agrees exactly)
 COUNTERS = ("flops_counted_per_step", "comm_bytes_per_step", "param_bytes", "optimizer_state_bytes",
@@ -144,10 +144,13 @@ def load_thresholds(path: str | Path | None = None) -> dict:
                 raise ABInputError(f"{path}: accept_counters={v!r} must be a list of counters from {list(COUNTERS)}")
         elif not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
             raise ABInputError(f"{path}: {k}={v!r} must be a finite number >= 0")
-        elif k in _RATES and not 0 < v < 0.5:
-            raise ABInputError(f"{path}: {k}={v!r} must be a probability between 0 and 0.5")
+        elif k in _RATES and not 0 < v < 1:
+            raise ABInputError(f"{path}: {k}={v!r} must be a probability between 0 and 1")
         elif k in ("detect_pct", "round_sd_pct", "max_pairs", "min_fail_rounds") and not v > 0:
             raise ABInputError(f"{path}: {k}={v!r} must be > 0")
+    if data["false_alarm"] + data["miss"] >= 1:
+        raise ABInputError(f"{path}: false_alarm={data['false_alarm']!r} and miss={data['miss']!r} must sum below 1 "
+                           "(the sequential test's two lines cross otherwise)")
     return data
 
 

@@ -6,13 +6,16 @@
     python -m bench.plan model=gpt2-xl model.n_layer=24 world_size=64     # any model field, as bench/run.py
     python -m bench.plan model=gpt2-xl world_size=8 device=H100 link_gbps=360   # ranked by predicted tokens/s
     python -m bench.plan model=mini world_size=2 peak_tflops=0.06 mem_gbps=20 link_gbps=1 overlap=false
+    python -m bench.plan model=tiny world_size=2 format=commands top=3 > plan.sh   # the runs, one per line
 
 Keys (``--help`` lists them with defaults): model (a preset), world_size (data-parallel ranks),
 device_memory_gib, micro_batch, seq_len (0: the model's context), grad_accum, pad_vocab_to, format
 (table | json); with rates -- ``device=`` (a GPU of bench/hardware.py: its dense peak in each strategy's compute
 dtype and its memory bandwidth) or ``peak_tflops=`` and ``mem_gbps=``, plus ``link_gbps=`` beyond one rank -- every row
 also gets the predicted step time and tokens/s (bench/plan/steptime.py) and the strategies that fit are
-ranked fastest first. Formulas: bench/plan/costmodel.py. Nothing is allocated (shapes come from a meta model),
+ranked fastest first. Every row carries the command that runs it (``command``: bench/plan/command.py; the
+table prints the first rows'); ``format=commands`` prints only those, one per line, for the rows that fit
+(``top=N``: the first N). Formulas: bench/plan/costmodel.py. Nothing is allocated (shapes come from a meta model),
 so any family size and thousands of ranks answer in about a second.
 """
 
@@ -32,6 +35,7 @@ if __package__ in (None, ""):
 from omegaconf import OmegaConf  # noqa: E402
 
 from bench.hardware import GPU_TABLE, lookup_device  # noqa: E402
+from bench.plan.command import run_command  # noqa: E402
 from bench.plan.costmodel import param_shapes, predict_comm, predict_memory  # noqa: E402
 from bench.plan.steptime import Rates, predict_step  # noqa: E402
 from bench.shape import ShapeArgs  # noqa: E402
@@ -51,7 +55,9 @@ class PlanArgs(ShapeArgs):
 
     device_memory_gib: float = opt(80.0, "memory per device, GiB")
     pad_vocab_to: int = opt(1, "pad the vocabulary to a multiple of this")
-    format: str = opt("table", "table | json")
+    format: str = opt("table", "table | json | commands (the runs of the rows that fit, one command per line)")
+    gpus_per_node: int = opt(8, "devices per node: how the commands launch world_size processes")
+    top: int = opt(0, "only the first N rows (0: all)")
     device: str = opt("", "a GPU of bench/hardware.py (H100, H200, A100, L40S, L4, A10G, A10, V100): its peak "
                           "and memory bandwidth")
     peak_tflops: float = opt(0.0, "sustained matmul TFLOP/s per device for every strategy (instead of device='s "
@@ -84,8 +90,15 @@ class PlanArgs(ShapeArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.format not in ("table", "json"):
-            raise UsageError(f"format={self.format!r}; valid: table, json")
+        if self.format not in ("table", "json", "commands"):
+            raise UsageError(f"format={self.format!r}; valid: table, json, commands")
+        if self.gpus_per_node < 1:
+            raise UsageError(f"gpus_per_node={self.gpus_per_node} is invalid; must be >= 1")
+        if self.world_size > self.gpus_per_node and self.world_size % self.gpus_per_node:
+            raise UsageError(f"world_size={self.world_size} is not a whole number of nodes of gpus_per_node="
+                             f"{self.gpus_per_node}")
+        if self.top < 0:
+            raise UsageError(f"top={self.top} is invalid; must be >= 0 (0: all rows)")
         if self.pad_vocab_to < 1:
             raise UsageError(f"pad_vocab_to={self.pad_vocab_to} is invalid; must be >= 1")
         if not (math.isfinite(self.device_memory_gib) and self.device_memory_gib > 0):
@@ -155,6 +168,7 @@ def plan(args: PlanArgs, model_overrides: list[str] = ()) -> list[dict]:
         raise ValueError(f"seq_len={seq} exceeds {cfg.name}'s context block_size={cfg.block_size}")
     shapes = param_shapes(cfg)
     rates = args.rates()
+    as_run = list(model_overrides) + ([f"pad_vocab_to={args.pad_vocab_to}"] if args.pad_vocab_to > 1 else [])
     rows = []
     left_out: dict[str, int] = {}
     for s in combinations(args.world_size, cfg, args.micro_batch, seq, left_out):
@@ -165,7 +179,9 @@ def plan(args: PlanArgs, model_overrides: list[str] = ()) -> list[dict]:
                      "model": cfg.name, "world_size": args.world_size,
                      "micro_batch": args.micro_batch, "seq_len": seq, "pred_mem_bytes": mem,
                      "fits": mem["total"] <= args.device_memory_gib * GIB, "pred_comm_bytes_per_step": comm,
-                     "pred_bubble_fraction": bubble_fraction(s)})
+                     "pred_bubble_fraction": bubble_fraction(s),
+                     "command": run_command(args.model, s, args.world_size, args.micro_batch, seq, args.grad_accum,
+                                            args.gpus_per_node, as_run)})
         if rates is not None:
             t = predict_step(cfg, s, args.world_size, args.micro_batch, seq, args.grad_accum, args.rates(s),
                              args.overlap)
@@ -175,7 +191,7 @@ def plan(args: PlanArgs, model_overrides: list[str] = ()) -> list[dict]:
         rows.sort(key=lambda r: (not r["fits"], -r["pred_tokens_per_sec"]))
     if rows:
         rows[0]["left_out"] = left_out  # why the combinations missing for this model are missing
-    return rows
+    return rows[:args.top] if args.top else rows
 
 
 def render(rows: list[dict], device_gib: float) -> str:
@@ -200,7 +216,9 @@ def render(rows: list[dict], device_gib: float) -> str:
             "(bench/plan/costmodel.py and each strategy's terms in strategies/*.py)."
             + ("; step ms and tokens/s predicted by bench/plan/steptime.py, rows that fit fastest first"
                if "pred_step_s" in r0 else "")
-            + "".join(f"\nleft out {n} combination(s): {why}" for why, n in r0.get("left_out", {}).items()))
+            + "".join(f"\nleft out {n} combination(s): {why}" for why, n in r0.get("left_out", {}).items())
+            + "\n\nto run the first rows that fit (format=commands prints every one):\n"
+            + "\n".join(f"  {r['command']}" for r in [r for r in rows if r["fits"]][:3]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = plan(args, model_overrides)
     except (ValueError, UsageError) as exc:
         fail("plan", str(exc))
-    print(json.dumps(rows, indent=1) if args.format == "json" else render(rows, args.device_memory_gib))
+    if args.format == "commands":
+        print("\n".join(r["command"] for r in rows if r["fits"]))
+    else:
+        print(json.dumps(rows, indent=1) if args.format == "json" else render(rows, args.device_memory_gib))
     return 0
 
 
