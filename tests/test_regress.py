@@ -112,8 +112,9 @@ def test_cli_exit_codes(tmp_path):
 def test_injected_slowdown_is_caught_and_unchanged_rerun_passes(tmp_path):
     """Real runs: tiny single-process, 3 repeats per side alternated; the candidate sleeps three steps' time per
     step, a 4x slowdown (tiny's ~25 ms steps drift between runs on a busy 2-core host: an unchanged rerun has read
-    -26 % and -36 % beside the other test worker, so the limit is 50 % and the slowdown far beyond it). Judged on tokens/s (same machine): MFU's per-run peak probe varied 62-92 GFLOP/s
-    between identical runs, which a 15-step test cannot average out."""
+    -26 % and -36 % beside the other test worker, so the limit is 50 % and the slowdown far beyond it). Judged on
+    tokens/s (same machine): MFU's per-run peak probe varied 62-92 GFLOP/s between identical runs, which a 15-step
+    test cannot average out."""
     args = ["model=tiny", "seq_len=64", "micro_batch=2", "steps=15", "warmup=3", "log_every=0", "device=cpu"]
     # a peak the test sets (far above this CPU's): a probe beside the other test worker could come out low enough
     # to make MFU > 1 (status suspect, exit 3), and MFU is not what this test judges
