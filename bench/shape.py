@@ -24,6 +24,7 @@ class ShapeArgs:
     grad_accum: int = opt(1, "micro-batches per optimizer step per rank")
 
     MIN_WORLD_SIZE = 1  # (not a field) a tool whose world_size=0 means "as launched" sets 0
+    MIN_MICRO_BATCH = 1  # (not a field) a tool whose micro_batch=0 means "search" (the planner) sets 0
     MAX_COUNT = 2**20  # (not a field) ranks, sequences or micro-batches: 10x the largest clusters, not 1e20
 
     def __post_init__(self) -> None:
@@ -32,9 +33,9 @@ class ShapeArgs:
         if not self.MIN_WORLD_SIZE <= self.world_size <= self.MAX_COUNT:
             raise UsageError(f"world_size={self.world_size} is invalid; must be within {self.MIN_WORLD_SIZE} .. "
                              f"{self.MAX_COUNT:,}")
-        for key in ("micro_batch", "grad_accum"):
-            if not 1 <= getattr(self, key) <= self.MAX_COUNT:
-                raise UsageError(f"{key}={getattr(self, key)} is invalid; must be within 1 .. {self.MAX_COUNT:,}")
+        for key, low in (("micro_batch", self.MIN_MICRO_BATCH), ("grad_accum", 1)):
+            if not low <= getattr(self, key) <= self.MAX_COUNT:
+                raise UsageError(f"{key}={getattr(self, key)} is invalid; must be within {low} .. {self.MAX_COUNT:,}")
         if self.seq_len < 0:
             raise UsageError(f"seq_len={self.seq_len} is invalid; must be >= 0 (0 = the model's context)")
 

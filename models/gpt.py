@@ -119,6 +119,30 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def param_shapes(cfg: GPTConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every parameter of ``GPT(cfg)``, in ``named_parameters()`` order, from the config alone:
+    the planner's search asks for thousands of strategies and needs no module (the first meta-device module costs
+    ~1.5 s of torch's lazy imports). tests/test_models.py holds it equal to the built model for every preset."""
+    d, h, V = cfg.n_embd, cfg.hidden_dim, cfg.padded_vocab_size
+    bias = cfg.use_bias
+
+    def linear(name: str, n_out: int, n_in: int) -> list:
+        return [(f"{name}.weight", (n_out, n_in))] + ([(f"{name}.bias", (n_out,))] if bias else [])
+
+    def norm(name: str) -> list:
+        with_bias = cfg.arch == "gpt2" and bias  # RMSNorm: a scale only
+        return [(f"{name}.weight", (d,))] + ([(f"{name}.bias", (d,))] if with_bias else [])
+
+    out = [("tok_emb.weight", (V, d))] + ([("pos_emb.weight", (cfg.block_size, d))] if cfg.arch == "gpt2" else [])
+    for i in range(cfg.n_layer):
+        b = f"blocks.{i}"
+        out += (norm(f"{b}.norm1") + linear(f"{b}.attn.qkv", 3 * d, d) + linear(f"{b}.attn.proj", d, d)
+                + norm(f"{b}.norm2") + linear(f"{b}.mlp.fc", h, d)
+                + (linear(f"{b}.mlp.gate", h, d) if cfg.arch == "llama" else []) + linear(f"{b}.mlp.proj", d, h))
+    out += norm("norm_f") + ([] if cfg.tie_embeddings else [("lm_head.weight", (V, d))])
+    return out
+
+
 def init_tensors(cfg: GPTConfig, seed: int, device: torch.device, dtypes: dict | None = None):
     """Yield ``(name, full tensor)`` for every parameter of the whole model ``cfg`` describes, in
     ``named_parameters()`` order, with the family's seeded GPT-2 init (see ``GPT.init_weights``): one

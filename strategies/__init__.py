@@ -10,7 +10,8 @@ The order (torchtitan's ``parallelize_llama``), and why:
    boundary and FSDP shards the wrapped block as one unit (strategies/ac.py);
 4. **compile** per block (or whole model), before any data-parallel wrapper, so the compiled region contains
    model code only, never FSDP/DDP hooks (strategies/compile.py);
-5. **FSDP** shards the still-meta model over the mesh's dp dimension (no rank ever holds a full copy), then
+5. **FSDP** shards the still-meta model over the mesh's dp dimension (HSDP: over dp_shard, replicated across
+   dp_replicate; no rank ever holds a full copy), then
    the shards are materialised and initialised; or **DDP**, which needs materialised weights (it broadcasts
    rank 0's at construction), so the model is materialised and initialised just before it (strategies/dp.py,
    fsdp.py, ddp.py);
@@ -37,7 +38,7 @@ from strategies.compile import apply_compile
 from strategies.config import StrategyConfig, StrategyError
 from strategies.ddp import apply_ddp
 from strategies.fsdp import apply_fsdp
-from strategies.mesh import build_mesh
+from strategies.mesh import build_mesh, dp_mesh
 from strategies.pp import Pipeline, split_pipeline
 from strategies.tp import apply_tp, finalize_grads, maybe_loss_parallel
 
@@ -57,7 +58,7 @@ def apply_strategies(model: nn.Module, cfg: StrategyConfig, device: torch.device
     ``parameters()`` go to the optimizer)."""
     if mesh is None:
         mesh = build_mesh(cfg, device.type)
-    dp_mesh = mesh["dp"] if mesh is not None else None
+    data_mesh = dp_mesh(mesh)  # the dp dimension, or HSDP's (dp_replicate, dp_shard)
     pipeline = split_pipeline(model, cfg, mesh["pp"]) if cfg.pp > 1 else None  # 1. pipeline split
     parts = list(pipeline.stages) if pipeline is not None else [model]
     bases = list(parts)  # the bare modules to materialise and initialise
@@ -77,10 +78,10 @@ def apply_strategies(model: nn.Module, cfg: StrategyConfig, device: torch.device
     if cfg.compile:  # 4. compile, per block or whole model
         parts = [apply_compile(m, cfg.compile_mode) for m in parts]
     if cfg.dp == "fsdp":  # 5. FSDP shards the meta model, materialised below ...
-        parts = [apply_fsdp(m, device.type, cfg.reshard_after_forward, cfg.amp, dp_mesh) for m in parts]
+        parts = [apply_fsdp(m, device.type, cfg.reshard_after_forward, cfg.amp, data_mesh) for m in parts]
     elif cfg.dp == "ddp":  # ... or DDP, which broadcasts rank 0's materialised weights
         materialise()
-        parts = [apply_ddp(m, device, dp_mesh) for m in parts]
+        parts = [apply_ddp(m, device, data_mesh) for m in parts]
     materialise()  # (6. mixed precision: FSDP's policy above, else the training step's autocast)
     if pipeline is None:
         return parts[0]

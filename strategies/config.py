@@ -41,6 +41,9 @@ class StrategyConfig:
                  "(FSDP2 fully_shard).", DP_MODES)
     reshard_after_forward: bool = _f(True, "FSDP only: free unsharded params after forward (ZeRO-3) or keep them "
                                      "until backward (ZeRO-2-like).")
+    dp_replicate: int = _f(1, "FSDP only: HSDP -- the data-parallel ranks as dp_replicate x dp_shard (FSDP2's 2-D "
+                           "mesh): parameters sharded within a group of dp / dp_replicate ranks, replicated across "
+                           "the dp_replicate groups (across nodes); 1 = plain FSDP over all dp ranks.")
     # pipeline parallelism (strategies/pp.py)
     pp: int = _f(1, "Pipeline-parallel degree (stages across ranks; 1 = off). The data-parallel degree is "
                  "world_size / (tp x pp).")

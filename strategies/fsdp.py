@@ -3,7 +3,10 @@
 Parameters become DTensors sharded on dim 0 across the data-parallel ranks; each block is
 all-gathered just before its forward/backward and its gradients reduce-scattered after.
 ``reshard_after_forward=False`` keeps blocks unsharded between forward and backward
-(ZeRO-2-like: one all-gather per step instead of two, more memory).
+(ZeRO-2-like: one all-gather per step instead of two, more memory). On a 2-D mesh FSDP2 is HSDP: each
+parameter is sharded over the inner (dp_shard) dimension only and replicated over the outer (dp_replicate),
+so the all-gathers and reduce-scatters stay within a node and only the reduced gradient shard crosses nodes
+(an all-reduce across replicas).
 
 Gloo note: gloo has no ReduceOp.AVG, and FSDP2 on gloo silently *summed* gradients in some
 releases (pytorch/pytorch#162338). On gloo we force SUM reductions and let FSDP divide by the
@@ -23,7 +26,9 @@ from strategies.amp import get_mp_policy
 def apply_fsdp(model: nn.Module, device_type: str, reshard_after_forward: bool = True, amp: str = "fp32",
                mesh=None) -> nn.Module:
     """Shard ``model`` in place (blocks first, then root) over ``mesh`` (the data-parallel dimension of the
-    run's mesh; all ranks when omitted); works on meta-device models. Parameters that tensor parallelism
+    run's mesh; all ranks when omitted; a 2-D (dp_replicate, dp_shard) mesh makes it HSDP: sharded along the
+    second, replicated along the first, gradients reduce-scattered within a shard group and then all-reduced
+    across the replicas); works on meta-device models. Parameters that tensor parallelism
     already made DTensors on the ``tp`` dimension are sharded on top of it (2-D, FSDP x TP)."""
     # imported here: the planner and the cost model load the strategies without needing FSDP's machinery
     from torch.distributed.device_mesh import init_device_mesh

@@ -7,6 +7,10 @@ furthest apart (point-to-point traffic only). Global rank r sits at pp = r // (d
 dp = (r // tp) % dp, tp = r % tp. ``dp`` = world / (pp tp); the data loader gives every rank of one dp
 coordinate the same micro-batches.
 
+HSDP (``strategy.dp_replicate`` > 1) splits ``dp`` in two, ``dp_replicate`` outer and ``dp_shard`` inner (a shard
+group is consecutive ranks: one node), so the mesh is (pp, dp_replicate, dp_shard, tp); FSDP2 gets the 2-D
+(dp_replicate, dp_shard) mesh (``dp_mesh``) and the data loader one coordinate over both (``dp_coordinate``).
+
 The mesh exists only with a process group; a single process runs without one (``None``).
 """
 
@@ -19,26 +23,42 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
 class MeshShape(NamedTuple):
-    """Sizes of the mesh's dimensions (1 when a dimension is unused)."""
+    """Sizes of the mesh's dimensions (1 when a dimension is unused); ``dp`` is the whole data-parallel degree,
+    ``dp_replicate`` (HSDP's replicas) divides it."""
 
     pp: int
     dp: int
     tp: int
+    dp_replicate: int = 1
 
     @property
     def world(self) -> int:
         return self.pp * self.dp * self.tp
 
+    @property
+    def dp_shard(self) -> int:
+        return self.dp // self.dp_replicate
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """The DeviceMesh's dimensions, outermost first: (pp, dp, tp), or (pp, dp_replicate, dp_shard, tp) under
+        HSDP."""
+        if self.dp_replicate == 1:
+            return {"pp": self.pp, "dp": self.dp, "tp": self.tp}
+        return {"pp": self.pp, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp}
+
     def describe(self) -> str:
-        """The row's ``mesh`` column: 'pp2xdp2' style, dimensions of size 1 left out ('1' for one rank)."""
-        parts = [f"{name}{size}" for name, size in zip(self._fields, self) if size > 1]
+        """The row's ``mesh`` column: 'pp2xdp2' or 'dp_replicate2xdp_shard4xtp2' style, dimensions of size 1 left
+        out ('1' for one rank)."""
+        parts = [f"{name}{size}" for name, size in self.dims.items() if size > 1]
         return "x".join(parts) or "1"
 
 
 def mesh_shape(s, world_size: int) -> MeshShape:
-    """(pp, dp, tp) for ``world_size`` ranks under strategy ``s`` (validated elsewhere: pp x tp divides it)."""
+    """(pp, dp, tp, dp_replicate) for ``world_size`` ranks under strategy ``s`` (validated elsewhere: pp x tp
+    divides it, dp_replicate divides dp)."""
     tp, pp = getattr(s, "tp", 1), getattr(s, "pp", 1)
-    return MeshShape(pp=pp, dp=max(1, world_size // (tp * pp)), tp=tp)
+    return MeshShape(pp=pp, dp=max(1, world_size // (tp * pp)), tp=tp, dp_replicate=getattr(s, "dp_replicate", 1))
 
 
 def layout_columns(s, world_size: int) -> dict:
@@ -46,19 +66,33 @@ def layout_columns(s, world_size: int) -> dict:
     shape = mesh_shape(s, world_size)
     dp = shape.dp if s.dp != "none" else 1
     pp = shape.pp > 1
-    return {"tp": shape.tp, "pp": shape.pp, "dp_shard": dp if s.dp == "fsdp" else 1,
-            "dp_replicate": dp if s.dp == "ddp" else 1, "pp_schedule": s.pp_schedule if pp else None,
+    return {"tp": shape.tp, "pp": shape.pp, "dp_shard": shape.dp_shard if s.dp == "fsdp" else 1,
+            "dp_replicate": dp if s.dp == "ddp" else shape.dp_replicate, "pp_schedule": s.pp_schedule if pp else None,
             "pp_microbatches": (s.pp_microbatches or s.pp) if pp else None, "mesh": shape.describe()}
 
 
 def build_mesh(s, device_type: str) -> DeviceMesh | None:
-    """The (pp, dp, tp) DeviceMesh over every rank of the initialised process group, or None without one."""
+    """The (pp, dp, tp) DeviceMesh over every rank of the initialised process group, or None without one; under
+    HSDP (pp, dp_replicate, dp_shard, tp)."""
     if not dist.is_initialized():
         return None
-    shape = mesh_shape(s, dist.get_world_size())
-    return init_device_mesh(device_type, tuple(shape), mesh_dim_names=MeshShape._fields)
+    dims = mesh_shape(s, dist.get_world_size()).dims
+    return init_device_mesh(device_type, tuple(dims.values()), mesh_dim_names=tuple(dims))
+
+
+def dp_mesh(mesh: DeviceMesh | None) -> DeviceMesh | None:
+    """The mesh data parallelism runs on: the ``dp`` dimension, or HSDP's 2-D (dp_replicate, dp_shard) one, which
+    FSDP2's ``fully_shard`` takes as replicate x shard."""
+    if mesh is None:
+        return None
+    return mesh["dp_replicate", "dp_shard"] if "dp_shard" in (mesh.mesh_dim_names or ()) else mesh["dp"]
 
 
 def dp_coordinate(mesh: DeviceMesh | None) -> int:
-    """This rank's index along the data-parallel dimension (0 without a mesh)."""
-    return 0 if mesh is None else mesh["dp"].get_local_rank()
+    """This rank's index along the data-parallel dimension (0 without a mesh); under HSDP replica x shards +
+    shard."""
+    if mesh is None:
+        return 0
+    if "dp_shard" in (mesh.mesh_dim_names or ()):
+        return mesh["dp_replicate"].get_local_rank() * mesh["dp_shard"].size() + mesh["dp_shard"].get_local_rank()
+    return mesh["dp"].get_local_rank()

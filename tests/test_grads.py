@@ -72,6 +72,7 @@ MESH_CASES = {
     "pp2_1f1b": ({"pp": 2}, "tiny:untied", 4, 1, 2),
     "fsdp_tp": ({"dp": "fsdp", "tp": 2}, "tiny", 2, 1, 4),
     "pp2_fsdp": ({"dp": "fsdp", "pp": 2}, "llama-tiny:untied", 2, 1, 4),
+    "hsdp2": ({"dp": "fsdp", "dp_replicate": 2}, "tiny", 1, 1, 4),  # 2 replicas x 2 shards
 }
 
 

@@ -1,10 +1,11 @@
 """Model parallelism on a device mesh (strategies/mesh.py, tp.py, pp.py), on real gloo ranks.
 
 - Parity: tensor parallel (plain and sequence parallel, gpt2 and llama), FSDP x TP (2 x 2), pipeline
-  parallel under every schedule, PP x FSDP and PP x TP: the loss trajectory equals the single-process
-  one within 1e-5 (fp32, same global batch of 4 sequences, 10 steps), on text whose loss falls; the same for
-  Hugging Face's GPT-2 and Llama (``model.source=hf``) under TP+SP, TP, PP, FSDP x TP and PP x TP+SP, against
-  the family's single-process losses (with the ``[hf]`` extra; CI has it).
+  parallel under every schedule, PP x FSDP and PP x TP, HSDP (2 replicas x 2 shards; beside TP and PP): the
+  loss trajectory equals the single-process one within 1e-5 (fp32, same global batch of 4 sequences, 10
+  steps), on text whose loss falls; the same for Hugging Face's GPT-2 and Llama (``model.source=hf``) under
+  TP+SP, TP, PP, FSDP x TP and PP x TP+SP, against the family's single-process losses (with the ``[hf]``
+  extra; CI has it).
 - Communication, in the same runs: every rank's observed bytes per collective kind (bench/measure/comm.py,
   which sees DTensor's own collectives and point-to-point sends) equal the cost model's prediction for
   that rank exactly.
@@ -51,6 +52,11 @@ FOUR_RANKS = {
     "pp2_fsdp": ({"dp": "fsdp", "pp": 2}, "tiny:untied", 2, 1),
     "pp2_tp2_sp": ({"pp": 2, "tp": 2, "sp": True}, "llama-tiny:untied", 4, 1),
     "pp2_fsdp_gpipe": ({"dp": "fsdp", "pp": 2, "pp_schedule": "gpipe"}, "llama-tiny:untied", 2, 1),
+    # HSDP: shards within groups of 2, replicas across 2 (the gradient shard all-reduced across them); and with a
+    # shard group of one rank beside tensor and pipeline parallelism (only the replicas' all-reduce)
+    "hsdp2": ({"dp": "fsdp", "dp_replicate": 2}, "tiny", 1, 1),
+    "hsdp2_tp2": ({"dp": "fsdp", "dp_replicate": 2, "tp": 2}, "llama-tiny", 2, 1),
+    "pp2_hsdp2": ({"dp": "fsdp", "dp_replicate": 2, "pp": 2}, "tiny:untied", 2, 1),
 }
 # Hugging Face's models under the same meshes (models/parts.py finds their modules; GPT-2's Conv1D and fused
 # c_attn, Llama's separate q/k/v, HF's stage loop): checked against the *family's* single-process losses
@@ -148,6 +154,10 @@ def test_the_comm_observer_sees_every_kind_the_mesh_uses(ranks):
     ({"pp": 2, "pp_schedule": "interleaved1f1b", "pp_virtual": 1}, 2, "tiny:untied", "pp_virtual=1 is invalid"),
     ({"pp": 2, "pp_schedule": "zigzag"}, 2, "tiny:untied", "valid values: gpipe, 1f1b, interleaved1f1b"),
     ({"tp": 2, "pp": 2}, 2, "tiny:untied", "strategy.pp=2 x tp=2 does not divide the world size 2"),
+    ({"dp": "ddp", "dp_replicate": 2}, 4, "tiny", "strategy.dp_replicate=2 (HSDP) needs strategy.dp=fsdp"),
+    ({"dp": "fsdp", "dp_replicate": 3}, 4, "tiny", "strategy.dp_replicate=3 does not divide the data-parallel "
+                                                   "degree 4 (world_size=4 / (tp=1 x pp=1)); valid: 1, 2, 4"),
+    ({"dp": "fsdp", "dp_replicate": 0}, 4, "tiny", "strategy.dp_replicate=0 is invalid; must be >= 1"),
 ])
 def test_impossible_meshes_stop_before_training(fields, world, model, error):
     with pytest.raises((StrategyError, ConfigError)) as exc:
@@ -168,6 +178,8 @@ def test_dp_none_fills_the_world_with_model_parallel_ranks():
     ({"tp": 2}, "tp2"), ({"dp": "fsdp", "pp": 2}, "fsdp+pp2(1f1b)"),
     ({"pp": 2, "pp_schedule": "interleaved1f1b"}, "pp2(interleaved1f1b/v2)"),
     ({"dp": "fsdp", "tp": 2, "ac": "full", "amp": "bf16"}, "fsdp+tp2+ac(full)+bf16"),
+    ({"dp": "fsdp", "dp_replicate": 2}, "hsdp2"),
+    ({"dp": "fsdp", "dp_replicate": 4, "reshard_after_forward": False, "tp": 2}, "hsdp4(no-reshard)+tp2"),
 ])
 def test_canonical_names(fields, name):
     assert StrategyConfig(**fields).canonical_name == name
@@ -178,6 +190,8 @@ def test_layout_columns():
     assert cols == {"tp": 2, "pp": 2, "dp_shard": 4, "dp_replicate": 1, "pp_schedule": "gpipe",
                     "pp_microbatches": 2, "mesh": "pp2xdp4xtp2"}
     assert layout_columns(StrategyConfig(dp="ddp"), 4)["dp_replicate"] == 4
+    hsdp = layout_columns(StrategyConfig(dp="fsdp", dp_replicate=2, tp=2), 16)  # 2 replicas of 4 shards, tp 2
+    assert (hsdp["dp_replicate"], hsdp["dp_shard"], hsdp["mesh"]) == (2, 4, "dp_replicate2xdp_shard4xtp2")
     assert layout_columns(StrategyConfig(), 1) == {"tp": 1, "pp": 1, "dp_shard": 1, "dp_replicate": 1,
                                                    "pp_schedule": None, "pp_microbatches": None, "mesh": "1"}
 

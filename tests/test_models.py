@@ -23,6 +23,7 @@ from models import (
     param_count,
     train_flops_per_token,
 )
+from models.gpt import param_shapes
 from models.loss import fused_lm_loss
 from strategies.ac import recompute_flops_per_token
 
@@ -72,6 +73,11 @@ def test_analytic_counts_match_built_model(name):
             rows = {n: p.shape[0] for n, p in model.named_parameters() if n in ("tok_emb.weight", "lm_head.weight")}
             assert set(rows.values()) == {cfg.padded_vocab_size} and len(rows) == (1 if tie else 2)
             assert cfg.padded_vocab_size == -(-cfg.vocab_size // pad) * pad  # the next multiple, computed here
+            # the planner's shapes from the config alone: the built model's names, order and shapes
+            assert param_shapes(cfg) == [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    for bias in (True, False):  # the knob every preset leaves at its family's default
+        cfg = get_config(name, bias=bias)
+        assert param_shapes(cfg) == [(n, tuple(p.shape)) for n, p in build_model(cfg, "meta").named_parameters()]
 
 
 def test_llama_125m_size_and_knobs():

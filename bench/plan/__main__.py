@@ -1,22 +1,30 @@
-"""Plan before renting GPUs: predicted per-rank memory and communication for every strategy combination.
+"""Plan before renting GPUs: for every strategy, the shape that fits and runs fastest, its memory and communication.
 
     python -m bench.plan model=gpt2-xl world_size=64 device_memory_gib=80
+    python -m bench.plan model=gpt2-xl world_size=64 device=H100 link_gbps=360 global_batch=512  # ranked, a target
     python -m bench.plan model=llama-125m world_size=8 device_memory_gib=24 micro_batch=8 seq_len=1024
     python -m bench.plan model=gpt2-xl world_size=4096 device_memory_gib=80 format=json
     python -m bench.plan model=gpt2-xl model.n_layer=24 world_size=64     # any model field, as bench/run.py
-    python -m bench.plan model=gpt2-xl world_size=8 device=H100 link_gbps=360   # ranked by predicted tokens/s
     python -m bench.plan model=mini world_size=2 peak_tflops=0.06 mem_gbps=20 link_gbps=1 overlap=false
     python -m bench.plan model=tiny world_size=2 format=commands top=3 > plan.sh   # the runs, one per line
 
-Keys (``--help`` lists them with defaults): model (a preset), world_size (data-parallel ranks),
-device_memory_gib, micro_batch, seq_len (0: the model's context), grad_accum, pad_vocab_to, format
-(table | json); with rates -- ``device=`` (a GPU of bench/hardware.py: its dense peak in each strategy's compute
-dtype and its memory bandwidth) or ``peak_tflops=`` and ``mem_gbps=``, plus ``link_gbps=`` beyond one rank -- every row
-also gets the predicted step time and tokens/s (bench/plan/steptime.py) and the strategies that fit are
-ranked fastest first. Every row carries the command that runs it (``command``: bench/plan/command.py; the
-table prints the first rows'); ``format=commands`` prints only those, one per line, for the rows that fit
-(``top=N``: the first N). Formulas: bench/plan/costmodel.py. Nothing is allocated (shapes come from a meta model),
-so any family size and thousands of ranks answer in about a second.
+Keys (``--help`` lists them with defaults): model (a preset), world_size (all ranks), gpus_per_node,
+device_memory_gib, global_batch or global_batch_tokens (a target per optimizer step), micro_batch (0: searched),
+seq_len (0: the model's context), grad_accum (without a target), pad_vocab_to (0: 128 x tp, Megatron's rule),
+format (table | json | commands); with rates -- ``device=`` (a GPU of bench/hardware.py: its dense peak in each
+strategy's compute dtype and its memory bandwidth) or ``peak_tflops=`` and ``mem_gbps=``, plus ``link_gbps=``
+beyond one rank -- every row also gets the predicted step time and tokens/s (bench/plan/steptime.py) and the
+strategies that fit are ranked fastest first.
+
+The strategies (``combinations``): every valid mix of ``plan_axes`` -- tp over the divisors of the world within a
+node that divide the heads, pp with each schedule, DDP / FSDP / HSDP (replicas across nodes), checkpointing and
+precision. For each, bench/plan/search.py chooses the vocabulary padding, the micro-batch and the accumulation
+(the target global batch met exactly); a pipeline on a tied model unties its head. Both model changes are stated
+in the row (``model_changes``) and carried by its command. Every row carries the command that runs it
+(``command``: bench/plan/command.py); ``format=commands`` prints only those, one per line, for the rows that fit
+(``top=N``: the first N). The table shows the fastest that fit (``top``, default 6), the best plan of each family
+(dp only, dp x tp, with pp, hsdp) with why it wins, and counts everything else with its reason; ``format=json``
+holds every row. Formulas: bench/plan/costmodel.py. Nothing is allocated (shapes come from a meta model).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -37,13 +46,14 @@ from omegaconf import OmegaConf  # noqa: E402
 from bench.hardware import GPU_TABLE, lookup_device  # noqa: E402
 from bench.plan.command import run_command  # noqa: E402
 from bench.plan.costmodel import param_shapes, predict_comm, predict_memory  # noqa: E402
+from bench.plan.search import Shape, auto_pad, choose_shape, family, padded_model, vocab_padding, why  # noqa: E402
 from bench.plan.steptime import Rates, predict_step  # noqa: E402
 from bench.shape import ShapeArgs  # noqa: E402
 from models.cli import UsageError, fail, opt, parse  # noqa: E402
 from models.config import GPTConfig, get_config  # noqa: E402
 from strategies.config import StrategyConfig, StrategyError  # noqa: E402
 from strategies.mesh import mesh_shape  # noqa: E402
-from strategies.pp import bubble_fraction  # noqa: E402
+from strategies.pp import bubble_fraction, n_microbatches  # noqa: E402
 
 GIB = 2**30
 
@@ -53,11 +63,16 @@ class PlanArgs(ShapeArgs):
     """The shape (bench/shape.py: model, world_size -- split into (pp, dp, tp) by each strategy --, micro_batch,
     seq_len, grad_accum) and the planner's own options."""
 
+    micro_batch: int = opt(0, "sequences per micro-batch per data-parallel rank (0: searched per strategy)")
     device_memory_gib: float = opt(80.0, "memory per device, GiB")
-    pad_vocab_to: int = opt(1, "pad the vocabulary to a multiple of this")
+    global_batch: int = opt(0, "target sequences per optimizer step, all ranks (0: none; grad_accum= then holds)")
+    global_batch_tokens: int = opt(0, "target tokens per optimizer step (instead of global_batch; a multiple of "
+                                      "seq_len)")
+    pad_vocab_to: int = opt(0, "pad the vocabulary to a multiple of this (0: 128 x tp, Megatron's rule; 1: none)")
     format: str = opt("table", "table | json | commands (the runs of the rows that fit, one command per line)")
-    gpus_per_node: int = opt(8, "devices per node: how the commands launch world_size processes")
-    top: int = opt(0, "only the first N rows (0: all)")
+    gpus_per_node: int = opt(8, "devices per node: tp stays within one, HSDP replicates across nodes, the commands "
+                                "launch world_size processes")
+    top: int = opt(0, "only the first N rows (0: all; the table shows 6 then)")
     device: str = opt("", "a GPU of bench/hardware.py (H100, H200, A100, L40S, L4, A10G, A10, V100): its peak "
                           "and memory bandwidth")
     peak_tflops: float = opt(0.0, "sustained matmul TFLOP/s per device for every strategy (instead of device='s "
@@ -88,8 +103,18 @@ class PlanArgs(ShapeArgs):
             raise UsageError(f"world_size={self.world_size} needs link_gbps= (the group's all-reduce bus bandwidth)")
         return Rates(flops, mem, self.link_gbps * 1e9 or None)
 
+    MIN_MICRO_BATCH = 0  # 0: searched
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.global_batch < 0 or self.global_batch_tokens < 0:
+            raise UsageError(f"global_batch={self.global_batch} / global_batch_tokens={self.global_batch_tokens} is "
+                             "invalid; must be >= 0 (0: no target)")
+        if self.global_batch and self.global_batch_tokens:
+            raise UsageError("give global_batch= (sequences) or global_batch_tokens=, not both")
+        if (self.global_batch or self.global_batch_tokens) and self.grad_accum != 1:
+            raise UsageError(f"grad_accum={self.grad_accum} with a target global batch: the planner derives the "
+                             "accumulation from it; drop one of the two")
         if self.format not in ("table", "json", "commands"):
             raise UsageError(f"format={self.format!r}; valid: table, json, commands")
         if self.gpus_per_node < 1:
@@ -99,8 +124,8 @@ class PlanArgs(ShapeArgs):
                              f"{self.gpus_per_node}")
         if self.top < 0:
             raise UsageError(f"top={self.top} is invalid; must be >= 0 (0: all rows)")
-        if self.pad_vocab_to < 1:
-            raise UsageError(f"pad_vocab_to={self.pad_vocab_to} is invalid; must be >= 1")
+        if self.pad_vocab_to < 0:
+            raise UsageError(f"pad_vocab_to={self.pad_vocab_to} is invalid; must be >= 0 (0: 128 x tp; 1: none)")
         if not (math.isfinite(self.device_memory_gib) and self.device_memory_gib > 0):
             raise UsageError(f"device_memory_gib={self.device_memory_gib} is invalid; must be a finite number > 0")
         for key in ("peak_tflops", "mem_gbps", "link_gbps"):
@@ -110,23 +135,30 @@ class PlanArgs(ShapeArgs):
             raise UsageError(f"matmul_efficiency={self.matmul_efficiency} is invalid; must be in (0, 1]")
 
 
-def plan_axes(world: int) -> dict[str, list]:
-    """The values the planner tries per strategy field on ``world`` devices (combinations that fail validation are
-    left out; fp32 and bf16)."""
+def plan_axes(world: int, gpus_per_node: int = 8) -> dict[str, list]:
+    """The values the planner tries per strategy field on ``world`` devices, ``gpus_per_node`` to a node
+    (combinations that fail validation are left out): tp over the divisors of the world up to a node (a
+    tensor-parallel group never crosses nodes), pp over 1, 2, 4, 8; HSDP's replicas: one per node, when there is
+    more than one node; fp32 and bf16."""
+    nodes = world // gpus_per_node if world > gpus_per_node else 1
     return {"pp": [p for p in (1, 2, 4, 8) if world % p == 0], "pp_schedule": ["1f1b", "interleaved1f1b", "gpipe"],
-            "tp": [t for t in (1, 2, 4, 8) if world % t == 0], "sp": [False, True],
+            "tp": [t for t in range(1, min(world, gpus_per_node) + 1) if world % t == 0], "sp": [False, True],
             "ac": ["none", "full"],
             "dp": ["none", "ddp", "fsdp"],  # none: one process, or one model-parallel replica
+            "dp_replicate": [1] + ([nodes] if nodes > 1 else []),
             "reshard_after_forward": [True, False],
             "amp": ["fp32", "bf16"]}
 
 
 def combinations(world: int, model: GPTConfig | None = None, micro_batch: int = 1,
-                 seq_len: int = 0, left_out: dict | None = None) -> list[StrategyConfig]:
+                 seq_len: int = 0, left_out: dict | None = None, gpus_per_node: int = 8,
+                 model_for=None) -> list[StrategyConfig]:
     """Every valid combination of the planner's axes (``plan_axes``) on ``world`` GPUs,
     one per canonical name; with ``model``, only those valid for it (tp against its heads, pp against its
-    blocks and head tying, ...). ``left_out`` collects why model-specific combinations were dropped."""
-    axes = plan_axes(world)
+    blocks and head tying, ...; ``model_for(s)``: the model strategy ``s`` would run, e.g. padded for its tp).
+    ``micro_batch`` 0: the pipeline's own micro-batches (the smallest the search tries). ``left_out`` collects
+    why model-specific combinations were dropped."""
+    axes = plan_axes(world, gpus_per_node)
     out: dict[str, StrategyConfig] = {}
     for values in itertools.product(*axes.values()):
         try:
@@ -134,21 +166,24 @@ def combinations(world: int, model: GPTConfig | None = None, micro_batch: int = 
             s.validate_for("cuda", world)
         except StrategyError:
             continue
+        if s.canonical_name in out:
+            continue
         try:
             if model is not None:
-                s.validate_run(model, seq_len or model.block_size, micro_batch)
+                m = model_for(s) if model_for is not None else model
+                s.validate_run(m, seq_len or m.block_size, micro_batch or n_microbatches(s))
         except StrategyError as exc:
             if left_out is not None:
                 left_out[str(exc)] = left_out.get(str(exc), 0) + 1
             continue
-        out.setdefault(s.canonical_name, s)
+        out[s.canonical_name] = s
     return list(out.values())
 
 
 def model_config(args: PlanArgs, overrides: list[str], prog: str = "python -m bench.plan") -> GPTConfig:
     """The preset with ``model.<field>=value`` overrides applied (as bench/run.py takes them), validated (a bad
     one stops ``prog`` with one line)."""
-    cfg = get_config(args.model, pad_vocab_to=args.pad_vocab_to)
+    cfg = get_config(args.model, pad_vocab_to=args.pad_vocab_to or 1)  # 0 (the planner's search): per strategy
     if not overrides:
         return cfg
     try:
@@ -162,62 +197,155 @@ def model_config(args: PlanArgs, overrides: list[str], prog: str = "python -m be
 
 
 def plan(args: PlanArgs, model_overrides: list[str] = ()) -> list[dict]:
+    """Every strategy's row (module docstring), what fits fastest first when there are rates; the first row's
+    ``left_out`` counts the combinations the model cannot take, by reason."""
     cfg = model_config(args, list(model_overrides))
     seq = args.seq_len or cfg.block_size
     if seq > cfg.block_size:
         raise ValueError(f"seq_len={seq} exceeds {cfg.name}'s context block_size={cfg.block_size}")
-    shapes = param_shapes(cfg)
-    rates = args.rates()
-    as_run = list(model_overrides) + ([f"pad_vocab_to={args.pad_vocab_to}"] if args.pad_vocab_to > 1 else [])
-    rows = []
+    global_batch = args.global_batch
+    if args.global_batch_tokens:
+        if args.global_batch_tokens % seq:
+            raise ValueError(f"global_batch_tokens={args.global_batch_tokens} is not a multiple of seq_len={seq}")
+        global_batch = args.global_batch_tokens // seq
+    ranked = args.rates() is not None  # (a bad rate stops here, before any work)
+    pinned = args.pad_vocab_to > 0 or any(o.startswith("pad_vocab_to=") for o in model_overrides)
+    untie_for_pp = cfg.tie_embeddings and not any(o.startswith("tie_embeddings=") for o in model_overrides)
+
+    def model_for(s: StrategyConfig) -> GPTConfig:
+        m = cfg if pinned else padded_model(cfg, auto_pad(s.tp))
+        return dataclasses.replace(m, tie_embeddings=False) if s.pp > 1 and untie_for_pp else m
+
+    shapes: dict[tuple, list] = {}  # (padded vocabulary, tied) -> param_shapes: one meta model each
     left_out: dict[str, int] = {}
-    for s in combinations(args.world_size, cfg, args.micro_batch, seq, left_out):
-        mem = predict_memory(cfg, s, args.world_size, args.micro_batch, seq, shapes=shapes)
-        comm = predict_comm(cfg, s, args.world_size, args.grad_accum, micro_batch=args.micro_batch, seq_len=seq,
-                            shapes=shapes)
-        rows.append({"strategy": s.canonical_name, "mesh": mesh_shape(s, args.world_size).describe(),
-                     "model": cfg.name, "world_size": args.world_size,
-                     "micro_batch": args.micro_batch, "seq_len": seq, "pred_mem_bytes": mem,
-                     "fits": mem["total"] <= args.device_memory_gib * GIB, "pred_comm_bytes_per_step": comm,
-                     "pred_bubble_fraction": bubble_fraction(s),
-                     "command": run_command(args.model, s, args.world_size, args.micro_batch, seq, args.grad_accum,
-                                            args.gpus_per_node, as_run)})
-        if rates is not None:
-            t = predict_step(cfg, s, args.world_size, args.micro_batch, seq, args.grad_accum, args.rates(s),
-                             args.overlap)
-            rows[-1].update(pred_step_s=t["step_s"], pred_tokens_per_sec=t["tokens_per_sec"],
-                            pred_step_breakdown={k: v for k, v in t.items() if k not in ("step_s", "tokens_per_sec")})
-    if rates is not None:  # what fits, fastest first; then what does not fit
+    rows = []
+    for s in combinations(args.world_size, cfg, args.micro_batch, seq, left_out, args.gpus_per_node, model_for):
+        m = model_for(s)
+        key = (m.padded_vocab_size, m.tie_embeddings)
+        if key not in shapes:
+            shapes[key] = param_shapes(m)
+        sh = shapes[key]
+        rates = args.rates(s)
+        shape = choose_shape(
+            s, args.world_size, global_batch, args.micro_batch, args.grad_accum, round(args.device_memory_gib * GIB),
+            partial(predict_memory, m, s, args.world_size, seq_len=seq, shapes=sh),
+            None if rates is None else partial(predict_step, m, s, args.world_size, seq_len=seq, rates=rates,
+                                               overlap=args.overlap))
+        if isinstance(shape, str):
+            left_out[shape] = left_out.get(shape, 0) + 1
+            continue
+        rows.append(_row(args, cfg, m, s, seq, shape, sh, list(model_overrides), pinned))
+    if ranked:  # what fits, fastest first; then what does not fit
         rows.sort(key=lambda r: (not r["fits"], -r["pred_tokens_per_sec"]))
-    if rows:
-        rows[0]["left_out"] = left_out  # why the combinations missing for this model are missing
+    heads = [t for t in range(2, cfg.n_head + 1) if cfg.n_head % t == 0]
+    if heads and not any(args.world_size % t == 0 and t <= args.gpus_per_node for t in heads):
+        left_out[f"tp: model.n_head={cfg.n_head} takes tp " + ", ".join(map(str, heads[:6]))
+                 + f"; none divides world_size={args.world_size} within a node of {args.gpus_per_node}"] = 0
+    if not rows:
+        raise ValueError(f"no strategy can run {cfg.name} on world_size={args.world_size}: "
+                         + "; ".join(left_out))
+    rows[0]["left_out"] = left_out  # why the combinations missing for this model are missing
     return rows[:args.top] if args.top else rows
 
 
-def render(rows: list[dict], device_gib: float) -> str:
-    """The plan as a text table (pandas): GiB per predicted part per rank, total, fits, comm GB per step."""
+def _row(args: PlanArgs, asked: GPTConfig, m: GPTConfig, s: StrategyConfig, seq: int, shape: Shape, shapes: list,
+         overrides: list[str], pinned: bool) -> dict:
+    """One plan row: the strategy, the chosen shape and model changes, predicted memory, communication and (with
+    rates) step time, and the command that runs it."""
+    changes, as_run = [], list(overrides)
+    if not pinned and m.padded_vocab_size != asked.padded_vocab_size:
+        pad = vocab_padding(m, seq)
+        changes.append(f"pad_vocab_to={m.pad_vocab_to} ({asked.vocab_size} -> {m.padded_vocab_size}: +{pad['rows']} "
+                       f"rows, +{pad['bytes'] / 2**20:.1f} MiB fp32, +{pad['flops_pct']:.2f} % FLOPs)")
+    if m.pad_vocab_to > 1 and not any(o.startswith("pad_vocab_to=") for o in overrides):
+        as_run.append(f"pad_vocab_to={m.pad_vocab_to}")
+    if asked.tie_embeddings and not m.tie_embeddings:
+        extra = m.padded_vocab_size * m.n_embd
+        changes.append(f"tie_embeddings=false (a pipeline's head and embedding are different stages: "
+                       f"+{extra / 1e6:.1f} M parameters)")
+        as_run.append("tie_embeddings=false")
+    world, mb, ga = args.world_size, shape.micro_batch, shape.grad_accum
+    dp = mesh_shape(s, world).dp if s.dp != "none" else 1
+    row = {"strategy": s.canonical_name, "family": family(s), "mesh": mesh_shape(s, world).describe(),
+           "model": asked.name, "world_size": world, "micro_batch": mb, "grad_accum": ga, "seq_len": seq,
+           "global_batch": mb * ga * dp, "global_batch_tokens": mb * ga * dp * seq,
+           "vocab_size": m.padded_vocab_size, "model_changes": changes,
+           "pred_mem_bytes": shape.mem, "fits": shape.fits,
+           "pred_comm_bytes_per_step": predict_comm(m, s, world, ga, micro_batch=mb, seq_len=seq, shapes=shapes),
+           "pred_bubble_fraction": bubble_fraction(s),
+           "command": run_command(args.model, s, world, mb, seq, ga, args.gpus_per_node, as_run)}
+    if shape.step is not None:
+        t = shape.step
+        row.update(pred_step_s=t["step_s"], pred_tokens_per_sec=t["tokens_per_sec"],
+                   pred_step_breakdown={k: v for k, v in t.items() if k not in ("step_s", "tokens_per_sec")})
+    return row
+
+
+def family_best(rows: list[dict]) -> dict[str, dict]:
+    """The first fitting row of each family (rows are fastest first when ranked)."""
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r["fits"]:
+            best.setdefault(r["family"], r)
+    return best
+
+
+TABLE_TOP = 6  # rows the table shows without top=
+
+
+def render(rows: list[dict], device_gib: float, top: int = 0) -> str:
+    """The plan as text: a table (pandas) of the first ``top`` (default ``TABLE_TOP``) rows that fit when ranked by
+    speed (every row without rates) -- micro-batch, accumulation, GiB per predicted part per rank, total, fits,
+    comm GB per step --, then each family's best with why the fastest beats it, the rows not shown counted, the
+    left-out combinations with their reasons, and the first commands."""
     import pandas as pd
 
+    ranked = "pred_step_s" in rows[0]
+    shown = [r for r in rows if r["fits"]][:top or TABLE_TOP] if ranked else rows
+    shown = shown or rows[:top or TABLE_TOP]
     first = ["params", "grads", "optimizer", "autocast_weights", "fsdp_unsharded", "activations", "head"]
-    parts = list(dict.fromkeys(first + [k for r in rows for k in r["pred_mem_bytes"] if k != "total"]))
-    table = pd.DataFrame([{"strategy": r["strategy"], "mesh": r["mesh"],
+    parts = list(dict.fromkeys(first + [k for r in shown for k in r["pred_mem_bytes"] if k != "total"]))
+    table = pd.DataFrame([{"strategy": r["strategy"], "mesh": r["mesh"], "mb": r["micro_batch"],
+                           "ga": r["grad_accum"],
                            **{p: r["pred_mem_bytes"].get(p, 0) / GIB for p in parts},
                            "total GiB": r["pred_mem_bytes"]["total"] / GIB, "fits": "yes" if r["fits"] else "NO",
                            "comm GB/step": r["pred_comm_bytes_per_step"]["total"] / 1e9,
                            "bubble": r["pred_bubble_fraction"],
                            **({"step ms": r["pred_step_s"] * 1e3, "tokens/s": f"{r['pred_tokens_per_sec']:,.0f}"}
-                              if "pred_step_s" in r else {})} for r in rows])
-    r0, width = rows[0], max(len(r["strategy"]) for r in rows)
+                              if ranked else {})} for r in shown])
+    r0, width = rows[0], max(len(r["strategy"]) for r in shown)
     text = table.to_string(index=False, float_format=lambda v: f"{v:.2f}",
                            formatters={"strategy": lambda v: f"{v:<{width}}"})
-    return (text + f"\n\n{r0['model']}, world size {r0['world_size']}, micro-batch {r0['micro_batch']}, "
-            f"seq {r0['seq_len']}; "
-            f"per-rank GiB against {device_gib:g} GiB; comm = full-tensor bytes per step per rank "
-            "(bench/plan/costmodel.py and each strategy's terms in strategies/*.py)."
-            + ("; step ms and tokens/s predicted by bench/plan/steptime.py, rows that fit fastest first"
-               if "pred_step_s" in r0 else "")
-            + "".join(f"\nleft out {n} combination(s): {why}" for why, n in r0.get("left_out", {}).items())
-            + "\n\nto run the first rows that fit (format=commands prints every one):\n"
+    batches = sorted({r["global_batch"] for r in rows})
+    text += (f"\n\n{r0['model']}, world size {r0['world_size']}, seq {r0['seq_len']}, global batch "
+             + (f"{batches[0]} sequences" if len(batches) == 1 else f"{batches[0]}-{batches[-1]} sequences by row")
+             + f"; mb micro-batch, ga accumulation (chosen per strategy unless given: bench/plan/search.py); "
+             f"per-rank GiB against {device_gib:g} GiB; comm = full-tensor bytes per step per rank "
+             "(bench/plan/costmodel.py and each strategy's terms in bench/plan/terms.py)"
+             + ("; step ms and tokens/s predicted by bench/plan/steptime.py, the fastest that fit first"
+                if ranked else ""))
+    changes = sorted({c for r in rows for c in r["model_changes"]})
+    if changes:
+        text += "\nmodel changes the plans make (in each row's model_changes and command):" + "".join(
+            f"\n  {c}" for c in changes)
+    best = family_best(rows)
+    if ranked and best:
+        top_row = next(r for r in rows if r["fits"])
+        text += "\n\nbest of each family:" + "".join(
+            f"\n  {fam:<8} {r['strategy']} (mb {r['micro_batch']}, ga {r['grad_accum']}): "
+            f"{r['pred_tokens_per_sec']:,.0f} tokens/s"
+            + ("" if r is top_row else f"; the fastest is {why(top_row, r)}") for fam, r in best.items())
+    elif best:
+        text += "\n\nfitting families: " + ", ".join(f"{fam} ({sum(r['family'] == fam and r['fits'] for r in rows)})"
+                                                     for fam in best)
+    hidden = len(rows) - len(shown)
+    if hidden:
+        text += (f"\n\n{hidden} more row(s) not shown: {sum(r['fits'] for r in rows) - sum(r['fits'] for r in shown)}"
+                 f" that fit, {sum(not r['fits'] for r in rows) - sum(not r['fits'] for r in shown)} that do not "
+                 "(top=0 format=json lists every row)")
+    text += "".join(f"\nleft out {n or ''}{' combination(s): ' if n else ''}{why_}"
+                    for why_, n in r0.get("left_out", {}).items())
+    return (text + "\n\nto run the first rows that fit (format=commands prints every one):\n"
             + "\n".join(f"  {r['command']}" for r in [r for r in rows if r["fits"]][:3]))
 
 
@@ -232,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.format == "commands":
         print("\n".join(r["command"] for r in rows if r["fits"]))
     else:
-        print(json.dumps(rows, indent=1) if args.format == "json" else render(rows, args.device_memory_gib))
+        print(json.dumps(rows, indent=1) if args.format == "json" else render(rows, args.device_memory_gib, args.top))
     return 0
 
 

@@ -46,13 +46,14 @@ or reduce-scatter's size per rank and 2 (W-1)/W of an all-reduce's.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
+import torch
+
 from bench.plan.terms import TERMS, CostContext
-from models.build import build_model
 from models.config import GPTConfig
+from models.gpt import param_shapes as gpt_param_shapes
 from models.weights import to_hf
 from strategies.config import StrategyConfig
 from strategies.mesh import mesh_shape
@@ -67,14 +68,15 @@ def padded_numel(shape: tuple[int, ...], world: int) -> int:
 
 
 def param_shapes(cfg: GPTConfig) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, global shape) of every parameter, from a meta-device model (no allocation, any size). Names are
-    the family's; for the Hugging Face implementation each is listed with the shape(s) HF stores it in
-    (models/convert.py: GPT-2's transposed Conv1D weights, Llama's three q/k/v projections), which is what
-    FSDP pads and moves."""
-    native = build_model(dataclasses.replace(cfg, source="native", hf_path=""), "meta").named_parameters()
+    """(name, global shape) of every parameter, from the config (models/gpt.py ``param_shapes``: no module, any
+    size). Names are the family's; for the Hugging Face implementation each is listed with the shape(s) HF stores
+    it in (models/weights.py ``to_hf`` on shape-only meta tensors: GPT-2's transposed Conv1D weights, Llama's
+    three q/k/v projections), which is what FSDP pads and moves."""
+    native = gpt_param_shapes(cfg)
     if cfg.source == "native":
-        return [(name, tuple(p.shape)) for name, p in native]
-    return [(name, tuple(t.shape)) for name, p in native for _, t in to_hf(cfg, name, p)]
+        return native
+    return [(name, tuple(t.shape)) for name, shape in native
+            for _, t in to_hf(cfg, name, torch.empty(shape, device="meta"))]
 
 
 @dataclass

@@ -19,6 +19,7 @@ from typing import Any
 
 from models.parts import tp_layout
 from strategies.ac import checkpointed_block_ids
+from strategies.dp import shard_degree
 from strategies.pp import in_flight_chunks, n_microbatches, stage_ids, virtual_stages
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -164,8 +165,8 @@ def ac_memory(parts: dict, ctx) -> None:
 # ---------------------------------------------------------------------------------------------------- dp
 
 def dp_setup(ctx) -> None:
-    if ctx.s.dp == "fsdp":  # FSDP2 shards (and pads) even on one rank
-        ctx.shard_world = ctx.dp
+    if ctx.s.dp == "fsdp":  # FSDP2 shards (and pads) even on one rank; HSDP over dp / dp_replicate ranks
+        ctx.shard_world = shard_degree(ctx.s, ctx.dp)
         ctx.param_bytes = BYTES[ctx.s.amp]
         if ctx.s.amp != "fp32":
             ctx.mode = "half"  # MixedPrecisionPolicy: parameters and activations in the 16-bit dtype
@@ -175,7 +176,7 @@ def dp_memory(parts: dict, ctx) -> None:
     if ctx.s.dp == "ddp":
         parts["grads"] = 4 * ctx.P  # bucket views, alive all run
     elif ctx.s.dp == "fsdp":
-        W = ctx.dp
+        W = ctx.shard_world
         # a pipeline schedule keeps its stages' blocks unsharded from the first backward to the last
         inflight = ctx.L if (not ctx.s.reshard_after_forward or ctx.pp > 1) else min(2, ctx.L)
         parts["fsdp_unsharded"] = ctx.param_bytes * (ctx.root_padded(W) + sum(ctx.block_padded(i, W)
@@ -184,15 +185,19 @@ def dp_memory(parts: dict, ctx) -> None:
 
 
 def dp_comm(ctx) -> dict:
+    """DDP: one all-reduce of the fp32 gradients, 4 P. FSDP (HSDP: within its shard group of W = dp / dp_replicate
+    ranks): per micro-step an all-gather of every unit (and of every block again in backward when resharding;
+    under a pipeline every pipeline micro-batch's forward gathers the blocks again) in the parameter dtype, and
+    one reduce-scatter of the padded fp32 gradients per step."""
     if ctx.world <= 1 or ctx.s.dp == "none":
         return {}
     if ctx.s.dp == "ddp":
         # DDP all-reduces even over a one-rank group (dp = 1 beside tp). (Its one-time broadcast of the
         # rebuilt bucket order on the second iteration is not part of a step.)
         return {"all_reduce": 4 * ctx.P}
-    if ctx.dp <= 1:  # FSDP2 issues nothing on a one-rank data-parallel dimension
+    W = ctx.shard_world
+    if W <= 1:  # FSDP2 issues nothing on a one-rank shard dimension
         return {}
-    W = ctx.dp
     padded = ctx.padded(W)
     blocks = sum(ctx.block_padded(i, W) for i in range(ctx.L))
     # Under a pipeline schedule every pipeline micro-batch's forward gathers the (resharded) blocks again,
@@ -201,6 +206,16 @@ def dp_comm(ctx) -> dict:
     per_micro = padded + (forwards - 1) * blocks if ctx.s.reshard_after_forward else padded
     gather = ctx.grad_accum * BYTES[ctx.s.amp] * (per_micro + (blocks if ctx.s.reshard_after_forward else 0))
     return {"all_gather": gather, "reduce_scatter": 4 * padded}  # reduce dtype fp32
+
+
+def hsdp_comm(ctx) -> dict:
+    """HSDP's replicas: once per step each rank all-reduces its reduce-scattered gradient shard (padded P / W
+    elements, fp32, the whole padded gradient when W = 1) with the same shard on the other dp_replicate - 1
+    replicas."""
+    if ctx.s.dp != "fsdp" or ctx.s.dp_replicate <= 1:
+        return {}
+    W = ctx.shard_world
+    return {"all_reduce": 4 * ctx.padded(W) // W}
 
 
 # ---------------------------------------------------------------------------------------------------- amp
@@ -240,7 +255,10 @@ TERMS: list[Terms] = [
     Terms("pp", setup=pp_setup, memory=pp_memory, comm=pp_comm, group=lambda ctx: 2),  # point to point
     Terms("tp", comm=tp_comm, group=lambda ctx: ctx.tp),
     Terms("ac", memory=ac_memory),
-    # data parallelism rings over the dp ranks: beside tp on one data-parallel rank nothing crosses a link
-    Terms("dp", setup=dp_setup, memory=dp_memory, comm=dp_comm, group=lambda ctx: ctx.dp),
+    # data parallelism rings over the dp ranks (HSDP's shards: a shard group): beside tp on one data-parallel rank
+    # nothing crosses a link; HSDP's replicas all-reduce across the dp_replicate groups
+    Terms("dp", setup=dp_setup, memory=dp_memory, comm=dp_comm,
+          group=lambda ctx: ctx.shard_world if ctx.s.dp == "fsdp" else ctx.dp),
+    Terms("hsdp", comm=hsdp_comm, group=lambda ctx: ctx.s.dp_replicate),
     Terms("amp", setup=amp_setup, memory=amp_memory),
 ]

@@ -145,9 +145,12 @@ MUTATIONS = [
     Mutation("peak_probe_mean", "bench/measure/peak_flops.py", "best = max(rates)", "best = sum(rates) / len(rates)",
              ["tests/test_metrics.py"], "the peak probe averaging contended trials in"),
     # the mesh
-    Mutation("dp_coordinate_is_the_global_rank", "strategies/mesh.py", 'return 0 if mesh is None else '
-             'mesh["dp"].get_local_rank()', "return 0 if mesh is None else dist.get_rank()",
+    Mutation("dp_coordinate_is_the_global_rank", "strategies/mesh.py", '    return mesh["dp"].get_local_rank()',
+             "    return dist.get_rank()",
              [f"{MESH}::test_mesh_strategies_match_single"], "tensor-parallel ranks reading different data"),
+    Mutation("hsdp_without_replicas", "strategies/mesh.py", 'return mesh["dp_replicate", "dp_shard"] if',
+             'return mesh["dp_shard"] if', [f"{MESH}::test_mesh_strategies_match_single"],
+             "HSDP's replicas never averaging their gradients (FSDP over the shard group only)"),
     Mutation("pipeline_grads_divided_again", "strategies/pp.py", "scale = loss_scale / n_microbatches(s)",
              "scale = loss_scale", [f"{MESH}::test_mesh_strategies_match_single"],
              "the pipeline's micro-batch gradients summed, not averaged"),
