@@ -216,11 +216,11 @@ def test_the_documented_error_budget_is_the_committed_rows():
     """docs/planner.md's error-budget table is recomputed from the committed rows: results/tune-cpu, tune-cpu-all,
     tune-cpu-tp, tune-cpu-tp-r2, -ab and -ab2 (python -m bench.tune's rows, each with its own prediction, a
     sweep's repeats pooled; the latest tp sweep superseding the first sweep's tp rows in the line for today's
-    model) and results/gpu (predicted from datasheet rates)."""
+    model) and results/gpu (predicted from datasheet rates, and with leave-one-out calibrated efficiencies)."""
     from bench.tune.budget import SETS, budget_table, load_set
     from tests.helpers import ROOT
 
-    tune, tune_all, tune_tp1, tune_tp, ab, ab2, today, gpu = (load_set(*where) for where in SETS.values())
+    tune, tune_all, tune_tp1, tune_tp, ab, ab2, today, gpu, calibrated = (load_set(*where) for where in SETS.values())
     for rows, n in ((tune, 6), (tune_all, 40), (tune_tp1, 16), (tune_tp, 16), (ab, 16), (ab2, 16), (today, 40)):
         assert len(rows) == n and all(r["pred_step_time_s"] > 0 and r["matmul_time_s"] > 0 for r in rows)
     for rows in (tune_all, today):
@@ -241,6 +241,8 @@ def test_the_documented_error_budget_is_the_committed_rows():
     assert all(r["repeats"] == 2 and len(r["run_ids"]) == 2 for r in ab + ab2)  # each strategy's two runs pooled
     assert {r["strategy"] for r in today} == {r["strategy"] for r in tune_all}
     assert len(gpu) == 10 and all(r["pred_rates_source"].startswith("datasheet:H100 SXM5 ") for r in gpu)
+    assert len(calibrated) == 10 and all(r["pred_rates_source"].endswith("x leave-one-out efficiencies")
+                                         for r in calibrated)
     assert budget_table() in (ROOT / "docs" / "planner.md").read_text()
 
 

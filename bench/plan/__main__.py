@@ -44,6 +44,7 @@ if __package__ in (None, ""):
 from omegaconf import OmegaConf  # noqa: E402
 
 from bench.hardware import GPU_TABLE, lookup_device  # noqa: E402
+from bench.plan.calibration import device_calibration, efficiencies, error_note  # noqa: E402
 from bench.plan.command import run_command  # noqa: E402
 from bench.plan.costmodel import param_shapes, predict_comm, predict_memory  # noqa: E402
 from bench.plan.search import Shape, auto_pad, choose_shape, family, padded_model, vocab_padding, why  # noqa: E402
@@ -79,7 +80,10 @@ class PlanArgs(ShapeArgs):
                                   "datasheet peak in each strategy's compute dtype)")
     mem_gbps: float = opt(0.0, "memory bandwidth GB/s per device (overrides device='s)")
     link_gbps: float = opt(0.0, "all-reduce bus bandwidth GB/s of the process group (needed beyond one rank)")
-    matmul_efficiency: float = opt(1.0, "fraction of the datasheet peak the model's matmuls reach (device= only)")
+    matmul_efficiency: float = opt(1.0, "fraction of the datasheet peak the model's matmuls reach (device= only; "
+                                        "other than 1: instead of the calibration)")
+    calibrated: bool = opt(True, "device=: apply results/calibration.json's efficiencies for that GPU "
+                                 "(python -m bench.tune.calibrate); false: its datasheet as is")
     overlap: bool = opt(True, "communication can overlap compute (GPU streams; a CPU with spare cores)")
 
     def rates(self, s: StrategyConfig | None = None) -> Rates | None:
@@ -91,10 +95,13 @@ class PlanArgs(ShapeArgs):
             if hit is None:
                 raise UsageError(f"device={self.device!r} is not in bench/hardware.py; valid: "
                                  + ", ".join(row[1] for row in GPU_TABLE) + " (or give peak_tflops= and mem_gbps=)")
-            _, peaks, hbm = hit
+            label, peaks, hbm = hit
             dtype = s.compute_dtype_name("cuda") if s is not None else "bf16"
-            flops = flops or peaks.get(dtype, peaks.get("fp32", 0)) * self.matmul_efficiency
-            mem = mem or hbm
+            eff = efficiencies(label, bool(s is not None and s.compile)) if self.calibrated else None
+            if eff is None or self.matmul_efficiency != 1.0:
+                eff = (self.matmul_efficiency, 1.0)
+            flops = flops or peaks.get(dtype, peaks.get("fp32", 0)) * eff[0]
+            mem = mem or hbm * eff[1]
         if not flops and not mem:
             return None
         if not (flops and mem):
@@ -244,6 +251,17 @@ def plan(args: PlanArgs, model_overrides: list[str] = ()) -> list[dict]:
     if not rows:
         raise ValueError(f"no strategy can run {cfg.name} on world_size={args.world_size}: "
                          + "; ".join(left_out))
+    if args.device and ranked:  # how far the GPU step times are expected to be off, in every row and the header
+        label = lookup_device(args.device)[0]
+        applied = args.calibrated and args.matmul_efficiency == 1.0 and not (args.peak_tflops or args.mem_gbps)
+        entry = device_calibration(label) if applied else None
+        for r in rows:
+            r["pred_step_error"] = None if entry is None else {
+                "loo_median_abs": entry["loo_median_abs_error"], "loo_max_abs": entry["loo_max_abs_error"],
+                "calibrated_on_rows": entry["rows"]}
+        rows[0]["step_time_note"] = error_note(label) if applied else (
+            f"step times for {label}: datasheet rates as given (calibrated=false, matmul_efficiency= or explicit "
+            "rates), error not known")
     rows[0]["left_out"] = left_out  # why the combinations missing for this model are missing
     return rows[:args.top] if args.top else rows
 
@@ -256,7 +274,7 @@ def _row(args: PlanArgs, asked: GPTConfig, m: GPTConfig, s: StrategyConfig, seq:
     if not pinned and m.padded_vocab_size != asked.padded_vocab_size:
         pad = vocab_padding(m, seq)
         changes.append(f"pad_vocab_to={m.pad_vocab_to} ({asked.vocab_size} -> {m.padded_vocab_size}: +{pad['rows']} "
-                       f"rows, +{pad['bytes'] / 2**20:.1f} MiB fp32, +{pad['flops_pct']:.2f} % FLOPs)")
+                       f"rows, +{pad['bytes'] / 2**20:.1f} MiB fp32, +{pad['flops_pct']:.3f} % FLOPs)")
     if m.pad_vocab_to > 1 and not any(o.startswith("pad_vocab_to=") for o in overrides):
         as_run.append(f"pad_vocab_to={m.pad_vocab_to}")
     if asked.tie_embeddings and not m.tie_embeddings:
@@ -324,6 +342,8 @@ def render(rows: list[dict], device_gib: float, top: int = 0) -> str:
              "(bench/plan/costmodel.py and each strategy's terms in bench/plan/terms.py)"
              + ("; step ms and tokens/s predicted by bench/plan/steptime.py, the fastest that fit first"
                 if ranked else ""))
+    if "step_time_note" in r0:
+        text += "\n" + r0["step_time_note"]
     changes = sorted({c for r in rows for c in r["model_changes"]})
     if changes:
         text += "\nmodel changes the plans make (in each row's model_changes and command):" + "".join(
@@ -334,7 +354,7 @@ def render(rows: list[dict], device_gib: float, top: int = 0) -> str:
         text += "\n\nbest of each family:" + "".join(
             f"\n  {fam:<8} {r['strategy']} (mb {r['micro_batch']}, ga {r['grad_accum']}): "
             f"{r['pred_tokens_per_sec']:,.0f} tokens/s"
-            + ("" if r is top_row else f"; the fastest is {why(top_row, r)}") for fam, r in best.items())
+            + ("" if r is top_row else f"; {why(top_row, r)}") for fam, r in best.items())
     elif best:
         text += "\n\nfitting families: " + ", ".join(f"{fam} ({sum(r['family'] == fam and r['fits'] for r in rows)})"
                                                      for fam in best)

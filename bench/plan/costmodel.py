@@ -46,8 +46,9 @@ or reduce-scatter's size per rank and 2 (W-1)/W of an all-reduce's.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -67,11 +68,23 @@ def padded_numel(shape: tuple[int, ...], world: int) -> int:
     return math.ceil(shape[0] / world) * world * rest
 
 
+_SHAPES: dict = {}  # the config's fields -> its shapes list: one list per model, so ``param_groups`` caches hit
+
+
 def param_shapes(cfg: GPTConfig) -> list[tuple[str, tuple[int, ...]]]:
     """(name, global shape) of every parameter, from the config (models/gpt.py ``param_shapes``: no module, any
     size). Names are the family's; for the Hugging Face implementation each is listed with the shape(s) HF stores
     it in (models/weights.py ``to_hf`` on shape-only meta tensors: GPT-2's transposed Conv1D weights, Llama's
-    three q/k/v projections), which is what FSDP pads and moves."""
+    three q/k/v projections), which is what FSDP pads and moves. The same list for the same config (cached)."""
+    key = dataclasses.astuple(cfg)
+    if key not in _SHAPES:
+        if len(_SHAPES) > 64:
+            _SHAPES.clear()
+        _SHAPES[key] = _param_shapes(cfg)
+    return _SHAPES[key]
+
+
+def _param_shapes(cfg: GPTConfig) -> list[tuple[str, tuple[int, ...]]]:
     native = gpt_param_shapes(cfg)
     if cfg.source == "native":
         return native
@@ -90,6 +103,7 @@ class ParamGroups:
     n_mm: int  # matmul weights (2-D params used in a matmul): autocast copies them
     replicated_norm: int = 0  # elements of norm parameters (replicated under TP): SP all-reduces their grads
     block_ids: tuple[int, ...] = ()  # global indices of the blocks held
+    _padded: dict = field(default_factory=dict, repr=False, compare=False)  # world -> ``_sums``
 
     @classmethod
     def build(cls, cfg: GPTConfig, shapes: list[tuple[str, tuple[int, ...]]], tp: int = 1,
@@ -122,11 +136,18 @@ class ParamGroups:
         return sum(math.prod(s) for s in self.root) + sum(math.prod(s) for b in self.blocks for s in b)
 
     def padded(self, world: int) -> int:
-        return sum(padded_numel(s, world) for s in self.root) + sum(padded_numel(s, world) for b in self.blocks
-                                                                      for s in b)
+        return self._sums(world)[0]
 
     def block_padded(self, i: int, world: int) -> int:
-        return sum(padded_numel(s, world) for s in self.blocks[i])
+        return self._sums(world)[1][i]
+
+    def _sums(self, world: int) -> tuple[int, list[int]]:
+        """(all padded elements, each block's) for ``world`` shards, computed once per world (the planner asks
+        for the same few thousands of times)."""
+        if world not in self._padded:
+            blocks = [sum(padded_numel(s, world) for s in b) for b in self.blocks]
+            self._padded[world] = (sum(padded_numel(s, world) for s in self.root) + sum(blocks), blocks)
+        return self._padded[world]
 
 
 _GROUPS: dict = {}  # (id of a shapes list, tp, stages, n_stages) -> ParamGroups: the planner asks often
@@ -135,10 +156,9 @@ _GROUPS: dict = {}  # (id of a shapes list, tp, stages, n_stages) -> ParamGroups
 def param_groups(cfg: GPTConfig, s: StrategyConfig | None = None, world: int = 1, pp_rank: int = 0,
                  shapes: list | None = None) -> ParamGroups:
     """This rank's ParamGroups under strategy ``s`` on ``world`` ranks (the whole model without ``s``).
-    With ``shapes`` given (``param_shapes``), results are cached for that list."""
+    Results are cached per shapes list (``param_shapes``'s, or the one given)."""
     if shapes is None:
-        shapes = param_shapes(cfg)
-        _GROUPS.clear()  # a fresh list: nothing cached can be for it
+        shapes = param_shapes(cfg)  # cached: the same list for the same config
     if s is None:
         key = (id(shapes), 1, (0,), 1)
     else:

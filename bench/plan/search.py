@@ -132,8 +132,8 @@ _PARTS = {"compute_s": "compute", "memory_s": "memory-bound time", "exposed_comm
 
 
 def why(row: dict, other: dict) -> str:
-    """Why ``row`` is predicted faster than ``other``: its tokens/s ratio and the step-time parts it saves most on
-    (per token, as the two may differ in batch), largest first."""
+    """Why ``row`` is predicted faster than ``other``: its tokens/s ratio and the (at most two) step-time parts it
+    saves most on, each as a share of ``other``'s step per token (the two may differ in batch), largest first."""
     def per_token(r, part):
         return (r["pred_step_s"] if part == "step_s" else r["pred_step_breakdown"][part]) / r["global_batch_tokens"]
 
@@ -141,6 +141,6 @@ def why(row: dict, other: dict) -> str:
                    for p, name in _PARTS.items() if p in row["pred_step_breakdown"])
     said = [f"{100 * g:.0f} % less {name}" for g, name in reversed(gains) if g >= 0.01][:2]
     ratio = row["pred_tokens_per_sec"] / other["pred_tokens_per_sec"]
-    return (f"{ratio:.2f}x {other['strategy']}'s tokens/s" + (f": {', '.join(said)} per token" if said else "")
+    return (f"{row['strategy']} is {ratio:.2f}x as fast" + (f": {', '.join(said)} per token" if said else "")
             + (f" (at micro-batch {row['micro_batch']} vs {other['micro_batch']})"
                if row["micro_batch"] != other["micro_batch"] else ""))

@@ -50,6 +50,8 @@ SETS = {  # docs/planner.md's budget lines: label -> (folder(s) of committed row
     "every strategy, today's model (tune-cpu-all's dp and pp rows + tune-cpu-tp-ab2; two hosts)":
         ("results/tune-cpu-all+results/tune-cpu-tp-ab2", "row"),
     "results/gpu (H100, 1 GPU; datasheet rates only)": ("results/gpu", "datasheet"),
+    "results/gpu calibrated (each row from efficiencies fitted without it: bench/tune/calibrate.py)":
+        ("results/gpu", "calibrated"),
 }
 
 
@@ -221,7 +223,27 @@ def load_set(folder: str, how: str) -> list[dict]:
         rows = [r for r in rows if r["strategy"] not in again] + later
     if how == "datasheet":
         rows = [{**r, **datasheet_prediction(r)} for r in rows]
+    if how == "calibrated":
+        rows = [{**r, **loo_prediction(r, rows)} for r in rows]
     return rows
+
+
+def loo_prediction(row: dict, rows: list[dict]) -> dict:
+    """``datasheet_prediction`` of ``row`` with its compute and memory-bound seconds divided by the efficiencies
+    fitted on the other ``rows`` of its device (bench/tune/calibrate.py ``loo_efficiencies``: leave-one-out)."""
+    from bench.tune.calibrate import loo_efficiencies, points_of
+
+    if row["world_size"] != 1:  # calibrated on single-GPU rows only (links are the user's link_gbps=)
+        return datasheet_prediction(row)
+    mine = [r for r in rows if r["device_name"] == row["device_name"] and r["world_size"] == 1]
+    eff = dict(zip((id(r) for r in mine), loo_efficiencies(points_of(mine))))[id(row)]
+    pred = datasheet_prediction(row)
+    b = dict(pred["pred_step_breakdown"], compute_s=pred["pred_step_breakdown"]["compute_s"] / eff[0],
+             memory_s=pred["pred_step_breakdown"]["memory_s"] / eff[1])
+    step = pred["pred_step_time_s"] + b["compute_s"] + b["memory_s"] - sum(
+        pred["pred_step_breakdown"][k] for k in ("compute_s", "memory_s"))
+    return {"pred_step_time_s": step, "pred_tokens_per_sec": row["global_batch_tokens"] / step,
+            "pred_step_breakdown": b, "pred_rates_source": pred["pred_rates_source"] + " x leave-one-out efficiencies"}
 
 
 def budget_table(sets: dict[str, list[dict]] | None = None) -> str:
