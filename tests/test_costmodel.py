@@ -207,6 +207,8 @@ def test_planner_cli_table_json_and_speed():
     # prediction, 2026-12-03; 1f1b keeps one micro-batch's, 1.00-1.02, too little for this test to see that term)
     ("pp2", 4, ["strategy.pp_schedule=gpipe", "strategy.tp=2", "strategy.sp=true", "model.pad_vocab_to=64",
                 "model.tie_embeddings=false"]),
+    # HSDP through bench/run.py: 2 replicas x 2 shards, its row's layout and its exact communication
+    ("hsdp", 4, []),
 ])
 @pytest.mark.e2e
 def test_predicted_peak_matches_cpu_runs(tmp_path, strategy, nproc, extra):
@@ -230,6 +232,9 @@ def test_predicted_peak_matches_cpu_runs(tmp_path, strategy, nproc, extra):
     assert set(row.pred_mem_breakdown) >= {"params", "optimizer", "activations", "head"}
     if nproc:
         assert row.comm_bytes_per_step == row.pred_comm_bytes_per_step > 0
+    if strategy == "hsdp":
+        assert (row.strategy, row.mesh, row.dp_replicate, row.dp_shard) == ("hsdp2", "dp_replicate2xdp_shard2", 2, 2)
+        assert set(row.comm_breakdown) == {"all_gather", "reduce_scatter", "all_reduce"}
 
 
 @pytest.mark.parametrize("name", ["tiny", "llama-tiny"])
