@@ -88,7 +88,10 @@ def test_a_target_global_batch_is_met_by_the_fastest_shape_that_fits():
         faster = predict_step(cfg, s, 64, 2 * mb, 1024, per_rank // (2 * mb), args.rates(s))["tokens_per_sec"]
         assert bigger > 80 * GIB or faster <= fsdp["pred_tokens_per_sec"]
     text = render(rows, 80)
-    assert "best of each family:" in text and " as fast" in text
+    assert "best of each family:" in text and "why the first win:" in text
+    first, second = [r for r in rows if r["fits"]][:2]
+    ratio = first["pred_tokens_per_sec"] / second["pred_tokens_per_sec"]
+    assert f"{first['strategy']} is {ratio:.2f}x as fast as {second['strategy']}" in text
 
 
 def test_choose_shape_rules():

@@ -348,6 +348,9 @@ def render(rows: list[dict], device_gib: float, top: int = 0) -> str:
     if changes:
         text += "\nmodel changes the plans make (in each row's model_changes and command):" + "".join(
             f"\n  {c}" for c in changes)
+    if ranked and len(shown) > 1 and shown[1]["fits"]:  # why each of the first rows wins over the next
+        text += "\n\nwhy the first win:" + "".join(f"\n  {why(a, b)}" for a, b in zip(shown[:3], shown[1:4])
+                                                     if b["fits"])
     best = family_best(rows)
     if ranked and best:
         top_row = next(r for r in rows if r["fits"])

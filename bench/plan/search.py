@@ -141,6 +141,7 @@ def why(row: dict, other: dict) -> str:
                    for p, name in _PARTS.items() if p in row["pred_step_breakdown"])
     said = [f"{100 * g:.0f} % less {name}" for g, name in reversed(gains) if g >= 0.01][:2]
     ratio = row["pred_tokens_per_sec"] / other["pred_tokens_per_sec"]
-    return (f"{row['strategy']} is {ratio:.2f}x as fast" + (f": {', '.join(said)} per token" if said else "")
+    return (f"{row['strategy']} is {ratio:.2f}x as fast as {other['strategy']}"
+            + (f": {', '.join(said)} per token" if said else "")
             + (f" (at micro-batch {row['micro_batch']} vs {other['micro_batch']})"
                if row["micro_batch"] != other["micro_batch"] else ""))
