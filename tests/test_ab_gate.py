@@ -335,6 +335,32 @@ def test_the_study_summary_counts_centres_and_implied_rates(tmp_path):
     assert "Pooled over" in pooled and "| quiet     |       12 |" in pooled
 
 
+def test_a_recorded_gate_replays_under_the_shipped_rule():
+    """``study.replay`` on constructed rounds, worked out against the shipped lines (after 1 round pass below
+    1.017, no fail yet; after 2 fail above 1.056; the cap judged on the midpoint 1.0247); and every committed gate
+    the shipped rule ran replays to its own recorded verdicts."""
+    from bench.gate import study
+
+    def entry(rounds, other="PASS"):
+        return {"entry": "e", "verdict": "?", "checks": [{"metric": "counters", "verdict": other}],
+                "pairs": [{"order": "AB", "step_ratios": [r, r, r]} for r in rounds]}
+
+    cases = [([1.00], "PASS"), ([1.08], None), ([1.08, 1.08], "FAIL"), ([1.03] * 8, "FAIL"), ([1.02] * 8, "PASS")]
+    got = study.replay({"verdicts": [entry(r) for r, _ in cases]}, TH)
+    assert [speed for _, speed, _ in got] == [want for _, want in cases]
+    assert study.replay({"verdicts": [entry([1.08], other="FAIL")]}, TH) == [("e", None, "FAIL")]
+    shipped = {k: TH[k] for k in ("detect_pct", "round_sd_pct", "false_alarm", "miss", "max_pairs", "min_fail_rounds")}
+    checked = 0
+    for f in sorted((ROOT / "results" / "noise").glob("*/*-*-*.json")):
+        g = json.loads(f.read_text())
+        if {k: g.get("thresholds", {}).get(k) for k in shipped} != shipped:
+            continue
+        recorded = [next(c["verdict"] for c in v["checks"] if c["metric"] == "step_time") for v in g["verdicts"]]
+        assert [speed for _, speed, _ in study.replay(g, TH)] == recorded, f.name
+        checked += 1
+    assert checked >= 10
+
+
 def test_the_held_out_loss_is_judged_when_both_revisions_evaluate(tmp_path):
     """The runs evaluate once, after their last step, when both trees know eval_every; a baseline from before
     held-out evaluation would refuse the option, so then neither side gets it (its loss alone is judged)."""

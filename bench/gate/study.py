@@ -15,6 +15,8 @@ kept as ``<out>/<condition>-<i>.json``; ``study.md`` counts, per entry and per w
 - detection: slowed entries (gates) whose step_time check FAILs;
 - the centre of unchanged code: the mean log ratio of the A/A rounds with its standard error, overall and by
   which version moved first in the round (a lean under load would show here);
+- the counts under the shipped rule (``observed``): every gate of the study and of the pooled folders judged again
+  by it on the rounds it measured (``replay``), an earlier rule's gate only where its rounds decide;
 - the rates the spread implies (``implied_rates``): the gate's whole sequential rule run 20,000 times on rounds
   resampled from the rounds this study observed in that condition (A/A rounds for false alarms, slowed rounds
   for detection) -- a rate far below 1/entries counted, which counts alone cannot show.
@@ -77,6 +79,51 @@ def implied_rates(rounds: list[float], th: dict, n: int = 20000, seed: int = 0) 
         fails += speed_verdict(rs, th)[0] == "FAIL"
         total += len(rs)
     return fails / n, total / n
+
+
+def replay(gate: dict, th: dict) -> list[tuple[str, str | None, str | None]]:
+    """Each entry of a recorded ``gate`` judged by the rule ``th`` (bench/gate/ab.py ``speed_call``,
+    ``speed_verdict``) on the rounds it measured, in their order: (entry, speed verdict, verdict). The speed
+    verdict is the first sure call (a fail from ``min_fail_rounds`` rounds on) or, at ``max_pairs`` rounds, the
+    midpoint's; None when the gate stopped -- its own rule of the day was sure -- before ``th`` is. The verdict
+    also fails an entry that failed another check (status, counters, memory), whatever its speed. A gate that ran
+    the shipped rule replays to its own verdicts (tests/test_ab.py); an older gate's rounds are the same kind of
+    measurement, so where they decide they count."""
+    out = []
+    for v in gate["verdicts"]:
+        other = any(c["verdict"] == "FAIL" for c in v["checks"] if c["metric"] != "step_time")
+        rs = [statistics.median(p["step_ratios"]) for p in v.get("pairs", []) if p.get("step_ratios")]
+        speed = None
+        for n in range(1, len(rs) + 1):
+            if speed_call(rs[:n], th) != "not sure" or n == th["max_pairs"]:
+                speed = speed_verdict(rs[:n], th)[0]
+                break
+        out.append((v["entry"], speed, "FAIL" if other else speed))
+    return out
+
+
+def observed(folders: list[Path], th: dict) -> list[list]:
+    """study.md's counts under the shipped rule: per condition (unchanged or slowed by p %, quiet or loaded), over
+    every gate of ``folders`` replayed (``replay``): gates whose every entry the rounds decide, entries decided,
+    entry FAILs (for slowed gates: speed FAILs, i.e. detections), whole-gate FAILs among the decided gates."""
+    rows: dict[tuple, list] = {}
+    for folder in folders:
+        for f in sorted(Path(folder).glob("*-*-*.json")):
+            g = json.loads(f.read_text())
+            if "verdicts" not in g:
+                continue
+            key = (g["slow_pct"] or 0, "loaded" if "loaded" in g["condition"] else "quiet")
+            rows.setdefault(key, []).append(replay(g, th))
+    cells = []
+    for (slow, load), gates in sorted(rows.items()):
+        col = 1 if slow else 2  # detection: the speed check; a false alarm: any check
+        decided = [e for g in gates for e in g if e[col] is not None]
+        whole = [g for g in gates if all(e[col] is not None for e in g)]
+        label = f"slowed by exactly +{slow:g}%" if slow else "unchanged (A/A)"
+        cells.append([label, load, f"{len(whole)}/{len(gates)}", f"{len(decided)}/{sum(map(len, gates))}",
+                      f"{sum(e[col] == 'FAIL' for e in decided)}/{len(decided)}",
+                      f"{sum(any(e[col] == 'FAIL' for e in g) for g in whole)}/{len(whole)}"])
+    return cells
 
 
 def centre(rounds: list[float]) -> str:
@@ -171,6 +218,11 @@ def summarise(out: Path, pool: list[Path] = ()) -> str:
                   f"code and as code exactly {th['detect_pct']:g} % slower, through the shipped rule:", ""]
         lines.append(markdown_table(["machine", "rounds", "centre (mean log ratio)", "sd", "false alarms",
                                      "rounds/entry", "detected", "rounds/entry (slowed)"], cells))
+    lines += ["", "Observed under the shipped rule: every gate of "
+              + ", ".join(str(Path(f).name) for f in folders) + " judged again by it on the rounds it measured "
+              "(`replay`; a gate of an earlier rule counts only where its rounds decide every entry):", ""]
+    lines.append(markdown_table(["gates", "machine", "whole gates decided", "entries decided",
+                                 "entry FAILs (slowed: caught)", "whole-gate FAILs"], observed(folders, th)))
     ran = {json.dumps({k: g["thresholds"].get(k) for k in th}, sort_keys=True)
            for f in sorted(out.glob("*.json")) for g in [json.loads(f.read_text())] if "thresholds" in g}
     if any(json.loads(r) != th for r in ran):
