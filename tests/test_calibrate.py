@@ -1,4 +1,4 @@
-"""The GPU calibration (bench/tune/calibrate.py) and the planner's use of it (bench/plan/calibration.py).
+"""The GPU calibration (bench/tune/efficiency.py, calibrate.py) and the planner's use of it (bench/plan/calibration.py).
 
 The fit is checked on constructed points whose efficiencies are known, the leave-one-out rule against a fit done
 here without the row, the committed file against a fresh fit of the committed rows, and the planner's rates
@@ -14,7 +14,8 @@ import pytest
 
 from bench.plan.__main__ import PlanArgs, plan, render
 from bench.plan.calibration import PATH
-from bench.tune.calibrate import Point, calibrate, fit, loo_efficiencies, points
+from bench.tune.calibrate import FOLDERS, points
+from bench.tune.efficiency import Point, calibrate, fit, loo_efficiencies
 from strategies.config import StrategyConfig
 
 pytestmark = pytest.mark.unit
@@ -51,7 +52,7 @@ def test_leave_one_out_never_uses_the_row_it_predicts():
 def test_the_committed_calibration_is_the_committed_rows_fit():
     """results/calibration.json is what ``python -m bench.tune.calibrate`` computes from results/gpu today, and it
     beats the datasheet alone in leave-one-out error."""
-    fresh = calibrate(points())
+    fresh = {"folders": list(FOLDERS), **calibrate(points())}
     assert json.loads(PATH.read_text()) == json.loads(json.dumps(fresh))
     h100 = fresh["H100 SXM5"]
     assert h100["rows"] >= 10 and h100["loo_median_abs_error"] < h100["datasheet_median_abs_error"]

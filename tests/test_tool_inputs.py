@@ -42,7 +42,11 @@ def cases(t):
         # the planner
         (PLAN, ["world_size=100000000000000000000"],
          "world_size=100000000000000000000 is invalid; must be within 1 .. 1,048,576"),
-        (PLAN, ["micro_batch=0"], "micro_batch=0 is invalid; must be within 1 .. 1,048,576"),
+        (PLAN, ["micro_batch=-1"], "micro_batch=-1 is invalid; must be within 0 .. 1,048,576"),  # 0: searched
+        (PLAN, ["global_batch=8", "global_batch_tokens=2048"], "give global_batch= (sequences) or "
+                                                              "global_batch_tokens=, not both"),
+        (PLAN, ["global_batch_tokens=1000", "model=tiny"], "global_batch_tokens=1000 is not a multiple of seq_len=256"),
+        (PLAN, ["pad_vocab_to=-2"], "pad_vocab_to=-2 is invalid; must be >= 0"),
         (PLAN, ["model=gpt9"], "model='gpt9' is not a preset; valid: tiny"),
         (PLAN, ["format=sh"], "format='sh'; valid: table, json, commands"),
         (PLAN, ["gpus_per_node=0"], "gpus_per_node=0 is invalid; must be >= 1"),

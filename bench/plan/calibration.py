@@ -2,7 +2,7 @@
 
 Per device (bench/hardware.py's label) and compile mode, the fraction of the datasheet's matmul peak and memory
 bandwidth the committed rows reached, and the leave-one-out error of step times predicted with them (the fit and
-its definitions: bench/tune/calibrate.py). A device without an entry is predicted from its datasheet as is.
+its definitions: bench/tune/efficiency.py). A device without an entry is predicted from its datasheet as is.
 """
 
 from __future__ import annotations

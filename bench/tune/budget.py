@@ -31,6 +31,7 @@ from pathlib import Path
 from bench.gate.paired import median
 from bench.hardware import lookup_device
 from bench.plan.steptime import Rates, predict_step
+from bench.tune.efficiency import Point, loo_efficiencies
 from models.config import GPTConfig, get_config
 from strategies.config import StrategyConfig
 
@@ -50,7 +51,7 @@ SETS = {  # docs/planner.md's budget lines: label -> (folder(s) of committed row
     "every strategy, today's model (tune-cpu-all's dp and pp rows + tune-cpu-tp-ab2; two hosts)":
         ("results/tune-cpu-all+results/tune-cpu-tp-ab2", "row"),
     "results/gpu (H100, 1 GPU; datasheet rates only)": ("results/gpu", "datasheet"),
-    "results/gpu calibrated (each row from efficiencies fitted without it: bench/tune/calibrate.py)":
+    "results/gpu calibrated (each row from efficiencies fitted without it: bench/tune/efficiency.py)":
         ("results/gpu", "calibrated"),
 }
 
@@ -230,8 +231,7 @@ def load_set(folder: str, how: str) -> list[dict]:
 
 def loo_prediction(row: dict, rows: list[dict]) -> dict:
     """``datasheet_prediction`` of ``row`` with its compute and memory-bound seconds divided by the efficiencies
-    fitted on the other ``rows`` of its device (bench/tune/calibrate.py ``loo_efficiencies``: leave-one-out)."""
-    from bench.tune.calibrate import loo_efficiencies, points_of
+    fitted on the other ``rows`` of its device (bench/tune/efficiency.py ``loo_efficiencies``: leave-one-out)."""
 
     if row["world_size"] != 1:  # calibrated on single-GPU rows only (links are the user's link_gbps=)
         return datasheet_prediction(row)
@@ -244,6 +244,22 @@ def loo_prediction(row: dict, rows: list[dict]) -> dict:
         pred["pred_step_breakdown"][k] for k in ("compute_s", "memory_s"))
     return {"pred_step_time_s": step, "pred_tokens_per_sec": row["global_batch_tokens"] / step,
             "pred_step_breakdown": b, "pred_rates_source": pred["pred_rates_source"] + " x leave-one-out efficiencies"}
+
+
+def mode(row: dict) -> str:
+    """'compiled' or 'eager': whether the row's strategy ran torch.compile."""
+    return "compiled" if row["config"]["strategy"].get("compile") else "eager"
+
+
+def points_of(rows: list[dict]) -> list[Point]:
+    """Each row as a point of the GPU calibration (bench/tune/efficiency.py): its device's label, compile mode,
+    datasheet prediction's compute and memory-bound seconds and measured median step."""
+    out = []
+    for r in rows:
+        b = datasheet_prediction(r)["pred_step_breakdown"]
+        out.append(Point(lookup_device(r["device_name"])[0], mode(r), b["compute_s"], b["memory_s"],
+                         r["step_time_median_s"], f"{r['model']} {r['strategy']} mb{r['micro_batch']}"))
+    return out
 
 
 def budget_table(sets: dict[str, list[dict]] | None = None) -> str:
