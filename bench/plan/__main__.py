@@ -97,9 +97,8 @@ class PlanArgs(ShapeArgs):
                                  + ", ".join(row[1] for row in GPU_TABLE) + " (or give peak_tflops= and mem_gbps=)")
             label, peaks, hbm = hit
             dtype = s.compute_dtype_name("cuda") if s is not None else "bf16"
-            eff = efficiencies(label, bool(s is not None and s.compile)) if self.calibrated else None
-            if eff is None or self.matmul_efficiency != 1.0:
-                eff = (self.matmul_efficiency, 1.0)
+            eff = efficiencies(label, bool(s is not None and s.compile)) if self.calibration() else None
+            eff = eff or (self.matmul_efficiency, 1.0)
             flops = flops or peaks.get(dtype, peaks.get("fp32", 0)) * eff[0]
             mem = mem or hbm * eff[1]
         if not flops and not mem:
@@ -111,6 +110,20 @@ class PlanArgs(ShapeArgs):
         return Rates(flops, mem, self.link_gbps * 1e9 or None)
 
     MIN_MICRO_BATCH = 0  # 0: searched
+
+    @property
+    def wants_calibration(self) -> bool:
+        """device= with calibrated=true and no explicit rate (peak_tflops=, mem_gbps=, matmul_efficiency=)."""
+        return bool(self.device and self.calibrated and not (self.peak_tflops or self.mem_gbps)
+                    and self.matmul_efficiency == 1)
+
+    def calibration(self) -> dict | None:
+        """results/calibration.json's entry for device= when ``wants_calibration``; else None (the datasheet, or the
+        rates given)."""
+        if not self.wants_calibration:
+            return None
+        hit = lookup_device(self.device)
+        return device_calibration(hit[0]) if hit else None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -253,8 +266,7 @@ def plan(args: PlanArgs, model_overrides: list[str] = ()) -> list[dict]:
                          + "; ".join(left_out))
     if args.device and ranked:  # how far the GPU step times are expected to be off, in every row and the header
         label = lookup_device(args.device)[0]
-        applied = args.calibrated and args.matmul_efficiency == 1.0 and not (args.peak_tflops or args.mem_gbps)
-        entry = device_calibration(label) if applied else None
+        applied, entry = args.wants_calibration, args.calibration()
         for r in rows:
             r["pred_step_error"] = None if entry is None else {
                 "loo_median_abs": entry["loo_median_abs_error"], "loo_max_abs": entry["loo_max_abs_error"],
