@@ -217,10 +217,13 @@ def slow_clone(tmp_path_factory):
 
 
 def ab(clone, rev, out):
-    """One round of one entry (60 paired steps): a +50 ms step is far from the line, so no borderline round is
-    added; the alternation of rounds is tests/test_engines.py's."""
+    """One round of one entry, 30 paired steps (the shipped rule with shorter rounds: a +50 ms step is far from
+    any line, so no borderline round is added); the alternation of rounds is tests/test_engines.py's."""
+    th = out.parent / "thresholds_30.yaml"
+    th.write_text(re.sub(r"^round_steps: \S+", "round_steps: 30", ab_gate.DEFAULT_THRESHOLDS.read_text(), flags=re.M))
     return subprocess.run([sys.executable, "-m", "bench.gate", "ab=true", f"rev={rev}", "entries=single",
-                           "rounds=1", f"out={out}"], cwd=clone, capture_output=True, text=True, timeout=600)
+                           "rounds=1", f"out={out}", f"thresholds={th}"], cwd=clone, capture_output=True, text=True,
+                          timeout=600)
 
 
 @pytest.mark.e2e
@@ -295,7 +298,8 @@ def test_accept_counters_must_name_counters(tmp_path):
     bad.write_text((ab_gate.DEFAULT_THRESHOLDS.read_text()).replace("accept_counters: []", "accept_counters: [flops]"))
     with pytest.raises(ab_gate.ABInputError, match="accept_counters"):
         ab_gate.load_thresholds(bad)
-    for key, bad_value in (("false_alarm", "0.9"), ("miss", "0"), ("round_sd_pct", "0"), ("min_fail_rounds", "0")):
+    for key, bad_value in (("false_alarm", "0.9"), ("miss", "0"), ("round_sd_pct", "0"), ("min_fail_rounds", "0"),
+                             ("round_steps", "0"), ("round_steps", "60.5")):
         text = ab_gate.DEFAULT_THRESHOLDS.read_text()
         bad.write_text(re.sub(rf"^{key}: \S+", f"{key}: {bad_value}", text, count=1, flags=re.M))
         with pytest.raises(ab_gate.ABInputError, match=f"{key}={bad_value}"):
@@ -308,14 +312,14 @@ def test_the_study_summary_counts_centres_and_implied_rates(tmp_path):
     1.06-1.08 are detected in every resampled entry."""
     from bench.gate import study
 
-    def gate(name, slow, ratios):
+    def gate(name, slow, ratios, folder=tmp_path, steps=TH["round_steps"]):
         verdicts = [{"entry": f"e{i}", "verdict": "FAIL" if slow else "PASS",
                      "checks": [{"metric": "step_time", "verdict": "FAIL" if slow else "PASS", "ratio": r,
                                  "pairs": 1}],
                      "pairs": [{"order": "AB" if i % 2 == 0 else "BA", "step_ratios": [r] * 3}]}
                     for i, r in enumerate(ratios)]
-        (tmp_path / f"{name}.json").write_text(json.dumps({"condition": name, "slow_pct": slow, "wall_s": 60.0,
-                                                           "verdicts": verdicts}))
+        (folder / f"{name}.json").write_text(json.dumps({"condition": name, "slow_pct": slow, "wall_s": 60.0,
+                                                         "thresholds": {"round_steps": steps}, "verdicts": verdicts}))
 
     gate("quiet-aa-0", 0.0, [0.99, 1.01, 0.99, 1.01])
     gate("quiet-slow-0", 5.0, [1.06, 1.08, 1.07, 1.06])
@@ -325,21 +329,25 @@ def test_the_study_summary_counts_centres_and_implied_rates(tmp_path):
     slow = next(ln for ln in text.splitlines() if ln.startswith("| +5%"))
     assert "1.0000 (detected)" in slow
     assert study.implied_rates([1.03] * 10, TH, n=100) == (1.0, TH["max_pairs"])  # 1.03: the cap, then FAIL
-    # pooled with another study: the slowed rounds, their +5 % taken out, join the unchanged ones (4 + 4 + 4)
+    # pooled with another study: the slowed rounds, their +5 % taken out, join the unchanged ones (4 + 4 + 4);
+    # a gate of shorter rounds is another measurement: shown in the spread by length, left out of the rates
     other = tmp_path / "other"
     other.mkdir()
     (other / "quiet-aa-0.json").write_text((tmp_path / "quiet-aa-0.json").read_text())
-    res = study.residuals([tmp_path, other])
+    gate("quiet-aa-1", 0.0, [0.9, 1.1, 0.9, 1.1], folder=other, steps=60)
+    res = study.residuals([tmp_path, other], TH["round_steps"])
     assert len(res["quiet"]) == 12 and not res["loaded"]
+    assert len(study.residuals([tmp_path, other])["quiet"]) == 16
     assert sorted(round(math.exp(r), 4) for r in res["quiet"])[-1] == round(1.08 / 1.05, 4)
     pooled = study.summarise(tmp_path, [other])
     assert "Pooled over" in pooled and "| quiet     |       12 |" in pooled
+    assert "|            60 | quiet     |        4 |" in pooled
 
 
 def test_a_recorded_gate_replays_under_the_shipped_rule():
     """``study.replay`` on constructed rounds, worked out against the shipped lines (after 1 round pass below
-    1.007, no fail yet; after 2 fail above 1.059; after 4 pass below 1.020; after 8 1.023 / 1.033, the cap judged on
-    the midpoint 1.0247); and every committed gate of the sequential rule replays, under the rule it ran (its
+    1.0092, no fail yet; after 2 fail above 1.0457; after 4 pass below 1.0208; after 8 1.0227 / 1.0299, the cap judged
+    on the midpoint 1.0247); and every committed gate of the sequential rule replays, under the rule it ran (its
     recorded thresholds), to its own recorded verdicts."""
     from bench.gate import study
 
@@ -347,7 +355,8 @@ def test_a_recorded_gate_replays_under_the_shipped_rule():
         return {"entry": "e", "verdict": "?", "checks": [{"metric": "counters", "verdict": other}],
                 "pairs": [{"order": "AB", "step_ratios": [r, r, r]} for r in rounds]}
 
-    cases = [([1.00], "PASS"), ([1.08], None), ([1.08, 1.08], "FAIL"), ([1.03] * 8, "FAIL"), ([1.02] * 8, "PASS")]
+    cases = [([1.00], "PASS"), ([1.08], None), ([1.08, 1.08], "FAIL"), ([1.026] * 8, "FAIL"), ([1.024] * 8, "PASS"),
+             ([1.02] * 4, "PASS")]
     got = study.replay({"verdicts": [entry(r) for r, _ in cases]}, TH)
     assert [speed for _, speed, _ in got] == [want for _, want in cases]
     assert study.replay({"verdicts": [entry([1.08], other="FAIL")]}, TH) == [("e", None, "FAIL")]

@@ -9,7 +9,7 @@ Why: numbers recorded on another machine (another CPU model, another neighbour) 
 this one's, and on a shared machine even two runs a few seconds apart differ by +-10%. So the baseline
 revision is exported (``git archive``) into ``<out>/trees/base`` and both trees run the CI matrix
 (bench/gate/ci_suite.py) with the same interpreter. For each entry both versions' jobs start together and take
-turns step by step (bench/harness/turn.py), 60 timed steps each; a pair's ratios are ``candidate step k /
+turns step by step (bench/harness/turn.py), ``round_steps`` timed steps each; a pair's ratios are ``candidate step k /
 baseline step k`` for every timed step k (the A/B engine, bench/gate/paired.py). One round per entry, the first
 mover alternating from entry to entry, then more rounds (the first mover swapped each time) only for an entry
 whose verdict is not sure yet. A baseline revision from before the turnstile existed cannot take turns and is
@@ -72,8 +72,8 @@ from reports.record import FINISHED  # a suspect run's times, memory and loss ar
 ROOT = suite.ROOT
 BASE_REV_FILE = ROOT / "results" / "baselines" / "BASE_REV"
 DEFAULT_THRESHOLDS = Path(__file__).with_name("thresholds_ab.yaml")
-_KNOWN = {"detect_pct", "round_sd_pct", "false_alarm", "miss", "min_fail_rounds", "max_pairs", "max_rise_pct",
-          "accept_counters"}
+_KNOWN = {"detect_pct", "round_steps", "round_sd_pct", "false_alarm", "miss", "min_fail_rounds", "max_pairs",
+          "max_rise_pct", "accept_counters"}
 _RATES = ("false_alarm", "miss")  # probabilities strictly between 0 and 1, summing below 1
 # the counters of a row the gate compares exactly (reports/record.py defines each); the loss too: same code, seed
 # and data give the same bits on one machine (every A/A pair of the studies in results/noise/ agrees exactly)
@@ -146,8 +146,10 @@ def load_thresholds(path: str | Path | None = None) -> dict:
             raise ABInputError(f"{path}: {k}={v!r} must be a finite number >= 0")
         elif k in _RATES and not 0 < v < 1:
             raise ABInputError(f"{path}: {k}={v!r} must be a probability between 0 and 1")
-        elif k in ("detect_pct", "round_sd_pct", "max_pairs", "min_fail_rounds") and not v > 0:
+        elif k in ("detect_pct", "round_sd_pct", "max_pairs", "min_fail_rounds", "round_steps") and not v > 0:
             raise ABInputError(f"{path}: {k}={v!r} must be > 0")
+        elif k in ("round_steps", "max_pairs", "min_fail_rounds") and not isinstance(v, int):
+            raise ABInputError(f"{path}: {k}={v!r} must be a whole number")
     if data["false_alarm"] + data["miss"] >= 1:
         raise ABInputError(f"{path}: false_alarm={data['false_alarm']!r} and miss={data['miss']!r} must sum below 1 "
                            "(the sequential test's two lines cross otherwise)")
@@ -440,9 +442,6 @@ def render(verdicts: list[Verdict]) -> str:
     return "\n".join(lines)
 
 
-TURN_STEPS = 60  # timed steps per job when the two versions take turns (60 paired steps per round)
-
-
 def main(rev: str | None, out: str, rounds: int | None, thresholds: str | None, slow_pct: float = 0.0,
          entries: list[str] | None = None, timing: bool = True) -> int:
     try:
@@ -473,11 +472,11 @@ def main(rev: str | None, out: str, rounds: int | None, thresholds: str | None, 
     rounds = rounds or 1
     cand_extra = [f"debug_slow_pct={slow_pct:g}"] if slow_pct else []
     print(f"[ab] baseline {sha[:12]} (exported to {base_tree}) vs candidate {ROOT}: {rounds} round(s) x "
-          f"{len(matrix)} entries, taking turns step by step, {TURN_STEPS} steps, more rounds while not sure"
+          f"{len(matrix)} entries, taking turns step by step, {th['round_steps']} steps, more rounds while not sure"
           f"{f', candidate slowed by {slow_pct:g}%' if slow_pct else ''}", flush=True)
     t0 = time.perf_counter()
     verdicts = run_ab(outp, base_tree, rounds, th, matrix, cand_extra, log=lambda m: print(m, flush=True),
-                      steps=TURN_STEPS, timing=timing)
+                      steps=th["round_steps"], timing=timing)
     shutil.rmtree(outp / "trees", ignore_errors=True)
     summary = {"base_rev": sha, "rounds": rounds, "mode": "turns" if timing else "counters", "slow_pct": slow_pct,
                "thresholds": th, "seconds": time.perf_counter() - t0,

@@ -60,6 +60,13 @@ def run_gate(out: Path, name: str, slow_pct: float, rounds: int | None) -> dict:
     return summary
 
 
+def round_steps(gate: dict) -> int:
+    """The paired steps per round a recorded gate measured (its thresholds' ``round_steps``; 60 before the rule
+    named it). Rounds of different lengths are different measurements: a round's spread is its median's
+    sampling error, so the rates of a rule are judged only on rounds of its own length."""
+    return gate.get("thresholds", {}).get("round_steps", 60)
+
+
 def round_ratios(gates: list[dict]) -> list[tuple[str, float]]:
     """(first mover "AB"/"BA", the round's median paired ratio) of every round of every entry in ``gates``."""
     return [(p["order"], statistics.median(p["step_ratios"])) for g in gates for v in g["verdicts"]
@@ -104,13 +111,14 @@ def replay(gate: dict, th: dict) -> list[tuple[str, str | None, str | None]]:
 
 def observed(folders: list[Path], th: dict) -> list[list]:
     """study.md's counts under the shipped rule: per condition (unchanged or slowed by p %, quiet or loaded), over
-    every gate of ``folders`` replayed (``replay``): gates whose every entry the rounds decide, entries decided,
-    entry FAILs (for slowed gates: speed FAILs, i.e. detections), whole-gate FAILs among the decided gates."""
+    every gate of ``folders`` with the rule's round length (``round_steps``) replayed (``replay``): gates whose
+    every entry the rounds decide, entries decided, entry FAILs (for slowed gates: speed FAILs, i.e. detections),
+    whole-gate FAILs among the decided gates."""
     rows: dict[tuple, list] = {}
     for folder in folders:
         for f in sorted(Path(folder).glob("*-*-*.json")):
             g = json.loads(f.read_text())
-            if "verdicts" not in g:
+            if "verdicts" not in g or round_steps(g) != th["round_steps"]:
                 continue
             key = (g["slow_pct"] or 0, "loaded" if "loaded" in g["condition"] else "quiet")
             rows.setdefault(key, []).append(replay(g, th))
@@ -135,15 +143,15 @@ def centre(rounds: list[float]) -> str:
     return f"{math.exp(statistics.mean(logs)):.4f} +- {se * 100:.2f}% (n={len(logs)})"
 
 
-def residuals(folders: list[Path]) -> dict[str, list[float]]:
+def residuals(folders: list[Path], steps: int | None = None) -> dict[str, list[float]]:
     """Per machine condition (quiet, loaded), every round's log ratio with the injected slowdown taken out
-    (ln ratio - ln(1 + slow_pct/100)), from the gates in ``folders``: the round-to-round spread, whatever the
-    gate measured."""
+    (ln ratio - ln(1 + slow_pct/100)), from the gates in ``folders`` whose rounds are ``steps`` long (any length
+    when None): the round-to-round spread, whatever the gate measured."""
     out: dict[str, list[float]] = {"quiet": [], "loaded": []}
     for folder in folders:
         for f in sorted(Path(folder).glob("*.json")):
             g = json.loads(f.read_text())
-            if "verdicts" not in g:
+            if "verdicts" not in g or steps not in (None, round_steps(g)):
                 continue
             shift = math.log1p(g["slow_pct"] / 100)
             out["loaded" if "loaded" in g["condition"] else "quiet"] += [
@@ -182,7 +190,8 @@ def summarise(out: Path, pool: list[Path] = ()) -> str:
                                  "median ratios", "min/gate"], cells))
     th = load_thresholds(None)
     lines += ["", "Rounds and the rates they imply for the shipped rule (bench/gate/thresholds_ab.yaml: detect "
-              f"{th['detect_pct']:g} %, round sd {th['round_sd_pct']:g} %, design false alarm {th['false_alarm']:g}, "
+              f"{th['detect_pct']:g} %, {th['round_steps']} steps a round, round sd {th['round_sd_pct']:g} %, "
+              f"design false alarm {th['false_alarm']:g}, "
               f"miss {th['miss']:g}, at most {th['max_pairs']} rounds), each entry's rounds resampled 20,000 times "
               "from those observed:", ""]
     cells = []
@@ -202,7 +211,17 @@ def summarise(out: Path, pool: list[Path] = ()) -> str:
     lines.append(markdown_table(["code", "machine", "rounds' centre", "baseline first", "candidate first",
                                  "sd of log ratio", "implied rate", "rounds/entry"], cells))
     folders = [out, *pool]
-    pooled = residuals(folders)
+    cells = []
+    lengths = {round_steps(json.loads(f.read_text())) for fo in folders for f in Path(fo).glob("*-*-*.json")}
+    for steps in sorted(lengths):
+        for load, res in residuals(folders, steps).items():
+            if len(res) > 1:
+                cells.append([steps, load, len(res), f"{statistics.mean(res) * 100:+.2f}%",
+                              f"{statistics.stdev(res) * 100:.2f}%"])
+    lines += ["", "The spread of a round by its length (paired steps per round; every round of "
+              + ", ".join(str(Path(f).name) for f in folders) + ", the injected slowdown taken out):", ""]
+    lines.append(markdown_table(["steps/round", "machine", "rounds", "centre", "sd of log ratio"], cells))
+    pooled = residuals(folders, th["round_steps"])
     cells = []
     for load, res in pooled.items():
         if len(res) < 2:
@@ -213,12 +232,13 @@ def summarise(out: Path, pool: list[Path] = ()) -> str:
                       f"{fa:.4f}", f"{n_aa:.2f}", f"{det:.4f}", f"{n_slow:.2f}"])
     if cells:
         names = ", ".join(str(Path(f).name) for f in folders)
-        lines += ["", f"Pooled over {names}: every round of every gate with its injected slowdown taken out "
+        lines += ["", f"Pooled over {names}: every {th['round_steps']}-step round of every gate with its injected "
+                  "slowdown taken out "
                   "(unchanged and slowed gates alike), resampled 20,000 times as unchanged "
                   f"code and as code exactly {th['detect_pct']:g} % slower, through the shipped rule:", ""]
         lines.append(markdown_table(["machine", "rounds", "centre (mean log ratio)", "sd", "false alarms",
                                      "rounds/entry", "detected", "rounds/entry (slowed)"], cells))
-    lines += ["", "Observed under the shipped rule: every gate of "
+    lines += ["", f"Observed under the shipped rule: every {th['round_steps']}-step gate of "
               + ", ".join(str(Path(f).name) for f in folders) + " judged again by it on the rounds it measured "
               "(`replay`; a gate of an earlier rule counts only where its rounds decide every entry):", ""]
     lines.append(markdown_table(["gates", "machine", "whole gates decided", "entries decided",
