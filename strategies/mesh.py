@@ -61,10 +61,16 @@ def mesh_shape(s, world_size: int) -> MeshShape:
     return MeshShape(pp=pp, dp=max(1, world_size // (tp * pp)), tp=tp, dp_replicate=getattr(s, "dp_replicate", 1))
 
 
+def dp_degree(s, world_size: int) -> int:
+    """The ranks that split the data under strategy ``s``: the mesh's dp size with data parallelism, 1 without
+    it (the ranks of one tensor- or pipeline-parallel group share their micro-batches)."""
+    return mesh_shape(s, world_size).dp if s.dp != "none" else 1
+
+
 def layout_columns(s, world_size: int) -> dict:
     """The record's parallel-layout columns (reports/record.py) for strategy ``s`` on ``world_size`` ranks."""
     shape = mesh_shape(s, world_size)
-    dp = shape.dp if s.dp != "none" else 1
+    dp = dp_degree(s, world_size)
     pp = shape.pp > 1
     return {"tp": shape.tp, "pp": shape.pp, "dp_shard": shape.dp_shard if s.dp == "fsdp" else 1,
             "dp_replicate": dp if s.dp == "ddp" else shape.dp_replicate, "pp_schedule": s.pp_schedule if pp else None,

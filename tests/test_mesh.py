@@ -24,7 +24,7 @@ from bench.harness.loop import build, make_step, measure_comm, plan_batch
 from bench.plan.costmodel import param_groups, predict_comm
 from models import build_model
 from strategies import StrategyConfig, StrategyError, apply_strategies
-from strategies.mesh import layout_columns
+from strategies.mesh import dp_degree, layout_columns
 from strategies.pp import bubble_fraction, in_flight_chunks, split_stage, stage_blocks, stage_ids
 from tests.helpers import HF_MISSING, HF_SKIP_ALLOWED
 from tests.helpers.training import RTOL, losses_of, model_cfg, run_cfg
@@ -194,6 +194,11 @@ def test_layout_columns():
     assert (hsdp["dp_replicate"], hsdp["dp_shard"], hsdp["mesh"]) == (2, 4, "dp_replicate2xdp_shard4xtp2")
     assert layout_columns(StrategyConfig(), 1) == {"tp": 1, "pp": 1, "dp_shard": 1, "dp_replicate": 1,
                                                    "pp_schedule": None, "pp_microbatches": None, "mesh": "1"}
+    # the ranks that split the data: 16 / (tp 2 x pp 2) under FSDP or HSDP, 16 / tp 2 under DDP; without data
+    # parallelism a tp group's ranks share their micro-batches
+    for dp, rep, pp, want in (("ddp", 1, 1, 8), ("fsdp", 1, 2, 4), ("fsdp", 2, 2, 4)):
+        assert dp_degree(StrategyConfig(dp=dp, dp_replicate=rep, tp=2, pp=pp), 16) == want
+    assert dp_degree(StrategyConfig(tp=2), 2) == 1 and dp_degree(StrategyConfig(), 1) == 1
 
 
 def test_stages_hold_consecutive_blocks_under_global_names():

@@ -52,7 +52,7 @@ from strategies import (
     recompute_flops_per_token,
 )
 from strategies.config import StrategyError
-from strategies.mesh import build_mesh, dp_coordinate, mesh_shape
+from strategies.mesh import build_mesh, dp_coordinate, dp_degree
 from strategies.pp import Pipeline
 
 
@@ -70,7 +70,7 @@ class TrainOutcome:
 def plan_batch(cfg: RunConfig, info: DistInfo) -> dict:
     """Batch arithmetic, once: dp size (world / tp: ranks of one tensor-parallel group share their
     micro-batches), grad_accum, global batch in sequences and tokens."""
-    dp = mesh_shape(cfg.strategy, info.world_size).dp if cfg.strategy.dp != "none" else 1
+    dp = dp_degree(cfg.strategy, info.world_size)
     ga = cfg.resolve_grad_accum(dp)
     seqs = cfg.micro_batch * ga * dp
     return {"dp_size": dp, "grad_accum": ga, "global_batch_seqs": seqs, "global_batch_tokens": seqs * cfg.seq_len}

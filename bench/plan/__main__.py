@@ -53,7 +53,7 @@ from bench.shape import ShapeArgs  # noqa: E402
 from models.cli import UsageError, fail, opt, parse  # noqa: E402
 from models.config import GPTConfig, get_config  # noqa: E402
 from strategies.config import StrategyConfig, StrategyError  # noqa: E402
-from strategies.mesh import mesh_shape  # noqa: E402
+from strategies.mesh import dp_degree, mesh_shape  # noqa: E402
 from strategies.pp import bubble_fraction, n_microbatches  # noqa: E402
 
 GIB = 2**30
@@ -295,7 +295,7 @@ def _row(args: PlanArgs, asked: GPTConfig, m: GPTConfig, s: StrategyConfig, seq:
                        f"+{extra / 1e6:.1f} M parameters)")
         as_run.append("tie_embeddings=false")
     world, mb, ga = args.world_size, shape.micro_batch, shape.grad_accum
-    dp = mesh_shape(s, world).dp if s.dp != "none" else 1
+    dp = dp_degree(s, world)
     row = {"strategy": s.canonical_name, "family": family(s), "mesh": mesh_shape(s, world).describe(),
            "model": asked.name, "world_size": world, "micro_batch": mb, "grad_accum": ga, "seq_len": seq,
            "global_batch": mb * ga * dp, "global_batch_tokens": mb * ga * dp * seq,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from models.config import GPTConfig
 from models.flops import train_flops_per_token
 from strategies.config import StrategyConfig
-from strategies.mesh import mesh_shape
+from strategies.mesh import dp_degree
 from strategies.pp import n_microbatches
 
 MEGATRON_PAD = 128  # Megatron-LM's default make-vocab-size-divisible-by; the rule pads to a multiple of 128 x tp
@@ -89,7 +89,7 @@ def choose_shape(s: StrategyConfig, world: int, global_batch: int, given_mb: int
     not divide over the data-parallel ranks, or no candidate micro-batch divides the per-rank sequences).
     ``memory(micro_batch=)``: predicted bytes by part; ``step(micro_batch=, grad_accum=)``: predicted step (None:
     memory only); ``limit``: bytes per device."""
-    dp = mesh_shape(s, world).dp if s.dp != "none" else 1
+    dp = dp_degree(s, world)
     per_rank = None
     if global_batch:
         if global_batch % dp:
