@@ -26,10 +26,21 @@ def run(side, t=0.1, status="ok", mem=1e9, loss=5.5, error=None):
     return Run(side, status, t if status in ("ok", "suspect") else None, mem, 10.0, error, {"loss": loss})
 
 
-def pairs(ratios, **cand):
-    """One pair per ratio, each of 5 paired steps whose median is that ratio."""
-    return [Pair(i, "AB" if i % 2 == 0 else "BA", run("base"), run("cand", t=0.1 * r, **cand),
-                 step_ratios=[r - 0.02, r - 0.01, r, r + 0.01, r + 0.5])
+def steps_for(ratio, sd):
+    """Five paired step ratios whose median is ``ratio`` and whose round sd (``observe``) is ``sd``, built from the
+    documented definition: log ratios ln(ratio) + a x (-2, -1, 0, 1, 2) have MAD a, so the median's standard error
+    is sqrt(pi/2) x 1.4826 a / sqrt(5), times round_sd_scale."""
+    a = sd / (TH["round_sd_scale"] * math.sqrt(math.pi / 2) * 1.4826 / math.sqrt(5))
+    return [ratio * math.exp(a * k) for k in (-2, -1, 0, 1, 2)]
+
+
+def pairs(ratios, sd=0.01, **cand):
+    """One pair per ratio, each of 5 paired steps whose median is that ratio and whose round sd is ``sd``; one
+    step in every round is wild (+50 %, in place of the highest: the median and the MAD do not move)."""
+    def steps(r):
+        xs = steps_for(r, sd)
+        return [*xs[:4], xs[4] + 0.5]
+    return [Pair(i, "AB" if i % 2 == 0 else "BA", run("base"), run("cand", t=0.1 * r, **cand), step_ratios=steps(r))
             for i, r in enumerate(ratios)]
 
 
@@ -43,11 +54,28 @@ def test_verdicts_on_paired_ratios():
     assert checks(slow)["step_time"] == "FAIL"
     st = next(c for c in slow.checks if c["metric"] == "step_time")
     assert st["ratio"] == pytest.approx(statistics.geometric_mean([1.09, 1.11, 1.10, 1.12])) and st["pairs"] == 4
-    # one wild step in every round (the helper's r + 0.5) does not move the rounds' medians
+    assert st["round_sd_pct"] == pytest.approx([1.0] * 4)  # each round's own sd, from its steps
+    # one wild step in every round (the helper's +0.5) moves neither the rounds' medians nor their spread
     assert judge("e", pairs([1.00, 1.01, 0.99, 1.00]), TH).verdict == "PASS"
     # +4 % is a regression over four rounds; +2 % is not (the test's midpoint is 1.025)
     assert checks(judge("e", pairs([1.04] * 4), TH))["step_time"] == "FAIL"
     assert checks(judge("e", pairs([1.02] * 4), TH))["step_time"] == "PASS"
+
+
+def test_rounds_weigh_by_their_own_spread():
+    """Each round weighs 1/sd^2, its sd measured from its own steps: a round 10 % slower with sd 1 % and an
+    unchanged one with sd 3 % combine to 1.1^(0.9) (weights 1/0.01^2 and 1/0.03^2, nine to one), not to the plain
+    geometric mean 1.049; the sd has a floor (min_round_sd_pct) for steps that do not vary at all."""
+    v = judge("e", [*pairs([1.10], sd=0.01), *pairs([1.00], sd=0.03)], TH)
+    st = next(c for c in v.checks if c["metric"] == "step_time")
+    assert st["ratio"] == pytest.approx(1.1 ** 0.9) and st["round_sd_pct"] == pytest.approx([1.0, 3.0])
+    assert ab_gate.observe([1.02] * 60, TH) == (1.02, TH["min_round_sd_pct"] / 100)
+    # the lines at total precision w: d/2 + ln(miss/(1 - false_alarm)) / (w d), d/2 + ln((1 - miss)/false_alarm)
+    # / (w d) in log ratio, worked out here for w = 1/0.01^2 (one round of sd 1 %)
+    d, w = math.log(1.05), 1e4
+    want = (d / 2 + math.log(TH["miss"] / (1 - TH["false_alarm"])) / (w * d),
+            d / 2 + math.log((1 - TH["miss"]) / TH["false_alarm"]) / (w * d))
+    assert [math.log(x) for x in ab_gate.sprt_lines(w, TH)] == pytest.approx(want)
 
 
 def test_status_memory_and_loss_checks():
@@ -100,44 +128,52 @@ def test_borderline_rounds_are_measured_again_up_to_a_limit():
     assert needs_more(pairs([1.10]), TH)  # clearly slower, but one round never fails (min_fail_rounds) ...
     assert not needs_more(pairs([1.10, 1.10]), TH)  # ... two do
     assert not needs_more(pairs([1.025] * TH["max_pairs"]), TH)  # the limit stops it
-    # the lines close in as rounds accumulate: 1.035 is not sure after one round, a fail after eight
-    assert ab_gate.speed_call([1.035], TH) == "not sure" and ab_gate.speed_call([1.035] * 8, TH) == "fail"
-    assert ab_gate.speed_call([1.2], TH) == "not sure" and ab_gate.speed_call([1.086, 1.0], TH) == "not sure"
-    assert ab_gate.speed_call([1.018], TH) == "not sure" and ab_gate.speed_call([1.018] * 3, TH) == "pass"
+    # the lines close in as rounds accumulate (rounds of sd 1 %): 1.035 is not sure after one round, a fail after
+    # eight; a noisier round (sd 2.3 %) decides less: 1.086 then 1.0 is not sure, 1.015 needs three rounds to pass
+    call = ab_gate.speed_call
+    assert call([(1.035, 0.01)], TH) == "not sure" and call([(1.035, 0.01)] * 8, TH) == "fail"
+    assert call([(1.2, 0.01)], TH) == "not sure" and call([(1.086, 0.023), (1.0, 0.023)], TH) == "not sure"
+    assert call([(1.015, 0.023)] * 2, TH) == "not sure" and call([(1.015, 0.023)] * 3, TH) == "pass"
 
 
-def _simulated_rates(th, sd, n=20000, seed=0):
+def _simulated_rates(th, step_sd, n=3000, steps=120, seed=0):
     """The whole sequential rule (rounds until sure, at most max_pairs, then ``speed_verdict``) on rounds drawn
-    here: log ratio normal with ``sd``, at ratio 1 and at 1 + detect_pct/100. Returns (false alarms, detections,
+    here: ``steps`` paired step ratios, each log ratio normal with ``step_sd`` around 1 and around 1 +
+    detect_pct/100, every round observed from its own steps (``observe``). Returns (false alarms, detections,
     mean rounds unchanged, mean rounds slowed)."""
     rng = random.Random(seed)
+
+    def one(mu):
+        return ab_gate.observe([math.exp(rng.gauss(mu, step_sd)) for _ in range(steps)], th)
+
     out = []
     for mu in (0.0, math.log1p(th["detect_pct"] / 100)):
         fails = rounds = 0
         for _ in range(n):
-            rs = [math.exp(rng.gauss(mu, sd))]
+            rs = [one(mu)]
             while ab_gate.speed_call(rs, th) == "not sure" and len(rs) < th["max_pairs"]:
-                rs.append(math.exp(rng.gauss(mu, sd)))
+                rs.append(one(mu))
             fails += ab_gate.speed_verdict(rs, th)[0] == "FAIL"
             rounds += len(rs)
         out += [fails / n, rounds / n]
     return out[0], out[2], out[1], out[3]
 
 
-def test_the_sequential_rule_keeps_its_design_error_rates():
-    """Wald's bounds, checked by simulating rounds whose spread is the design one: false alarms at most
-    false_alarm / (1 - miss), misses at most miss / (1 - false_alarm) (truncation at max_pairs included), and a
-    short gate: unchanged code decides in under 1.8 rounds on average (1.62 at the design spread), a slower one in
-    under 3.5. A rule that
-    swapped the two error rates, forgot that the lines close in with n, or judged every round on the midpoint
-    breaks one of these."""
-    fa, det, n_aa, n_slow = _simulated_rates(TH, TH["round_sd_pct"] / 100)
+def test_the_sequential_rule_keeps_its_design_error_rates_on_any_host():
+    """Wald's bounds, checked by simulating rounds of 120 steps whose steps spread like this machine's quiet (10 %
+    per step) and twice as wide: false alarms at most false_alarm / (1 - miss), misses at most miss / (1 -
+    false_alarm) (truncation at max_pairs included), on both -- each round measures its own spread, so a noisier
+    host buys more rounds instead of more false alarms -- and a short gate where steps spread like this machine's
+    (an unchanged entry under 1.5 rounds, a slower one under 3). A rule that swapped the two error rates, forgot
+    that the lines close in with the precision, judged every round on the midpoint, or took the rounds' sd from
+    anything but their steps breaks one of these."""
+    fa, det, n_aa, n_slow = _simulated_rates(TH, 0.10)
     assert fa <= TH["false_alarm"] / (1 - TH["miss"])
     assert 1 - det <= TH["miss"] / (1 - TH["false_alarm"])
-    assert n_aa < 1.8 and n_slow < 3.5
-    # a host twice as noisy as designed: the rule is no longer held to its rates (why round_sd_pct is measured)
-    fa2, _, _, _ = _simulated_rates(TH, 2 * TH["round_sd_pct"] / 100, n=5000)
-    assert fa2 > 2 * TH["false_alarm"]
+    assert n_aa < 1.5 and n_slow < 3
+    fa2, det2, n_aa2, _ = _simulated_rates(TH, 0.20, n=2000, seed=1)
+    assert fa2 <= TH["false_alarm"] / (1 - TH["miss"]) and 1 - det2 <= TH["miss"] / (1 - TH["false_alarm"])
+    assert n_aa2 > n_aa  # ... paid for in rounds
 
 
 def test_one_round_then_more_only_for_an_entry_not_sure_yet(monkeypatch):
@@ -145,6 +181,7 @@ def test_one_round_then_more_only_for_an_entry_not_sure_yet(monkeypatch):
     limit gets rounds until it is sure (here its second round settles it), one that stays near it stops at
     max_pairs and says it was judged at the cap; the first mover alternates between entries and rounds."""
     script = {"fast": [1.00], "settles": [1.05, 1.09], "stuck": [1.0315, 1.0185] * 10}
+    sd = {"fast": 0.01, "settles": 0.01, "stuck": 0.023}  # each entry's rounds' own spread
     calls = []
 
     class FakeRunner:
@@ -155,7 +192,8 @@ def test_one_round_then_more_only_for_an_entry_not_sure_yet(monkeypatch):
         calls.append((entry.label, rnd))
         r = script[entry.label][rnd]
         first = ab_gate.round_order(("base", "cand"), rnd + index)[0]
-        return Pair(rnd, "AB" if first == "base" else "BA", run("base"), run("cand", t=0.1 * r), step_ratios=[r] * 5)
+        return Pair(rnd, "AB" if first == "base" else "BA", run("base"), run("cand", t=0.1 * r),
+                    step_ratios=steps_for(r, sd[entry.label]))
 
     monkeypatch.setattr(ab_gate, "Runner", FakeRunner)
     monkeypatch.setattr(ab_gate, "measure_pair", fake_pair)
@@ -174,14 +212,14 @@ def test_one_round_then_more_only_for_an_entry_not_sure_yet(monkeypatch):
 def test_a_round_is_judged_on_its_paired_steps_not_whole_runs():
     """A round's observation is the median of its steps paired k with k, not the runs' median step times: a pair
     whose run medians say 1.00 but whose steps, paired, are 8 % slower counts as 1.08. Rounds combine by their
-    geometric mean (a round 10 % slower and one 10 % faster cancel)."""
+    precision-weighted geometric mean (a round 10 % slower and one 10 % faster, equally spread, cancel)."""
     base, cand = run("base", t=0.100), run("cand", t=0.100)  # the runs' medians agree ...
     slow = [Pair(0, "AB", base, cand, step_ratios=[1.08] * 40 + [0.95] * 20)]  # ... their paired steps do not
     v = judge("e", slow, TH)
     st = next(c for c in v.checks if c["metric"] == "step_time")
     assert checks(v)["step_time"] == "FAIL" and st["ratio"] == pytest.approx(1.08) and st["steps"] == 60
     two = [Pair(0, "AB", base, cand, step_ratios=[1.1] * 60), Pair(1, "BA", base, cand, step_ratios=[1 / 1.1] * 60)]
-    assert ab_gate.entry_ratio(two) == pytest.approx(1.0)
+    assert ab_gate.pooled([ab_gate.observe(p.step_ratios, TH) for p in two])[0] == pytest.approx(1.0)
     # two runs that finished but left no paired steps cannot pass on speed
     blind = judge("e", [Pair(0, "AB", base, cand, step_ratios=[])], TH)
     assert checks(blind)["step_time"] == "FAIL" and "cannot be judged" in blind.checks[-1]["detail"]
@@ -298,7 +336,7 @@ def test_accept_counters_must_name_counters(tmp_path):
     bad.write_text((ab_gate.DEFAULT_THRESHOLDS.read_text()).replace("accept_counters: []", "accept_counters: [flops]"))
     with pytest.raises(ab_gate.ABInputError, match="accept_counters"):
         ab_gate.load_thresholds(bad)
-    for key, bad_value in (("false_alarm", "0.9"), ("miss", "0"), ("round_sd_pct", "0"), ("min_fail_rounds", "0"),
+    for key, bad_value in (("false_alarm", "0.9"), ("miss", "0"), ("round_sd_scale", "0"), ("min_fail_rounds", "0"),
                              ("round_steps", "0"), ("round_steps", "60.5")):
         text = ab_gate.DEFAULT_THRESHOLDS.read_text()
         bad.write_text(re.sub(rf"^{key}: \S+", f"{key}: {bad_value}", text, count=1, flags=re.M))
@@ -328,7 +366,9 @@ def test_the_study_summary_counts_centres_and_implied_rates(tmp_path):
     assert "0.9900 +- 0.00% (n=2)" in aa and "1.0100 +- 0.00% (n=2)" in aa and "0.0000 (false alarms)" in aa
     slow = next(ln for ln in text.splitlines() if ln.startswith("| +5%"))
     assert "1.0000 (detected)" in slow
-    assert study.implied_rates([1.03] * 10, TH, n=100) == (1.0, TH["max_pairs"])  # 1.03: the cap, then FAIL
+    # rounds at 1.03 with sd 2.3 %: never sure, the cap, then FAIL on the midpoint
+    se = 0.023 / TH["round_sd_scale"]
+    assert study.implied_rates([(1.03, se)] * 10, TH, n=100) == (1.0, TH["max_pairs"])
     # pooled with another study: the slowed rounds, their +5 % taken out, join the unchanged ones (4 + 4 + 4);
     # a gate of shorter rounds is another measurement: shown in the spread by length, left out of the rates
     other = tmp_path / "other"
@@ -338,29 +378,30 @@ def test_the_study_summary_counts_centres_and_implied_rates(tmp_path):
     res = study.residuals([tmp_path, other], TH["round_steps"])
     assert len(res["quiet"]) == 12 and not res["loaded"]
     assert len(study.residuals([tmp_path, other])["quiet"]) == 16
-    assert sorted(round(math.exp(r), 4) for r in res["quiet"])[-1] == round(1.08 / 1.05, 4)
+    assert sorted(round(math.exp(r), 4) for r, _ in res["quiet"])[-1] == round(1.08 / 1.05, 4)
     pooled = study.summarise(tmp_path, [other])
     assert "Pooled over" in pooled and "| quiet     |       12 |" in pooled
     assert "|            60 | quiet     |        4 |" in pooled
 
 
 def test_a_recorded_gate_replays_under_the_shipped_rule():
-    """``study.replay`` on constructed rounds, worked out against the shipped lines (after 1 round pass below
-    1.0092, no fail yet; after 2 fail above 1.0457; after 4 pass below 1.0208; after 8 1.0227 / 1.0299, the cap judged
-    on the midpoint 1.0247); and every committed gate of the sequential rule replays, under the rule it ran (its
-    recorded thresholds), to its own recorded verdicts."""
+    """``study.replay`` on constructed rounds of sd 1.8 % each, worked out against the shipped lines (after 1 round
+    pass below 1.0092, no fail yet; after 2 fail above 1.0457; after 4 pass below 1.0208; after 8 1.0227 / 1.0299,
+    the cap judged on the midpoint 1.0247); and every committed gate of the shipped rule's kind replays, under the
+    rule it ran (its recorded thresholds), to its own recorded verdicts."""
     from bench.gate import study
 
     def entry(rounds, other="PASS"):
         return {"entry": "e", "verdict": "?", "checks": [{"metric": "counters", "verdict": other}],
-                "pairs": [{"order": "AB", "step_ratios": [r, r, r]} for r in rounds]}
+                "pairs": [{"order": "AB", "step_ratios": steps_for(r, 0.018)} for r in rounds]}
 
     cases = [([1.00], "PASS"), ([1.08], None), ([1.08, 1.08], "FAIL"), ([1.026] * 8, "FAIL"), ([1.024] * 8, "PASS"),
              ([1.02] * 4, "PASS")]
     got = study.replay({"verdicts": [entry(r) for r, _ in cases]}, TH)
     assert [speed for _, speed, _ in got] == [want for _, want in cases]
     assert study.replay({"verdicts": [entry([1.08], other="FAIL")]}, TH) == [("e", None, "FAIL")]
-    keys = ("detect_pct", "round_sd_pct", "false_alarm", "miss", "max_pairs", "min_fail_rounds")
+    keys = ("detect_pct", "round_sd_scale", "min_round_sd_pct", "false_alarm", "miss", "max_pairs",
+            "min_fail_rounds")
     checked = 0
     for f in sorted((ROOT / "results" / "noise").glob("*/*-*-*.json")):
         g = json.loads(f.read_text())

@@ -23,13 +23,17 @@ differs between the two versions in any pair, whatever the timing says, naming t
 ``accept_counters`` lists it (a change the work makes on purpose, said in the detail). A counter the baseline
 does not record yet is named and not judged. ``timing=false`` judges status, counters and memory only (one round,
 no speed verdict): for a host where no timing can be trusted.
-- speed: Wald's sequential probability ratio test on the rounds (``speed_call``). Each round gives one
-  observation, the log of its pair's median paired ratio, taken as normal with the standard deviation
-  ``round_sd_pct`` measured on unchanged code (results/noise/); the two hypotheses are "unchanged" (ratio 1) and
-  "slower by ``detect_pct``". After n rounds with geometric mean g of the rounds' ratios, and
-  d = ln(1 + detect_pct/100), s = round_sd_pct/100:
-      fail when ln g >= d/2 + s^2 ln((1 - miss)/false_alarm) / (n d),
-      pass when ln g <= d/2 + s^2 ln(miss/(1 - false_alarm)) / (n d),
+- speed: Wald's sequential probability ratio test on the rounds (``speed_call``). Each round i gives one
+  observation x_i, the log of its pair's median paired ratio, taken as normal with its own standard deviation
+  s_i, measured from the round's own steps: s_i = round_sd_scale x the median's standard error
+  (bench/gate/paired.py ``median_se``), at least min_round_sd_pct/100 (``observe``). A round beside a busy
+  neighbour spreads its steps and so weighs less; the scale (1.2) covers what the steps' serial correlation
+  hides (measured: rounds standardised by their own error spread 1.01 quiet, 1.11 loaded; docs/gate.md). The
+  two hypotheses are "unchanged" (ratio 1) and "slower by ``detect_pct``". After n rounds, with precision
+  w = sum 1/s_i^2, the precision-weighted mean m = sum (x_i/s_i^2) / w, g = exp(m) and d = ln(1 + detect_pct/100):
+      fail when m >= d/2 + ln((1 - miss)/false_alarm) / (w d),
+      pass when m <= d/2 + ln(miss/(1 - false_alarm)) / (w d)
+  (the log likelihood ratio w d (m - d/2) against Wald's bounds; with equal s_i the familiar n/s^2 for w),
   otherwise not sure yet: one more round (the first mover swapped), up to ``max_pairs``; at the cap it is judged on
   the midpoint 1 + d/2 and says so. A fail needs at least ``min_fail_rounds`` rounds (2: one wild round under
   load, +8.6 % on unchanged code in the study, is measured again before it can fail a gate; the field's "two
@@ -62,7 +66,7 @@ from pathlib import Path
 import yaml
 
 from bench.gate import ci_suite
-from bench.gate.paired import median, paired_ratios, round_order, summarize
+from bench.gate.paired import median, median_se, paired_ratios, round_order, summarize
 from bench.harness.turn import ENV_FILE, ENV_SIDE, FREE, write_turn
 from bench.launch import suite
 from bench.launch.suite import Entry
@@ -72,8 +76,8 @@ from reports.record import FINISHED  # a suspect run's times, memory and loss ar
 ROOT = suite.ROOT
 BASE_REV_FILE = ROOT / "results" / "baselines" / "BASE_REV"
 DEFAULT_THRESHOLDS = Path(__file__).with_name("thresholds_ab.yaml")
-_KNOWN = {"detect_pct", "round_steps", "round_sd_pct", "false_alarm", "miss", "min_fail_rounds", "max_pairs",
-          "max_rise_pct", "accept_counters"}
+_KNOWN = {"detect_pct", "round_steps", "round_sd_scale", "min_round_sd_pct", "false_alarm", "miss",
+          "min_fail_rounds", "max_pairs", "max_rise_pct", "accept_counters"}
 _RATES = ("false_alarm", "miss")  # probabilities strictly between 0 and 1, summing below 1
 # the counters of a row the gate compares exactly (reports/record.py defines each); the loss too: same code, seed
 # and data give the same bits on one machine (every A/A pair of the studies in results/noise/ agrees exactly)
@@ -146,7 +150,8 @@ def load_thresholds(path: str | Path | None = None) -> dict:
             raise ABInputError(f"{path}: {k}={v!r} must be a finite number >= 0")
         elif k in _RATES and not 0 < v < 1:
             raise ABInputError(f"{path}: {k}={v!r} must be a probability between 0 and 1")
-        elif k in ("detect_pct", "round_sd_pct", "max_pairs", "min_fail_rounds", "round_steps") and not v > 0:
+        elif k in ("detect_pct", "round_sd_scale", "min_round_sd_pct", "max_pairs", "min_fail_rounds",
+                   "round_steps") and not v > 0:
             raise ABInputError(f"{path}: {k}={v!r} must be > 0")
         elif k in ("round_steps", "max_pairs", "min_fail_rounds") and not isinstance(v, int):
             raise ABInputError(f"{path}: {k}={v!r} must be a whole number")
@@ -273,12 +278,6 @@ def measure_pair(runner: Runner, entry: tuple, rnd: int, index: int) -> Pair:
     return Pair(rnd, "AB" if first == "base" else "BA", base, cand, step_ratios=ratios)
 
 
-def entry_ratio(ok: list[Pair]) -> float:
-    """The judged ratio of an entry's ok pairs: the geometric mean of the pairs' median paired step ratios (one
-    observation per round: the rounds, not the steps, are what vary independently)."""
-    return math.exp(sum(math.log(p.ratio) for p in ok) / len(ok))
-
-
 def judge_counters(ok: list[Pair], th: dict) -> dict:
     """The counters check of an entry's finished pairs: every counter both versions record must be equal in every
     pair (an accepted one may differ and is said); one the baseline lacks is named, not judged."""
@@ -332,20 +331,23 @@ def judge(entry: str, pairs: list[Pair], th: dict, timing: bool = True) -> Verdi
                                    "missing or empty): the speed cannot be judged"})
         return v
     pairs_r = summarize([p.ratio for p in ok])
-    pooled = [r for p in ok for r in p.step_ratios]
-    g = entry_ratio(ok)
-    verdict, call = speed_verdict([p.ratio for p in ok], th)
-    pass_line, fail_line = sprt_lines(len(ok), th)
+    steps = sum(len(p.step_ratios) for p in ok)
+    obs = [observe(p.step_ratios, th) for p in ok]
+    g, w = pooled(obs)
+    verdict, call = speed_verdict(obs, th)
+    pass_line, fail_line = sprt_lines(w, th)
+    sds = [s * 100 for _, s in obs]
     said = (f"not sure after {len(ok)} rounds: judged on the midpoint {_midpoint(th):.3f}" if call == "not sure"
             else f"{call}: sure after {len(ok)} round{'s' if len(ok) > 1 else ''}")
     v.checks.append({"metric": "step_time", "verdict": verdict, "call": call,
                      "baseline": median(p.base.step_time_s for p in ok),
                      "candidate": median(p.cand.step_time_s for p in ok),
-                     "ratio": g, "low": pairs_r.low, "high": pairs_r.high, "pairs": len(ok), "steps": len(pooled),
-                     "pass_line": pass_line, "fail_line": fail_line,
-                     "detail": f"ratio {g:.3f} (geometric mean of {len(ok)} rounds' medians, {pairs_r.low:.3f}-"
-                               f"{pairs_r.high:.3f}, {len(pooled)} paired steps); pass below {pass_line:.3f}, "
-                               f"fail above {fail_line:.3f} after {len(ok)}: {said}"})
+                     "ratio": g, "low": pairs_r.low, "high": pairs_r.high, "pairs": len(ok), "steps": steps,
+                     "round_sd_pct": sds, "pass_line": pass_line, "fail_line": fail_line,
+                     "detail": f"ratio {g:.3f} (precision-weighted geometric mean of {len(ok)} rounds' medians, "
+                               f"{pairs_r.low:.3f}-{pairs_r.high:.3f}, round sd {min(sds):.1f}-{max(sds):.1f} %, "
+                               f"{steps} paired steps); pass below {pass_line:.3f}, fail above {fail_line:.3f} "
+                               f"after {len(ok)}: {said}"})
     return _judge_memory(v, ok, th)
 
 
@@ -360,24 +362,42 @@ def _judge_memory(v: Verdict, ok: list[Pair], th: dict) -> Verdict:
     return v
 
 
-def sprt_lines(n: int, th: dict) -> tuple[float, float]:
-    """The pass and fail lines, as ratios, for the geometric mean of ``n`` rounds' ratios (Wald's sequential
-    probability ratio test between ratio 1 and ratio 1 + detect_pct/100, each round's log ratio normal with
-    standard deviation round_sd_pct/100; module docstring)."""
+def observe(step_ratios: list[float], th: dict) -> tuple[float, float]:
+    """One round as the sequential test sees it: (its median paired ratio, s), s the standard deviation of its
+    log: round_sd_scale x ``median_se`` of its own step ratios, at least min_round_sd_pct/100 (module docstring)."""
+    return median(step_ratios), round_sd(median_se(step_ratios), th)
+
+
+def round_sd(se: float, th: dict) -> float:
+    """A round's sd from its median's standard error ``se``: round_sd_scale x se, at least min_round_sd_pct/100
+    (the floor alone when ``se`` is NaN)."""
+    floor = th["min_round_sd_pct"] / 100
+    return floor if math.isnan(se) else max(th["round_sd_scale"] * se, floor)
+
+
+def pooled(obs: list[tuple[float, float]]) -> tuple[float, float]:
+    """(g, w) of rounds observed as (ratio, s): the precision-weighted geometric mean of their ratios,
+    g = exp(sum(ln r_i / s_i^2) / w), and their total precision w = sum(1 / s_i^2)."""
+    w = sum(1 / s**2 for _, s in obs)
+    return math.exp(sum(math.log(r) / s**2 for r, s in obs) / w), w
+
+
+def sprt_lines(w: float, th: dict) -> tuple[float, float]:
+    """The pass and fail lines, as ratios, for the precision-weighted geometric mean of rounds of total precision
+    ``w`` (``pooled``; Wald's sequential probability ratio test between ratio 1 and ratio 1 + detect_pct/100,
+    each round's log ratio normal with its own sd; module docstring)."""
     d = math.log1p(th["detect_pct"] / 100)
-    s2 = (th["round_sd_pct"] / 100) ** 2
     a, b = th["false_alarm"], th["miss"]
-    return (math.exp(d / 2 + s2 * math.log(b / (1 - a)) / (n * d)),
-            math.exp(d / 2 + s2 * math.log((1 - b) / a) / (n * d)))
+    return math.exp(d / 2 + math.log(b / (1 - a)) / (w * d)), math.exp(d / 2 + math.log((1 - b) / a) / (w * d))
 
 
-def speed_call(ratios: list[float], th: dict) -> str:
-    """The speed verdict the rounds' ratios allow so far: "pass", "fail" or "not sure" (``sprt_lines``; a fail
-    only from ``min_fail_rounds`` rounds on)."""
-    g = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-    pass_line, fail_line = sprt_lines(len(ratios), th)
+def speed_call(obs: list[tuple[float, float]], th: dict) -> str:
+    """The speed verdict the rounds observed so far (``observe``: ratio and sd each) allow: "pass", "fail" or
+    "not sure" (``sprt_lines``; a fail only from ``min_fail_rounds`` rounds on)."""
+    g, w = pooled(obs)
+    pass_line, fail_line = sprt_lines(w, th)
     if g >= fail_line:
-        return "fail" if len(ratios) >= th["min_fail_rounds"] else "not sure"
+        return "fail" if len(obs) >= th["min_fail_rounds"] else "not sure"
     return "pass" if g <= pass_line else "not sure"
 
 
@@ -385,12 +405,11 @@ def _midpoint(th: dict) -> float:
     return math.exp(math.log1p(th["detect_pct"] / 100) / 2)
 
 
-def speed_verdict(ratios: list[float], th: dict) -> tuple[str, str]:
+def speed_verdict(obs: list[tuple[float, float]], th: dict) -> tuple[str, str]:
     """("PASS" or "FAIL", the call) of an entry whose rounds stop here: a sure call decides; one still not sure
     (at the cap, or with no more rounds allowed) is judged on the midpoint 1 + d/2 between the hypotheses."""
-    call = speed_call(ratios, th)
-    g = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-    fail = g > _midpoint(th) if call == "not sure" else call == "fail"
+    call = speed_call(obs, th)
+    fail = pooled(obs)[0] > _midpoint(th) if call == "not sure" else call == "fail"
     return "FAIL" if fail else "PASS", call
 
 
@@ -399,7 +418,7 @@ def needs_more(pairs: list[Pair], th: dict) -> bool:
     ok = [p for p in pairs if p.ok]
     if not ok or len(pairs) >= th["max_pairs"] or any(not p.step_ratios for p in ok):
         return False
-    return speed_call([p.ratio for p in ok], th) == "not sure"
+    return speed_call([observe(p.step_ratios, th) for p in ok], th) == "not sure"
 
 
 def run_ab(out: Path, base_tree: Path, rounds: int, th: dict, matrix: list[Entry] = ci_suite.MATRIX,

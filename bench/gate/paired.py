@@ -16,6 +16,7 @@ Definitions:
 - ``paired_ratios(num, den)``: ``num[k] / den[k]`` for every step k both have (the k-th timed step of one variant
   against the k-th of the other, measured about one step apart when they take turns);
 - ``summarize(ratios)``: their median (the judged number: robust to a preempted step), min and max;
+- ``median_se(ratios)``: the standard error of ln(median), from the ratios' own spread;
 - ``median(values)``: the one median of this package -- None and NaN left out, NaN when nothing is left.
 """
 
@@ -55,6 +56,23 @@ def alternate(variants: Sequence[T], rounds: int, run: Callable[[T, int], R]) ->
 def paired_ratios(num: Sequence[float], den: Sequence[float]) -> list[float]:
     """Step k of ``num`` over step k of ``den``, for every k both have (a zero or missing step is left out)."""
     return [n / d for n, d in zip(num, den) if n and d]
+
+
+def median_se(ratios: Sequence[float]) -> float:
+    """The standard error of ln(median(ratios)), from the ratios' own spread (dimensionless, a log ratio):
+
+        sqrt(pi/2) * 1.4826 * MAD / sqrt(n),   MAD = median |ln r_k - median ln r|,
+
+    1.4826 MAD being a normal sample's sd estimated robustly (a preempted step does not widen it) and
+    sqrt(pi/2) sd / sqrt(n) the large-sample sd of a normal sample's median. Steps measured in a row are not
+    quite independent, so a user of this number scales it by a measured factor (bench/gate/ab.py ``observe``).
+    NaN for fewer than 2 positive ratios."""
+    logs = [math.log(r) for r in ratios if r and r > 0]
+    if len(logs) < 2:
+        return math.nan
+    m = statistics.median(logs)
+    mad = statistics.median(abs(x - m) for x in logs)
+    return math.sqrt(math.pi / 2) * 1.4826 * mad / math.sqrt(len(logs))
 
 
 @dataclass

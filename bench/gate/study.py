@@ -34,7 +34,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.gate.ab import ROOT, load_thresholds, speed_call, speed_verdict
+from bench.gate.ab import ROOT, load_thresholds, observe, round_sd, speed_call, speed_verdict
+from bench.gate.paired import median_se
 from models.cli import opt, parse
 from reports.build import markdown_table
 
@@ -67,16 +68,18 @@ def round_steps(gate: dict) -> int:
     return gate.get("thresholds", {}).get("round_steps", 60)
 
 
-def round_ratios(gates: list[dict]) -> list[tuple[str, float]]:
-    """(first mover "AB"/"BA", the round's median paired ratio) of every round of every entry in ``gates``."""
-    return [(p["order"], statistics.median(p["step_ratios"])) for g in gates for v in g["verdicts"]
-            for p in v.get("pairs", []) if p.get("step_ratios")]
+def round_ratios(gates: list[dict]) -> list[tuple[str, float, float]]:
+    """(first mover "AB"/"BA", the round's median paired ratio, that median's standard error from its own steps,
+    bench/gate/paired.py ``median_se``) of every round of every entry in ``gates``."""
+    return [(p["order"], statistics.median(p["step_ratios"]), median_se(p["step_ratios"])) for g in gates
+            for v in g["verdicts"] for p in v.get("pairs", []) if p.get("step_ratios")]
 
 
-def implied_rates(rounds: list[float], th: dict, n: int = 20000, seed: int = 0) -> tuple[float, float]:
+def implied_rates(rounds: list[tuple[float, float]], th: dict, n: int = 20000, seed: int = 0) -> tuple[float, float]:
     """(share of entries FAILed, mean rounds per entry) of the gate's sequential rule (bench/gate/ab.py
     ``speed_call`` / ``speed_verdict``, at most max_pairs rounds) when each round is drawn at random from
-    ``rounds``, the ratios observed."""
+    ``rounds``, the (ratio, median's standard error) pairs observed: a round keeps its own spread."""
+    rounds = [(r, round_sd(se, th)) for r, se in rounds]
     rng = random.Random(seed)
     fails = total = 0
     for _ in range(n):
@@ -99,7 +102,7 @@ def replay(gate: dict, th: dict) -> list[tuple[str, str | None, str | None]]:
     out = []
     for v in gate["verdicts"]:
         other = any(c["verdict"] == "FAIL" for c in v["checks"] if c["metric"] != "step_time")
-        rs = [statistics.median(p["step_ratios"]) for p in v.get("pairs", []) if p.get("step_ratios")]
+        rs = [observe(p["step_ratios"], th) for p in v.get("pairs", []) if p.get("step_ratios")]
         speed = None
         for n in range(1, len(rs) + 1):
             if speed_call(rs[:n], th) != "not sure" or n == th["max_pairs"]:
@@ -143,11 +146,11 @@ def centre(rounds: list[float]) -> str:
     return f"{math.exp(statistics.mean(logs)):.4f} +- {se * 100:.2f}% (n={len(logs)})"
 
 
-def residuals(folders: list[Path], steps: int | None = None) -> dict[str, list[float]]:
+def residuals(folders: list[Path], steps: int | None = None) -> dict[str, list[tuple[float, float]]]:
     """Per machine condition (quiet, loaded), every round's log ratio with the injected slowdown taken out
-    (ln ratio - ln(1 + slow_pct/100)), from the gates in ``folders`` whose rounds are ``steps`` long (any length
-    when None): the round-to-round spread, whatever the gate measured."""
-    out: dict[str, list[float]] = {"quiet": [], "loaded": []}
+    (ln ratio - ln(1 + slow_pct/100)) and its median's standard error, from the gates in ``folders`` whose rounds
+    are ``steps`` long (any length when None): the round-to-round spread, whatever the gate measured."""
+    out: dict[str, list[tuple[float, float]]] = {"quiet": [], "loaded": []}
     for folder in folders:
         for f in sorted(Path(folder).glob("*.json")):
             g = json.loads(f.read_text())
@@ -155,7 +158,7 @@ def residuals(folders: list[Path], steps: int | None = None) -> dict[str, list[f
                 continue
             shift = math.log1p(g["slow_pct"] / 100)
             out["loaded" if "loaded" in g["condition"] else "quiet"] += [
-                math.log(r) - shift for _, r in round_ratios([g])]
+                (math.log(r) - shift, se) for _, r, se in round_ratios([g])]
     return out
 
 
@@ -190,8 +193,8 @@ def summarise(out: Path, pool: list[Path] = ()) -> str:
                                  "median ratios", "min/gate"], cells))
     th = load_thresholds(None)
     lines += ["", "Rounds and the rates they imply for the shipped rule (bench/gate/thresholds_ab.yaml: detect "
-              f"{th['detect_pct']:g} %, {th['round_steps']} steps a round, round sd {th['round_sd_pct']:g} %, "
-              f"design false alarm {th['false_alarm']:g}, "
+              f"{th['detect_pct']:g} %, {th['round_steps']} steps a round, a round's sd {th['round_sd_scale']:g} x its "
+              f"own standard error, at least {th['min_round_sd_pct']:g} %, design false alarm {th['false_alarm']:g}, "
               f"miss {th['miss']:g}, at most {th['max_pairs']} rounds), each entry's rounds resampled 20,000 times "
               "from those observed:", ""]
     cells = []
@@ -201,9 +204,9 @@ def summarise(out: Path, pool: list[Path] = ()) -> str:
             rr = round_ratios(gates)
             if not rr:
                 continue
-            ratios = [r for _, r in rr]
-            rate, mean_rounds = implied_rates(ratios, th)
-            first = {o: [r for oo, r in rr if oo == o] for o in ("AB", "BA")}
+            ratios = [r for _, r, _ in rr]
+            rate, mean_rounds = implied_rates([(r, se) for _, r, se in rr], th)
+            first = {o: [r for oo, r, _ in rr if oo == o] for o in ("AB", "BA")}
             label = "unchanged" if kind == "aa" else f"+{gates[0]['slow_pct']:g}%"
             cells.append([label, load, centre(ratios), centre(first["AB"]), centre(first["BA"]),
                           f"{statistics.stdev(math.log(r) for r in ratios) * 100:.2f}%" if len(ratios) > 1 else "-",
@@ -216,19 +219,28 @@ def summarise(out: Path, pool: list[Path] = ()) -> str:
     for steps in sorted(lengths):
         for load, res in residuals(folders, steps).items():
             if len(res) > 1:
-                cells.append([steps, load, len(res), f"{statistics.mean(res) * 100:+.2f}%",
-                              f"{statistics.stdev(res) * 100:.2f}%"])
+                xs, z = [x for x, _ in res], [x / se for x, se in res if se > 0]
+                cells.append([steps, load, len(res), f"{statistics.mean(xs) * 100:+.2f}%",
+                              f"{statistics.stdev(xs) * 100:.2f}%",
+                              f"{statistics.median(se for _, se in res) * 100:.2f}%",
+                              *((f"{statistics.stdev(z):.2f}", f"{min(z):+.1f} / {max(z):+.1f}") if len(z) > 1
+                                else ("-", "-"))])
     lines += ["", "The spread of a round by its length (paired steps per round; every round of "
-              + ", ".join(str(Path(f).name) for f in folders) + ", the injected slowdown taken out):", ""]
-    lines.append(markdown_table(["steps/round", "machine", "rounds", "centre", "sd of log ratio"], cells))
+              + ", ".join(str(Path(f).name) for f in folders) + ", the injected slowdown taken out), and of the "
+              "rounds standardised by their own standard error (ln ratio / `median_se` of its steps: the spread "
+              "`round_sd_scale` covers):", ""]
+    lines.append(markdown_table(["steps/round", "machine", "rounds", "centre", "sd of log ratio",
+                                 "median own se", "sd standardised", "min / max standardised"], cells))
     pooled = residuals(folders, th["round_steps"])
     cells = []
     for load, res in pooled.items():
         if len(res) < 2:
             continue
-        fa, n_aa = implied_rates([math.exp(r) for r in res], th)
-        det, n_slow = implied_rates([math.exp(r + math.log1p(th["detect_pct"] / 100)) for r in res], th, seed=1)
-        cells.append([load, len(res), f"{statistics.mean(res) * 100:+.2f}%", f"{statistics.stdev(res) * 100:.2f}%",
+        fa, n_aa = implied_rates([(math.exp(r), se) for r, se in res], th)
+        det, n_slow = implied_rates([(math.exp(r + math.log1p(th["detect_pct"] / 100)), se) for r, se in res], th,
+                                    seed=1)
+        xs = [r for r, _ in res]
+        cells.append([load, len(res), f"{statistics.mean(xs) * 100:+.2f}%", f"{statistics.stdev(xs) * 100:.2f}%",
                       f"{fa:.4f}", f"{n_aa:.2f}", f"{det:.4f}", f"{n_slow:.2f}"])
     if cells:
         names = ", ".join(str(Path(f).name) for f in folders)
