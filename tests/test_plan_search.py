@@ -41,6 +41,7 @@ def test_micro_batch_candidates():
     assert micro_batches(StrategyConfig(), 24, 0) == [1, 2, 4, 8]  # powers of two dividing 24
     assert micro_batches(StrategyConfig(pp=4), 24, 0) == [4, 8]  # multiples of the 4 pipeline micro-batches
     assert micro_batches(StrategyConfig(pp=2), None, 6) == [6]  # given
+    assert micro_batches(StrategyConfig(), 24, 6) == [6] and micro_batches(StrategyConfig(), 24, 5) == []  # given
 
 
 def test_gpt2_xl_on_64_gpus_asked_with_no_flags():

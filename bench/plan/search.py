@@ -58,11 +58,11 @@ def vocab_padding(cfg: GPTConfig, seq_len: int) -> dict:
 
 
 def micro_batches(s: StrategyConfig, per_rank: int | None, given: int) -> list[int]:
-    """The candidate micro-batches, smallest first (module docstring, 2.): ``given``, or powers of two times the
-    pipeline's micro-batches that divide ``per_rank`` (the target's sequences per data-parallel rank; None: up to
-    ``MAX_MICRO_BATCH``)."""
+    """The candidate micro-batches, smallest first (module docstring, 2.): ``given`` (if it divides ``per_rank``),
+    or powers of two times the pipeline's micro-batches that divide ``per_rank`` (the target's sequences per
+    data-parallel rank; None: up to ``MAX_MICRO_BATCH``)."""
     if given:
-        return [given]
+        return [given] if per_rank is None or per_rank % given == 0 else []
     step = n_microbatches(s) if s.pp > 1 else 1
     out, mb = [], step
     while mb <= (per_rank if per_rank is not None else MAX_MICRO_BATCH):
@@ -96,8 +96,6 @@ def choose_shape(s: StrategyConfig, world: int, global_batch: int, given_mb: int
             return f"global_batch={global_batch} sequences do not divide over dp={dp} ranks"
         per_rank = global_batch // dp
     candidates = micro_batches(s, per_rank, given_mb)
-    if per_rank is not None:
-        candidates = [mb for mb in candidates if per_rank % mb == 0]
     if not candidates:
         need = f"a multiple of the pipeline's {n_microbatches(s)} micro-batches" if s.pp > 1 else "whole"
         return f"no micro-batch ({need}) divides the {per_rank} sequences per data-parallel rank"
