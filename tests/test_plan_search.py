@@ -114,6 +114,8 @@ def test_choose_shape_rules():
     assert "do not divide over dp=2" in choose_shape(s, 2, 7, 0, 1, 40, memory, step)
     pp = dataclasses.replace(StrategyConfig(pp=4))
     assert "no micro-batch (a multiple of the pipeline's 4" in choose_shape(pp, 4, 2, 0, 1, 40, memory, step)
+    # a pinned micro-batch that does not divide the 4 sequences per rank: the reason, not a shape
+    assert "no micro-batch (whole) divides the 4 sequences" in choose_shape(s, 2, 8, 3, 1, 40, memory, step)
 
 
 def test_planner_inputs_for_the_search_are_checked():
