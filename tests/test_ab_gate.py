@@ -380,7 +380,7 @@ def test_the_study_summary_counts_centres_and_implied_rates(tmp_path):
     assert len(study.residuals([tmp_path, other])["quiet"]) == 16
     assert sorted(round(math.exp(r), 4) for r, _ in res["quiet"])[-1] == round(1.08 / 1.05, 4)
     pooled = study.summarise(tmp_path, [other])
-    assert "Pooled over" in pooled and "| quiet     |       12 |" in pooled
+    assert "Pooled over" in pooled and f"|           {TH['round_steps']} | quiet     |       12 |" in pooled
     assert "|            60 | quiet     |        4 |" in pooled
 
 
