@@ -24,9 +24,10 @@ $(VENV)/.installed: pyproject.toml
 bench: setup
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) bench/run.py strategy=fsdp $(ARGS)
 
-# every tier: unit, dist, e2e, browser (docs/testing.md: what each holds, how long it takes)
+# every tier: unit, dist, e2e, browser (docs/testing.md: what each holds, how long it takes); the 15 slowest
+# tests are listed at the end, so every CI log says where its time went
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(ARGS)
 
 # the unit tier: what a developer runs before every commit
 test-fast: setup
