@@ -433,7 +433,8 @@ def run_ab(out: Path, base_tree: Path, rounds: int, th: dict, matrix: list[Entry
     def add(entry, rnd, i):
         p = measure_pair(runner, entry, rnd, i)
         log(f"[ab] {entry.label} round {rnd} {p.order}: base {_ms(p.base)} cand {_ms(p.cand)} "
-            f"{len(p.step_ratios)} paired steps" + (f" ratio {p.ratio:.3f}" if p.ok else ""))
+            f"{len(p.step_ratios)} paired steps" + (f" ratio {p.ratio:.3f} (sd {observe(p.step_ratios, th)[1]:.1%})"
+                                                     if p.ok and p.step_ratios else ""))
         return p
 
     for rnd in range(rounds):
