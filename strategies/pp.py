@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from models.gpt import lm_loss
+from models.weights import local_part
 from strategies.base import StrategyError
 
 # torch.distributed.pipelining's schedule classes by name (imported when a pipeline is built: the planner
@@ -79,10 +80,6 @@ def split_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
     return part
 
 
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 class Pipeline(nn.Module):
     """This rank's stage modules (``stages``: what the optimizer trains) and, after ``finish``, the
     schedule that runs one training micro-batch through the whole pipeline (forward and backward)."""
@@ -118,7 +115,7 @@ class Pipeline(nn.Module):
         if not self._has_last:
             return torch.zeros((), device=x.device)
         # under loss_parallel (pp x tp) each loss is a replicated DTensor: its local value is the loss
-        return torch.stack([_plain(loss).detach() for loss in losses]).sum()
+        return torch.stack([local_part(loss).detach() for loss in losses]).sum()
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Forward only (the schedule's ``eval``: no backward, no gradients) of one held-out micro-batch; its
@@ -127,7 +124,7 @@ class Pipeline(nn.Module):
         self.schedule.eval(x, target=y, losses=losses)
         if not self._has_last:
             return torch.zeros((), device=x.device)
-        return torch.stack([_plain(loss).detach() for loss in losses]).sum()
+        return torch.stack([local_part(loss).detach() for loss in losses]).sum()
 
     def forward(self, *_args):
         raise RuntimeError("a Pipeline trains through step(x, y) (its schedule runs forward and backward); "

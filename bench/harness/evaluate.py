@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
+from models.weights import local_part
 from strategies import get_autocast, maybe_loss_parallel
 from strategies.pp import Pipeline
 
@@ -39,7 +39,7 @@ def held_out_loss(model: torch.nn.Module, data, strategy, device: torch.device, 
                         part = model.evaluate(x, y)  # already divided by grad_accum; 0 off the last stage
                     else:
                         loss = model(x, y)
-                        part = (loss.to_local() if isinstance(loss, DTensor) else loss).float() / grad_accum
+                        part = local_part(loss).float() / grad_accum
                 total += part
     model.train(was_training)
     if dist.is_initialized() and dist.get_world_size() > 1:

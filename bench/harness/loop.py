@@ -41,6 +41,7 @@ from bench.measure.overlap import profiled_exposure
 from bench.measure.peak_flops import get_peak_flops
 from bench.measure.profile import StepProfiler
 from models import build_model, count_params, train_flops_per_token
+from models.weights import local_part
 from reports.record import implausible
 from strategies import (
     apply_strategies,
@@ -147,11 +148,6 @@ def param_groups(model: torch.nn.Module) -> list[dict]:
     return [{"params": group} for group in (plain, dtensors) if group]
 
 
-def _local(loss: torch.Tensor) -> torch.Tensor:
-    """The loss as a plain tensor (under loss_parallel it is a replicated DTensor)."""
-    return loss.to_local() if isinstance(loss, DTensor) else loss
-
-
 def data_rank(b: Built) -> int:
     """This rank's coordinate on the data-parallel dimension: which share of each global batch it reads (training
     and held-out alike; ranks of one tensor- or pipeline-parallel group share it)."""
@@ -177,7 +173,7 @@ def make_step(cfg: RunConfig, info: DistInfo, b: Built) -> Callable[[int], torch
                         loss = b.model(x, y)
                     scaled = loss / ga
                     (b.scaler.scale(scaled) if b.scaler else scaled).backward()
-                part = _local(loss.detach()) / ga
+                part = local_part(loss.detach()) / ga
             step_loss = part if step_loss is None else step_loss + part
         if s.tp > 1:
             finalize_grads(b.model)

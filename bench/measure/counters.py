@@ -31,16 +31,13 @@ import warnings
 from collections.abc import Callable, Iterable
 
 import torch
-from torch.distributed.tensor import DTensor
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+from models.weights import local_part
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Sum of ``numel x element size`` over the tensors' local parts (a DTensor counts its local shard)."""
-    return sum(_local(t).numel() * _local(t).element_size() for t in tensors)
+    return sum(local_part(t).numel() * local_part(t).element_size() for t in tensors)
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> dict:

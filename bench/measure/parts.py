@@ -61,6 +61,7 @@ from bench.measure.comm import CommClock
 from bench.measure.probe import Trial, get_or_probe, probe_key
 from models import build_model
 from models.config import GPTConfig
+from models.weights import local_part
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # autocast's 16-bit matmul dtypes
 
@@ -231,7 +232,7 @@ def workloads(cfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.devi
     opts = {kind: torch.optim.AdamW([{"params": g} for g in by_type.values()], lr=1e-4,
                                     fused=kind == "fused" or None, foreach=kind == "foreach" or None)
             for kind in kinds}
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    local = [local_part(p) for p in params]
     return {"block": _step(_part(one, device, True, shard), (x,), gy, sync, forward_ctx, step_ctx),
             "block_matmul": block_matmul, "rest": _step(rest, (idx, targets), None, sync, forward_ctx, step_ctx),
             "rest_matmul": lambda: (head(), sync()), **plain,
