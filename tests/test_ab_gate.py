@@ -411,7 +411,7 @@ def test_a_recorded_gate_replays_under_the_shipped_rule():
         recorded = [next(c["verdict"] for c in v["checks"] if c["metric"] == "step_time") for v in g["verdicts"]]
         assert [speed for _, speed, _ in study.replay(g, th)] == recorded, f.name  # under its own rule
         checked += 1
-    assert checked >= 10  # results/noise/2026-12-04-sprt
+    assert checked >= 5  # results/noise/2026-12-04-r120 (the gates of the rule with its rounds' own spread)
 
 
 def test_the_held_out_loss_is_judged_when_both_revisions_evaluate(tmp_path):
