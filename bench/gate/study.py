@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.gate.ab import ROOT, load_thresholds, observe, round_sd, speed_call, speed_verdict
-from bench.gate.paired import median_se
+from bench.gate.paired import median, median_se
 from models.cli import opt, parse
 from reports.build import markdown_table
 
@@ -71,7 +71,7 @@ def round_steps(gate: dict) -> int:
 def round_ratios(gates: list[dict]) -> list[tuple[str, float, float]]:
     """(first mover "AB"/"BA", the round's median paired ratio, that median's standard error from its own steps,
     bench/gate/paired.py ``median_se``) of every round of every entry in ``gates``."""
-    return [(p["order"], statistics.median(p["step_ratios"]), median_se(p["step_ratios"])) for g in gates
+    return [(p["order"], median(p["step_ratios"]), median_se(p["step_ratios"])) for g in gates
             for v in g["verdicts"] for p in v.get("pairs", []) if p.get("step_ratios")]
 
 
@@ -225,7 +225,7 @@ def summarise(out: Path, pool: list[Path] = ()) -> str:
                 xs, z = [x for x, _ in res], [x / se for x, se in res if se > 0]
                 cells.append([steps, load, len(res), f"{statistics.mean(xs) * 100:+.2f}%",
                               f"{statistics.stdev(xs) * 100:.2f}%",
-                              f"{statistics.median(se for _, se in res) * 100:.2f}%",
+                              f"{median(se for _, se in res) * 100:.2f}%",
                               *((f"{statistics.stdev(z):.2f}", f"{min(z):+.1f} / {max(z):+.1f}") if len(z) > 1
                                 else ("-", "-"))])
     lines += ["", "The spread of a round by its length (paired steps per round; every round of "
