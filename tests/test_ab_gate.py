@@ -369,18 +369,25 @@ def test_the_study_summary_counts_centres_and_implied_rates(tmp_path):
     # rounds at 1.03 with sd 2.3 %: never sure, the cap, then FAIL on the midpoint
     se = 0.023 / TH["round_sd_scale"]
     assert study.implied_rates([(1.03, se)] * 10, TH, n=100) == (1.0, TH["max_pairs"])
-    # pooled with another study: the slowed rounds, their +5 % taken out, join the unchanged ones (4 + 4 + 4);
-    # a gate of shorter rounds is another measurement: shown in the spread by length, left out of the rates
+    # pooled with another study: an unchanged round counts as measured; a slowed one by its distance from its
+    # entry's centre (e0: 1.06 then 1.08, so +-ln(1.08/1.06)/2, x sqrt(2/1) for the centre taken from 2 rounds),
+    # placed on the unchanged rounds' centre (ln 0.99 + ln 1.01)/2; a gate of shorter rounds is another
+    # measurement: shown in the spread by length, left out of the rates; a kind of one round has no centre
+    gate("quiet-slow-1", 5.0, [1.08, 1.06, 1.07, 1.08])
+    gate("loaded-slow-0", 5.0, [1.2])
     other = tmp_path / "other"
     other.mkdir()
     (other / "quiet-aa-0.json").write_text((tmp_path / "quiet-aa-0.json").read_text())
     gate("quiet-aa-1", 0.0, [0.9, 1.1, 0.9, 1.1], folder=other, steps=60)
     res = study.residuals([tmp_path, other], TH["round_steps"])
-    assert len(res["quiet"]) == 12 and not res["loaded"]
-    assert len(study.residuals([tmp_path, other])["quiet"]) == 16
-    assert sorted(round(math.exp(r), 4) for r, _ in res["quiet"])[-1] == round(1.08 / 1.05, 4)
+    assert len(res["quiet"]) == 16 and not res["loaded"]
+    assert len(study.residuals([tmp_path, other])["quiet"]) == 20
+    aa_centre = (math.log(0.99) + math.log(1.01)) / 2
+    want = sorted([math.log(0.99), math.log(1.01)] * 4 + [aa_centre] * 2
+                  + [aa_centre + s * math.log(1.08 / 1.06) / 2 * math.sqrt(2) for s in (-1, 1)] * 3)
+    assert [r for r, _ in sorted(res["quiet"])] == pytest.approx(want, abs=1e-12)
     pooled = study.summarise(tmp_path, [other])
-    assert "Pooled over" in pooled and f"|           {TH['round_steps']} | quiet     |       12 |" in pooled
+    assert "Pooled over" in pooled and f"|           {TH['round_steps']} | quiet     |       16 |" in pooled
     assert "|            60 | quiet     |        4 |" in pooled
 
 

@@ -146,6 +146,12 @@ MUTATIONS = [
              "return math.exp(sum(math.log(r) for r, s in obs) / len(obs)), w",
              ["tests/test_ab_gate.py::test_rounds_weigh_by_their_own_spread"],
              "the A/B gate's rounds averaged alike, a noisy round weighing as much as a clean one"),
+    Mutation("study_residuals_nominal", "bench/gate/study.py",
+             "out[load] += [((x - mid) * math.sqrt(len(rs) / (len(rs) - 1)) + base, se) for x, se in rs]",
+             "out[load] += [(x - math.log1p(slow / 100), se) for x, se in rs]",
+             ["tests/test_ab_gate.py::test_the_study_summary_counts_centres_and_implied_rates"],
+             "the study's pooled rates take the nominal slowdown out of a slowed round, counting the injection's "
+             "excess as noise"),
     Mutation("tokens_compared_across_machines", "bench/gate/regress.py",
              'same_machine = r.hosts_baseline == r.hosts_candidate and "," not in r.hosts_baseline',
              "same_machine = True", ["tests/test_regress.py"], "raw tokens/s compared between two hosts"),
