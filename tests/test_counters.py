@@ -121,3 +121,70 @@ def test_a_step_that_fails_under_the_counter_leaves_the_columns_empty_with_a_war
     with pytest.warns(UserWarning, match="comm_bytes_per_step left empty.*boom"):
         assert measure_comm(broken, 0) == {}
     assert count_step_flops(lambda step: torch.ones(4, 4) @ torch.ones(4, 4), 0) == {"flops_counted_per_step": 128}
+
+
+def _step_counters(rank: int, world: int, change: str) -> dict:
+    """One rank's counters of a hand-made data-parallel step -- a 16 x 16 linear layer, its gradient all-reduced,
+    a compiled activation called on an 8-row batch -- measured by the harness's own instruments (``measure_comm``,
+    ``count_step_flops``, ``compile_counts``), with one constructed ``change``: an extra all-reduce of 100 fp32
+    values, an extra 8 x 16 @ 16 x 16 matmul on a parameter of its own, or a recompile (the compiled function
+    called on a 9-row batch too)."""
+    import torch.distributed as dist
+
+    from bench.harness.loop import measure_comm
+    from bench.measure.counters import count_step_flops
+
+    torch.manual_seed(0)
+    w, w2 = torch.randn(16, 16, requires_grad=True), torch.randn(16, 16, requires_grad=True)
+    act = torch.compile(lambda t: t.tanh() * 2, backend="eager", dynamic=False)
+
+    def step(i: int) -> torch.Tensor:
+        x = torch.randn(8, 16)
+        loss = act(x @ w).sum()
+        if change == "flop":
+            loss = loss + (x @ w2).sum()
+        if change == "recompile":
+            loss = loss + act(torch.randn(9, 16)).sum()
+        loss.backward()
+        dist.all_reduce(w.grad)
+        if change == "allreduce":
+            dist.all_reduce(torch.ones(100))
+        return loss
+
+    torch._dynamo.reset()
+    before = compile_counts()
+    step(0)
+    got = {**compile_counts(since=before), **measure_comm(step, 1), **count_step_flops(step, 2)}
+    return {k: got[k] for k in ("comm_bytes_per_step", "flops_counted_per_step", "graphs_compiled", "graph_breaks")}
+
+
+def test_constructed_changes_move_exactly_their_counter_and_fail_the_gate(ranks):
+    """2 gloo ranks. Unchanged, the step counts the gradient's all-reduce (16 x 16 fp32, 1024 bytes), the forward
+    and backward matmul FLOPs (forward 2 x 8 x 16 x 16, backward the same again: the weight's gradient, and nothing
+    for the input, which needs none) and one compiled graph. Each constructed change moves its counter by its
+    hand-worked amount and no other: an extra all-reduce +400 bytes, an extra matmul +2 x 4096 FLOPs (forward and
+    the new parameter's gradient), a recompile +1 graph. Fed to the A/B gate's judge (bench/gate/ab.py) with equal
+    timing, each fails with its counter named, and the unchanged step against itself passes."""
+    from bench.gate.ab import COUNTERS, Pair, Run, judge, load_thresholds
+
+    base = ranks(_step_counters, "")[0]
+    mm = 2 * 8 * 16 * 16
+    assert base == {"comm_bytes_per_step": 16 * 16 * 4, "flops_counted_per_step": 2 * mm, "graphs_compiled": 1,
+                    "graph_breaks": 0}
+    moved = {"allreduce": ("comm_bytes_per_step", 400), "flop": ("flops_counted_per_step", 2 * mm),
+             "recompile": ("graphs_compiled", 1)}
+    th = load_thresholds(None)
+
+    def verdict(cand: dict):
+        full = {k: 0 for k in COUNTERS}
+        pair = Pair(0, "AB", Run("base", "ok", 0.1, 1e9, 1.0, counters={**full, **base}),
+                    Run("cand", "ok", 0.1, 1e9, 1.0, counters={**full, **cand}), step_ratios=[1.0] * 120)
+        return judge("e", [pair], th, timing=False)
+
+    assert verdict(base).verdict == "PASS"
+    for change, (counter, delta) in moved.items():
+        cand = ranks(_step_counters, change)[0]
+        assert cand == {**base, counter: base[counter] + delta}, change
+        v = verdict(cand)
+        detail = next(c["detail"] for c in v.checks if c["metric"] == "counters")
+        assert v.verdict == "FAIL" and f"{counter} {base[counter]} -> {base[counter] + delta}" in detail, change
