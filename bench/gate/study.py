@@ -68,11 +68,16 @@ def round_steps(gate: dict) -> int:
     return gate.get("thresholds", {}).get("round_steps", 60)
 
 
-def round_ratios(gates: list[dict]) -> list[tuple[str, float, float]]:
+def entry_rounds(verdict: dict) -> list[tuple[str, float, float]]:
     """(first mover "AB"/"BA", the round's median paired ratio, that median's standard error from its own steps,
-    bench/gate/paired.py ``median_se``) of every round of every entry in ``gates``."""
-    return [(p["order"], median(p["step_ratios"]), median_se(p["step_ratios"])) for g in gates
-            for v in g["verdicts"] for p in v.get("pairs", []) if p.get("step_ratios")]
+    bench/gate/paired.py ``median_se``) of every round one entry of a recorded gate measured."""
+    return [(p["order"], median(p["step_ratios"]), median_se(p["step_ratios"]))
+            for p in verdict.get("pairs", []) if p.get("step_ratios")]
+
+
+def round_ratios(gates: list[dict]) -> list[tuple[str, float, float]]:
+    """``entry_rounds`` of every entry in ``gates``."""
+    return [r for g in gates for v in g["verdicts"] for r in entry_rounds(v)]
 
 
 def implied_rates(rounds: list[tuple[float, float]], th: dict, n: int = 20000, seed: int = 0) -> tuple[float, float]:
@@ -158,8 +163,9 @@ def residuals(folders: list[Path], steps: int | None = None) -> dict[str, list[t
     centre of its own kind -- the same entry, condition, length and injected slowdown, over every gate --, scaled
     by sqrt(n / (n - 1)) for the n rounds that centre is taken from, and placed on the condition's A/A centre
     (mean log ratio; 0 when none). The injected busy-wait is exactly p % of a quiet step only: beside a busy core
-    it reads +6.6 % on one rank and +7 % on two (study of 2026-12-04), so taking out the nominal p % would count
-    that excess, which differs by entry, as noise. A kind with a single round has no centre and is left out."""
+    a +5 % injection reads +4.7-4.9 % on the one-rank entries and +7.2-7.4 % on the two-rank ones (study of
+    2026-12-04), so taking out the nominal p % would count that difference, which is the entry's, as noise. A
+    kind with a single round has no centre and is left out."""
     kinds: dict[tuple, list[tuple[float, float]]] = {}
     for folder in folders:
         for f in sorted(Path(folder).glob("*.json")):
@@ -169,8 +175,7 @@ def residuals(folders: list[Path], steps: int | None = None) -> dict[str, list[t
             load = "loaded" if "loaded" in g["condition"] else "quiet"
             for v in g["verdicts"]:
                 kinds.setdefault((load, round_steps(g), g["slow_pct"] or 0, v["entry"]), []).extend(
-                    (math.log(median(p["step_ratios"])), median_se(p["step_ratios"]))
-                    for p in v.get("pairs", []) if p.get("step_ratios"))
+                    (math.log(r), se) for _, r, se in entry_rounds(v))
     aa = {}
     for (load, n_steps, slow, _), rs in kinds.items():
         if not slow:
