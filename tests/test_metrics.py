@@ -142,7 +142,11 @@ def test_cpu_probe_is_measured_then_cached(monkeypatch, tmp_path):
     peak, source, stats = peak_flops.get_peak_flops(torch.device("cpu"), "fp32")
     assert source == "probe:measured matmul fp32" and 0 < stats["peak_probe_cpu_util"] <= 1.05
     # Independent check: a timed matmul cannot beat the probe's best by much. The best of 7 short windows, as a
-    # neighbour that takes the core for a moment (a busy CI host) slows some windows, not the best one.
+    # neighbour that takes the core for a moment (a busy CI host) slows some windows, not the best one. The probe
+    # itself may have run beside the other test worker throughout (this test switches off the contention guard
+    # that would refuse to cache it: 30 GFLOP/s against 49 in a fresh-clone CI run), so where the check beats it
+    # by more, the probe is measured again, up to 3 times, and the check is held to the best probe: a probe that
+    # miscounts its FLOPs or its time reads low every time and still fails.
     a = torch.randn(512, 512)
     import time
 
@@ -152,7 +156,10 @@ def test_cpu_probe_is_measured_then_cached(monkeypatch, tmp_path):
         for _ in range(5):
             a @ a
         best = max(best, 5 * 2 * 512**3 / (time.perf_counter() - t0))
-    assert 0.2 * peak < best < 1.5 * peak
+    probes = [peak]
+    while best >= 1.5 * max(probes) and len(probes) < 4:
+        probes.append(peak_flops.probe_peak_flops(torch.device("cpu"), "fp32").flops)
+    assert 0.2 * peak < best < 1.5 * max(probes)
     again, source2, _ = peak_flops.get_peak_flops(torch.device("cpu"), "fp32")
     assert again == peak and source2.startswith("probe:cached")
 

@@ -158,6 +158,9 @@ MUTATIONS = [
     Mutation("invalid_config_exit_1", "bench/run.py", "    os._exit(2)", "    os._exit(1)",
              ["tests/test_exit_codes.py::test_every_invalid_configuration_exits_2_with_one_line_and_no_row"],
              "an invalid configuration reported as a failed run"),
+    Mutation("peak_probe_half_flops", "bench/measure/peak_flops.py", "    flops = 2.0 * n**3", "    flops = 1.0 * n**3",
+             ["tests/test_metrics.py::test_cpu_probe_is_measured_then_cached"],
+             "the peak probe counting one FLOP per multiply-add (every MFU doubled)"),
     Mutation("peak_probe_mean", "bench/measure/peak_flops.py", "best = max(rates)", "best = sum(rates) / len(rates)",
              ["tests/test_metrics.py"], "the peak probe averaging contended trials in"),
     # the mesh
